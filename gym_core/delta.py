@@ -1,0 +1,131 @@
+"""Deltas (fine-tuned minus base weights), the packed form quantizers produce, and the
+safetensors file both live in. Quantizer plugins implement :class:`Quantizer`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gym_core.errors import GymError
+
+
+@dataclass
+class PackedDelta:
+    """A quantized delta: the tensors written to disk and string metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+    num_params: int = 0  # delta entries represented (for bits per weight)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(self.num_params, 1)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Against the bf16 delta it replaces (16 bits per weight)."""
+        return 16.0 / self.bits_per_weight
+
+
+class Quantizer:
+    """Base of quantizer plugins: ``quantize(delta) -> PackedDelta`` with real bit packing
+    and ``dequantize(packed) -> delta`` (fp32 tensors keyed like the delta)."""
+
+    Config: ClassVar[type]
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def quantize(self, delta: dict[str, torch.Tensor]) -> PackedDelta:
+        raise NotImplementedError
+
+    def dequantize(self, packed: PackedDelta) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def lora_delta(model) -> dict[str, torch.Tensor]:
+    """The exact weight delta of every LoRA layer (B @ A * scaling), in fp32, keyed by the
+    base weight's name in the plain model ("model.layers.0.self_attn.q_proj.weight")."""
+    from peft.tuners.lora import LoraLayer
+
+    delta = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                d = module.get_delta_weight(adapter).detach().float().cpu()
+                key = base_key(name) + ".weight"
+                delta[key] = delta[key] + d if key in delta else d
+    return delta
+
+
+def state_delta(fine: dict[str, torch.Tensor], base: dict[str, torch.Tensor]):
+    """fine - base (fp32) for every parameter that changed."""
+    out = {}
+    for k, v in fine.items():
+        d = v.detach().float().cpu() - base[k].float().cpu()
+        if torch.count_nonzero(d):
+            out[k] = d
+    return out
+
+
+def base_key(peft_name: str) -> str:
+    """Map a peft module name to the plain model's ("base_model.model.x" -> "x")."""
+    for prefix in ("base_model.model.",):
+        if peft_name.startswith(prefix):
+            peft_name = peft_name[len(prefix) :]
+    return peft_name.replace(".base_layer", "")
+
+
+@torch.no_grad()
+def apply_delta(model: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
+    """model weights += delta, added in fp32 and cast once (a tiny delta added to bf16
+    weights would be lost, ALGORITHMS.md §6)."""
+    params = dict(model.named_parameters())
+    for key, d in delta.items():
+        if key not in params:
+            raise GymError(f"the delta has '{key}', which this model does not have")
+        p = params[key]
+        if p.shape != d.shape:
+            raise GymError(f"delta '{key}' has shape {tuple(d.shape)}, the model {tuple(p.shape)}")
+        p.copy_((p.float() + d.to(p.device)).to(p.dtype))
+
+
+def save_packed(packed: PackedDelta, path: Path) -> int:
+    """Write atomically as safetensors; returns the file's size in bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(packed.meta, num_params=str(packed.num_params))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in packed.tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def load_packed(path: Path) -> PackedDelta:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise GymError(f"delta file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = dict(fh.metadata() or {})
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise GymError(f"{path} is not a readable safetensors delta file: {exc}") from exc
+    num = int(meta.pop("num_params", "0"))
+    return PackedDelta(tensors, meta, num)
+
+
+def shapes_meta(delta: dict[str, torch.Tensor]) -> str:
+    return json.dumps({k: list(v.shape) for k, v in delta.items()})

@@ -1,0 +1,41 @@
+"""Held-out evaluation: greedy answers to the task's test prompts, scored by its metric."""
+
+from __future__ import annotations
+
+import torch
+
+from gym_core.data import render_prompts
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch_size=64,
+             max_new_tokens=32, desc="eval") -> float:
+    """Mean of ``metric_fn`` over greedy completions of ``examples`` (one KV-cached
+    generate call per batch of prompts)."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        texts = render_prompts(tokenizer, [ex["prompt"] for ex in chunk], system_prompt)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            input_ids=enc.input_ids.to(device),
+            attention_mask=enc.attention_mask.to(device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        completions = tokenizer.batch_decode(
+            out[:, enc.input_ids.shape[1] :], skip_special_tokens=True
+        )
+        scores.extend(metric_fn([ex["prompt"] for ex in chunk], completions, chunk))
+    model.train(was_training)
+    return sum(scores) / len(scores)

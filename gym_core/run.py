@@ -1,0 +1,195 @@
+"""One job, top to bottom: load, evaluate, train, evaluate, save, quantize, summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gym_core.config import bootstrap
+from gym_core.delta import apply_delta, load_packed, lora_delta, save_packed, state_delta
+from gym_core.errors import GymError
+from gym_core.evaluate import evaluate
+from gym_core.model import describe, load_base, load_policy, save_final
+from gym_core.train import train
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    """Hydra's output directory for this job (runs/<run.name>, or a sweep's job folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.run.root) / cfg.run.name
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GymError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    return torch.device(name)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    plugins = bootstrap()
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    # Resolve every named component before the slow work, so a typo fails in a second.
+    algo_cls = plugins.component("algorithm", cfg.algorithm.name).load()
+    task = plugins.component("data", cfg.data.name).load()(cfg.data)
+    metric_fn = plugins.component("reward", task.metric).load()
+    rewards = []
+    if algo_cls.online:
+        names = list(cfg.algorithm.rewards)
+        weights = cfg.algorithm.reward_weights or [1.0] * len(names)
+        if len(weights) != len(names):
+            raise GymError(
+                f"algorithm.reward_weights has {len(weights)} values for {len(names)} "
+                f"rewards {names}"
+            )
+        rewards = [(n, plugins.component("reward", n).load(), float(w))
+                   for n, w in zip(names, weights)]
+    quantizer = None
+    if cfg.quant.name != "none":
+        quantizer = plugins.component("quant", cfg.quant.name).load()(cfg.quant)
+
+    device = pick_device(cfg.trainer.device)
+    policy = load_policy(cfg.model, device)
+    algo = algo_cls(cfg.algorithm, policy)
+    tcfg = cfg.trainer
+    test = task.test[: tcfg.eval_size] if tcfg.eval_size else task.test
+
+    def score(model, desc):
+        return evaluate(model, policy.tokenizer, test, metric_fn,
+                        system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
+                        max_new_tokens=tcfg.eval_max_new_tokens, desc=desc)
+
+    # The starting policy's score is kept in the run directory: a resumed run reuses it.
+    before_file = run_dir / "eval_before.json"
+    before = None
+    if before_file.is_file():
+        before = json.loads(before_file.read_text())["accuracy"]
+    elif tcfg.eval_before:
+        before = score(policy.model, "eval before")
+        _write_json(before_file, {"accuracy": before})
+    print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
+
+    result = train(cfg, policy, algo, task, rewards, plugins, run_dir)
+    after = score(policy.model, "eval after")
+    print(f"gym: held-out {task.metric} after training: {_fmt(after)}")
+    save_final(policy, run_dir / "final")
+
+    after_quant, quant_stats = None, None
+    if quantizer is not None:
+        after_quant, quant_stats = quantize_and_score(cfg, policy, quantizer, run_dir, score)
+
+    summary = {
+        "algorithm": cfg.algorithm.name,
+        "quant": cfg.quant.name,
+        "model": describe(cfg.model),
+        "data": cfg.data.name,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "tokens_per_second": round(result.tokens_per_second, 2),
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "eval": {"metric": task.metric, "before": before, "after": after,
+                 "after_quant": after_quant, "test_examples": len(test)},
+        "quant_stats": quant_stats,
+        "run_dir": str(run_dir),
+        "overrides": _overrides(),
+    }
+    _write_json(run_dir / "summary.json", summary)
+    print(summary_table(summary))
+    plugins.hook.gym_run_end(summary=summary, run_dir=str(run_dir))
+    return summary
+
+
+def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score):
+    """Delta = fine-tuned - base; quantize; write; read back; rebuild base + delta; score."""
+    if policy.lora:
+        delta = lora_delta(policy.model)
+    else:
+        base, _ = load_base(cfg.model)
+        delta = state_delta(dict(policy.model.named_parameters()),
+                            dict(base.named_parameters()))
+        del base
+    t0 = time.perf_counter()
+    packed = quantizer.quantize(delta)
+    path = run_dir / "delta" / f"{cfg.quant.name}.safetensors"
+    size = save_packed(packed, path)
+    restored = quantizer.dequantize(load_packed(path))
+    rebuilt, _ = load_base(cfg.model)
+    rebuilt.to(policy.device)
+    apply_delta(rebuilt, restored)
+    quant_seconds = time.perf_counter() - t0
+    after_quant = score(rebuilt, "eval after quant")
+    print(f"gym: held-out accuracy after {cfg.quant.name}: {_fmt(after_quant)}")
+    num = sum(d.numel() for d in delta.values())
+    stats = {
+        "bits_per_weight": round(packed.bits_per_weight, 4),
+        "compression_ratio": round(packed.compression_ratio, 3),
+        "delta_bytes": size,
+        "delta_params": num,
+        "delta_file": str(path),
+        "quantize_seconds": round(quant_seconds, 3),
+    }
+    extra = getattr(quantizer, "last_stats", None)
+    if extra:
+        stats.update(extra)
+    return after_quant, stats
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    ev = s["eval"]
+    rows = [
+        ("algorithm", s["algorithm"]),
+        ("quant", s["quant"]),
+        ("model", s["model"]),
+        ("steps", s["steps"]),
+        ("train seconds", s["train_seconds"]),
+        ("tokens / second", s["tokens_per_second"]),
+        (f"held-out {ev['metric']} before", _fmt(ev["before"])),
+        (f"held-out {ev['metric']} after", _fmt(ev["after"])),
+        (f"held-out {ev['metric']} after quant", _fmt(ev["after_quant"])),
+    ]
+    q = s.get("quant_stats")
+    if q:
+        rows += [
+            ("bits per weight", q["bits_per_weight"]),
+            ("compression vs bf16", f"{q['compression_ratio']}x"),
+            ("delta file bytes", q["delta_bytes"]),
+        ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    bar = "-" * (width + 20)
+    return "\n".join([bar, "  gym summary", bar, *lines, bar, f"  {s['run_dir']}/summary.json"])
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,107 @@
+"""GRPO: group-relative advantages, clipped token ratios, optional k3 KL to the
+reference (ALGORITHMS.md §1). The loss normaliser (loss_type) comes from the core."""
+
+from __future__ import annotations
+
+import torch
+
+from gym_core.algorithm import Algorithm
+from gym_core.errors import GymError
+from gym_core.losses import LOSS_TYPES, aggregate_token_loss, completion_logprobs, k3_kl
+from gym_core.rollout import group_advantages
+from gym_grpo import GRPOConfig
+
+
+def grpo_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss -min(w A, clip(w, 1-eps_low, 1+eps_high) A) + beta k3, with
+    w = pi_theta / pi_old per token and A the completion's advantage ([B] -> [B, T]).
+
+    Returns the [B, T] loss and [B, T] diagnostics (kl, low/high clip indicators).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    info = {
+        "low_clipped": ((ratio < 1 - epsilon_low) & (adv < 0)).float(),
+        "high_clipped": ((ratio > 1 + epsilon_high) & (adv > 0)).float(),
+    }
+    if beta != 0.0:
+        kl = k3_kl(logp, ref_logp)
+        loss = loss + beta * kl
+        info["kl"] = kl
+    return loss, info
+
+
+class GRPO(Algorithm):
+    Config = GRPOConfig
+    online = True
+
+    def __init__(self, cfg, policy):
+        super().__init__(cfg, policy)
+        if cfg.loss_type not in LOSS_TYPES:
+            raise GymError(f"algorithm.loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
+        self.eps_low = cfg.epsilon
+        self.eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.beta != 0.0
+
+    @torch.no_grad()
+    def prepare(self, batch) -> None:
+        batch.extras["advantages"] = group_advantages(batch, self.cfg.scale_rewards)
+        mask = batch.completion_mask.float()
+        if self.cfg.mask_truncated_completions:
+            mask = mask * (~batch.truncated).float().unsqueeze(1)
+        batch.extras["loss_mask"] = mask
+        n = batch.completion_ids.shape[1]
+        # With one update per rollout, pi_old = pi_theta: the ratio's denominator is the
+        # same forward's log-probs, detached, so no extra pass is needed here.
+        if self.cfg.num_iterations > 1:
+            batch.extras["old_logp"] = completion_logprobs(
+                self.policy.model, batch.input_ids, batch.attention_mask, n
+            )
+        if self.needs_reference:
+            with self.policy.reference() as ref:
+                batch.extras["ref_logp"] = completion_logprobs(
+                    ref, batch.input_ids, batch.attention_mask, n
+                )
+
+    def step_totals(self, batches):
+        totals = super().step_totals(batches)
+        tokens = sum(int(b.extras["loss_mask"].sum()) for b in batches)
+        return type(totals)(totals.sequences, tokens, totals.micro_batches)
+
+    def loss(self, batch, totals):
+        n = batch.completion_ids.shape[1]
+        logp = completion_logprobs(self.policy.model, batch.input_ids, batch.attention_mask, n)
+        old = batch.extras.get("old_logp", logp.detach())
+        mask = batch.extras["loss_mask"]
+        per_token, info = grpo_token_loss(
+            logp, old, batch.extras["advantages"], self.eps_low, self.eps_high,
+            self.cfg.beta, batch.extras.get("ref_logp"),
+        )
+        loss = aggregate_token_loss(
+            per_token, mask, self.cfg.loss_type, totals, self.cfg.max_completion_length
+        )
+        denom = mask.sum().clamp(min=1)
+        low = (info["low_clipped"] * mask).sum() / denom
+        high = (info["high_clipped"] * mask).sum() / denom
+        metrics = {
+            "clip_fraction": (low + high).item(),
+            "clip_ratio/low": low.item(),
+            "clip_ratio/high": high.item(),
+            "advantage_abs_mean": batch.extras["advantages"].abs().mean().item(),
+        }
+        if "kl" in info:
+            metrics["kl"] = ((info["kl"] * mask).sum() / denom).item()
+        return loss, metrics
