@@ -134,7 +134,14 @@ def _timing_callback(steps: list[dict[str, Any]]):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             # With logging_steps=1 the log for step N arrives right after its on_step_end.
-            if logs and steps and steps[-1]["step"] == state.global_step:
+            # The end-of-training summary log (train_runtime, ...) shares the last step's
+            # global_step: keep only the per-step metrics.
+            if (
+                logs
+                and "completions/mean_length" in logs
+                and steps
+                and steps[-1]["step"] == state.global_step
+            ):
                 steps[-1]["logs"] = dict(logs)
                 length = logs.get("completions/mean_length")
                 print(
@@ -195,9 +202,24 @@ def run_trl_grpo(
         r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         task_type="CAUSAL_LM",
     )
+
+    # TRL defaults gradient checkpointing to True; transformers 5 renamed the argument to
+    # activation_checkpointing (the old name still works but warns).
+    if "activation_checkpointing" in GRPOConfig.__dataclass_fields__:
+        checkpointing = {"activation_checkpointing": gradient_checkpointing}
+    else:
+        checkpointing = {"gradient_checkpointing": gradient_checkpointing}
 
     with tempfile.TemporaryDirectory(prefix="trl-grpo-bench-") as output_dir:
         config = GRPOConfig(
@@ -206,7 +228,7 @@ def run_trl_grpo(
             use_cpu=True,
             bf16=False,
             fp16=False,
-            gradient_checkpointing=gradient_checkpointing,  # TRL defaults to True
+            **checkpointing,
             # --- batch: TRL counts completions, so one step = prompts_per_step x G ---
             per_device_train_batch_size=prompts_per_step * num_generations,
             gradient_accumulation_steps=1,

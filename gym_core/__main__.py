@@ -16,9 +16,11 @@ from gym_core.config import bootstrap
 
 @hydra.main(version_base=None, config_path="pkg://gym_core.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from gym_core.errors import exit_on_user_error
     from gym_core.run import run_job
 
-    summary = run_job(cfg)
+    with exit_on_user_error():
+        summary = run_job(cfg)
     # The return value is what sweepers (Optuna) optimise: held-out accuracy at the end.
     ev = summary.get("eval", {})
     best = ev.get("after_quant") if ev.get("after_quant") is not None else ev.get("after")

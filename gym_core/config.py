@@ -53,7 +53,6 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "float32"  # fp32: CPUs without fast bf16 train slower and worse in bf16
     cache_dir: str | None = None  # GGUF conversion cache; default $GYM_CACHE or ~/.cache/gym
-    gradient_checkpointing: bool = False
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from gym_core.data import render_prompts
+from gym_core.generation import Sampling, generate
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch_size=64,
              max_new_tokens=32, desc="eval") -> float:
     """Mean of ``metric_fn`` over greedy completions of ``examples`` (one KV-cached
-    generate call per batch of prompts)."""
+    generation per batch of prompts)."""
     if not examples:
         return float("nan")
     was_training = model.training
@@ -22,20 +23,12 @@ def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch
         chunk = examples[start : start + batch_size]
         texts = render_prompts(tokenizer, [ex["prompt"] for ex in chunk], system_prompt)
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(
-            input_ids=enc.input_ids.to(device),
-            attention_mask=enc.attention_mask.to(device),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
+        ids = generate(
+            model, enc.input_ids.to(device), enc.attention_mask.to(device), num_samples=1,
+            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, sampling=Sampling(do_sample=False),
         )
-        completions = tokenizer.batch_decode(
-            out[:, enc.input_ids.shape[1] :], skip_special_tokens=True
-        )
+        completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
         scores.extend(metric_fn([ex["prompt"] for ex in chunk], completions, chunk))
     model.train(was_training)
     return sum(scores) / len(scores)

@@ -17,21 +17,36 @@ def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tens
 
 
 def completion_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-token log-probs of the last ``n_completion`` tokens of each row.
+    """Per-token log-probs [N, C] of completions [N, C] given left-padded prompts [B, P],
+    where N = B * G and the G completions of a prompt are contiguous rows.
 
-    Only the completion positions go through the LM head (``logits_to_keep``): on a
-    49k-token vocabulary the head is a large share of the forward pass.
+    Each prompt is run once and its KV cache repeated for its G completions (gradients
+    flow back through the repeat), instead of running the prompt G times; only the
+    completion positions go through the LM head. The result equals one forward pass over
+    the concatenated sequences.
     """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        logits_to_keep=n_completion + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :].float()
-    return selective_log_softmax(logits, input_ids[:, -n_completion:])
+    g = completion_ids.shape[0] // prompt_ids.shape[0]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                logits_to_keep=1)
+    first = out.logits[:, -1:, :]
+    cache = out.past_key_values
+    if g > 1:
+        cache.batch_repeat_interleave(g)
+        first = first.repeat_interleave(g, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
+    logits = first
+    if completion_ids.shape[1] > 1:
+        mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask,
+                     past_key_values=cache, use_cache=True).logits
+        logits = torch.cat([first, rest], dim=1)
+    return selective_log_softmax(logits.float(), completion_ids)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

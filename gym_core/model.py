@@ -222,8 +222,6 @@ def load_policy(cfg, device: torch.device) -> Policy:
         policy = Policy(get_peft_model(model, lcfg), tok, lora=True)
     else:
         raise GymError(f"model.finetune={cfg.finetune!r} is not one of lora, full")
-    if cfg.gradient_checkpointing:
-        policy.model.gradient_checkpointing_enable()
     return policy
 
 

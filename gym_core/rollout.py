@@ -10,15 +10,16 @@ import torch
 
 from gym_core.data import render_prompts
 from gym_core.errors import GymError
+from gym_core.generation import Sampling, generate
 
 SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass
 class Rollout:
-    prompt_ids: torch.Tensor  # [N, P] left-padded, N = prompts * G (grouped, contiguous)
+    prompt_ids: torch.Tensor  # [B, P] the distinct prompts, left-padded
     prompt_mask: torch.Tensor
-    completion_ids: torch.Tensor  # [N, C] right-padded
+    completion_ids: torch.Tensor  # [N, C] right-padded; N = B * G, a prompt's G rows contiguous
     completion_mask: torch.Tensor  # 1 up to and including the first EOS
     truncated: torch.Tensor  # [N] bool: no EOS within max_completion_length
     rewards: torch.Tensor  # [N] weighted sum of the reward functions
@@ -28,16 +29,8 @@ class Rollout:
     reward_metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithms' own tensors
 
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
     def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
+        return self.completion_ids.shape[0]
 
     def group_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group mean and std (Bessel-corrected, as TRL), broadcast to completions."""
@@ -80,24 +73,16 @@ class RolloutEngine:
         texts = render_prompts(tok, [ex["prompt"] for ex in examples], self.system_prompt)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = self.policy.device
-        prompt_ids = enc.input_ids.repeat_interleave(g, dim=0).to(device)
-        prompt_mask = enc.attention_mask.repeat_interleave(g, dim=0).to(device)
+        prompt_ids, prompt_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
         was_training = model.training
         model.eval()
-        out = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k or None,
-            max_new_tokens=cfg.max_completion_length,
+        completion_ids = generate(
+            model, prompt_ids, prompt_mask, num_samples=g,
+            max_new_tokens=cfg.max_completion_length, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            use_cache=True,
+            sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
         )
         model.train(was_training)
-        completion_ids = out[:, prompt_ids.shape[1] :]
         completion_mask, truncated = completion_masks(completion_ids, tok.eos_token_id)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
         completions = tok.batch_decode(completion_ids, skip_special_tokens=True)

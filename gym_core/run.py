@@ -16,7 +16,7 @@ from gym_core.delta import apply_delta, load_packed, lora_delta, save_packed, st
 from gym_core.errors import GymError
 from gym_core.evaluate import evaluate
 from gym_core.model import describe, load_base, load_policy, save_final
-from gym_core.train import train
+from gym_core.train import seed_everything, train
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -68,6 +68,7 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         quantizer = plugins.component("quant", cfg.quant.name).load()(cfg.quant)
 
     device = pick_device(cfg.trainer.device)
+    seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
     policy = load_policy(cfg.model, device)
     algo = algo_cls(cfg.algorithm, policy)
     tcfg = cfg.trainer

@@ -63,27 +63,26 @@ class GRPO(Algorithm):
         if self.cfg.mask_truncated_completions:
             mask = mask * (~batch.truncated).float().unsqueeze(1)
         batch.extras["loss_mask"] = mask
-        n = batch.completion_ids.shape[1]
         # With one update per rollout, pi_old = pi_theta: the ratio's denominator is the
         # same forward's log-probs, detached, so no extra pass is needed here.
         if self.cfg.num_iterations > 1:
-            batch.extras["old_logp"] = completion_logprobs(
-                self.policy.model, batch.input_ids, batch.attention_mask, n
-            )
+            batch.extras["old_logp"] = self.logprobs(self.policy.model, batch)
         if self.needs_reference:
             with self.policy.reference() as ref:
-                batch.extras["ref_logp"] = completion_logprobs(
-                    ref, batch.input_ids, batch.attention_mask, n
-                )
+                batch.extras["ref_logp"] = self.logprobs(ref, batch)
 
     def step_totals(self, batches):
         totals = super().step_totals(batches)
         tokens = sum(int(b.extras["loss_mask"].sum()) for b in batches)
         return type(totals)(totals.sequences, tokens, totals.micro_batches)
 
+    @staticmethod
+    def logprobs(model, batch):
+        return completion_logprobs(model, batch.prompt_ids, batch.prompt_mask,
+                                   batch.completion_ids, batch.completion_mask)
+
     def loss(self, batch, totals):
-        n = batch.completion_ids.shape[1]
-        logp = completion_logprobs(self.policy.model, batch.input_ids, batch.attention_mask, n)
+        logp = self.logprobs(self.policy.model, batch)
         old = batch.extras.get("old_logp", logp.detach())
         mask = batch.extras["loss_mask"]
         per_token, info = grpo_token_loss(

@@ -15,8 +15,8 @@ from gym_grpo.grpo import grpo_token_loss
 def make_rollout(rewards, group_size):
     n = len(rewards)
     return Rollout(
-        prompt_ids=torch.zeros(n, 1, dtype=torch.long),
-        prompt_mask=torch.ones(n, 1, dtype=torch.long),
+        prompt_ids=torch.zeros(n // group_size, 1, dtype=torch.long),
+        prompt_mask=torch.ones(n // group_size, 1, dtype=torch.long),
         completion_ids=torch.zeros(n, 3, dtype=torch.long),
         completion_mask=torch.ones(n, 3, dtype=torch.long),
         truncated=torch.zeros(n, dtype=torch.bool),
@@ -126,7 +126,6 @@ def test_grpo_gradient_on_tiny_model_moves_towards_rewarded_completion():
     from omegaconf import OmegaConf
 
     from gym_core.config import ModelConfig
-    from gym_core.losses import completion_logprobs
     from gym_core.model import load_policy
     from gym_grpo import GRPOConfig
     from gym_grpo.grpo import GRPO
@@ -134,20 +133,20 @@ def test_grpo_gradient_on_tiny_model_moves_towards_rewarded_completion():
     policy = load_policy(OmegaConf.structured(ModelConfig(source="tiny")), torch.device("cpu"))
     cfg = OmegaConf.structured(GRPOConfig(num_generations=2, lr=1e-2, scale_rewards="none"))
     algo = GRPO(cfg, policy)
-    ids = torch.tensor([[10, 11, 12, 13], [10, 11, 14, 15]])
     batch = Rollout(
-        prompt_ids=ids[:, :2], prompt_mask=torch.ones(2, 2, dtype=torch.long),
-        completion_ids=ids[:, 2:], completion_mask=torch.ones(2, 2, dtype=torch.long),
+        prompt_ids=torch.tensor([[10, 11]]), prompt_mask=torch.ones(1, 2, dtype=torch.long),
+        completion_ids=torch.tensor([[12, 13], [14, 15]]),
+        completion_mask=torch.ones(2, 2, dtype=torch.long),
         truncated=torch.zeros(2, dtype=torch.bool), rewards=torch.tensor([1.0, 0.0]),
         group_size=2, examples=[{}, {}], completions=["", ""],
     )
     algo.prepare(batch)
-    before = completion_logprobs(policy.model, batch.input_ids, batch.attention_mask, 2).sum(1)
+    before = algo.logprobs(policy.model, batch).sum(1)
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
     for _ in range(3):
         opt.zero_grad()
         loss, _ = algo.loss(batch, algo.step_totals([batch]))
         loss.backward()
         opt.step()
-    after = completion_logprobs(policy.model, batch.input_ids, batch.attention_mask, 2).sum(1)
+    after = algo.logprobs(policy.model, batch).sum(1)
     assert after[0] > before[0] and after[1] < before[1]

@@ -1,0 +1,86 @@
+"""Batched, KV-cached generation that runs each prompt once.
+
+Group methods sample G completions per prompt. ``model.generate(num_return_sequences=G)``
+copies every prompt G times before the prefill, so the prompt is computed G times;
+here each distinct prompt is prefilled once and its KV cache repeated G times, then all
+B*G rows decode together. The same sharing applies when training
+(:func:`gym_core.losses.completion_logprobs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sampling:
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+
+
+def warp_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering, as transformers orders them."""
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p (keeps >= 1)
+        drop = probs.cumsum(dim=-1) - probs > s.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    if not s.do_sample:
+        return logits.argmax(dim=-1)
+    probs = warp_logits(logits.float(), s).softmax(dim=-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    sampling: Sampling,
+) -> torch.Tensor:
+    """Completions [B * num_samples, T <= max_new_tokens] for left-padded prompts [B, P];
+    rows of one prompt are contiguous. Positions after a row's EOS hold ``pad_token_id``."""
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    logits = out.logits[:, -1]
+    mask = prompt_mask
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        mask = mask.repeat_interleave(num_samples, dim=0)
+    n = logits.shape[0]
+    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    ones = torch.ones(n, 1, dtype=mask.dtype, device=mask.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        tok = next_tokens(logits, sampling)
+        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        tokens.append(tok)
+        done |= tok == eos_token_id
+        if step + 1 == max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, ones], dim=1)
+        out = model(input_ids=tok.unsqueeze(1), attention_mask=mask, past_key_values=cache,
+                    use_cache=True)
+        logits = out.logits[:, -1]
+    return torch.stack(tokens, dim=1)
