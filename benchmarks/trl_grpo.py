@@ -20,65 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from measure import OtherCpu, peak_rss_mib, reset_peak_rss, rss_mib
+
 DEFAULT_FALLBACK_MODEL_DIR = "/tmp/smol"
 _NUMBER = re.compile(r"-?\d+")
-
-
-# ----------------------------------------------------------------------------------------
-# memory
-# ----------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (Linux), or None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mib() -> float:
-    """The process's current resident set size in MiB."""
-    kib = _proc_status_kib("VmRSS")
-    if kib is None:  # not Linux: fall back to psutil
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    return kib / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False if refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    """The process's peak resident set size in MiB since start (or since reset_peak_rss).
-
-    VmHWM is kept by the kernel, so it catches short spikes a sampling thread would miss.
-    """
-    kib = _proc_status_kib("VmHWM")
-    if kib is None:  # ru_maxrss is KiB on Linux, bytes on macOS
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
-    return kib / 1024
 
 
 # ----------------------------------------------------------------------------------------
@@ -281,7 +234,10 @@ def run_trl_grpo(
         # Keep stdout for the result: the timing callback prints its own lines to stderr.
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+        other = OtherCpu()
+        other.start()
         trainer.train()
+        other_cpu = other.stop()
 
     peak = peak_rss_mib()
     measured = timed[1:]  # drop the warm-up step
@@ -302,6 +258,11 @@ def run_trl_grpo(
         "step_secs": [round(s["sec"], 3) for s in timed],
         "rewards": [s.get("logs", {}).get("reward") for s in timed],
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        # CPU seconds other processes used while this one trained. On a shared machine
+        # anything more than a few seconds means contention, and OpenMP's thread pools then
+        # slow down far more than proportionally (we saw 25x on 2 cores): discard such runs.
+        "other_processes_cpu_sec": other_cpu,
         "settings": {
             "prompts_per_step": prompts_per_step,
             "num_generations": num_generations,

@@ -194,6 +194,17 @@ MODEL_OPTIONS = {
 _plugins = None
 
 
+def compose(overrides: list[str] | None = None):
+    """The config ``python -m gym_core OVERRIDES`` would run, composed in-process (for
+    notebooks, tests and benchmarks): ``run_job(compose(["model=tiny"]), run_dir=...)``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    bootstrap()
+    with initialize_config_module(config_module="gym_core.conf", version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
 def bootstrap(entry_points=None, *, reload: bool = False):
     """Load the plugins and store every config schema in Hydra's ConfigStore.
 

@@ -7,19 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from gym_core.config import compose  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def compose(overrides: list[str]):
-    """The config `python -m gym_core <overrides>` would run, composed in-process."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from gym_core.config import bootstrap
-
-    bootstrap()
-    with initialize_config_module(config_module="gym_core.conf", version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):

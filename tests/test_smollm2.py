@@ -1,0 +1,34 @@
+"""The real embedded default, SmolLM2-135M-Instruct: a short end-to-end run (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_real_model_grpo_bitdelta_short_run(tmp_path):
+    proc = run_cli(
+        ["algorithm=grpo", "quant=bitdelta", "trainer.max_steps=2", "trainer.eval_size=24",
+         "trainer.batch_size=2", "trainer.progress=false", "run.name=real"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / "real" / "summary.json").read_text())
+    assert s["model"] == "SmolLM2-135M-Instruct" and s["steps"] == 2
+    ev = s["eval"]
+    # the instruct model already answers some additions: the task is neither 0 nor 1
+    assert 0.05 < ev["before"] < 0.95
+    assert 0.0 <= ev["after"] <= 1.0 and 0.0 <= ev["after_quant"] <= 1.0
+    q = s["quant_stats"]
+    # LoRA touches only the 7 projections of 30 layers: sign-packed, ~1 bit per weight
+    assert q["bits_per_weight"] == pytest.approx(1.0, abs=0.01)
+    assert q["compression_ratio"] == pytest.approx(16.0, rel=0.01)
+    assert q["delta_params"] > 100_000_000 * 0.6
+    rows = [json.loads(x) for x in
+            (tmp_path / "runs" / "real" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["tokens_per_second"] > 0 for r in rows)
