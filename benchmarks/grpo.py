@@ -54,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for beta in args.betas:
-        gym = measure("gym_grpo.py", beta, args.steps)
-        trl = measure("trl_grpo.py", beta, args.steps)
+        gym = measure("grpo_gym.py", beta, args.steps)
+        trl = measure("grpo_trl.py", beta, args.steps)
         results.append((gym, trl))
         print(f"beta {beta}: gym {gym['sec_per_step']:.2f} s/step, "
               f"trl {trl['sec_per_step']:.2f} s/step", file=sys.stderr, flush=True)

@@ -7,9 +7,9 @@ import json
 
 import torch
 
+from gym_bitdelta import BitDeltaConfig
 from gym_core.delta import PackedDelta, Quantizer, shapes_meta
 from gym_core.errors import GymError
-from gym_bitdelta import BitDeltaConfig
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 

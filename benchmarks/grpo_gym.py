@@ -1,13 +1,13 @@
 """gym's half of the GRPO benchmark: time gym's GRPO step on CPU.
 
-The same settings as ``trl_grpo.py``: SmolLM2-135M-Instruct in fp32, LoRA r=16/alpha=32
+The same settings as ``grpo_trl.py``: SmolLM2-135M-Instruct in fp32, LoRA r=16/alpha=32
 on all linear layers, ``prompts_per_step`` prompts x ``num_generations`` completions per
 optimizer step, DAPO loss aggregation, one optimizer step per batch of rollouts, lr 1e-5.
 Measured like TRL's half, excluding the first (warm-up) step: seconds per optimizer step
 (generation + rewards + reference pass + loss + backward + AdamW), completion tokens per
 second (up to and including EOS) and the process's peak resident memory.
 
-    python benchmarks/gym_grpo.py --beta 0.04 --steps 3
+    python benchmarks/grpo_gym.py --beta 0.04 --steps 3
 """
 
 from __future__ import annotations

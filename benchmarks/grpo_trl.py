@@ -13,7 +13,7 @@ aggregation, one optimizer step per batch of rollouts) and measures, excluding t
 Run it in a fresh process: the peak RSS is the process's high-water mark. TRL is not a gym
 dependency; install it with ``pip install 'gym-core[bench]'`` (or ``pip install trl``).
 
-    python benchmarks/trl_grpo.py --beta 0.04 --steps 3
+    python benchmarks/grpo_trl.py --beta 0.04 --steps 3
 """
 
 from __future__ import annotations
