@@ -20,6 +20,9 @@ class Algorithm:
     Config: ClassVar[type]
     #: online methods learn from their own samples: the core generates rollouts for them
     online: ClassVar[bool] = False
+    #: False for training-free methods: the core then creates no optimizer and calls
+    #: :meth:`update` once per step instead of :meth:`loss` and ``backward``
+    trains_weights: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, policy) -> None:
         self.cfg = cfg
@@ -51,3 +54,16 @@ class Algorithm:
     def loss(self, batch: Any, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step's loss, and metrics (plain floats)."""
         raise NotImplementedError
+
+    def update(self, batches: list[Any]) -> dict[str, float]:
+        """Training-free methods (``trains_weights = False``): learn from the step's
+        batches without gradients (e.g. edit an experience library); return metrics."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state saved in each checkpoint (tensors, numbers, strings, lists, dicts:
+        checkpoints are read back without unpickling arbitrary objects)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when a run resumes."""

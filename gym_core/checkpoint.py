@@ -78,7 +78,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler,
     extra: dict[str, Any],
     keep_last: int,
@@ -90,15 +90,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / WEIGHTS))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            **extra,
-        },
-        tmp / STATE,
-    )
+    state = {"rng": rng_state(), **extra}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+        state["scheduler"] = scheduler.state_dict()
+    torch.save(state, tmp / STATE)
     (tmp / INFO).write_text(json.dumps({"step": step, **{k: v for k, v in extra.items()
                                                           if isinstance(v, (int, float, str))}}))
     if final.exists():  # re-saving the same step (e.g. the end of a resumed, finished run)
@@ -132,7 +128,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}

@@ -66,13 +66,15 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
     if tcfg.batch_size < 1 or tcfg.grad_accum < 1:
         raise GymError("trainer.batch_size and trainer.grad_accum must be at least 1")
 
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(
-        params, lr=acfg.lr, betas=tuple(acfg.adam_betas), weight_decay=acfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(tcfg, tcfg.max_steps * updates_per_step)
-    )
+    params = policy.trainable_parameters() if algo.trains_weights else []
+    optimizer = scheduler = None
+    if algo.trains_weights:
+        optimizer = torch.optim.AdamW(
+            params, lr=acfg.lr, betas=tuple(acfg.adam_betas), weight_decay=acfg.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(tcfg, tcfg.max_steps * updates_per_step)
+        )
     sampler = Sampler(len(task.train), tcfg.seed)
     log = MetricsLog(run_dir, tcfg.tensorboard)
     start_step, seconds, tokens = 0, 0.0, 0
@@ -81,6 +83,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
     if checkpoints:
         step, path = checkpoints[-1]
         extra = load_checkpoint(path, policy.model, optimizer, scheduler)
+        algo.load_state_dict(extra.get("algorithm", {}))
         start_step, sampler.position = int(extra["step"]), int(extra["data_position"])
         seconds, tokens = float(extra["train_seconds"]), int(extra["completion_tokens"])
         log.truncate_after(start_step)
@@ -107,6 +110,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
             "data_position": sampler.position,
             "train_seconds": seconds,
             "completion_tokens": tokens,
+            "algorithm": algo.state_dict(),
         }
         path = save_checkpoint(
             run_dir, step, policy.model, optimizer, scheduler, extra, tcfg.keep_last
@@ -134,7 +138,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
 
         # 2. updates: each micro-batch's loss is already its share of the step's loss.
         loss_metrics: list[dict[str, float]] = []
-        for _ in range(updates_per_step):
+        update_metrics: dict[str, float] = {}
+        if optimizer is None:  # training-free: the algorithm learns without gradients
+            loss_metrics.append(algo.update(batches))
+        for _ in range(updates_per_step if optimizer is not None else 0):
             optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
             for batch in batches:
@@ -150,6 +157,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            update_metrics = {"loss": total_loss, "grad_norm": float(grad_norm),
+                              "lr": scheduler.get_last_lr()[0]}
 
         step += 1
         dt = time.perf_counter() - t0
@@ -157,11 +166,9 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
         step_tokens = totals.tokens
         tokens += step_tokens
         metrics = {
-            "loss": total_loss,
+            **update_metrics,
             **_mean_dicts(loss_metrics),
             **_mean_dicts(batch_metrics),
-            "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0],
             "step_seconds": dt,
             "generate_seconds": t_gen,
             "tokens_per_second": step_tokens / dt,
