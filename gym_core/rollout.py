@@ -67,7 +67,9 @@ class RolloutEngine:
         self.system_prompt = system_prompt
 
     @torch.no_grad()
-    def generate(self, examples: list[dict[str, Any]]) -> Rollout:
+    def generate(self, examples: list[dict[str, Any]], seeds: list[int] | None = None) -> Rollout:
+        """G completions for each example; ``seeds`` (one per example, e.g. derived from
+        its position in the data stream) fix each completion's sampling noise."""
         tok, model, cfg = self.policy.tokenizer, self.policy.model, self.cfg
         g = cfg.num_generations
         texts = render_prompts(tok, [ex["prompt"] for ex in examples], self.system_prompt)
@@ -81,6 +83,7 @@ class RolloutEngine:
             max_new_tokens=cfg.max_completion_length, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
+            row_seeds=None if seeds is None else [s * 1009 + i for s in seeds for i in range(g)],
         )
         model.train(was_training)
         completion_mask, truncated = completion_masks(completion_ids, tok.eos_token_id)

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gym_core.config import bootstrap
 from gym_core.delta import apply_delta, load_packed, lora_delta, save_packed, state_delta
+from gym_core.distributed import Dist, setup, teardown
 from gym_core.errors import GymError
 from gym_core.evaluate import evaluate
 from gym_core.model import describe, load_base, load_policy, save_final
@@ -28,14 +28,6 @@ def run_dir_for(cfg: DictConfig) -> Path:
     return Path(cfg.run.root) / cfg.run.name
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GymError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-    return torch.device(name)
-
-
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -43,8 +35,20 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run one job; under torchrun every rank calls this and rank 0 alone writes."""
+    dist = setup(cfg.trainer.device)
+    try:
+        return _run_job(cfg, run_dir, dist)
+    finally:
+        if dist.enabled:
+            teardown()
+
+
+def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any]:
     plugins = bootstrap()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+    # every rank works in rank 0's directory (a default run.name holds a time stamp)
+    run_dir = Path(dist.broadcast(str(run_dir)))
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -67,17 +71,18 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     if cfg.quant.name != "none":
         quantizer = plugins.component("quant", cfg.quant.name).load()(cfg.quant)
 
-    device = pick_device(cfg.trainer.device)
     seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
-    policy = load_policy(cfg.model, device)
+    policy = load_policy(cfg.model, dist.device)
     algo = algo_cls(cfg.algorithm, policy)
+    algo.setup(cfg, run_dir, plugins)
     tcfg = cfg.trainer
     test = task.test[: tcfg.eval_size] if tcfg.eval_size else task.test
 
-    def score(model, desc):
-        return evaluate(model, policy.tokenizer, test, metric_fn,
+    def score(model, desc, shared=dist):
+        """Held-out score; the test prompts are split over the ranks of ``shared``."""
+        return evaluate(model, policy.tokenizer, algo.transform_examples(test), metric_fn,
                         system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
-                        max_new_tokens=tcfg.eval_max_new_tokens, desc=desc)
+                        max_new_tokens=tcfg.eval_max_new_tokens, desc=desc, dist=shared)
 
     # The starting policy's score is kept in the run directory: a resumed run reuses it.
     before_file = run_dir / "eval_before.json"
@@ -86,17 +91,23 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         before = json.loads(before_file.read_text())["accuracy"]
     elif tcfg.eval_before:
         before = score(policy.model, "eval before")
-        _write_json(before_file, {"accuracy": before})
-    print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
+        if dist.main:
+            _write_json(before_file, {"accuracy": before})
+    if dist.main:
+        print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
 
-    result = train(cfg, policy, algo, task, rewards, plugins, run_dir)
+    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist)
     after = score(policy.model, "eval after")
+    if not dist.main:
+        return {"steps": result.steps, "eval": {"after": after}}
     print(f"gym: held-out {task.metric} after training: {_fmt(after)}")
     save_final(policy, run_dir / "final")
 
     after_quant, quant_stats = None, None
-    if quantizer is not None:
-        after_quant, quant_stats = quantize_and_score(cfg, policy, quantizer, run_dir, score)
+    if quantizer is not None:  # rank 0 alone: the others are done
+        after_quant, quant_stats = quantize_and_score(
+            cfg, policy, quantizer, run_dir, lambda model, desc: score(model, desc, Dist())
+        )
 
     summary = {
         "algorithm": cfg.algorithm.name,

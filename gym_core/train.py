@@ -4,10 +4,11 @@ algorithm only turns a batch into a loss."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from gym_core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from gym_core.data import Sampler
+from gym_core.distributed import Dist
 from gym_core.errors import GymError
 from gym_core.metrics import MetricsLog
 from gym_core.rollout import RolloutEngine, rollout_metrics
@@ -58,7 +60,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResult:
+def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist | None = None
+          ) -> TrainResult:
+    """Train ``algo`` for ``trainer.max_steps`` steps, resuming from the newest checkpoint
+    in ``run_dir``. Under torchrun each rank takes its share of every step's prompts;
+    rank 0 alone writes. ``trainer.batch_size`` counts prompts (examples) per process."""
+    dist = dist or Dist()
     tcfg, acfg = cfg.trainer, cfg.algorithm
     updates_per_step = getattr(acfg, "num_iterations", 1) if algo.online else 1
     if updates_per_step < 1:
@@ -75,8 +82,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(tcfg, tcfg.max_steps * updates_per_step)
         )
+    if dist.enabled and algo.trains_weights and params:
+        policy.distribute(dist.device)
     sampler = Sampler(len(task.train), tcfg.seed)
-    log = MetricsLog(run_dir, tcfg.tensorboard)
+    log = MetricsLog(run_dir, tcfg.tensorboard) if dist.main else None
     start_step, seconds, tokens = 0, 0.0, 0
 
     checkpoints = list_checkpoints(run_dir)
@@ -86,8 +95,9 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
         algo.load_state_dict(extra.get("algorithm", {}))
         start_step, sampler.position = int(extra["step"]), int(extra["data_position"])
         seconds, tokens = float(extra["train_seconds"]), int(extra["completion_tokens"])
-        log.truncate_after(start_step)
-        print(f"gym: resuming {run_dir} from step {start_step} ({path.name})")
+        if log is not None:
+            log.truncate_after(start_step)
+            print(f"gym: resuming {run_dir} from step {start_step} ({path.name})")
     else:
         seed_everything(tcfg.seed)
 
@@ -96,10 +106,11 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
     engine = None
     if algo.online:
         engine = RolloutEngine(policy, acfg, rewards, cfg.data.system_prompt)
-    plugins.hook.gym_run_start(cfg=cfg, run_dir=str(run_dir), start_step=start_step)
+    if dist.main:
+        plugins.hook.gym_run_start(cfg=cfg, run_dir=str(run_dir), start_step=start_step)
 
     progress = None
-    if tcfg.progress:
+    if tcfg.progress and dist.main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=tcfg.max_steps, initial=start_step, desc="train", unit="step")
@@ -112,10 +123,12 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
             "completion_tokens": tokens,
             "algorithm": algo.state_dict(),
         }
-        path = save_checkpoint(
-            run_dir, step, policy.model, optimizer, scheduler, extra, tcfg.keep_last
-        )
-        plugins.hook.gym_checkpoint_saved(step=step, path=str(path))
+        if dist.main:
+            path = save_checkpoint(
+                run_dir, step, policy.model, optimizer, scheduler, extra, tcfg.keep_last
+            )
+            plugins.hook.gym_checkpoint_saved(step=step, path=str(path))
+        dist.barrier()  # no rank may read checkpoints before this one is complete
 
     step = start_step
     policy.model.train()
@@ -125,9 +138,15 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
         #    that need step-wide counts (dapo, dr_grpo) know them before any backward.
         batches, batch_metrics = [], []
         for _ in range(tcfg.grad_accum):
-            examples = [task.train[i] for i in sampler.take(tcfg.batch_size)]
+            # every rank draws the same global batch and keeps its own slice; the
+            # sampling seed of an example is its position in the data stream
+            first = sampler.position
+            chosen = sampler.take(tcfg.batch_size * dist.world)
+            mine = slice(dist.rank * tcfg.batch_size, (dist.rank + 1) * tcfg.batch_size)
+            examples = [task.train[i] for i in chosen[mine]]
+            seeds = [tcfg.seed * 1_000_003 + p for p in range(first, first + len(chosen))][mine]
             if engine is not None:
-                batch = engine.generate(examples)
+                batch = engine.generate(algo.transform_examples(examples), seeds)
                 batch_metrics.append(rollout_metrics(batch))
             else:
                 batch = algo.collate(examples)
@@ -135,6 +154,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
             batches.append(batch)
         t_gen = time.perf_counter() - t0
         totals = algo.step_totals(batches)
+        if dist.enabled:  # normalisers count the whole step, over every rank
+            totals = type(totals)(*map(int, dist.all_reduce_sum(list(astuple(totals)))))
 
         # 2. updates: each micro-batch's loss is already its share of the step's loss.
         loss_metrics: list[dict[str, float]] = []
@@ -144,20 +165,25 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
         for _ in range(updates_per_step if optimizer is not None else 0):
             optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for batch in batches:
-                loss, m = algo.loss(batch, totals)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the loss became {loss.item()} at step {step + 1}; lower "
-                        "algorithm.lr or check the rewards (last checkpoint kept)"
-                    )
-                loss.backward()
+            for i, batch in enumerate(batches):
+                # DDP averages gradients over ranks while the shares add up to the step's
+                # loss: scale by the world size; all-reduce only after the last micro-batch
+                sync = i == len(batches) - 1
+                with contextlib.nullcontext() if sync else policy.no_sync():
+                    loss, m = algo.loss(batch, totals)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"the loss became {loss.item()} at step {step + 1}; lower "
+                            "algorithm.lr or check the rewards (last checkpoint kept)"
+                        )
+                    (loss * dist.world).backward()
                 total_loss += loss.item()
                 loss_metrics.append(m)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            update_metrics = {"loss": total_loss, "grad_norm": float(grad_norm),
+            update_metrics = {"loss": dist.all_reduce_sum([total_loss])[0],
+                              "grad_norm": float(grad_norm),
                               "lr": scheduler.get_last_lr()[0]}
 
         step += 1
@@ -167,14 +193,14 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
         tokens += step_tokens
         metrics = {
             **update_metrics,
-            **_mean_dicts(loss_metrics),
-            **_mean_dicts(batch_metrics),
+            **dist.all_reduce_mean_dict({**_mean_dicts(loss_metrics), **_mean_dicts(batch_metrics)}),
             "step_seconds": dt,
             "generate_seconds": t_gen,
             "tokens_per_second": step_tokens / dt,
         }
-        log.log(step, metrics)
-        plugins.hook.gym_step_end(step=step, metrics=metrics)
+        if dist.main:
+            log.log(step, metrics)
+            plugins.hook.gym_step_end(step=step, metrics=metrics)
         if progress is not None:
             progress.update(1)
             shown = ("loss", "reward_mean", "kl", "tokens_per_second")
@@ -184,7 +210,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path) -> TrainResu
 
     if progress is not None:
         progress.close()
-    log.close()
+    if log is not None:
+        log.close()
     return TrainResult(steps=step, seconds=seconds, completion_tokens=tokens)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from gym_core.algorithm import Algorithm
 from gym_core.errors import GymError
-from gym_core.losses import LOSS_TYPES, aggregate_token_loss, completion_logprobs, k3_kl
+from gym_core.losses import LOSS_TYPES, aggregate_token_loss, k3_kl
 from gym_core.rollout import group_advantages
 from gym_grpo import GRPOConfig
 
@@ -66,23 +66,21 @@ class GRPO(Algorithm):
         # With one update per rollout, pi_old = pi_theta: the ratio's denominator is the
         # same forward's log-probs, detached, so no extra pass is needed here.
         if self.cfg.num_iterations > 1:
-            batch.extras["old_logp"] = self.logprobs(self.policy.model, batch)
+            batch.extras["old_logp"] = self.logprobs(batch)
         if self.needs_reference:
-            with self.policy.reference() as ref:
-                batch.extras["ref_logp"] = self.logprobs(ref, batch)
+            batch.extras["ref_logp"] = self.logprobs(batch, reference=True)
 
     def step_totals(self, batches):
         totals = super().step_totals(batches)
         tokens = sum(int(b.extras["loss_mask"].sum()) for b in batches)
         return type(totals)(totals.sequences, tokens, totals.micro_batches)
 
-    @staticmethod
-    def logprobs(model, batch):
-        return completion_logprobs(model, batch.prompt_ids, batch.prompt_mask,
-                                   batch.completion_ids, batch.completion_mask)
+    def logprobs(self, batch, reference: bool = False):
+        return self.policy.logprobs(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                    batch.completion_mask, reference=reference)
 
     def loss(self, batch, totals):
-        logp = self.logprobs(self.policy.model, batch)
+        logp = self.logprobs(batch)
         old = batch.extras.get("old_logp", logp.detach())
         mask = batch.extras["loss_mask"]
         per_token, info = grpo_token_loss(

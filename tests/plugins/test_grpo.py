@@ -141,12 +141,12 @@ def test_grpo_gradient_on_tiny_model_moves_towards_rewarded_completion():
         group_size=2, examples=[{}, {}], completions=["", ""],
     )
     algo.prepare(batch)
-    before = algo.logprobs(policy.model, batch).sum(1)
+    before = algo.logprobs(batch).sum(1)
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
     for _ in range(3):
         opt.zero_grad()
         loss, _ = algo.loss(batch, algo.step_totals([batch]))
         loss.backward()
         opt.step()
-    after = algo.logprobs(policy.model, batch).sum(1)
+    after = algo.logprobs(batch).sum(1)
     assert after[0] > before[0] and after[1] < before[1]
