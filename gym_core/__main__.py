@@ -2,6 +2,7 @@
 
 Start-up stays light: plugins are discovered and their schemas registered (no torch),
 and the heavy modules are imported only when a job actually runs.
+``python -m gym_core --plugins`` lists the installed plugins and exits.
 """
 
 from __future__ import annotations
@@ -28,10 +29,20 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def entry() -> None:
-    from gym_core.errors import exit_on_user_error
+    from gym_core.errors import GymError, exit_on_user_error
 
     with exit_on_user_error():
-        bootstrap()
+        plugins = bootstrap()
+        if "--plugins" in sys.argv[1:]:
+            if len(sys.argv) > 2:
+                raise GymError("--plugins lists the installed plugins and takes no other "
+                               f"arguments; got {' '.join(sys.argv[1:])}")
+            # Like pytest's --trace-config / `datasette plugins`: what is installed, from
+            # which distribution, and which config-group options each plugin adds.
+            from gym_core.plugins import format_listing
+
+            print(format_listing(plugins))
+            return
         main()
 
 

@@ -20,7 +20,7 @@ def gym_add_rewards(registry):
 
 @hookimpl
 def gym_add_quantizers(registry):
-    registry.add("none", QuantConfig, None)
+    registry.add("none", QuantConfig, "gym_core.delta:FullPrecision")
 
 
 @hookimpl

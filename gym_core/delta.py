@@ -4,6 +4,7 @@ safetensors file both live in. Quantizer plugins implement :class:`Quantizer`.""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,28 @@ class Quantizer:
 
     def dequantize(self, packed: PackedDelta) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def calibrate(self, packed: PackedDelta, ctx: CalibrationContext) -> PackedDelta | None:
+        """Optional: improve ``packed`` with data (e.g. BitDelta's scale distillation).
+
+        Called by the run after :meth:`quantize` with the fine-tuned model, a base-model
+        loader and the task's training prompts. Return the improved packed delta, or
+        ``None`` when this quantizer (as configured) does no calibration; when it returns
+        one, the run scores the delta before and after it (``summary.json``:
+        ``quant_stats.after_quant_uncalibrated`` and ``eval.after_quant``).
+        """
+        return None
+
+
+@dataclass
+class CalibrationContext:
+    """What :meth:`Quantizer.calibrate` gets from the run."""
+
+    teacher: torch.nn.Module  # the fine-tuned model (eval mode; do not modify it)
+    load_base: Any  # () -> a fresh base model on ``device`` (fp32, eval mode)
+    tokenizer: Any
+    prompts: list[str]  # the task's training prompts, chat template applied
+    device: torch.device
 
 
 def lora_delta(model) -> dict[str, torch.Tensor]:
@@ -129,3 +152,72 @@ def load_packed(path: Path) -> PackedDelta:
 
 def shapes_meta(delta: dict[str, torch.Tensor]) -> str:
     return json.dumps({k: list(v.shape) for k, v in delta.items()})
+
+
+class FullPrecision(Quantizer):
+    """``quant=none``'s file format: the delta itself, fp32, one tensor per weight. Runs
+    with ``quant=none`` write no delta; soups read and write this format."""
+
+    def quantize(self, delta):
+        tensors = {k: v.detach().float().contiguous().clone() for k, v in delta.items()}
+        num = sum(v.numel() for v in tensors.values())
+        return PackedDelta(tensors, {"quantizer": "none"}, num)
+
+    def dequantize(self, packed):
+        if packed.meta.get("quantizer") != "none":
+            raise GymError(
+                f"this delta was written by quantizer {packed.meta.get('quantizer')!r}, not "
+                "as a full-precision (quantizer 'none') delta: read it with read_delta()"
+            )
+        return {k: v.float() for k, v in packed.tensors.items()}
+
+
+def read_delta(path: Path, plugins=None) -> dict[str, torch.Tensor]:
+    """The fp32 delta in a delta file, whichever quantizer wrote it: the file's metadata
+    names the quantizer, which must be installed, and its ``dequantize`` decodes it."""
+    from omegaconf import OmegaConf
+
+    if plugins is None:
+        from gym_core.config import bootstrap
+
+        plugins = bootstrap()
+    packed = load_packed(path)
+    name = packed.meta.get("quantizer")
+    if not name:
+        raise GymError(
+            f"{path} has no 'quantizer' entry in its safetensors metadata, so gym cannot tell "
+            "how to decode it; write delta files with gym_core.delta.save_packed"
+        )
+    if name not in plugins.registry("quant"):
+        raise GymError(
+            f"{path} was written by quantizer '{name}', which is not installed here "
+            f"(installed: {', '.join(plugins.registry('quant').names())}); install the plugin "
+            "that provides it"
+        )
+    comp = plugins.component("quant", name)
+    quantizer = comp.load()(OmegaConf.structured(comp.config))
+    return quantizer.dequantize(packed)
+
+
+def reconstruction_error(delta: dict[str, torch.Tensor], restored: dict[str, torch.Tensor]):
+    """How far a dequantized delta is from the original (ALGORITHMS.md §6 metrics), per
+    tensor and over all of them: relative Frobenius error ||D - D_hat|| / ||D||,
+    SNR in dB 10 log10(||D||^2 / ||D - D_hat||^2) and cosine(D, D_hat), in fp64."""
+
+    def metrics(sq_d, sq_e, dot, sq_r):
+        rel = (sq_e / sq_d) ** 0.5 if sq_d > 0 else 0.0
+        # an exact reconstruction has no finite SNR: null in the JSON
+        snr = 10 * math.log10(sq_d / sq_e) if sq_e > 0 and sq_d > 0 else None
+        cos = dot / (sq_d * sq_r) ** 0.5 if sq_d > 0 and sq_r > 0 else 0.0
+        return {"rel_fro_error": round(rel, 6), "snr_db": None if snr is None else round(snr, 3),
+                "cosine": round(cos, 6)}
+
+    per, total = {}, [0.0, 0.0, 0.0, 0.0]
+    for key, d in delta.items():
+        d = d.double()
+        r = restored[key].double()
+        parts = [float(d.square().sum()), float((d - r).square().sum()),
+                 float((d * r).sum()), float(r.square().sum())]
+        per[key] = metrics(*parts)
+        total = [a + b for a, b in zip(total, parts)]
+    return {"total": metrics(*total), "per_tensor": per}

@@ -15,6 +15,14 @@ class RegistryError(LookupError):
     """A name is unknown or registered twice; the message says which and what exists."""
 
 
+class DuplicateNameError(RegistryError):
+    """Two plugins register the same name; ``plugins`` is (first, second)."""
+
+    def __init__(self, message: str, plugins: tuple[str, str]) -> None:
+        super().__init__(message)
+        self.plugins = plugins
+
+
 @dataclass(frozen=True)
 class Component:
     kind: str  # the family, also the Hydra config group ("algorithm", "quant", ...)
@@ -57,10 +65,11 @@ class Registry:
             )
         if name in self._items:
             other = self._items[name].plugin
-            raise RegistryError(
+            raise DuplicateNameError(
                 f"{self.kind} '{name}' is registered by both plugin '{other}' and plugin "
                 f"'{self._plugin}'. Disable one of them (GYM_DISABLE_PLUGINS={self._plugin}) "
-                "or uninstall it."
+                "or uninstall it.",
+                (other, self._plugin),
             )
         if config is not None and not (isinstance(config, type) and is_dataclass(config)):
             raise RegistryError(
@@ -68,6 +77,10 @@ class Registry:
                 f"{config!r}: it must be a dataclass type"
             )
         self._items[name] = Component(self.kind, name, config, impl, self._plugin)
+
+    def discard_plugin(self, plugin: str) -> None:
+        """Forget everything ``plugin`` registered (it is being skipped after an error)."""
+        self._items = {k: c for k, c in self._items.items() if c.plugin != plugin}
 
     def get(self, name: str) -> Component:
         try:

@@ -1,0 +1,36 @@
+"""DeltaQuant (ALGORITHMS.md §6) as a gym quantizer plugin: k-bit (2, 3, 4, 8), binary and
+ternary round-to-nearest quantization of a fine-tune's delta, per tensor, per output
+channel or per group of input columns, packed densely into bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gym_core import hookimpl
+from gym_core.config import QuantConfig
+
+
+@dataclass
+class DeltaQuantConfig(QuantConfig):
+    name: str = "deltaquant"
+    # kbit: `bits`-bit integers; binary: alpha * sign (1 bit); ternary: alpha * {-1, 0, +1}
+    # with TWN's threshold 0.7 mean|D| (five values per byte, 1.6 bits).
+    mode: str = "kbit"
+    bits: int = 4  # 2 | 3 | 4 | 8, for mode=kbit
+    # symmetric: s = max|D| / (2^(k-1)-1), zero exactly representable, no zero point;
+    # asymmetric: s = (max-min) / (2^k-1) plus an integer zero point per scale (one byte).
+    # binary and ternary are symmetric by construction and ignore it.
+    symmetric: bool = True
+    # One fp32 scale per tensor, per output channel (row of W[out, in]) or per group of
+    # `group_size` input columns within a row: finer is more accurate and costs
+    # 32 bits / group_size per weight (4-bit, groups of 128: 4.25 bits per weight).
+    granularity: str = "group"
+    group_size: int = 128
+    # Matrices whose name ends in one of these are quantized (attention and MLP
+    # projections); anything else in the delta (norms, embeddings) is stored in fp32.
+    targets: list[str] = field(default_factory=lambda: ["_proj.weight"])
+
+
+@hookimpl
+def gym_add_quantizers(registry):
+    registry.add("deltaquant", DeltaQuantConfig, "gym_deltaquant.deltaquant:DeltaQuantizer")

@@ -1,0 +1,264 @@
+"""DeltaQuant: round-to-nearest quantization of a delta (ALGORITHMS.md §6), with the
+integers packed densely into bytes and the scales kept in fp32.
+
+Each quantized matrix D[out, in] is viewed as *units* (one row of the view per scale):
+the whole tensor, each output channel, or each group of ``group_size`` input columns of
+a row (a short last group when ``in`` is not a multiple). Per unit:
+
+- kbit symmetric: s = max|D| / (2^(k-1)-1), q = clamp(round(D/s), -(2^(k-1)-1), 2^(k-1)-1),
+  stored as q + 2^(k-1)-1 in [0, 2^k-2]; D_hat = s (stored - (2^(k-1)-1)).
+- kbit asymmetric: the range [min(D, 0), max(D, 0)] (zero stays exactly representable),
+  s = (max-min) / (2^k-1), z = round(-min/s), q = clamp(round(D/s)+z, 0, 2^k-1);
+  D_hat = s (q - z). z is stored as one uint8 per unit.
+- binary: D_hat = alpha sign(D), alpha = mean|D| (sign(0) = +1).
+- ternary (TWN): t = 0.7 mean|D|, q = sign(D) 1[|D| > t], alpha = mean|D| over kept
+  entries; q + 1 in {0, 1, 2} packed five to a byte (3^5 = 243 <= 256).
+
+k-bit codes are packed eight to k bytes, little-endian: code i of a block of eight
+occupies bits [k i, k (i+1)) of the block's k-byte integer (3 bits: 8 codes in 3 bytes).
+Only the matrix's real entries are packed (no group padding); a tensor's code count is
+padded to a multiple of 8 (of 5 for ternary).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from gym_core.delta import PackedDelta, Quantizer, shapes_meta
+from gym_core.errors import GymError
+from gym_deltaquant import DeltaQuantConfig
+
+MODES = ("kbit", "binary", "ternary")
+GRANULARITIES = ("tensor", "channel", "group")
+KBITS = (2, 3, 4, 8)
+_TRIT_POWERS = torch.tensor([1, 3, 9, 27, 81], dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------
+# bit packing
+# ----------------------------------------------------------------------------------------
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes that ``numel`` codes of ``bits`` bits take: blocks of 8 codes in ``bits`` bytes."""
+    return math.ceil(numel / 8) * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned integer codes < 2**bits (any shape) -> a flat uint8 tensor."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if bits == 8:
+        return flat
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, shifts in uint8
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return (flat.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)
+    # Any other width: eight codes form one 8*bits-bit integer, written as `bits` bytes.
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64)
+    block = (flat.view(-1, 8).to(torch.int64) << shifts).sum(dim=1)
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64)
+    return ((block.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as a flat uint8 tensor."""
+    if packed.numel() != packed_nbytes(numel, bits):
+        raise GymError(
+            f"a packed tensor has {packed.numel()} bytes where {numel} codes of {bits} bits "
+            f"need {packed_nbytes(numel, bits)}: the delta file is damaged or not DeltaQuant's"
+        )
+    if bits == 8:
+        return packed[:numel]
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:numel]
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64)
+    block = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(dim=1)
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64)
+    return ((block.unsqueeze(1) >> shifts) & mask).to(torch.uint8).reshape(-1)[:numel]
+
+
+def pack_trits(codes: torch.Tensor) -> torch.Tensor:
+    """Codes in {0, 1, 2} -> uint8, five per byte in base 3 (first code least significant)."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 5
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 5) * _TRIT_POWERS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_trits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    if packed.numel() != math.ceil(numel / 5):
+        raise GymError(
+            f"a ternary tensor has {packed.numel()} bytes where {numel} values need "
+            f"{math.ceil(numel / 5)}: the delta file is damaged or not DeltaQuant's"
+        )
+    return ((packed.unsqueeze(1) // _TRIT_POWERS) % 3).reshape(-1)[:numel]
+
+
+# ----------------------------------------------------------------------------------------
+# units: the rows of the view that share one scale
+# ----------------------------------------------------------------------------------------
+
+
+def _layout(shape, granularity: str, group_size: int):
+    """(rows, cols, groups per row) of the unit view of a tensor of ``shape``."""
+    rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+    if granularity == "tensor":
+        return 1, rows * cols, 1
+    if granularity == "channel":
+        return rows, cols, 1
+    return rows, cols, math.ceil(cols / group_size)
+
+
+def to_units(d: torch.Tensor, granularity: str, group_size: int):
+    """``d`` as [units, unit_len] (groups zero-padded) and each unit's real entry count."""
+    rows, cols, groups = _layout(d.shape, granularity, group_size)
+    x = d.reshape(rows, cols)
+    if granularity != "group":
+        return x, torch.full((rows,), float(cols))
+    pad = groups * group_size - cols
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    counts = torch.full((rows, groups), float(group_size))
+    if pad:
+        counts[:, -1] = group_size - pad
+    return x.reshape(rows * groups, group_size), counts.reshape(-1)
+
+
+def from_units(x: torch.Tensor, shape, granularity: str, group_size: int) -> torch.Tensor:
+    rows, cols, groups = _layout(shape, granularity, group_size)
+    return x.reshape(rows, -1)[:, :cols].reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------
+# the quantizer
+# ----------------------------------------------------------------------------------------
+
+
+class DeltaQuantizer(Quantizer):
+    Config = DeltaQuantConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.mode not in MODES:
+            raise GymError(f"quant.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+        if cfg.mode == "kbit" and cfg.bits not in KBITS:
+            raise GymError(
+                f"quant.bits={cfg.bits} is not supported: pick one of {KBITS} "
+                "(or quant.mode=binary / ternary)"
+            )
+        if cfg.granularity not in GRANULARITIES:
+            raise GymError(
+                f"quant.granularity={cfg.granularity!r} is not one of {', '.join(GRANULARITIES)}"
+            )
+        if cfg.granularity == "group" and cfg.group_size < 1:
+            raise GymError(f"quant.group_size={cfg.group_size} must be at least 1")
+
+    def compressed(self, key: str, tensor: torch.Tensor) -> bool:
+        return tensor.dim() == 2 and any(key.endswith(t) for t in self.cfg.targets)
+
+    def quantize(self, delta):
+        cfg = self.cfg
+        tensors, num = {}, 0
+        for key, d in delta.items():
+            num += d.numel()
+            if not self.compressed(key, d):
+                tensors[f"{key}.full"] = d.detach().float().clone()
+                continue
+            units, counts = to_units(d.detach().float(), cfg.granularity, cfg.group_size)
+            codes, scale, zero = quantize_units(units, counts, cfg.mode, cfg.bits, cfg.symmetric)
+            codes = from_units(codes, d.shape, cfg.granularity, cfg.group_size)
+            if cfg.mode == "ternary":
+                tensors[f"{key}.codes"] = pack_trits(codes)
+            else:
+                tensors[f"{key}.codes"] = pack_codes(codes, self.code_bits(cfg.mode, cfg.bits))
+            tensors[f"{key}.scale"] = scale
+            if zero is not None:
+                tensors[f"{key}.zero"] = zero
+        meta = {
+            "quantizer": "deltaquant",
+            "shapes": shapes_meta(delta),
+            "mode": cfg.mode,
+            "bits": str(cfg.bits),
+            "symmetric": str(bool(cfg.symmetric)).lower(),
+            "granularity": cfg.granularity,
+            "group_size": str(cfg.group_size),
+        }
+        return PackedDelta(tensors, meta, num)
+
+    @staticmethod
+    def code_bits(mode: str, bits: int) -> int:
+        return 1 if mode == "binary" else bits
+
+    def dequantize(self, packed):
+        meta = packed.meta
+        if meta.get("quantizer") != "deltaquant":
+            raise GymError(
+                f"this delta was written by quantizer {meta.get('quantizer')!r}, not "
+                "deltaquant: select that one with quant=<name>"
+            )
+        mode, bits = meta["mode"], int(meta["bits"])
+        symmetric = meta["symmetric"] == "true"
+        granularity, group_size = meta["granularity"], int(meta["group_size"])
+        out = {}
+        for key, shape in json.loads(meta["shapes"]).items():
+            if f"{key}.full" in packed.tensors:
+                out[key] = packed.tensors[f"{key}.full"].float()
+                continue
+            numel = math.prod(shape)
+            if mode == "ternary":
+                codes = unpack_trits(packed.tensors[f"{key}.codes"], numel)
+            else:
+                codes = unpack_codes(packed.tensors[f"{key}.codes"], self.code_bits(mode, bits),
+                                     numel)
+            units, _ = to_units(codes.view(shape).float(), granularity, group_size)
+            scale = packed.tensors[f"{key}.scale"].float().unsqueeze(1)
+            if mode == "binary":
+                values = scale * (units * 2 - 1)
+            elif mode == "ternary":
+                values = scale * (units - 1)
+            elif symmetric:
+                values = scale * (units - (2 ** (bits - 1) - 1))
+            else:
+                values = scale * (units - packed.tensors[f"{key}.zero"].float().unsqueeze(1))
+            out[key] = from_units(values, shape, granularity, group_size)
+        return out
+
+
+def quantize_units(x: torch.Tensor, counts: torch.Tensor, mode: str, bits: int,
+                   symmetric: bool):
+    """Codes (uint8, x's shape), fp32 scales (one per unit) and zero points (asymmetric
+    kbit only, uint8) for the units ``x`` [units, len]; zero padding never sets a scale."""
+    if mode == "binary":
+        alpha = x.abs().sum(dim=1) / counts  # L2-optimal for fixed signs (§6)
+        return (x >= 0).to(torch.uint8), alpha, None
+    if mode == "ternary":
+        mag = x.abs()
+        t = 0.7 * mag.sum(dim=1, keepdim=True) / counts.unsqueeze(1)  # TWN threshold
+        keep = mag > t
+        kept = keep.sum(dim=1).clamp_min(1)
+        alpha = (mag * keep).sum(dim=1) / kept
+        codes = (torch.sign(x) * keep + 1).to(torch.uint8)
+        return codes, alpha, None
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = x.abs().amax(dim=1) / qmax
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
+        q = torch.round(x / safe).clamp_(-qmax, qmax).add_(qmax)
+        return q.to(torch.uint8), scale, None
+    levels = 2**bits - 1
+    lo = x.amin(dim=1).clamp_max(0)
+    hi = x.amax(dim=1).clamp_min(0)
+    scale = (hi - lo) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / safe).clamp_(0, levels)
+    q = torch.round(x / safe.unsqueeze(1)).add_(zero.unsqueeze(1)).clamp_(0, levels)
+    return q.to(torch.uint8), scale, zero.to(torch.uint8)
