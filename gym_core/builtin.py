@@ -1,9 +1,16 @@
 """What the core itself registers, through the same hooks as any plugin: the built-in
-tasks, the answer-checking reward, and the ``none`` options of quant and experience_store."""
+tasks, the answer-checking reward, the ``none`` options of quant and experience_store,
+and ``llm=local`` (the policy model as a chat model)."""
 
 from __future__ import annotations
 
-from gym_core.config import ArithmeticConfig, ExperienceStoreConfig, JsonlConfig, QuantConfig
+from gym_core.config import (
+    ArithmeticConfig,
+    ExperienceStoreConfig,
+    JsonlConfig,
+    LocalLLMConfig,
+    QuantConfig,
+)
 from gym_core.hookspecs import hookimpl
 
 
@@ -26,3 +33,8 @@ def gym_add_quantizers(registry):
 @hookimpl
 def gym_add_experience_stores(registry):
     registry.add("none", ExperienceStoreConfig, None)
+
+
+@hookimpl
+def gym_add_llms(registry):
+    registry.add("local", LocalLLMConfig, "gym_core.llm:LocalLLM")

@@ -143,6 +143,28 @@ class ExperienceStoreConfig:
 
 
 # ----------------------------------------------------------------------------------------
+# llm: the chat model a method calls for its own reasoning (training-free methods)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LLMConfig:
+    """Base of every ``llm=<name>`` option."""
+
+    name: str = MISSING
+    max_new_tokens: int = 512
+    temperature: float = 0.7  # 0: greedy
+
+
+@dataclass
+class LocalLLMConfig(LLMConfig):
+    """The policy model itself, through the core's generation code (works offline)."""
+
+    name: str = "local"
+    batch_size: int = 8  # conversations per generate call
+
+
+# ----------------------------------------------------------------------------------------
 # trainer and run
 # ----------------------------------------------------------------------------------------
 
@@ -181,6 +203,7 @@ class GymConfig:
     algorithm: Any = MISSING
     quant: Any = MISSING
     experience_store: Any = MISSING
+    llm: Any = MISSING
     trainer: TrainerConfig = MISSING
     run: RunConfig = field(default_factory=RunConfig)
 

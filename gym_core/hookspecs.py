@@ -11,7 +11,8 @@ the ``gym_core`` entry-point group (built-in plugins use the same group)::
 Registration hooks receive a *registry* and call ``registry.add(...)`` on it (as tox's
 ``tox_register_tox_env`` does) instead of returning values that gym would have to merge.
 Every component registered this way becomes a Hydra config-group option named after it:
-``algorithm=<name>``, ``quant=<name>``, ``experience_store=<name>``, ``data=<name>``.
+``algorithm=<name>``, ``quant=<name>``, ``experience_store=<name>``, ``data=<name>``,
+``llm=<name>``.
 
 Registration hooks run while gym starts, before any heavy import: keep the module that
 holds them cheap to import (no torch at module level) and point ``registry.add`` at the
@@ -83,9 +84,30 @@ def gym_add_experience_stores(registry: Registry) -> None:
     Called once at start-up.
 
     :param registry: call ``registry.add(name, config, impl)``. ``config`` derives from
-        :class:`gym_core.config.ExperienceStoreConfig`; ``impl`` opens, lists,
-        retrieves and applies add / update / delete operations, persisting each applied
-        batch so that nothing is lost on a crash.
+        :class:`gym_core.config.ExperienceStoreConfig`; ``impl`` subclasses
+        :class:`gym_core.experience.ExperienceStore` (``impl(cfg, path, writer)``): it
+        opens, lists, retrieves and applies batches of ADD / UPDATE / DELETE / NONE
+        operations, persisting each applied batch atomically with a version per step so
+        that nothing is lost on a crash and a run can resume from any step.
+        :mod:`gym_core.contracts.experience_store` is the test suite every store passes.
+
+    All implementations are called; a duplicate name is an error.
+    """
+
+
+@hookspec
+def gym_add_llms(registry: Registry) -> None:
+    """Register chat models that methods call for their own reasoning (e.g. the
+    summarising and lesson-extracting model of training-free GRPO).
+
+    Called once at start-up.
+
+    :param registry: call ``registry.add(name, config, impl)``. ``name`` becomes the
+        option ``llm=<name>``; ``config`` derives from :class:`gym_core.config.LLMConfig`;
+        ``impl(cfg, policy)`` builds a :class:`gym_core.llm.ChatLLM` whose
+        ``chat(conversations) -> list[str]`` answers a batch of message lists. Secrets
+        (API keys) are read from the environment by the implementation, never stored in
+        the config.
 
     All implementations are called; a duplicate name is an error.
     """

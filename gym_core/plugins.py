@@ -25,6 +25,7 @@ FAMILIES = {
     "experience_store": "gym_add_experience_stores",
     "data": "gym_add_datasets",
     "reward": "gym_add_rewards",
+    "llm": "gym_add_llms",
 }
 
 DISABLE_ENV = "GYM_DISABLE_PLUGINS"
