@@ -11,7 +11,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gym_core.config import bootstrap
-from gym_core.delta import apply_delta, load_packed, lora_delta, save_packed, state_delta
+from gym_core.delta import (
+    apply_delta,
+    load_packed,
+    lora_delta,
+    reconstruction_error,
+    save_packed,
+    state_delta,
+)
 from gym_core.distributed import Dist, setup, teardown
 from gym_core.errors import GymError
 from gym_core.evaluate import evaluate
@@ -106,7 +113,8 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
     after_quant, quant_stats = None, None
     if quantizer is not None:  # rank 0 alone: the others are done
         after_quant, quant_stats = quantize_and_score(
-            cfg, policy, quantizer, run_dir, lambda model, desc: score(model, desc, Dist())
+            cfg, policy, quantizer, run_dir, lambda model, desc: score(model, desc, Dist()),
+            task=task,
         )
 
     summary = {
@@ -130,8 +138,9 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
     return summary
 
 
-def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score):
-    """Delta = fine-tuned - base; quantize; write; read back; rebuild base + delta; score."""
+def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
+    """Delta = fine-tuned - base; quantize (and calibrate, for quantizers that do); write;
+    read back; rebuild base + delta; score."""
     if policy.lora:
         delta = lora_delta(policy.model)
     else:
@@ -141,12 +150,14 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score):
         del base
     t0 = time.perf_counter()
     packed = quantizer.quantize(delta)
+    uncalibrated = packed
+    calibrate = getattr(quantizer, "calibrate", None)
+    if calibrate is not None and task is not None:
+        packed = calibrate(packed, _calibration_context(cfg, policy, task)) or packed
     path = run_dir / "delta" / f"{cfg.quant.name}.safetensors"
     size = save_packed(packed, path)
     restored = quantizer.dequantize(load_packed(path))
-    rebuilt, _ = load_base(cfg.model)
-    rebuilt.to(policy.device)
-    apply_delta(rebuilt, restored)
+    rebuilt = _rebuild(cfg, policy, restored)
     quant_seconds = time.perf_counter() - t0
     after_quant = score(rebuilt, "eval after quant")
     print(f"gym: held-out accuracy after {cfg.quant.name}: {_fmt(after_quant)}")
@@ -158,11 +169,37 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score):
         "delta_params": num,
         "delta_file": str(path),
         "quantize_seconds": round(quant_seconds, 3),
+        "error": reconstruction_error(delta, restored),  # ALGORITHMS.md §6 metrics
     }
+    if packed is not uncalibrated:  # the same delta before calibration, for comparison
+        del rebuilt
+        stats["after_quant_uncalibrated"] = score(
+            _rebuild(cfg, policy, quantizer.dequantize(uncalibrated)),
+            "eval after quant, uncalibrated")
     extra = getattr(quantizer, "last_stats", None)
     if extra:
         stats.update(extra)
     return after_quant, stats
+
+
+def _rebuild(cfg, policy, delta):
+    model, _ = load_base(cfg.model)
+    model.to(policy.device)
+    apply_delta(model, delta)
+    return model
+
+
+def _calibration_context(cfg, policy, task):
+    from gym_core.data import render_prompts
+    from gym_core.delta import CalibrationContext
+
+    def fresh_base():
+        return load_base(cfg.model)[0].to(policy.device)
+
+    prompts = render_prompts(policy.tokenizer, [ex["prompt"] for ex in task.train],
+                             cfg.data.system_prompt)
+    return CalibrationContext(teacher=policy.model, load_base=fresh_base,
+                              tokenizer=policy.tokenizer, prompts=prompts, device=policy.device)
 
 
 def _overrides() -> list[str]:

@@ -4,6 +4,7 @@ L2-optimal scale for fixed signs, ALGORITHMS.md §5). Signs are packed 8 per byt
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -75,3 +76,64 @@ class BitDeltaQuantizer(Quantizer):
             scale = packed.tensors[f"{key}.scale"].float()
             out[key] = scale * (bits.float() * 2 - 1)
         return out
+
+    def calibrate(self, packed, ctx):
+        """Scale distillation (ALGORITHMS.md §5): W = W_base + alpha * sign with signs and
+        base frozen; AdamW (cosine schedule) on the fp32 alphas only, minimising the logit
+        MSE to the fine-tuned model. Unlike the reference code, padding positions are
+        masked out of the loss and nothing but the scales is trained."""
+        cfg = self.cfg
+        if cfg.distill_steps <= 0:
+            return None
+        if not ctx.prompts:
+            raise GymError("quant.distill_steps > 0 needs training prompts, and the task has none")
+        from torch.func import functional_call
+
+        device = ctx.device
+        model = ctx.load_base().requires_grad_(False)
+        params = dict(model.named_parameters())
+        shapes = json.loads(packed.meta["shapes"])
+        weights, signs, scales = {}, {}, {}
+        for key, shape in shapes.items():
+            if key not in params:
+                raise GymError(f"the delta has '{key}', which the base model does not have")
+            if f"{key}.full" in packed.tensors:  # not sign-compressed: base + exact delta
+                weights[key] = params[key].detach().float() + packed.tensors[f"{key}.full"].to(device)
+                continue
+            numel = int(torch.tensor(shape).prod())
+            bits = unpack_bits(packed.tensors[f"{key}.signs"], numel).view(shape).to(device)
+            signs[key] = bits.float() * 2 - 1
+            scales[key] = torch.nn.Parameter(packed.tensors[f"{key}.scale"].float().clone().to(device))
+        opt = torch.optim.AdamW(scales.values(), lr=cfg.distill_lr, weight_decay=0.0)
+        steps = cfg.distill_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        tok = ctx.tokenizer
+        order = torch.randperm(len(ctx.prompts), generator=torch.Generator().manual_seed(cfg.distill_seed))
+        losses = []
+        for step in range(steps):
+            idx = [order[(step * cfg.distill_batch_size + i) % len(order)].item()
+                   for i in range(cfg.distill_batch_size)]
+            enc = tok([ctx.prompts[i] for i in idx], return_tensors="pt", padding=True,
+                      truncation=True, max_length=cfg.distill_max_length,
+                      add_special_tokens=False).to(device)
+            inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            with torch.no_grad():
+                target = ctx.teacher(**inputs).logits.float()
+            current = dict(weights)
+            for key, sign in signs.items():
+                current[key] = params[key].detach().float() + scales[key] * sign
+            logits = functional_call(model, current, args=(), kwargs=inputs).logits.float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(logits.dtype)
+            loss = ((logits - target).square() * mask).sum() / (mask.sum() * logits.shape[-1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        self.last_stats = {"distill_steps": steps, "distill_loss_first": losses[0],
+                           "distill_loss_last": losses[-1]}
+        tensors = dict(packed.tensors)
+        for key, scale in scales.items():
+            tensors[f"{key}.scale"] = scale.detach().float().cpu().reshape(1)
+        return PackedDelta(tensors, dict(packed.meta, distill_steps=str(steps)), packed.num_params)
