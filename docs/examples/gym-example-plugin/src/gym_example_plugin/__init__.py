@@ -1,0 +1,61 @@
+"""An example gym plugin: an algorithm, a reward function and a quantizer.
+
+This module is what the entry point names, so gym imports it at every start-up
+(``--help`` included): it holds only config dataclasses and registration hooks, and
+points ``registry.add`` at the implementations with ``"module:attribute"`` strings that
+gym imports (with torch) only when a run selects them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gym_core import hookimpl
+from gym_core.config import OnlineAlgorithmConfig, QuantConfig
+
+#: The gym plugin API this plugin was written against; gym refuses to load it, with a
+#: message naming both versions, when the installed gym-core provides another.
+GYM_API_VERSION = "1"
+
+
+@dataclass
+class RLOOConfig(OnlineAlgorithmConfig):
+    """REINFORCE with a leave-one-out baseline (ALGORITHMS.md §3, RLOO)."""
+
+    name: str = "rloo"
+    lr: float = 5e-5  # LoRA adapters need a larger step than full fine-tuning's 1e-6
+    # k samples per prompt; each baseline averages the other k - 1 (TRL's default is 2,
+    # which leaves a one-sample baseline).
+    num_generations: int = 4
+    # KL penalty folded into the reward, TRL's k1 form: r - beta * sum_t (log pi_old -
+    # log pi_ref). 0 skips the reference forward pass.
+    beta: float = 0.05
+    # How per-token losses are averaged (gym_core.losses.LOSS_TYPES); "dapo" is the
+    # token-level mean over every completion token of the step.
+    loss_type: str = "dapo"
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "number_only"])
+    reward_weights: list[float] | None = field(default_factory=lambda: [1.0, 0.1])
+
+
+@dataclass
+class AbsmaxConfig(QuantConfig):
+    """Symmetric per-tensor integer quantization of the delta: q = round(d / s),
+    s = max|d| / (2^(bits-1) - 1), packed two per byte at 4 bits."""
+
+    name: str = "absmax"
+    bits: int = 8  # 8 or 4
+
+
+@hookimpl
+def gym_add_algorithms(registry):
+    registry.add("rloo", RLOOConfig, "gym_example_plugin.rloo:RLOO")
+
+
+@hookimpl
+def gym_add_rewards(registry):
+    registry.add("number_only", None, "gym_example_plugin.rewards:number_only")
+
+
+@hookimpl
+def gym_add_quantizers(registry):
+    registry.add("absmax", AbsmaxConfig, "gym_example_plugin.absmax:AbsmaxQuantizer")
