@@ -207,7 +207,10 @@ def load_plugins(entry_points: list[metadata.EntryPoint] | None = None) -> Plugi
             continue
         infos[ep.name] = info
     for name in to_disable:
-        if name not in disabled:
+        if name == CORE.name:
+            print(f"gym: warning: {DISABLE_ENV} names '{name}': gym's own registrations "
+                  "cannot be disabled.", file=sys.stderr)
+        elif name not in disabled:
             print(f"gym: warning: {DISABLE_ENV} names '{name}', but no installed plugin has "
                   f"that entry-point name (installed: {', '.join(sorted(infos))}).",
                   file=sys.stderr)

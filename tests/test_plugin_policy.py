@@ -207,8 +207,9 @@ def test_disabled_plugin_is_listed_as_disabled_and_its_options_are_gone(tmp_path
 
 
 def test_disabling_an_unknown_name_warns(tmp_path):
-    out = run_cli(["--plugins"], cwd=tmp_path, env={"GYM_DISABLE_PLUGINS": "bitdleta"})
+    out = run_cli(["--plugins"], cwd=tmp_path, env={"GYM_DISABLE_PLUGINS": "bitdleta,gym_core"})
     assert out.returncode == 0
+    assert "names 'gym_core': gym's own registrations cannot be disabled" in out.stderr
     assert "GYM_DISABLE_PLUGINS names 'bitdleta', but no installed plugin" in out.stderr
     assert "bitdelta" in out.stderr  # the installed names, to spot the typo
 
