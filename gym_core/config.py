@@ -136,6 +136,27 @@ class QuantConfig:
 
 
 @dataclass
+class SoupConfig:
+    """Base of every ``soup=<name>`` option of ``python -m gym_core.soup``: the inputs and
+    the per-contributor clipping and DP noise that every rule shares (ALGORITHMS.md §7)."""
+
+    name: str = MISSING
+    # Delta files written by gym (any quantizer, or full precision), or run directories
+    # holding exactly one delta/*.safetensors.
+    inputs: list[str] = MISSING
+    weights: list[float] | None = None  # one per input; None: all equal
+    # Per-contributor L2 clipping D_k <- D_k min(1, C / ||D_k||) before aggregating.
+    clip_norm: float | None = None
+    # Gaussian noise N(0, (noise_multiplier * sensitivity)^2) on the aggregate (DP-FedAvg,
+    # §7.4); needs clip_norm and a rule with bounded sensitivity (soup=mean).
+    noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5  # the reported (epsilon, delta)'s delta; keep it << 1/contributors
+    sample_rate: float = 1.0  # contributors sampled per round (1.0: everyone, no amplification)
+    rounds: int = 1  # rounds accounted for
+    seed: int | None = None  # None: noise and DARE masks seeded from the OS's entropy
+
+
+@dataclass
 class ExperienceStoreConfig:
     """Base of every ``experience_store=<name>`` option."""
 

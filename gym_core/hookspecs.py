@@ -145,6 +145,23 @@ def gym_add_datasets(registry: Registry) -> None:
     """
 
 
+@hookspec
+def gym_add_aggregators(registry: Registry) -> None:
+    """Register delta aggregation rules (DeltaSoup: merging many contributors' deltas).
+
+    Called once at start-up. ``name`` becomes the option ``soup=<name>`` of the soup app
+    (``python -m gym_core.soup soup=<name> soup.inputs=[a,b,c]``).
+
+    :param registry: call ``registry.add(name, config, impl)``. ``config`` derives from
+        :class:`gym_core.config.SoupConfig` (inputs, weights, clipping and DP noise are
+        its shared fields); ``impl`` subclasses :class:`gym_core.aggregate.Aggregator`:
+        ``aggregate(deltas, weights, generator) -> Aggregate`` on the contributors'
+        flattened fp32 deltas, and ``sensitivity(clip_norm, weights)`` for DP noise.
+
+    All implementations are called; a duplicate name is an error.
+    """
+
+
 # ----------------------------------------------------------------------------------------
 # Run lifecycle: called by the core loop on the main process, in this order
 # ----------------------------------------------------------------------------------------

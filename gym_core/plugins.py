@@ -26,6 +26,7 @@ FAMILIES = {
     "data": "gym_add_datasets",
     "reward": "gym_add_rewards",
     "llm": "gym_add_llms",
+    "soup": "gym_add_aggregators",  # the soup app's group (python -m gym_core.soup)
 }
 
 DISABLE_ENV = "GYM_DISABLE_PLUGINS"

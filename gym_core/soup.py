@@ -1,0 +1,63 @@
+"""``python -m gym_core.soup soup=<rule> soup.inputs=[a,b,c]``: merge deltas (DeltaSoup).
+
+A Hydra app of its own (conf/soup.yaml), so ``-m`` sweeps rules and their knobs:
+
+    python -m gym_core.soup soup=median soup.inputs=[runs/a,runs/b,runs/c]
+    python -m gym_core.soup -m soup=mean,median,krum soup.inputs=[a.safetensors,b.safetensors,c.safetensors]
+
+Each job writes ``soup.safetensors`` (a full-precision delta: apply it with
+``gym_core.delta.apply_delta(model, read_delta(path))``) and ``report.json`` into its
+directory (``out``, default ``soups/<rule>-<time>``). Start-up imports no torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class SoupAppConfig:
+    soup: Any = MISSING
+    out: str = MISSING  # the job's directory (Hydra's run dir; a sweep's jobs go below it)
+
+
+@hydra.main(version_base=None, config_path="pkg://gym_core.conf", config_name="soup")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from gym_core.aggregate import make_soup
+    from gym_core.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        report = make_soup(cfg.soup, HydraConfig.get().runtime.output_dir)
+    print(f"gym soup: {report['rule']} of {len(report['contributors'])} deltas -> "
+          f"{report['output']} ({report['output_bytes']} bytes)")
+    for c in report["contributors"]:
+        flags = [f for f, on in (("excluded", c["excluded"]), ("clipped", c["clipped"])) if on]
+        print(f"  {c['input']}: norm {c['norm']:.4g}, distance {c['distance']:.4g}"
+              f"{' (' + ', '.join(flags) + ')' if flags else ''}")
+    if report["privacy"]:
+        p = report["privacy"]
+        print(f"  DP: epsilon {p['epsilon']:.3f} at delta {p['delta']:g} (noise std {p['noise_std']:.3g})")
+    return report["aggregate_norm"]
+
+
+def entry() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from gym_core.config import bootstrap
+    from gym_core.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        bootstrap()
+        ConfigStore.instance().store(name="soup_schema", node=SoupAppConfig)
+        main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
