@@ -161,3 +161,23 @@ def test_read_delta_finds_the_quantizer_in_the_file(tmp_path):
 def test_bad_settings_are_named(kw, match):
     with pytest.raises(GymError, match=match):
         quantizer(**kw)
+
+
+def test_grpo_then_deltaquant_int4_end_to_end(tmp_path, tiny_overrides):
+    import json
+
+    from gym_core.config import compose
+    from gym_core.run import run_job
+
+    cfg = compose([*tiny_overrides, "trainer.max_steps=2", "quant=deltaquant", "quant.bits=4",
+                   "run.name=dq"])
+    summary = run_job(cfg, run_dir=tmp_path / "dq")
+    q = summary["quant_stats"]
+    path = tmp_path / "dq/delta/deltaquant.safetensors"
+    assert q["delta_bytes"] == path.stat().st_size
+    # int4, one fp32 scale per 128-column group: the tiny model's rows are 64 or 128 wide
+    assert 4.25 <= q["bits_per_weight"] <= 4.5
+    assert set(q["error"]["total"]) == {"rel_fro_error", "snr_db", "cosine"}
+    assert len(q["error"]["per_tensor"]) == 2 * 7  # every projection of the 2 layers
+    assert 0.0 <= summary["eval"]["after_quant"] <= 1.0
+    assert json.loads((tmp_path / "dq/summary.json").read_text())["quant_stats"] == q
