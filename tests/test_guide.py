@@ -1,0 +1,44 @@
+"""docs/guide.md's commands run: every ```bash block, in order, in one shell, in an empty
+directory. Commands that start a job must use the page's $FAST flags (the tiny model), so
+the page stays cheap to check."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+GUIDE = REPO / "docs" / "guide.md"
+CHEAP = ("$FAST", "--help", "--cfg", "--plugins")
+
+
+def bash_blocks(text: str) -> list[str]:
+    return re.findall(r"^```bash\n(.*?)^```$", text, flags=re.M | re.S)
+
+
+def test_every_job_in_the_guide_uses_the_fast_flags():
+    blocks = bash_blocks(GUIDE.read_text(encoding="utf-8"))
+    assert len(blocks) >= 8
+    jobs = [ln for b in blocks for ln in b.splitlines() if "python -m gym_core" in ln]
+    slow = [ln for ln in jobs if not any(flag in ln for flag in CHEAP)]
+    assert not slow, f"these guide commands would train the real model: {slow}"
+
+
+def test_the_guides_commands_run(tmp_path):
+    script = "\n".join(bash_blocks(GUIDE.read_text(encoding="utf-8")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           # `python` is this interpreter, as after `. .venv/bin/activate`
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + "\n" + out.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert (runs / "first" / "delta" / "bitdelta.safetensors").is_file()
+    assert (runs / "doubles" / "summary.json").is_file()
+    assert (runs / "sweep" / "sweep_summary.csv").is_file()
+    assert "resuming" in out.stdout
+    assert "epsilon_high: 0.3" in out.stdout and "lr_scheduler: cosine" in out.stdout
