@@ -72,6 +72,11 @@ class Algorithm:
         batches without gradients (e.g. edit an experience library); return metrics."""
         raise NotImplementedError
 
+    def report(self) -> dict[str, Any]:
+        """Facts about what the method learned for ``summary.json`` (its
+        ``algorithm_stats``), e.g. the size of an experience library. Default: none."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Extra state saved in each checkpoint (tensors, numbers, strings, lists, dicts:
         checkpoints are read back without unpickling arbitrary objects)."""

@@ -129,6 +129,7 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
         "eval": {"metric": task.metric, "before": before, "after": after,
                  "after_quant": after_quant, "test_examples": len(test)},
         "quant_stats": quant_stats,
+        "algorithm_stats": algo.report(),
         "run_dir": str(run_dir),
         "overrides": _overrides(),
     }

@@ -1,0 +1,64 @@
+"""A real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions wire format, for
+tests: ``reply(messages) -> str`` writes the answers; ``script`` can queue error statuses
+(429, 500) that are sent before the next successful answer."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeChatServer:
+    def __init__(self, reply, script=None):
+        self.reply, self.script = reply, list(script or [])
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append(body)
+                    server.headers.append(dict(self.headers))
+                    status = server.script.pop(0) if server.script else 200
+                if self.path != "/v1/chat/completions":
+                    status = 404
+                if status != 200:
+                    payload = {"error": {"message": f"fake status {status}"}}
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "0")
+                else:
+                    payload = {
+                        "id": "chatcmpl-test", "object": "chat.completion",
+                        "model": body.get("model"),
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                            "role": "assistant", "content": server.reply(body["messages"])}}],
+                    }
+                    self.send_response(200)
+                data = json.dumps(payload).encode()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
