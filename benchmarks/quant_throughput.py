@@ -27,7 +27,8 @@ from gym_deltaquant.deltaquant import DeltaQuantizer
 
 def smollm2_projection_shapes() -> dict[str, list[int]]:
     with safe_open(str(smollm2_folder() / "model.safetensors"), "pt") as fh:
-        return {k: fh.get_slice(k).get_shape() for k in fh.keys() if k.endswith("_proj.weight")}
+        return {k: fh.get_slice(k).get_shape() for k in fh.keys()  # noqa: SIM118 (a safe_open handle is not iterable)
+                if k.endswith("_proj.weight")}
 
 
 def best_seconds(fn, repeats: int) -> float:
