@@ -46,6 +46,10 @@ class Algorithm:
         reference for full fine-tuning; LoRA just disables the adapter)."""
         return False
 
+    def check_data(self, train: list[dict[str, Any]]) -> None:
+        """Called once with the training examples before the slow work: raise a
+        :class:`~gym_core.errors.GymError` when they cannot serve this method."""
+
     def collate(self, examples: list[dict[str, Any]]) -> Any:
         """Offline methods: turn data rows into a batch (tokenise, pad)."""
         raise NotImplementedError(f"{type(self).__name__} is offline but has no collate()")

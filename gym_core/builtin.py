@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from gym_core.config import (
     ArithmeticConfig,
+    ArithmeticLabelsConfig,
     ExperienceStoreConfig,
     JsonlConfig,
     LocalLLMConfig,
@@ -17,6 +18,7 @@ from gym_core.hookspecs import hookimpl
 @hookimpl
 def gym_add_datasets(registry):
     registry.add("arithmetic", ArithmeticConfig, "gym_core.data:arithmetic_task")
+    registry.add("arithmetic_labels", ArithmeticLabelsConfig, "gym_core.data:arithmetic_labels_task")
     registry.add("jsonl", JsonlConfig, "gym_core.data:jsonl_task")
 
 

@@ -82,10 +82,18 @@ class ArithmeticConfig(DataConfig):
 
 
 @dataclass
+class ArithmeticLabelsConfig(ArithmeticConfig):
+    """The arithmetic task as unpaired desirable / undesirable completions (KTO)."""
+
+    name: str = "arithmetic_labels"
+
+
+@dataclass
 class JsonlConfig(DataConfig):
     """A user's own data: one JSON object per line with a prompt and an answer."""
 
     name: str = "jsonl"
+    format: str = "auto"  # auto | answer | pairs | labels
     train_file: str = MISSING
     test_file: str | None = None  # None: hold out `test_fraction` of train_file
     test_fraction: float = 0.1
@@ -106,6 +114,14 @@ class AlgorithmConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class OfflineAlgorithmConfig(AlgorithmConfig):
+    """Methods that learn from given completions (preference pairs, labels)."""
+
+    max_prompt_length: int = 256  # tokens; longer prompts keep their end
+    max_completion_length: int = 64  # tokens; longer completions are cut
 
 
 @dataclass

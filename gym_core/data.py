@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,16 @@ class Task:
     name: str
     train: list[dict[str, Any]]
     test: list[dict[str, Any]]
-    metric: str = "accuracy"  # the reward that scores held-out answers
+    metric: str | None = "accuracy"  # the reward that scores held-out answers (None: none)
 
 
 def arithmetic_task(cfg) -> Task:
     """Additions over all operand pairs in [min_value, max_value]; the test pairs are a
-    seeded random subset and never appear in train."""
+    seeded random subset and never appear in train.
+
+    Each example also carries a preference pair (``chosen``: the right answer written as
+    the model writes it; ``rejected``: a plausible wrong one, off by one or by a missed
+    carry), so preference methods (DPO, KTO) train on the same task."""
     if cfg.max_value < cfg.min_value:
         raise GymError(
             f"data.max_value={cfg.max_value} is below data.min_value={cfg.min_value}"
@@ -33,18 +38,46 @@ def arithmetic_task(cfg) -> Task:
             f"data.test_size={cfg.test_size} must be between 1 and {len(pairs) - 1}: "
             f"operands {cfg.min_value}..{cfg.max_value} give {len(pairs)} distinct pairs"
         )
-    random.Random(cfg.seed).shuffle(pairs)
+    rng = random.Random(cfg.seed)
+    rng.shuffle(pairs)
 
     def example(a: int, b: int) -> dict[str, Any]:
-        return {"prompt": cfg.template.format(a=a, b=b), "answer": str(a + b)}
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        if wrong < 0:
+            wrong = a + b + 1
+        return {
+            "prompt": cfg.template.format(a=a, b=b),
+            "answer": str(a + b),
+            "chosen": f"{a} + {b} = {a + b}",
+            "rejected": f"{a} + {b} = {wrong}",
+        }
 
     test = [example(a, b) for a, b in pairs[: cfg.test_size]]
     train = [example(a, b) for a, b in pairs[cfg.test_size :]]
     return Task("arithmetic", train, test)
 
 
-def read_jsonl(path: str | Path, required: list[str]) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a bad row is an error naming the file, line and field."""
+def arithmetic_labels_task(cfg) -> Task:
+    """The arithmetic task as unpaired, labelled completions (for KTO): each training
+    pair becomes a desirable and an undesirable row, shuffled (as TRL's
+    ``unpair_preference_dataset``). The test split keeps its pairs for preference
+    accuracy."""
+    paired = arithmetic_task(cfg)
+    rows = [r for ex in paired.train for r in unpair(ex)]
+    random.Random(cfg.seed + 1).shuffle(rows)
+    return Task("arithmetic_labels", rows, paired.test)
+
+
+def unpair(ex: dict[str, Any]) -> list[dict[str, Any]]:
+    """A preference pair as two labelled rows (the chosen desirable, the rejected not)."""
+    base = {k: v for k, v in ex.items() if k not in ("chosen", "rejected")}
+    return [{**base, "completion": ex["chosen"], "label": True},
+            {**base, "completion": ex["rejected"], "label": False}]
+
+
+def read_jsonl(path: str | Path, required: list[str], *, with_lines: bool = False) -> list:
+    """Rows of a JSONL file; a bad row is an error naming the file, line and field.
+    ``with_lines``: (line number, row) pairs, for errors found later."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise GymError(f"data file {str(path)!r} does not exist (looked in {p.resolve()})")
@@ -65,21 +98,61 @@ def read_jsonl(path: str | Path, required: list[str]) -> list[dict[str, Any]]:
                         f"{p}:{lineno}: missing field '{key}' (the row has: "
                         f"{', '.join(sorted(row)) or 'nothing'})"
                     )
-            rows.append(row)
+            rows.append((lineno, row) if with_lines else row)
     if not rows:
         raise GymError(f"data file {p} holds no rows")
     return rows
 
 
+JSONL_FORMATS = {
+    "answer": ["prompt", "answer"],  # verifiable tasks (GRPO, evaluation)
+    "pairs": ["prompt", "chosen", "rejected"],  # preference pairs (DPO)
+    "labels": ["prompt", "completion", "label"],  # unpaired labels (KTO)
+}
+
+
 def jsonl_task(cfg) -> Task:
-    """``{"prompt": ..., "answer": ...}`` per line; field names are configurable."""
-    fields = [cfg.prompt_field, cfg.answer_field]
+    """A user's JSONL file(s): ``{"prompt", "answer"}``, ``{"prompt", "chosen",
+    "rejected"}`` or ``{"prompt", "completion", "label"}`` per line (``data.format``,
+    ``auto`` picks by the first row's fields). Prompts and completions may be strings or
+    chat message lists, as TRL's conversational datasets use; a pair without a
+    ``prompt`` takes the messages its chosen and rejected conversations share."""
+    fmt = cfg.format
+    if fmt not in (*JSONL_FORMATS, "auto"):
+        raise GymError(f"data.format={fmt!r} is not one of auto, {', '.join(JSONL_FORMATS)}")
 
     def load(path):
-        rows = read_jsonl(path, fields)
-        return [
-            {**r, "prompt": r[cfg.prompt_field], "answer": str(r[cfg.answer_field])} for r in rows
-        ]
+        nonlocal fmt
+        rows = read_jsonl(path, [], with_lines=True)
+        if fmt == "auto":
+            fmt = _detect_format(rows[0][1], cfg, path)
+        fields = list(JSONL_FORMATS[fmt])
+        if fmt == "answer":
+            fields = [cfg.prompt_field, cfg.answer_field]
+        out, same = [], 0
+        for lineno, row in rows:
+            if fmt == "pairs" and cfg.prompt_field not in row and "chosen" in row:
+                row = _split_implicit_prompt(row, path, lineno)
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise GymError(f"{path}:{lineno}: missing field '{missing[0]}' for "
+                               f"data.format={fmt} (the row has: {', '.join(sorted(row))})")
+            if fmt == "answer":
+                row = {**row, "prompt": row[cfg.prompt_field], "answer": str(row[cfg.answer_field])}
+            elif fmt == "pairs":
+                row = {**row, "prompt": row[cfg.prompt_field]}
+                if row["chosen"] == row["rejected"]:
+                    same += 1
+                    continue
+            else:
+                row = {**row, "prompt": row[cfg.prompt_field], "label": bool(row["label"])}
+            out.append(row)
+        if same:
+            warnings.warn(f"{path}: skipped {same} rows whose chosen and rejected are "
+                          "identical (they carry no preference)", stacklevel=2)
+        if not out:
+            raise GymError(f"{path} holds no usable rows")
+        return out
 
     train = load(cfg.train_file)
     if cfg.test_file:
@@ -94,7 +167,36 @@ def jsonl_task(cfg) -> Task:
                 f"data.test_fraction={cfg.test_fraction}; give data.test_file instead"
             )
         test, train = rows[:n_test], rows[n_test:]
-    return Task("jsonl", train, test)
+    return Task("jsonl", train, test, metric="accuracy" if fmt == "answer" else None)
+
+
+def _detect_format(row: dict, cfg, path) -> str:
+    if cfg.answer_field in row:
+        return "answer"
+    if "chosen" in row and "rejected" in row:
+        return "pairs"
+    if "completion" in row and "label" in row:
+        return "labels"
+    raise GymError(
+        f"{path}: line 1 fits no data format (fields: {', '.join(sorted(row))}); expected "
+        f"{cfg.prompt_field}+{cfg.answer_field}, prompt+chosen+rejected or "
+        "prompt+completion+label (or set data.format)"
+    )
+
+
+def _split_implicit_prompt(row: dict, path, lineno: int) -> dict:
+    """TRL's implicit-prompt pairs: chosen and rejected are whole conversations; the
+    prompt is the messages they share, the completions what follows."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise GymError(f"{path}:{lineno}: missing field 'prompt'")
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise GymError(f"{path}:{lineno}: no 'prompt', and chosen and rejected share "
+                       "no leading messages to take it from")
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 def chat_messages(prompt: Any, system_prompt: str | None) -> list[dict[str, str]]:
@@ -109,6 +211,20 @@ def chat_messages(prompt: Any, system_prompt: str | None) -> list[dict[str, str]
     if system_prompt and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return messages
+
+
+def render_completion(tokenizer, prompt: Any, completion: Any, system_prompt: str | None) -> str:
+    """The text that follows the rendered prompt when the assistant answers
+    ``completion`` (a string or assistant messages), end-of-turn tokens included."""
+    messages = chat_messages(prompt, system_prompt)
+    reply = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
+             else list(completion))
+    prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + reply, tokenize=False)
+    if not full.startswith(prefix):
+        raise GymError("the chat template renders the prompt differently when an answer "
+                       "follows; cannot split prompt and completion")
+    return full[len(prefix):]
 
 
 def render_prompts(tokenizer, prompts: list[Any], system_prompt: str | None) -> list[str]:

@@ -61,6 +61,15 @@ class Dist:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of a (scalar) tensor over all ranks; itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def setup(device_name: str) -> Dist:
     """Join the process group ``torchrun`` describes in the environment, if any."""
     from gym_core.errors import GymError

@@ -7,6 +7,7 @@ import torch
 from gym_core.data import render_prompts
 from gym_core.distributed import Dist
 from gym_core.generation import Sampling, generate
+from gym_core.losses import completion_logprobs
 
 
 @torch.no_grad()
@@ -37,3 +38,38 @@ def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch
         scores.extend(metric_fn([ex["prompt"] for ex in chunk], completions, chunk))
     model.train(was_training)
     return dist.all_reduce_sum([sum(scores)])[0] / total
+
+
+@torch.no_grad()
+def preference_accuracy(policy, examples, *, system_prompt=None, batch_size=32,
+                        max_prompt_length=256, max_completion_length=64,
+                        dist: Dist | None = None) -> float | None:
+    """Share of held-out pairs whose chosen completion has the higher log-probability
+    under the policy (summed over its tokens). None when the examples hold no pairs."""
+    from gym_core.batching import encode_completions
+
+    dist = dist or Dist()
+    pairs = [ex for ex in examples if "chosen" in ex and "rejected" in ex]
+    if not pairs:
+        return None
+    total = len(pairs)
+    pairs = pairs[dist.rank :: dist.world]
+    model = policy.model
+    was_training = model.training
+    model.eval()
+    wins = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = encode_completions(
+            policy.tokenizer, [ex["prompt"] for ex in chunk],
+            [[ex["chosen"], ex["rejected"]] for ex in chunk], system_prompt=system_prompt,
+            max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+            device=policy.device,
+        )
+        # the plain model, not a DDP wrapper: ranks may hold different numbers of batches
+        logp = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask,
+                                   batch.completion_ids, batch.completion_mask)
+        sums = (logp * batch.completion_mask).sum(-1).view(-1, 2)
+        wins += (sums[:, 0] > sums[:, 1]).float().sum().item()
+    model.train(was_training)
+    return dist.all_reduce_sum([wins])[0] / total

@@ -21,7 +21,7 @@ from gym_core.delta import (
 )
 from gym_core.distributed import Dist, setup, teardown
 from gym_core.errors import GymError
-from gym_core.evaluate import evaluate
+from gym_core.evaluate import evaluate, preference_accuracy
 from gym_core.model import describe, load_base, load_policy, save_final
 from gym_core.train import seed_everything, train
 
@@ -62,7 +62,7 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
     # Resolve every named component before the slow work, so a typo fails in a second.
     algo_cls = plugins.component("algorithm", cfg.algorithm.name).load()
     task = plugins.component("data", cfg.data.name).load()(cfg.data)
-    metric_fn = plugins.component("reward", task.metric).load()
+    metric_fn = plugins.component("reward", task.metric).load() if task.metric else None
     rewards = []
     if algo_cls.online:
         names = list(cfg.algorithm.rewards)
@@ -81,30 +81,40 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
     seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
     policy = load_policy(cfg.model, dist.device)
     algo = algo_cls(cfg.algorithm, policy)
+    algo.check_data(task.train)
     algo.setup(cfg, run_dir, plugins)
     tcfg = cfg.trainer
     test = task.test[: tcfg.eval_size] if tcfg.eval_size else task.test
 
     def score(model, desc, shared=dist):
         """Held-out score; the test prompts are split over the ranks of ``shared``."""
+        if metric_fn is None:  # e.g. preference data without verifiable answers
+            return None
         return evaluate(model, policy.tokenizer, algo.transform_examples(test), metric_fn,
                         system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
                         max_new_tokens=tcfg.eval_max_new_tokens, desc=desc, dist=shared)
 
     # The starting policy's score is kept in the run directory: a resumed run reuses it.
+    def pref_score():
+        return preference_accuracy(policy, test, system_prompt=cfg.data.system_prompt,
+                                   dist=dist, **_offline_lengths(cfg.algorithm))
+
     before_file = run_dir / "eval_before.json"
-    before = None
+    before = pref_before = None
     if before_file.is_file():
-        before = json.loads(before_file.read_text())["accuracy"]
+        saved = json.loads(before_file.read_text())
+        before, pref_before = saved["accuracy"], saved.get("preference_accuracy")
     elif tcfg.eval_before:
         before = score(policy.model, "eval before")
+        pref_before = pref_score()
         if dist.main:
-            _write_json(before_file, {"accuracy": before})
+            _write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before})
     if dist.main:
         print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
 
     result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist)
     after = score(policy.model, "eval after")
+    pref_after = pref_score()
     if not dist.main:
         return {"steps": result.steps, "eval": {"after": after}}
     print(f"gym: held-out {task.metric} after training: {_fmt(after)}")
@@ -127,7 +137,9 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
         "tokens_per_second": round(result.tokens_per_second, 2),
         "total_seconds": round(time.perf_counter() - started, 2),
         "eval": {"metric": task.metric, "before": before, "after": after,
-                 "after_quant": after_quant, "test_examples": len(test)},
+                 "after_quant": after_quant, "test_examples": len(test),
+                 # held-out pairs whose chosen completion the policy prefers (log-prob)
+                 "preference_accuracy": {"before": pref_before, "after": pref_after}},
         "quant_stats": quant_stats,
         "algorithm_stats": algo.report(),
         "run_dir": str(run_dir),
@@ -203,6 +215,15 @@ def _calibration_context(cfg, policy, task):
                               tokenizer=policy.tokenizer, prompts=prompts, device=policy.device)
 
 
+def _offline_lengths(acfg) -> dict[str, int]:
+    """Preference evaluation cuts texts like the algorithm's training does, where it says."""
+    out = {}
+    for key in ("max_prompt_length", "max_completion_length"):
+        if key in acfg:
+            out[key] = acfg[key]
+    return out
+
+
 def _overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -228,6 +249,10 @@ def summary_table(s: dict[str, Any]) -> str:
         (f"held-out {ev['metric']} after", _fmt(ev["after"])),
         (f"held-out {ev['metric']} after quant", _fmt(ev["after_quant"])),
     ]
+    pref = ev.get("preference_accuracy") or {}
+    if pref.get("after") is not None:
+        rows += [("preference accuracy before", _fmt(pref.get("before"))),
+                 ("preference accuracy after", _fmt(pref["after"]))]
     q = s.get("quant_stats")
     if q:
         rows += [

@@ -1,0 +1,128 @@
+"""KTO: r = log pi_theta(y|x) - log pi_ref(y|x) (token sums); the reference point
+z0 = max(0, mean r over mismatched pairs (x_i, y_{i-1})), detached and averaged across
+ranks; desirable loss lambda_D (1 - sigma(beta (r - z0))), undesirable
+lambda_U (1 - sigma(beta (z0 - r))) (ALGORITHMS.md §3)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from gym_core.algorithm import Algorithm
+from gym_core.batching import encode_completions
+from gym_core.data import unpair
+from gym_core.distributed import mean_over_ranks
+from gym_core.errors import GymError
+from gym_core.losses import StepTotals
+from gym_kto import KTOConfig
+
+
+def kto_loss(logps, ref_logps, desirable, z0, *, beta, desirable_weight=1.0,
+             undesirable_weight=1.0):
+    """Per-row losses [N]: ``desirable`` is a bool [N] label, ``z0`` a detached scalar."""
+    r = logps - ref_logps
+    good = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
+    return torch.where(desirable, good, bad)
+
+
+def kl_reference_point(kl_logps, kl_ref_logps):
+    """z0 = max(0, mean of the mismatched pairs' log-ratios), averaged across ranks."""
+    return mean_over_ranks((kl_logps - kl_ref_logps).mean().detach()).clamp(min=0)
+
+
+def rows_of(examples):
+    """Labelled rows: as given, or each preference pair unpaired (all desirable rows
+    first, so that shifting completions by one pairs every prompt with another's)."""
+    rows = []
+    for ex in examples:
+        if "completion" in ex and "label" in ex:
+            rows.append(ex)
+        elif "chosen" in ex and "rejected" in ex:
+            rows.extend(unpair(ex))
+        else:
+            raise GymError(
+                "algorithm=kto needs labelled completions (prompt, completion, label) or "
+                f"preference pairs; this example has {', '.join(sorted(ex))}"
+            )
+    return sorted(rows, key=lambda r: not r["label"])
+
+
+class KTO(Algorithm):
+    Config = KTOConfig
+    online = False
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    def check_data(self, train):
+        rows = rows_of(train)
+        n_d = sum(1 for r in rows if r["label"])
+        n_u = len(rows) - n_d
+        if n_d == 0 or n_u == 0:
+            raise GymError(
+                f"algorithm=kto needs both desirable and undesirable examples; the training "
+                f"data hold only {'desirable' if n_u == 0 else 'undesirable'} ones ({len(rows)})"
+            )
+        ratio = self.cfg.desirable_weight * n_d / (self.cfg.undesirable_weight * n_u)
+        if not 1.0 <= ratio <= 4 / 3:
+            warnings.warn(
+                f"KTO: desirable_weight*n_desirable / (undesirable_weight*n_undesirable) = "
+                f"{ratio:.2f} ({n_d} desirable, {n_u} undesirable); the paper advises [1, 4/3]: "
+                "adjust algorithm.desirable_weight / undesirable_weight", stacklevel=2)
+
+    def collate(self, examples):
+        rows = rows_of(examples)
+        if len({str(r["prompt"]) for r in rows}) < 2:
+            raise GymError(
+                "KTO estimates its reference point from mismatched prompt/completion pairs "
+                "within a batch, which needs at least 2 different prompts: raise "
+                f"trainer.batch_size (now {len(examples)}; 4 or more is advised)"
+            )
+        batch = encode_completions(
+            self.policy.tokenizer, [r["prompt"] for r in rows], [[r["completion"]] for r in rows],
+            system_prompt=None, max_prompt_length=self.cfg.max_prompt_length,
+            max_completion_length=self.cfg.max_completion_length, device=self.policy.device,
+            examples=rows,
+        )
+        batch.extras["desirable"] = torch.tensor([bool(r["label"]) for r in rows],
+                                                 device=self.policy.device)
+        return batch
+
+    def step_totals(self, batches):
+        return StepTotals(sequences=sum(len(b) for b in batches),
+                          tokens=sum(int(b.completion_mask.sum()) for b in batches),
+                          micro_batches=len(batches))
+
+    def _logps(self, batch, completion_ids, completion_mask, reference=False):
+        logp = self.policy.logprobs(batch.prompt_ids, batch.prompt_mask, completion_ids,
+                                    completion_mask, reference=reference)
+        return (logp * completion_mask).sum(-1)
+
+    @torch.no_grad()
+    def prepare(self, batch) -> None:
+        ids, mask = batch.completion_ids, batch.completion_mask
+        batch.extras["ref_logps"] = self._logps(batch, ids, mask, reference=True)
+        # mismatched pairs: each prompt with the previous row's completion (TRL's choice)
+        kl_ids, kl_mask = ids.roll(1, dims=0), mask.roll(1, dims=0)
+        kl_logps = self._logps(batch, kl_ids, kl_mask)
+        kl_ref = self._logps(batch, kl_ids, kl_mask, reference=True)
+        batch.extras["z0"] = kl_reference_point(kl_logps, kl_ref)
+
+    def loss(self, batch, totals):
+        logps = self._logps(batch, batch.completion_ids, batch.completion_mask)
+        ref, desirable, z0 = batch.extras["ref_logps"], batch.extras["desirable"], batch.extras["z0"]
+        losses = kto_loss(logps, ref, desirable, z0, beta=self.cfg.beta,
+                          desirable_weight=self.cfg.desirable_weight,
+                          undesirable_weight=self.cfg.undesirable_weight)
+        with torch.no_grad():
+            rewards = self.cfg.beta * (logps - ref)
+            metrics = {"kl": float(z0), "count/desirable": float(desirable.sum()),
+                       "count/undesirable": float((~desirable).sum())}
+            if desirable.any():
+                metrics["rewards/chosen"] = rewards[desirable].mean().item()
+            if (~desirable).any():
+                metrics["rewards/rejected"] = rewards[~desirable].mean().item()
+        return losses.sum() / totals.sequences, metrics

@@ -1,0 +1,51 @@
+"""JSONL data in the formats people already have (TRL's included)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from gym_core.config import JsonlConfig
+from gym_core.data import jsonl_task, render_completion
+from gym_core.errors import GymError
+from gym_core.model import tiny_tokenizer
+
+
+def task(tmp_path, rows, **kw):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = OmegaConf.structured(JsonlConfig(train_file=str(path), test_file=str(path), **kw))
+    return jsonl_task(cfg)
+
+
+def test_pairs_with_identical_rows_skipped(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "q", "chosen": "same", "rejected": "same"}]
+    with pytest.warns(UserWarning, match="skipped 1 rows"):
+        t = task(tmp_path, rows)
+    assert [r["prompt"] for r in t.train] == ["p"] and t.metric is None
+
+
+def test_conversational_pairs_with_implicit_prompt(tmp_path):
+    user = {"role": "user", "content": "2+2?"}
+    rows = [{"chosen": [user, {"role": "assistant", "content": "4"}],
+             "rejected": [user, {"role": "assistant", "content": "5"}]}]
+    t = task(tmp_path, rows)
+    ex = t.train[0]
+    assert ex["prompt"] == [user]
+    assert ex["chosen"] == [{"role": "assistant", "content": "4"}]
+    text = render_completion(tiny_tokenizer(), ex["prompt"], ex["chosen"], None)
+    assert text == "4<|im_end|>\n"
+
+
+def test_labels_format_and_bad_rows_name_file_line_field(tmp_path):
+    t = task(tmp_path, [{"prompt": "p", "completion": "c", "label": 1},
+                        {"prompt": "q", "completion": "d", "label": 0}])
+    assert [r["label"] for r in t.train] == [True, False]
+    with pytest.raises(GymError, match=r"d.jsonl:2: missing field 'rejected'"):
+        task(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"},
+                        {"prompt": "p", "chosen": "a"}])
+    with pytest.raises(GymError, match="fits no data format"):
+        task(tmp_path, [{"text": "hello"}])

@@ -1,0 +1,48 @@
+"""Run TRL's own loss code on given log-probs: its trainers compute the losses inside
+``_compute_loss`` from a model's outputs, so a stub model returns the log-probs we choose
+and a trainer object is made without its heavy constructor. Test-only; TRL is a test
+extra, never a dependency of gym."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+
+
+def _spread(totals, lengths, width):
+    """Per-token log-probs [N, width] summing to ``totals`` over each row's length."""
+    lp = torch.zeros(len(totals), width)
+    for i, (tot, n) in enumerate(zip(totals.tolist(), lengths.tolist())):
+        lp[i, : int(n)] = tot / int(n)
+    return lp
+
+
+def _accelerator():
+    return SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x,
+                           gather=lambda x: x, unwrap_model=lambda m: m)
+
+
+def trl_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, len_chosen, len_rejected, *,
+                 beta, loss_type, label_smoothing=0.0) -> float:
+    from trl import DPOTrainer
+
+    b = chosen.shape[0]
+    t_len = int(max(len_chosen.max(), len_rejected.max())) + 1
+    lp = _spread(torch.cat([chosen, rejected]), torch.cat([len_chosen, len_rejected]), t_len - 1)
+    mask = torch.zeros(2 * b, t_len, dtype=torch.long)
+    for i, n in enumerate(torch.cat([len_chosen, len_rejected]).tolist()):
+        mask[i, 1 : int(n) + 1] = 1
+    t = DPOTrainer.__new__(DPOTrainer)
+    t.model, t.accelerator, t.args = SimpleNamespace(training=True), _accelerator(), SimpleNamespace()
+    t.aux_loss_enabled, t.ld_alpha, t.precompute_ref_logps = False, None, True
+    t.f_divergence_type, t.loss_types, t.loss_weights = "reverse_kl", [loss_type], [1.0]
+    t.beta, t.label_smoothing, t.use_weighting = beta, label_smoothing, False
+    t._metrics, t._total_train_tokens, t._tp_size = defaultdict(lambda: defaultdict(list)), 0, 1
+    z = torch.zeros_like(lp)
+    outputs = SimpleNamespace(log_probs=lp, entropy=z, mean_logits=z, is_top1=z.bool())
+    inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask),
+              "completion_mask": mask, "ref_chosen_logps": ref_chosen,
+              "ref_rejected_logps": ref_rejected}
+    return float(t._compute_loss(lambda **kw: outputs, inputs, return_outputs=False))
