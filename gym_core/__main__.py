@@ -28,6 +28,61 @@ def main(cfg: DictConfig) -> float | None:
     return best
 
 
+HELP_HEADER = """\
+gym: post-training for language models, one plugin per method.
+Usage: python -m gym_core [group=option ...] [key=value ...]   (-m for a sweep)
+"""
+
+HELP_FOOTER = """\
+Examples:
+  python -m gym_core algorithm=grpo quant=bitdelta
+  python -m gym_core model=tiny trainer.max_steps=2 run.name=smoke
+  python -m gym_core -m algorithm=grpo,dr_grpo algorithm.lr=1e-5,3e-5
+  python -m gym_core algorithm=dpo --help          # the config those options give
+Plugins: --plugins lists them (distribution, version, options added);
+GYM_DISABLE_PLUGINS=name1,name2 skips installed plugins; docs/plugins.md.
+Powered by Hydra (https://hydra.cc); --hydra-help shows Hydra's own options.
+"""
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Every config group and its options: the schemas stored by plugins and the core,
+    and any YAML presets shipped in gym_core.conf (Hydra's own groups left out)."""
+    from importlib import resources
+
+    from hydra.core.config_store import ConfigStore
+
+    groups: dict[str, set[str]] = {}
+    for name, node in ConfigStore.instance().repo.items():
+        if isinstance(node, dict) and name != "hydra":
+            groups.setdefault(name, set()).update(k.removesuffix(".yaml") for k in node)
+    for folder in resources.files("gym_core.conf").iterdir():
+        if folder.is_dir() and not folder.name.startswith("_"):
+            groups.setdefault(folder.name, set()).update(
+                f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
+    return {g: sorted(opts) for g, opts in sorted(groups.items())}
+
+
+def print_help(overrides: list[str]) -> None:
+    """Hydra's --help lists groups by copying its whole config store once per group (a
+    second with every plugin installed); this reads the store once."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gym_core.config import compose
+    from gym_core.errors import GymError
+
+    groups = "\n".join(f"{g}: {', '.join(opts)}" for g, opts in config_groups().items())
+    try:
+        config = OmegaConf.to_yaml(compose(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        cause = f"\n{exc.__cause__}" if exc.__cause__ else ""
+        raise GymError(f"{exc}{cause}".split("\nConfig search path")[0].strip()) from None
+    print(f"{HELP_HEADER}\n== Config groups (installed options) ==\n{groups}\n\n"
+          f"== Config (defaults; override with key=value) ==\n{config}\n{HELP_FOOTER}")
+
+
 def entry() -> None:
     from gym_core.errors import GymError, exit_on_user_error
 
@@ -42,6 +97,10 @@ def entry() -> None:
             from gym_core.plugins import format_listing
 
             print(format_listing(plugins))
+            return
+        args = sys.argv[1:]
+        if ("--help" in args or "-h" in args) and "--hydra-help" not in args:
+            print_help([a for a in args if not a.startswith("-")])
             return
         main()
 

@@ -95,7 +95,7 @@ def state_delta(fine: dict[str, torch.Tensor], base: dict[str, torch.Tensor]):
     """fine - base (fp32) for every parameter that changed."""
     out = {}
     for k, v in fine.items():
-        d = v.detach().float().cpu() - base[k].float().cpu()
+        d = v.detach().float().cpu() - base[k].detach().float().cpu()
         if torch.count_nonzero(d):
             out[k] = d
     return out
