@@ -1,0 +1,84 @@
+"""DPO and KTO steps, gym vs TRL, on this machine, in one run: seconds per step, tokens per
+second and peak memory, with ratios.
+
+Both train SmolLM2-135M-Instruct + LoRA (r 16, alpha 32, all seven projections) in fp32 on
+CPU on identical batches of the arithmetic task (``preference_data.py``): 8 preference
+pairs per DPO step, 16 labelled rows per KTO step, a reference pass every step. Tokens per
+second divide one shared count by each step time: DPO, prompt + chosen + prompt + rejected
+tokens per pair; KTO, prompt + completion tokens per row. Each measurement runs in its own
+fresh process (peak memory is a per-process high-water mark), one after another (never two
+at once: contending OpenMP thread pools distort timings far beyond their share of the CPU).
+
+    pip install -e '.[bench]' && python benchmarks/preference.py     # default: 4 steps
+    python benchmarks/preference.py --algorithms dpo --steps 6 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from preference_data import ALGORITHMS, BATCH, default_model_dir, tokens_per_step
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(script: str, algorithm: str, steps: int, tokens: list[int]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(HERE / script), "--algorithm", algorithm, "--steps", str(steps),
+         "--tokens-per-step", *map(str, tokens)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{script} --algorithm {algorithm} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout)
+
+
+def table(results: list[tuple[dict, dict]]) -> str:
+    head = (f"{'algo':<4} | {'impl':<10} | {'s/step':>7} | {'tok/s':>7} | {'peak MiB':>8} "
+            f"| {'tok/s ratio':>11} | {'memory ratio':>12} | {'other CPU s':>11}")
+    lines = [head, "-" * len(head)]
+    for gym, trl in results:
+        for r in (trl, gym):
+            ratio = r["tokens_per_sec"] / trl["tokens_per_sec"]
+            mem = r["peak_rss_mib"] / trl["peak_rss_mib"]
+            lines.append(
+                f"{r['algorithm']:<4} | {r['impl']:<10} | {r['sec_per_step']:>7.2f} | "
+                f"{r['tokens_per_sec']:>7.1f} | {r['peak_rss_mib']:>8.0f} | "
+                f"{ratio:>10.2f}x | {mem:>11.2f}x | {r.get('other_processes_cpu_sec')!s:>11}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4, help="per run, one of them warm-up")
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step is an untimed warm-up")
+    model_dir = default_model_dir()
+    results = []
+    for algorithm in args.algorithms:
+        tokens = tokens_per_step(algorithm, model_dir, args.steps)
+        gym = measure("preference_gym.py", algorithm, args.steps, tokens)
+        trl = measure("preference_trl.py", algorithm, args.steps, tokens)
+        results.append((gym, trl))
+        print(f"{algorithm}: gym {gym['sec_per_step']:.2f} s/step, "
+              f"trl {trl['sec_per_step']:.2f} s/step", file=sys.stderr, flush=True)
+    print("DPO / KTO step on SmolLM2-135M-Instruct + LoRA r16, fp32 CPU, identical arithmetic "
+          f"batches (DPO {BATCH['dpo']} pairs, KTO {BATCH['kto']} rows), reference pass every "
+          f"step, {args.steps - 1} timed steps each (ratios vs TRL); tok/s = prompt+completion "
+          "tokens per step (DPO: prompt+chosen+prompt+rejected per pair) / step time")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(
+            [{"algorithm": g["algorithm"], "gym": g, "trl": t} for g, t in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()

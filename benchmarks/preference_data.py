@@ -1,0 +1,93 @@
+"""What both halves of the DPO / KTO benchmark share: the settings, the exact examples of
+every step (in gym's sampling order, which TRL is then fed sequentially, so both train on
+identical batches) and the token count per step that tokens per second divide.
+
+Tokens counted per step: for DPO, each pair's prompt + chosen + rejected tokens (as if
+chosen and rejected were two whole sequences, prompt counted twice); for KTO, each row's
+prompt + completion tokens (the mismatched KL sequences are not counted). Prompts are
+rendered with the model's chat template as one user turn, completions as the assistant
+turn that follows (end-of-turn tokens included), exactly as gym renders them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ALGORITHMS = ("dpo", "kto")
+DATA = {"dpo": "arithmetic", "kto": "arithmetic_labels"}
+BATCH = {"dpo": 8, "kto": 16}  # pairs per step (DPO), labelled rows per step (KTO)
+LR = 5e-5
+BETA = 0.1
+LORA_R, LORA_ALPHA = 16, 32
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEED = 0
+# Longer than any rendered prompt / completion of the arithmetic task: nothing is cut.
+MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS = 256, 64
+
+
+def gym_overrides(algorithm: str, model_dir: str, steps: int) -> list[str]:
+    """gym's config for the benchmark (the data choice decides the examples)."""
+    overrides = [
+        "model=local", f"model.path={model_dir}",
+        f"model.lora.r={LORA_R}", f"model.lora.alpha={LORA_ALPHA}",
+        f"algorithm={algorithm}", f"algorithm.lr={LR}", f"algorithm.beta={BETA}",
+        f"algorithm.max_prompt_length={MAX_PROMPT_TOKENS}",
+        f"algorithm.max_completion_length={MAX_COMPLETION_TOKENS}",
+        f"data={DATA[algorithm]}",
+        f"trainer.max_steps={steps}", f"trainer.batch_size={BATCH[algorithm]}",
+        "trainer.grad_accum=1", "trainer.lr_scheduler=constant", "trainer.warmup_steps=0",
+        "trainer.save_every=0", f"trainer.seed={SEED}",
+        "trainer.progress=false", "trainer.tensorboard=false",
+    ]
+    if algorithm == "dpo":
+        # a reference pass every step, as TRL does without precompute_ref_log_probs
+        overrides += ["algorithm.loss_type=sigmoid", "algorithm.cache_ref_logprobs=false"]
+    return overrides
+
+
+def step_examples(algorithm: str, model_dir: str, steps: int) -> list[list[dict[str, Any]]]:
+    """The examples of each step, as gym's trainer draws them (its seeded sampler). KTO's
+    rows are put desirable first, as gym's KTO orders a batch before it pairs each prompt
+    with the previous row's completion: TRL's collator pairs the same way, so both
+    estimate z0 from the same mismatched pairs."""
+    from gym_core.config import bootstrap, compose
+    from gym_core.data import Sampler
+
+    cfg = compose(gym_overrides(algorithm, model_dir, steps))
+    task = bootstrap().component("data", cfg.data.name).load()(cfg.data)
+    sampler = Sampler(len(task.train), cfg.trainer.seed)
+    out = []
+    for _ in range(steps):
+        batch = [task.train[i] for i in sampler.take(cfg.trainer.batch_size)]
+        if algorithm == "kto":
+            batch = sorted(batch, key=lambda r: not r["label"])
+        out.append(batch)
+    return out
+
+
+def tokens_per_step(algorithm: str, model_dir: str, steps: int) -> list[int]:
+    """Prompt + completion tokens of each step's examples (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    from gym_core.data import render_completion, render_prompts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def n(text: str) -> int:
+        return len(tok(text, add_special_tokens=False).input_ids)
+
+    counts = []
+    for batch in step_examples(algorithm, model_dir, steps):
+        total = 0
+        for ex in batch:
+            prompt = n(render_prompts(tok, [ex["prompt"]], None)[0])
+            answers = [ex["chosen"], ex["rejected"]] if algorithm == "dpo" else [ex["completion"]]
+            total += sum(prompt + n(render_completion(tok, ex["prompt"], a, None))
+                         for a in answers)
+        counts.append(total)
+    return counts
+
+
+def default_model_dir() -> str:
+    from gym_core.model import smollm2_folder
+
+    return str(smollm2_folder())

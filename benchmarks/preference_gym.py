@@ -1,0 +1,91 @@
+"""gym's half of the DPO / KTO benchmark: time gym's DPO or KTO step on CPU.
+
+The same settings as ``preference_trl.py`` (see ``preference_data.py``): SmolLM2-135M-Instruct
+in fp32, LoRA r=16/alpha=32 on all seven projections, 8 preference pairs (DPO) or 16
+labelled rows (KTO) of the arithmetic task per optimizer step, lr 5e-5 constant, beta 0.1,
+a reference pass every step. Measured like TRL's half, excluding the first (warm-up) step:
+seconds per optimizer step (tokenising + reference pass + loss + backward + AdamW), prompt
++ completion tokens per second (the count both halves share) and the process's peak
+resident memory.
+
+    python benchmarks/preference_gym.py --algorithm dpo --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from measure import OtherCpu, peak_rss_mib, reset_peak_rss, rss_mib
+from preference_data import ALGORITHMS, BATCH, SEED, default_model_dir, gym_overrides
+
+
+def run_gym_preference(model_dir: str, *, algorithm: str, steps: int,
+                       tokens_per_step: list[int]) -> dict:
+    if steps < 2:
+        raise ValueError("steps must be >= 2: the first step is an untimed warm-up")
+    import torch
+
+    import gym_core
+    from gym_core.config import bootstrap, compose
+    from gym_core.model import load_policy
+    from gym_core.train import seed_everything, train
+
+    cfg = compose(gym_overrides(algorithm, model_dir, steps))
+    plugins = bootstrap()
+    algo_cls = plugins.component("algorithm", algorithm).load()
+    task = plugins.component("data", cfg.data.name).load()(cfg.data)
+    seed_everything(SEED)
+    policy = load_policy(cfg.model, torch.device("cpu"))
+    baseline = rss_mib()
+    reset_peak_rss()
+    other = OtherCpu()
+    other.start()
+    with tempfile.TemporaryDirectory(prefix=f"gym-{algorithm}-bench-") as run_dir:
+        train(cfg, policy, algo_cls(cfg.algorithm, policy), task, [], plugins, Path(run_dir))
+        rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().split("\n")
+                if x.strip()]
+    peak = peak_rss_mib()
+    other_cpu = other.stop()
+    measured = rows[1:]
+    total_sec = sum(r["step_seconds"] for r in measured)
+    return {
+        "impl": f"gym {gym_core.__version__}",
+        "algorithm": algorithm,
+        "batch": BATCH[algorithm],
+        "sec_per_step": total_sec / len(measured),
+        "tokens_per_sec": sum(tokens_per_step[1:steps]) / total_sec,
+        "peak_rss_mib": peak,
+        "steps_timed": len(measured),
+        "baseline_rss_mib": baseline,
+        "tokens_per_step": tokens_per_step[:steps],
+        "step_secs": [round(r["step_seconds"], 3) for r in rows],
+        "losses": [r.get("loss") for r in rows],
+        "torch_threads": torch.get_num_threads(),
+        "other_processes_cpu_sec": other_cpu,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algorithm", choices=ALGORITHMS, default="dpo")
+    parser.add_argument("--model-dir", default=None, help="HF folder; default: gym's SmolLM2")
+    parser.add_argument("--steps", type=int, default=3, help="including one warm-up step")
+    parser.add_argument("--tokens-per-step", type=int, nargs="+", default=None,
+                        help="the shared count (the orchestrator passes it); default: count here")
+    args = parser.parse_args(argv)
+    model_dir = args.model_dir or default_model_dir()
+    tokens = args.tokens_per_step
+    if tokens is None:
+        from preference_data import tokens_per_step
+
+        tokens = tokens_per_step(args.algorithm, model_dir, args.steps)
+    result = run_gym_preference(model_dir, algorithm=args.algorithm, steps=args.steps,
+                                tokens_per_step=tokens)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

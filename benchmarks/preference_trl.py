@@ -1,0 +1,197 @@
+"""TRL's half of the DPO / KTO benchmark: time ``trl.DPOTrainer`` or ``trl.KTOTrainer`` on CPU.
+
+Trains a LoRA adapter on SmolLM2-135M-Instruct on the same settings as gym's half (see
+``preference_data.py``: fp32 on CPU, LoRA r=16/alpha=32 on all seven projections, 8
+preference pairs (DPO) or 16 labelled rows (KTO) per optimizer step, lr 5e-5 constant,
+beta 0.1, sigmoid DPO loss, the reference log-probs computed every step, gradient
+checkpointing off) on exactly the examples gym trains on, step for step: TRL reads them in
+order (``train_sampling_strategy="sequential"``). Prompts and completions are
+conversational (one user turn, one assistant turn), so TRL renders them with the same chat
+template gym uses. Measures, excluding the first (warm-up) step, seconds per optimizer step,
+prompt + completion tokens per second (the count both halves share) and peak resident
+memory. Run it in a fresh process: the peak is the process's high-water mark.
+
+TRL 1.16 has promoted KTO to its stable API: ``from trl import KTOTrainer`` (the
+``trl.experimental.kto`` path is the same class behind a deprecation warning).
+
+    python benchmarks/preference_trl.py --algorithm kto --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from measure import OtherCpu, peak_rss_mib, reset_peak_rss, rss_mib
+from preference_data import (
+    ALGORITHMS,
+    BATCH,
+    BETA,
+    LORA_ALPHA,
+    LORA_R,
+    LORA_TARGETS,
+    LR,
+    SEED,
+    default_model_dir,
+    step_examples,
+)
+
+
+def trl_dataset(algorithm: str, model_dir: str, steps: int):
+    """gym's batches, in order, in TRL's conversational columns."""
+    from datasets import Dataset
+
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text}]
+
+    rows = []
+    for batch in step_examples(algorithm, model_dir, steps):
+        for ex in batch:
+            if algorithm == "dpo":
+                rows.append({"prompt": user(ex["prompt"]), "chosen": assistant(ex["chosen"]),
+                             "rejected": assistant(ex["rejected"])})
+            else:
+                rows.append({"prompt": user(ex["prompt"]),
+                             "completion": assistant(ex["completion"]),
+                             "label": bool(ex["label"])})
+    return Dataset.from_list(rows)
+
+
+def _timing_callback(steps: list[dict[str, Any]]):
+    """Times each optimizer step: ``on_step_begin`` fires before ``training_step`` (the
+    collated batch is already drawn; TRL tokenised the whole dataset before training)
+    and ``on_step_end`` after the optimizer step."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append({"step": state.global_step, "sec": time.perf_counter() - self._start})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and steps and steps[-1]["step"] == state.global_step:
+                steps[-1]["logs"] = dict(logs)
+                print(f"[trl] step {state.global_step}: {steps[-1]['sec']:.2f}s "
+                      f"loss={logs.get('loss')}", file=sys.stderr, flush=True)
+
+    return StepTimer()
+
+
+def run_trl_preference(model_dir: str, *, algorithm: str, steps: int,
+                       tokens_per_step: list[int], gradient_checkpointing: bool = False) -> dict:
+    """Train TRL's DPOTrainer / KTOTrainer for ``steps`` optimizer steps on CPU and time it."""
+    if steps < 2:
+        raise ValueError("steps must be >= 2: the first step is an untimed warm-up")
+    import torch
+    import trl
+    from peft import LoraConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        PrinterCallback,
+        ProgressCallback,
+    )
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    dataset = trl_dataset(algorithm, model_dir, steps)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    baseline_rss = rss_mib()
+    reset_peak_rss()
+
+    peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    Config, Trainer = (DPOConfig, DPOTrainer) if algorithm == "dpo" else (KTOConfig, KTOTrainer)
+    # TRL defaults gradient checkpointing to True; transformers 5 renamed the argument to
+    # activation_checkpointing (the old name still works but warns).
+    if "activation_checkpointing" in Config.__dataclass_fields__:
+        checkpointing = {"activation_checkpointing": gradient_checkpointing}
+    else:
+        checkpointing = {"gradient_checkpointing": gradient_checkpointing}
+    method = ({"loss_type": ["sigmoid"]} if algorithm == "dpo"
+              else {"loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0})
+
+    with tempfile.TemporaryDirectory(prefix=f"trl-{algorithm}-bench-") as output_dir:
+        config = Config(
+            output_dir=output_dir,
+            use_cpu=True, bf16=False, fp16=False, **checkpointing,
+            per_device_train_batch_size=BATCH[algorithm],
+            gradient_accumulation_steps=1,
+            max_steps=steps,
+            # gym's batches in gym's order (KTO requires sequential sampling anyway)
+            train_sampling_strategy="sequential",
+            max_length=1024,  # far above any sequence here: nothing is truncated
+            precompute_ref_log_probs=False,  # a reference pass every step, as gym's
+            beta=BETA, **method,
+            learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, optim="adamw_torch",
+            max_grad_norm=1.0,
+            logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+            seed=SEED, dataloader_num_workers=0,
+        )
+        timed: list[dict[str, Any]] = []
+        trainer = Trainer(model=model, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config,
+                          callbacks=[_timing_callback(timed)])
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        other = OtherCpu()
+        other.start()
+        trainer.train()
+        other_cpu = other.stop()
+
+    peak = peak_rss_mib()
+    measured = timed[1:]
+    total_sec = sum(s["sec"] for s in measured)
+    return {
+        "impl": f"trl {trl.__version__}",
+        "algorithm": algorithm,
+        "batch": BATCH[algorithm],
+        "sec_per_step": total_sec / len(measured),
+        "tokens_per_sec": sum(tokens_per_step[1:steps]) / total_sec,
+        "peak_rss_mib": peak,
+        "steps_timed": len(measured),
+        "baseline_rss_mib": baseline_rss,
+        "tokens_per_step": tokens_per_step[:steps],
+        "step_secs": [round(s["sec"], 3) for s in timed],
+        "losses": [s.get("logs", {}).get("loss") for s in timed],
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "other_processes_cpu_sec": other_cpu,
+        "gradient_checkpointing": gradient_checkpointing,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algorithm", choices=ALGORITHMS, default="dpo")
+    parser.add_argument("--model-dir", default=None, help="HF folder; default: gym's SmolLM2")
+    parser.add_argument("--steps", type=int, default=3, help="including one warm-up step")
+    parser.add_argument("--tokens-per-step", type=int, nargs="+", default=None,
+                        help="the shared count (the orchestrator passes it); default: count here")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    args = parser.parse_args(argv)
+    model_dir = args.model_dir or default_model_dir()
+    tokens = args.tokens_per_step
+    if tokens is None:
+        from preference_data import tokens_per_step
+
+        tokens = tokens_per_step(args.algorithm, model_dir, args.steps)
+    result = run_trl_preference(model_dir, algorithm=args.algorithm, steps=args.steps,
+                                tokens_per_step=tokens,
+                                gradient_checkpointing=args.gradient_checkpointing)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
