@@ -32,3 +32,20 @@ def test_real_model_grpo_bitdelta_short_run(tmp_path):
     rows = [json.loads(x) for x in
             (tmp_path / "runs" / "real" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["tokens_per_second"] > 0 for r in rows)
+
+
+def test_real_model_dpo_short_run(tmp_path):
+    proc = run_cli(
+        ["algorithm=dpo", "trainer.max_steps=3", "trainer.batch_size=4", "trainer.eval_size=24",
+         "trainer.progress=false", "run.name=dpo"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / "dpo" / "summary.json").read_text())
+    assert s["algorithm"] == "dpo" and s["steps"] == 3
+    pref = s["eval"]["preference_accuracy"]
+    assert 0.0 < pref["before"] < 1.0  # the instruct model prefers some right answers already
+    rows = [json.loads(x) for x in
+            (tmp_path / "runs" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
+    assert all("rewards/accuracies" in r for r in rows)
