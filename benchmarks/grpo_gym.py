@@ -31,6 +31,7 @@ def run_gym_grpo(
     lora_r: int = 16,
     lora_alpha: int = 32,
     seed: int = 0,
+    algorithm: str = "grpo",
 ) -> dict:
     if steps < 2:
         raise ValueError("steps must be >= 2: the first step is an untimed warm-up")
@@ -44,8 +45,9 @@ def run_gym_grpo(
     cfg = compose([
         "model=local", f"model.path={model_dir}",
         f"model.lora.r={lora_r}", f"model.lora.alpha={lora_alpha}",
-        "algorithm=grpo", f"algorithm.beta={beta}", "algorithm.lr=1e-5",
-        "algorithm.loss_type=dapo", "algorithm.temperature=1.0",
+        f"algorithm={algorithm}", f"algorithm.beta={beta}", "algorithm.lr=1e-5",
+        *(["algorithm.loss_type=dapo"] if algorithm == "grpo" else []),
+        "algorithm.temperature=1.0",
         f"algorithm.num_generations={num_generations}",
         f"algorithm.max_completion_length={max_completion_length}",
         f"trainer.max_steps={steps}", f"trainer.batch_size={prompts_per_step}",
@@ -53,7 +55,7 @@ def run_gym_grpo(
         "trainer.progress=false", "trainer.tensorboard=false",
     ])
     plugins = bootstrap()
-    algo_cls = plugins.component("algorithm", "grpo").load()
+    algo_cls = plugins.component("algorithm", algorithm).load()
     task = plugins.component("data", cfg.data.name).load()(cfg.data)
     rewards = [("accuracy", plugins.component("reward", "accuracy").load(), 1.0)]
     seed_everything(seed)
@@ -73,7 +75,7 @@ def run_gym_grpo(
     total_sec = sum(r["step_seconds"] for r in measured)
     tokens = [r["tokens_per_second"] * r["step_seconds"] for r in measured]
     return {
-        "impl": f"gym {gym_core.__version__}",
+        "impl": f"gym {gym_core.__version__}" + ("" if algorithm == "grpo" else f" {algorithm}"),
         "beta": beta,
         "sec_per_step": total_sec / len(measured),
         "completion_tokens_per_sec": sum(tokens) / total_sec,
@@ -100,11 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--algorithm", default="grpo", help="grpo, or gspo for its step time")
     args = parser.parse_args(argv)
     result = run_gym_grpo(
         args.model_dir or str(smollm2_folder()), beta=args.beta, steps=args.steps,
         prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, seed=args.seed,
+        algorithm=args.algorithm,
     )
     print(json.dumps(result, indent=2))
 

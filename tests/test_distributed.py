@@ -70,3 +70,25 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, digits_plu
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stdout and "from step 3" in again.stdout
     assert [r["step"] for r in rows(tmp_path / "runs/two")] == [1, 2, 3, 4]
+
+
+def test_dpo_and_kto_data_parallel(tmp_path, tiny_overrides):
+    """DPO's per-pair losses do not depend on how pairs are split over ranks: 2 processes
+    match 1. KTO's reference point z0 is averaged over the ranks (its mismatched pairs
+    are formed within each rank's batch, so its trajectory is not compared)."""
+    common = [o for o in tiny_overrides if not o.startswith("algorithm.")]
+    common += ["algorithm.lr=1e-2", "trainer.max_steps=2", "trainer.eval_size=16"]
+    path = str(REPO)
+    one = launch([*common, "algorithm=dpo", "trainer.batch_size=4", "run.name=d1"], tmp_path, path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch([*common, "algorithm=dpo", "trainer.batch_size=2", "run.name=d2"], tmp_path,
+                 path, nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for ra, rb in zip(rows(tmp_path / "runs/d1"), rows(tmp_path / "runs/d2")):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+        assert ra["rewards/margins"] == pytest.approx(rb["rewards/margins"], rel=1e-3, abs=1e-6)
+    kto = launch([*common, "algorithm=kto", "data=arithmetic_labels", "trainer.batch_size=4",
+                  "run.name=k2"], tmp_path, path, nproc=2)
+    assert kto.returncode == 0, kto.stderr[-3000:]
+    assert [r["step"] for r in rows(tmp_path / "runs/k2")] == [1, 2]
+    assert all("kl" in r for r in rows(tmp_path / "runs/k2"))

@@ -81,8 +81,13 @@ class KTO(Algorithm):
                 "within a batch, which needs at least 2 different prompts: raise "
                 f"trainer.batch_size (now {len(examples)}; 4 or more is advised)"
             )
+        # Each prompt with two completions: its own, and the previous row's (the
+        # mismatched pair z0 is estimated from, TRL's choice). One forward pass then runs
+        # each prompt once for both.
+        own = [r["completion"] for r in rows]
         batch = encode_completions(
-            self.policy.tokenizer, [r["prompt"] for r in rows], [[r["completion"]] for r in rows],
+            self.policy.tokenizer, [r["prompt"] for r in rows],
+            [[own[i], own[i - 1]] for i in range(len(rows))],
             system_prompt=None, max_prompt_length=self.cfg.max_prompt_length,
             max_completion_length=self.cfg.max_completion_length, device=self.policy.device,
             examples=rows,
@@ -92,28 +97,27 @@ class KTO(Algorithm):
         return batch
 
     def step_totals(self, batches):
-        return StepTotals(sequences=sum(len(b) for b in batches),
-                          tokens=sum(int(b.completion_mask.sum()) for b in batches),
+        return StepTotals(sequences=sum(len(b.examples) for b in batches),
+                          tokens=sum(int(b.completion_mask[0::2].sum()) for b in batches),
                           micro_batches=len(batches))
 
-    def _logps(self, batch, completion_ids, completion_mask, reference=False):
-        logp = self.policy.logprobs(batch.prompt_ids, batch.prompt_mask, completion_ids,
-                                    completion_mask, reference=reference)
-        return (logp * completion_mask).sum(-1)
+    def _logps(self, batch, reference=False):
+        """Summed log-probs of each row's own completion and of its mismatched one."""
+        logp = self.policy.logprobs(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                    batch.completion_mask, reference=reference)
+        sums = (logp * batch.completion_mask).sum(-1)
+        return sums[0::2], sums[1::2]
 
     @torch.no_grad()
     def prepare(self, batch) -> None:
-        ids, mask = batch.completion_ids, batch.completion_mask
-        batch.extras["ref_logps"] = self._logps(batch, ids, mask, reference=True)
-        # mismatched pairs: each prompt with the previous row's completion (TRL's choice)
-        kl_ids, kl_mask = ids.roll(1, dims=0), mask.roll(1, dims=0)
-        kl_logps = self._logps(batch, kl_ids, kl_mask)
-        kl_ref = self._logps(batch, kl_ids, kl_mask, reference=True)
-        batch.extras["z0"] = kl_reference_point(kl_logps, kl_ref)
+        batch.extras["ref_logps"], batch.extras["ref_kl_logps"] = self._logps(batch, reference=True)
 
     def loss(self, batch, totals):
-        logps = self._logps(batch, batch.completion_ids, batch.completion_mask)
-        ref, desirable, z0 = batch.extras["ref_logps"], batch.extras["desirable"], batch.extras["z0"]
+        # the mismatched pairs' policy log-probs come from this same forward pass,
+        # detached: the value TRL's separate no-grad pass computes, at half the cost
+        logps, kl_logps = self._logps(batch)
+        z0 = kl_reference_point(kl_logps.detach(), batch.extras["ref_kl_logps"])
+        ref, desirable = batch.extras["ref_logps"], batch.extras["desirable"]
         losses = kto_loss(logps, ref, desirable, z0, beta=self.cfg.beta,
                           desirable_weight=self.cfg.desirable_weight,
                           undesirable_weight=self.cfg.undesirable_weight)

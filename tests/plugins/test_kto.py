@@ -70,3 +70,53 @@ def test_kto_end_to_end_and_errors(tmp_path, tiny_overrides):
     with pytest.raises(GymError, match="only desirable"):
         run_job(compose([*offline(tiny_overrides), "algorithm=kto", "data=jsonl",
                          f"data.train_file={only_good}"]), run_dir=tmp_path / "one")
+
+
+def test_two_pass_step_equals_separate_passes():
+    """The step scores own and mismatched completions in one pass (each prompt once); it
+    must equal separate passes over (x_i, y_i) and (x_i, y_{i-1}) as TRL does them."""
+    from omegaconf import OmegaConf
+
+    from gym_core.batching import encode_completions
+    from gym_core.config import ModelConfig
+    from gym_core.losses import StepTotals, completion_logprobs
+    from gym_core.model import load_policy
+    from gym_kto import KTOConfig
+    from gym_kto.kto import KTO
+
+    torch.manual_seed(0)
+    policy = load_policy(OmegaConf.structured(ModelConfig(source="tiny")), torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)  # the policy differs from the reference
+    algo = KTO(OmegaConf.structured(KTOConfig(beta=0.5, max_completion_length=32)), policy)
+    examples = [{"prompt": f"{a} + 2?", "chosen": f"{a + 2}", "rejected": f"{a + 5}"}
+                for a in range(3)]
+    batch = algo.collate(examples)
+    algo.prepare(batch)
+    loss, metrics = algo.loss(batch, StepTotals(6, 0, 1))
+
+    rows = rows_of(examples)
+    prompts = [r["prompt"] for r in rows]
+
+    def sums(model, completions):
+        b = encode_completions(policy.tokenizer, prompts, [[c] for c in completions],
+                               system_prompt=None, max_prompt_length=256,
+                               max_completion_length=32, device=torch.device("cpu"))
+        lp = completion_logprobs(model, b.prompt_ids, b.prompt_mask, b.completion_ids,
+                                 b.completion_mask)
+        return (lp * b.completion_mask).sum(-1)
+
+    own = [r["completion"] for r in rows]
+    shifted = own[-1:] + own[:-1]
+    with torch.no_grad():
+        with policy.model.disable_adapter():
+            ref, ref_kl = sums(policy.model, own), sums(policy.model, shifted)
+        kl = sums(policy.model, shifted)
+    logps = sums(policy.model, own)
+    z0 = (kl - ref_kl).mean().clamp(min=0)
+    desirable = torch.tensor([r["label"] for r in rows])
+    expected = kto_loss(logps, ref, desirable, z0, beta=0.5).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["kl"] == pytest.approx(z0.item(), rel=1e-5, abs=1e-7)
