@@ -22,7 +22,8 @@ def completion_logprobs(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
-) -> torch.Tensor:
+    detached: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """Per-token log-probs [N, C] of completions [N, C] given left-padded prompts [B, P],
     where N = B * G and the G completions of a prompt are contiguous rows.
 
@@ -30,23 +31,39 @@ def completion_logprobs(
     flow back through the repeat), instead of running the prompt G times; only the
     completion positions go through the LM head. The result equals one forward pass over
     the concatenated sequences.
+
+    ``detached=(ids, mask)``: more completions of the same prompts ([N, C'] in the same
+    row layout), scored without gradients from the same prompt pass; returns
+    ``(logprobs, detached_logprobs)``. Their activations are not kept for backward.
     """
     g = completion_ids.shape[0] // prompt_ids.shape[0]
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                 logits_to_keep=1)
     first = out.logits[:, -1:, :]
     cache = out.past_key_values
+    prompt_len = prompt_ids.shape[1]
     if g > 1:
         cache.batch_repeat_interleave(g)
         first = first.repeat_interleave(g, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
-    logits = first
-    if completion_ids.shape[1] > 1:
-        mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
-        rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask,
-                     past_key_values=cache, use_cache=True).logits
-        logits = torch.cat([first, rest], dim=1)
-    return selective_log_softmax(logits.float(), completion_ids)
+
+    def score(ids, mask):
+        logits = first
+        if ids.shape[1] > 1:
+            full_mask = torch.cat([prompt_mask, mask[:, :-1]], dim=1)
+            rest = model(input_ids=ids[:, :-1], attention_mask=full_mask,
+                         past_key_values=cache, use_cache=True).logits
+            logits = torch.cat([first, rest], dim=1)
+        return selective_log_softmax(logits.float(), ids)
+
+    logp = score(completion_ids, completion_mask)
+    if detached is None:
+        return logp
+    extra = cache.get_seq_length() - prompt_len
+    if extra > 0:  # back to the prompt (new views: the graph above stays intact)
+        cache.crop(-extra)
+    with torch.no_grad():
+        return logp, score(*detached)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -172,9 +172,9 @@ class LogprobScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, detached=None):
         return completion_logprobs(self.model, prompt_ids, prompt_mask, completion_ids,
-                                   completion_mask)
+                                   completion_mask, detached)
 
 
 @dataclass
@@ -192,15 +192,15 @@ class Policy:
             self.scorer = LogprobScorer(self.model)
 
     def logprobs(self, prompt_ids, prompt_mask, completion_ids, completion_mask, *,
-                 reference: bool = False) -> torch.Tensor:
+                 reference: bool = False, detached=None):
         """Per-token log-probs [B*G, C] of completions under the policy (with gradients
         when enabled; through DDP when distributed) or, with ``reference=True``, under
-        the reference policy."""
+        the reference policy. ``detached``: see :func:`completion_logprobs`."""
         if reference:
             with self.reference() as ref:
                 return completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids,
-                                           completion_mask)
-        return self.scorer(prompt_ids, prompt_mask, completion_ids, completion_mask)
+                                           completion_mask, detached)
+        return self.scorer(prompt_ids, prompt_mask, completion_ids, completion_mask, detached)
 
     def distribute(self, device: torch.device) -> None:
         """Wrap the scorer in DDP: gradients are all-reduced (averaged) across ranks."""

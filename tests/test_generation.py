@@ -88,3 +88,19 @@ def test_top_k_and_top_p_filtering():
     t = warp_logits(logits, Sampling(temperature=0.5)).softmax(-1)
     expected = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
     assert t.tolist()[0] == pytest.approx((expected / expected.sum()).tolist())
+
+
+def test_detached_completions_share_the_prompt_and_leave_gradients_intact(policy):
+    model = policy.model
+    p_ids, p_mask = prompts(policy, ["What is 2 + 3?", "Hi"])
+    gen = torch.Generator().manual_seed(1)
+    c_ids, d_ids = (torch.randint(0, 250, (2, 4), generator=gen) for _ in range(2))
+    ones = torch.ones_like(c_ids)
+    plain = completion_logprobs(model, p_ids, p_mask, c_ids, ones)
+    g_plain = torch.autograd.grad(plain.sum(), policy.trainable_parameters())
+    own, other = completion_logprobs(model, p_ids, p_mask, c_ids, ones, detached=(d_ids, ones))
+    g_own = torch.autograd.grad(own.sum(), policy.trainable_parameters())
+    assert not other.requires_grad
+    torch.testing.assert_close(other, completion_logprobs(model, p_ids, p_mask, d_ids, ones).detach())
+    for a, b in zip(g_plain, g_own):
+        torch.testing.assert_close(a, b)

@@ -81,42 +81,46 @@ class KTO(Algorithm):
                 "within a batch, which needs at least 2 different prompts: raise "
                 f"trainer.batch_size (now {len(examples)}; 4 or more is advised)"
             )
-        # Each prompt with two completions: its own, and the previous row's (the
-        # mismatched pair z0 is estimated from, TRL's choice). One forward pass then runs
-        # each prompt once for both.
+        # Each prompt with its own completion, plus the previous row's (the mismatched
+        # pair z0 is estimated from, TRL's choice) scored from the same prompt pass.
         own = [r["completion"] for r in rows]
-        batch = encode_completions(
-            self.policy.tokenizer, [r["prompt"] for r in rows],
-            [[own[i], own[i - 1]] for i in range(len(rows))],
-            system_prompt=None, max_prompt_length=self.cfg.max_prompt_length,
-            max_completion_length=self.cfg.max_completion_length, device=self.policy.device,
-            examples=rows,
-        )
+        kwargs = dict(system_prompt=None, max_prompt_length=self.cfg.max_prompt_length,
+                      max_completion_length=self.cfg.max_completion_length,
+                      device=self.policy.device)
+        prompts = [r["prompt"] for r in rows]
+        batch = encode_completions(self.policy.tokenizer, prompts, [[c] for c in own],
+                                   examples=rows, **kwargs)
+        shifted = encode_completions(self.policy.tokenizer, prompts,
+                                     [[own[i - 1]] for i in range(len(rows))], **kwargs)
+        batch.extras["kl_ids"] = shifted.completion_ids
+        batch.extras["kl_mask"] = shifted.completion_mask
         batch.extras["desirable"] = torch.tensor([bool(r["label"]) for r in rows],
                                                  device=self.policy.device)
         return batch
 
     def step_totals(self, batches):
-        return StepTotals(sequences=sum(len(b.examples) for b in batches),
-                          tokens=sum(int(b.completion_mask[0::2].sum()) for b in batches),
+        return StepTotals(sequences=sum(len(b) for b in batches),
+                          tokens=sum(int(b.completion_mask.sum()) for b in batches),
                           micro_batches=len(batches))
 
     def _logps(self, batch, reference=False):
-        """Summed log-probs of each row's own completion and of its mismatched one."""
-        logp = self.policy.logprobs(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                    batch.completion_mask, reference=reference)
-        sums = (logp * batch.completion_mask).sum(-1)
-        return sums[0::2], sums[1::2]
+        """Summed log-probs of each row's own completion (with gradients unless under
+        no_grad) and of its mismatched one (never with gradients): one prompt pass."""
+        kl_mask = batch.extras["kl_mask"]
+        own, kl = self.policy.logprobs(
+            batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+            reference=reference, detached=(batch.extras["kl_ids"], kl_mask))
+        return (own * batch.completion_mask).sum(-1), (kl * kl_mask).sum(-1)
 
     @torch.no_grad()
     def prepare(self, batch) -> None:
         batch.extras["ref_logps"], batch.extras["ref_kl_logps"] = self._logps(batch, reference=True)
 
     def loss(self, batch, totals):
-        # the mismatched pairs' policy log-probs come from this same forward pass,
-        # detached: the value TRL's separate no-grad pass computes, at half the cost
+        # the mismatched pairs' policy log-probs come from this pass's prompt, without
+        # gradients: the value TRL's separate no-grad pass computes
         logps, kl_logps = self._logps(batch)
-        z0 = kl_reference_point(kl_logps.detach(), batch.extras["ref_kl_logps"])
+        z0 = kl_reference_point(kl_logps, batch.extras["ref_kl_logps"])
         ref, desirable = batch.extras["ref_logps"], batch.extras["desirable"]
         losses = kto_loss(logps, ref, desirable, z0, beta=self.cfg.beta,
                           desirable_weight=self.cfg.desirable_weight,
