@@ -39,9 +39,11 @@ def test_reconstruction_is_scale_times_sign():
     }
     delta["model.layers.0.self_attn.q_proj.weight"][0, 0] = 0.0
     q = quantizer()
-    out = q.dequantize(q.quantize(delta))
+    packed = q.quantize(delta)
+    out = q.dequantize(packed)
     d = delta["model.layers.0.self_attn.q_proj.weight"]
-    alpha = d.abs().mean()
+    alpha = packed.tensors["model.layers.0.self_attn.q_proj.weight.scale"][0]
+    assert alpha.item() == pytest.approx(d.abs().mean().item(), rel=1e-6)  # mean|D|
     sign = torch.where(d >= 0, 1.0, -1.0)  # sign(0) = +1 by default
     assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], alpha * sign)
     assert out["model.layers.0.self_attn.q_proj.weight"][0, 0] == alpha
