@@ -46,3 +46,27 @@ def trl_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, len_chosen, len_rej
               "completion_mask": mask, "ref_chosen_logps": ref_chosen,
               "ref_rejected_logps": ref_rejected}
     return float(t._compute_loss(lambda **kw: outputs, inputs, return_outputs=False))
+
+
+def trl_kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, labels, *, beta,
+                 desirable_weight=1.0, undesirable_weight=1.0) -> float:
+    """TRL's KTOTrainer loss for given summed log-probs of the rows [N] and of their
+    mismatched (KL) pairs [N]; ``labels`` bool [N]."""
+    from trl import KTOTrainer
+
+    n, t_len = logps.shape[0], 4
+    t = KTOTrainer.__new__(KTOTrainer)
+    t.model, t.accelerator, t.args = SimpleNamespace(training=True), _accelerator(), SimpleNamespace()
+    t.aux_loss_enabled, t.precompute_ref_logps, t.calculate_KL = False, True, True
+    t.loss_type, t.beta = "kto", beta
+    t.desirable_weight, t.undesirable_weight = desirable_weight, undesirable_weight
+    t._metrics, t._total_train_tokens, t._tp_size = defaultdict(lambda: defaultdict(list)), 0, 1
+    t._compute_kl_logps = lambda model, batch: kl_logps
+    lp = _spread(logps, torch.full((n,), float(t_len - 1)), t_len - 1)
+    z = torch.zeros_like(lp)
+    outputs = SimpleNamespace(log_probs=lp, entropy=z, mean_logits=z)
+    inputs = {"input_ids": torch.zeros(n, t_len, dtype=torch.long),
+              "attention_mask": torch.ones(n, t_len, dtype=torch.long),
+              "completion_mask": torch.ones(n, t_len, dtype=torch.long),
+              "label": labels, "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
+    return float(t._compute_loss(lambda **kw: outputs, inputs, return_outputs=False))

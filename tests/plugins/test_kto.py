@@ -120,3 +120,19 @@ def test_two_pass_step_equals_separate_passes():
     expected = kto_loss(logps, ref, desirable, z0, beta=0.5).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["kl"] == pytest.approx(z0.item(), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
+def test_loss_matches_trl(weights):
+    pytest.importorskip("trl")
+    from tests.trl_stubs import trl_kto_loss
+
+    g = torch.Generator().manual_seed(5)
+    logps, ref, kl, ref_kl = (torch.randn(8, generator=g) * 3 - 20 for _ in range(4))
+    labels = torch.tensor([True, False, True, True, False, False, True, False])
+    theirs = trl_kto_loss(logps, ref, kl, ref_kl, labels, beta=0.1,
+                          desirable_weight=weights[0], undesirable_weight=weights[1])
+    z0 = kl_reference_point(kl, ref_kl)
+    mine = kto_loss(logps, ref, labels, z0, beta=0.1, desirable_weight=weights[0],
+                    undesirable_weight=weights[1]).mean().item()
+    assert mine == pytest.approx(theirs, abs=1e-6)
