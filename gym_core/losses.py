@@ -66,10 +66,6 @@ def completion_logprobs(
         return logp, score(*detached)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 @dataclass(frozen=True)
 class StepTotals:
     """Counts over the whole optimizer step (all micro-batches), for normalisers that

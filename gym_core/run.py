@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gym_core.config import bootstrap
 from gym_core.delta import (
@@ -264,7 +264,3 @@ def summary_table(s: dict[str, Any]) -> str:
     lines = [f"  {k:<{width}}  {v}" for k, v in rows]
     bar = "-" * (width + 20)
     return "\n".join([bar, "  gym summary", bar, *lines, bar, f"  {s['run_dir']}/summary.json"])
-
-
-def config_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
