@@ -13,37 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from measure import ratio_table, run_half
 
 HERE = Path(__file__).resolve().parent
 
 
 def measure(script: str, beta: float, steps: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(HERE / script), "--beta", str(beta), "--steps", str(steps)],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{script} --beta {beta} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout)
-
-
-def table(results: list[tuple[dict, dict]]) -> str:
-    head = (f"{'beta':>5} | {'impl':<11} | {'s/step':>7} | {'tok/s':>7} | {'peak MiB':>8} "
-            f"| {'tok/s ratio':>11} | {'memory ratio':>12} | {'other CPU s':>11}")
-    lines = [head, "-" * len(head)]
-    for gym, trl in results:
-        for r in (trl, gym):
-            ratio = r["completion_tokens_per_sec"] / trl["completion_tokens_per_sec"]
-            mem = r["peak_rss_mib"] / trl["peak_rss_mib"]
-            lines.append(
-                f"{r['beta']:>5} | {r['impl']:<11} | {r['sec_per_step']:>7.2f} | "
-                f"{r['completion_tokens_per_sec']:>7.1f} | {r['peak_rss_mib']:>8.0f} | "
-                f"{ratio:>10.2f}x | {mem:>11.2f}x | {r.get('other_processes_cpu_sec')!s:>11}"
-            )
-    return "\n".join(lines)
+    return run_half(HERE / script, ["--beta", str(beta), "--steps", str(steps)])
 
 
 def main() -> None:
@@ -61,7 +40,7 @@ def main() -> None:
               f"trl {trl['sec_per_step']:.2f} s/step", file=sys.stderr, flush=True)
     print("GRPO step on SmolLM2-135M-Instruct + LoRA r16, 4 prompts x G=8, <=32 completion "
           f"tokens, fp32 CPU, {args.steps - 1} timed steps each (ratios vs TRL)")
-    print(table(results))
+    print(ratio_table(results, ("beta", "beta"), "completion_tokens_per_sec"))
     if args.json:
         args.json.write_text(json.dumps([{"gym": g, "trl": t} for g, t in results], indent=2))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from pathlib import Path
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -84,3 +85,37 @@ class OtherCpu:
         if busy is None or self._busy is None:
             return None
         return round(busy - self._busy - (_own_cpu_sec() - self._own), 1)
+
+
+def run_half(script: Path, args: list[str]) -> dict:
+    """Run one benchmark half in a fresh process (peak memory is per process) and return
+    the JSON it prints."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{script.name} {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout)
+
+
+def ratio_table(results: list[tuple[dict, dict]], label: tuple[str, str], rate_key: str) -> str:
+    """TRL, then gym, for each (gym, trl) pair: seconds per step, ``rate_key`` tokens per
+    second and peak memory, with gym's ratios to TRL. ``label``: (column title, the key
+    that names each pair's setting)."""
+    title, key = label
+    width = max(len(title), *(len(str(r[key])) for pair in results for r in pair))
+    impl_w = max(len("impl"), *(len(r["impl"]) for pair in results for r in pair))
+    head = (f"{title:>{width}} | {'impl':<{impl_w}} | {'s/step':>7} | {'tok/s':>7} | "
+            f"{'peak MiB':>8} | {'tok/s ratio':>11} | {'memory ratio':>12} | {'other CPU s':>11}")
+    lines = [head, "-" * len(head)]
+    for gym, trl in results:
+        for r in (trl, gym):
+            ratio = r[rate_key] / trl[rate_key]
+            mem = r["peak_rss_mib"] / trl["peak_rss_mib"]
+            lines.append(
+                f"{r[key]!s:>{width}} | {r['impl']:<{impl_w}} | {r['sec_per_step']:>7.2f} | "
+                f"{r[rate_key]:>7.1f} | {r['peak_rss_mib']:>8.0f} | {ratio:>10.2f}x | "
+                f"{mem:>11.2f}x | {r.get('other_processes_cpu_sec')!s:>11}"
+            )
+    return "\n".join(lines)

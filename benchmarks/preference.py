@@ -17,40 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from measure import ratio_table, run_half
 from preference_data import ALGORITHMS, BATCH, default_model_dir, tokens_per_step
 
 HERE = Path(__file__).resolve().parent
 
 
 def measure(script: str, algorithm: str, steps: int, tokens: list[int]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(HERE / script), "--algorithm", algorithm, "--steps", str(steps),
-         "--tokens-per-step", *map(str, tokens)],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{script} --algorithm {algorithm} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout)
-
-
-def table(results: list[tuple[dict, dict]]) -> str:
-    head = (f"{'algo':<4} | {'impl':<10} | {'s/step':>7} | {'tok/s':>7} | {'peak MiB':>8} "
-            f"| {'tok/s ratio':>11} | {'memory ratio':>12} | {'other CPU s':>11}")
-    lines = [head, "-" * len(head)]
-    for gym, trl in results:
-        for r in (trl, gym):
-            ratio = r["tokens_per_sec"] / trl["tokens_per_sec"]
-            mem = r["peak_rss_mib"] / trl["peak_rss_mib"]
-            lines.append(
-                f"{r['algorithm']:<4} | {r['impl']:<10} | {r['sec_per_step']:>7.2f} | "
-                f"{r['tokens_per_sec']:>7.1f} | {r['peak_rss_mib']:>8.0f} | "
-                f"{ratio:>10.2f}x | {mem:>11.2f}x | {r.get('other_processes_cpu_sec')!s:>11}"
-            )
-    return "\n".join(lines)
+    return run_half(HERE / script, ["--algorithm", algorithm, "--steps", str(steps),
+                                    "--tokens-per-step", *map(str, tokens)])
 
 
 def main() -> None:
@@ -74,7 +52,7 @@ def main() -> None:
           f"batches (DPO {BATCH['dpo']} pairs, KTO {BATCH['kto']} rows), reference pass every "
           f"step, {args.steps - 1} timed steps each (ratios vs TRL); tok/s = prompt+completion "
           "tokens per step (DPO: prompt+chosen+prompt+rejected per pair) / step time")
-    print(table(results))
+    print(ratio_table(results, ("algo", "algorithm"), "tokens_per_sec"))
     if args.json:
         args.json.write_text(json.dumps(
             [{"algorithm": g["algorithm"], "gym": g, "trl": t} for g, t in results], indent=2))
