@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,28 @@ def tiny_overrides():
         "trainer.progress=false",
         "trainer.tensorboard=false",
     ]
+
+
+@pytest.fixture
+def with_digit_reward():
+    """Register tests/digits_plugin.py (a reward with spread even on a random model, so
+    groups contrast and deltas are not zero) through an entry point, in this process."""
+    from gym_core.config import bootstrap
+
+    eps = [*metadata.entry_points(group="gym_core"),
+           metadata.EntryPoint("digits", "tests.digits_plugin", "gym_core")]
+    bootstrap(entry_points=eps)
+    yield
+    bootstrap(reload=True)
+
+
+@pytest.fixture
+def digits_plugin_path(tmp_path):
+    """The same plugin installed as a distribution (metadata on a path) for subprocesses:
+    a PYTHONPATH value that makes it visible."""
+    site = tmp_path / "site"
+    info = site / "gym_test_digits-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gym-test-digits\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[gym_core]\ndigits = tests.digits_plugin\n")
+    return f"{REPO}{os.pathsep}{site}"

@@ -13,17 +13,6 @@ import pytest
 from tests.conftest import REPO
 
 
-@pytest.fixture
-def digits_plugin_path(tmp_path):
-    """tests/digits_plugin.py installed as a plugin distribution (metadata only)."""
-    site = tmp_path / "site"
-    info = site / "gym_test_digits-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gym-test-digits\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[gym_core]\ndigits = tests.digits_plugin\n")
-    return f"{REPO}{os.pathsep}{site}"
-
-
 def launch(args, cwd, pythonpath, nproc=None):
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     head = [sys.executable, "-m", "gym_core"]

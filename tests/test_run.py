@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from importlib import metadata
 
 import pytest
 import torch
@@ -44,18 +43,6 @@ def test_cli_tiny_run_writes_outputs_and_resumes(tmp_path, tiny_overrides):
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
     assert [s for s, _ in list_checkpoints(run_dir)] == [2, 4]  # keep_last=2
-
-
-@pytest.fixture
-def with_digit_reward():
-    """Register tests/digits_plugin.py through an entry point, as an installed one would be."""
-    from gym_core.config import bootstrap
-
-    eps = [*metadata.entry_points(group="gym_core"),
-           metadata.EntryPoint("digits", "tests.digits_plugin", "gym_core")]
-    bootstrap(entry_points=eps)
-    yield
-    bootstrap(reload=True)
 
 
 def test_resumed_run_matches_uninterrupted_one(tmp_path, tiny_overrides, with_digit_reward):

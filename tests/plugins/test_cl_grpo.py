@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import socket
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -116,18 +115,6 @@ def test_injection_keeps_an_empty_library_invisible():
 # ---------------------------------------------------------------------------------------
 # whole runs
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def with_digit_reward():
-    """digit_share: a reward with spread even on a random model, so groups contrast."""
-    from gym_core.config import bootstrap
-
-    eps = [*metadata.entry_points(group="gym_core"),
-           metadata.EntryPoint("digits", "tests.digits_plugin", "gym_core")]
-    bootstrap(entry_points=eps)
-    yield
-    bootstrap(reload=True)
 
 
 @pytest.fixture

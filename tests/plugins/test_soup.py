@@ -18,7 +18,6 @@ from gym_core.config import bootstrap
 from gym_core.delta import FullPrecision, apply_delta, read_delta, save_packed
 from gym_core.errors import GymError
 from gym_soup import RULES
-from tests.conftest import REPO
 
 KEYS = {"model.layers.0.self_attn.q_proj.weight": (16, 32), "model.norm.weight": (32,)}
 
@@ -197,18 +196,6 @@ def test_soup_app_runs_and_sweeps_rules(tmp_path, honest):
     assert torch.allclose(mean, honest_mean, atol=1e-8)
     bad = soup_cli(["soup=median", "soup.inputs=[nowhere.safetensors,b]", "out=x"], cwd=tmp_path)
     assert bad.returncode != 0 and "nowhere.safetensors, which does not exist" in bad.stderr
-
-
-@pytest.fixture
-def digits_plugin_path(tmp_path):
-    """tests/digits_plugin.py installed as a plugin distribution (a reward with signal on a
-    random model, so that GRPO's delta is not zero)."""
-    site = tmp_path / "site"
-    info = site / "gym_test_digits-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gym-test-digits\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[gym_core]\ndigits = tests.digits_plugin\n")
-    return f"{REPO}{os.pathsep}{site}"
 
 
 def test_soup_of_a_three_run_multirun_applied_to_the_base(tmp_path, tiny_overrides,
