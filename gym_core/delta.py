@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -148,6 +150,19 @@ def load_packed(path: Path) -> PackedDelta:
         raise GymError(f"{path} is not a readable safetensors delta file: {exc}") from exc
     num = int(meta.pop("num_params", "0"))
     return PackedDelta(tensors, meta, num)
+
+
+def map_tensors(fn: Callable[[str, torch.Tensor], Any], delta: dict[str, torch.Tensor]) -> list:
+    """``[fn(key, tensor) for key, tensor in delta.items()]`` on a pool of
+    ``torch.get_num_threads()`` threads, in order. For quantizers whose per-tensor work
+    releases the GIL (numba ``nogil`` kernels, NumPy, torch ops): a delta has hundreds of
+    matrices, so spreading whole tensors over the cores beats splitting each one."""
+    items = list(delta.items())
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1:
+        return [fn(k, v) for k, v in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda kv: fn(*kv), items))
 
 
 def shapes_meta(delta: dict[str, torch.Tensor]) -> str:

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from gym_core.config import ArithmeticConfig, TrainerConfig
 from gym_core.data import Sampler, arithmetic_task
+from gym_core.delta import map_tensors
 from gym_core.errors import GymError
 from gym_core.rewards import accuracy, extract_answer
 from gym_core.rollout import completion_masks
@@ -79,3 +80,20 @@ def test_sampler_resumes_where_it_stopped():
     resumed = Sampler(7, seed=1, position=s.position)
     assert first + resumed.take(11) == whole
     assert sorted(whole[:7]) == list(range(7))  # each epoch is a permutation
+
+
+def test_map_tensors_keeps_order_and_raises_a_worker_error():
+    delta = {f"t{i}": torch.full((2,), float(i)) for i in range(9)}
+
+    def fn(key, t):
+        return key, float(t.sum())
+
+    assert map_tensors(fn, delta) == [(f"t{i}", 2.0 * i) for i in range(9)]
+
+    def bad(key, t):
+        if key == "t4":
+            raise GymError(f"delta tensor '{key}' is bad")
+        return key
+
+    with pytest.raises(GymError, match="'t4' is bad"):
+        map_tensors(bad, delta)

@@ -18,6 +18,10 @@ k-bit codes are packed eight to k bytes, little-endian: code i of a block of eig
 occupies bits [k i, k (i+1)) of the block's k-byte integer (3 bits: 8 codes in 3 bytes).
 Only the matrix's real entries are packed (no group padding); a tensor's code count is
 padded to a multiple of 8 (of 5 for ternary).
+
+Quantizing runs in fused numba kernels (:mod:`gym_deltaquant.kernels`: statistics,
+scale and codes in one call per tensor, then the packing), one tensor per core;
+dequantizing is plain torch.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
 
-from gym_core.delta import PackedDelta, Quantizer, shapes_meta
+from gym_core.delta import PackedDelta, Quantizer, map_tensors, shapes_meta
 from gym_core.errors import GymError
-from gym_deltaquant import DeltaQuantConfig
+from gym_deltaquant import DeltaQuantConfig, kernels
 
 MODES = ("kbit", "binary", "ternary")
 GRANULARITIES = ("tensor", "channel", "group")
@@ -47,26 +52,27 @@ def packed_nbytes(numel: int, bits: int) -> int:
     return math.ceil(numel / 8) * bits
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned integer codes < 2**bits (any shape) -> a flat uint8 tensor."""
-    flat = codes.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+def _flat_codes(codes, block: int) -> np.ndarray:
+    """uint8 codes (tensor or array, any shape) as a flat array zero-padded to whole
+    blocks; no copy when they already are."""
+    flat = codes.reshape(-1).numpy() if isinstance(codes, torch.Tensor) else codes.reshape(-1)
+    flat = np.ascontiguousarray(flat, dtype=np.uint8)
+    pad = (-flat.size) % block
+    return np.concatenate([flat, np.zeros(pad, np.uint8)]) if pad else flat
+
+
+def pack_codes(codes, bits: int) -> torch.Tensor:
+    """Unsigned integer codes < 2**bits (uint8 tensor or array, any shape) -> a flat
+    uint8 tensor."""
+    codes = _flat_codes(codes, 8)
     if bits == 8:
-        return flat
-    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
-        # OR strided slices in place: ~6x faster than shift-and-sum over a [n, per] view
-        per = 8 // bits
-        out = flat[0::per].clone()
-        for k in range(1, per):
-            out |= flat[k::per] << (k * bits)
-        return out
-    # Any other width: eight codes form one 8*bits-bit integer, written as `bits` bytes.
-    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64)
-    block = (flat.view(-1, 8).to(torch.int64) << shifts).sum(dim=1)
-    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64)
-    return ((block.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+        return torch.from_numpy(codes)
+    out = np.empty(packed_nbytes(codes.size, bits), np.uint8)
+    if bits == 3:
+        kernels.pack_3bit(codes, out)
+    else:
+        kernels.pack_whole(codes, bits, out)
+    return torch.from_numpy(out)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -88,13 +94,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return ((block.unsqueeze(1) >> shifts) & mask).to(torch.uint8).reshape(-1)[:numel]
 
 
-def pack_trits(codes: torch.Tensor) -> torch.Tensor:
-    """Codes in {0, 1, 2} -> uint8, five per byte in base 3 (first code least significant)."""
-    flat = codes.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 5
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 5) * _TRIT_POWERS).sum(dim=1, dtype=torch.uint8)
+def pack_trits(codes) -> torch.Tensor:
+    """Codes in {0, 1, 2} (uint8 tensor or array, any shape) -> uint8, five per byte in
+    base 3 (first code least significant)."""
+    codes = _flat_codes(codes, 5)
+    out = np.empty(codes.size // 5, np.uint8)
+    kernels.pack_trits(codes, out)
+    return torch.from_numpy(out)
 
 
 def unpack_trits(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -165,37 +171,31 @@ class DeltaQuantizer(Quantizer):
         if cfg.granularity == "group" and cfg.group_size < 1:
             raise GymError(f"quant.group_size={cfg.group_size} must be at least 1")
 
-    def compressed(self, key: str, tensor: torch.Tensor) -> bool:
-        return tensor.dim() == 2 and any(key.endswith(t) for t in self.cfg.targets)
-
     def quantize(self, delta):
         cfg = self.cfg
-        tensors, num = {}, 0
-        for key, d in delta.items():
-            num += d.numel()
-            if not self.compressed(key, d):
-                tensors[f"{key}.full"] = d.detach().float().clone()
-                continue
-            units, counts = to_units(d.detach().float(), cfg.granularity, cfg.group_size)
-            codes, scale, zero = quantize_units(units, counts, cfg.mode, cfg.bits, cfg.symmetric)
-            codes = from_units(codes, d.shape, cfg.granularity, cfg.group_size)
-            if cfg.mode == "ternary":
-                tensors[f"{key}.codes"] = pack_trits(codes)
-            else:
-                tensors[f"{key}.codes"] = pack_codes(codes, self.code_bits(cfg.mode, cfg.bits))
-            tensors[f"{key}.scale"] = scale
-            if zero is not None:
-                tensors[f"{key}.zero"] = zero
+        # plain values: each OmegaConf attribute read costs microseconds, under the GIL
+        opts = {"mode": str(cfg.mode), "bits": int(cfg.bits), "symmetric": bool(cfg.symmetric),
+                "granularity": str(cfg.granularity), "group_size": int(cfg.group_size)}
+        targets = tuple(cfg.targets)
+
+        def one(key, d):
+            if d.dim() == 2 and d.numel() > 0 and key.endswith(targets):
+                return quantize_tensor(key, d, **opts)
+            return {f"{key}.full": d.detach().float().clone()}
+
+        tensors = {}
+        for part in map_tensors(one, delta):
+            tensors.update(part)
         meta = {
             "quantizer": "deltaquant",
             "shapes": shapes_meta(delta),
-            "mode": cfg.mode,
-            "bits": str(cfg.bits),
-            "symmetric": str(bool(cfg.symmetric)).lower(),
-            "granularity": cfg.granularity,
-            "group_size": str(cfg.group_size),
+            "mode": opts["mode"],
+            "bits": str(opts["bits"]),
+            "symmetric": str(opts["symmetric"]).lower(),
+            "granularity": opts["granularity"],
+            "group_size": str(opts["group_size"]),
         }
-        return PackedDelta(tensors, meta, num)
+        return PackedDelta(tensors, meta, sum(d.numel() for d in delta.values()))
 
     @staticmethod
     def code_bits(mode: str, bits: int) -> int:
@@ -236,32 +236,35 @@ class DeltaQuantizer(Quantizer):
         return out
 
 
-def quantize_units(x: torch.Tensor, counts: torch.Tensor, mode: str, bits: int,
-                   symmetric: bool):
-    """Codes (uint8, x's shape), fp32 scales (one per unit) and zero points (asymmetric
-    kbit only, uint8) for the units ``x`` [units, len]; zero padding never sets a scale."""
+def quantize_tensor(key: str, d: torch.Tensor, mode: str, bits: int, symmetric: bool,
+                    granularity: str, group_size: int) -> dict[str, torch.Tensor]:
+    """One matrix -> its packed codes, fp32 scales and (asymmetric) zero points."""
+    x = d.detach().float().contiguous().cpu().numpy().reshape(-1)
+    rows, cols, groups = _layout(d.shape, granularity, group_size)
+    unit = group_size if granularity == "group" else cols
+    per_block = 5 if mode == "ternary" else 8
+    codes = np.empty(math.ceil(x.size / per_block) * per_block, np.uint8)
+    codes[x.size:] = 0  # the padding codes of the last block
+    scale = np.empty(rows * groups, np.float32)
+    out = {}
     if mode == "binary":
-        alpha = x.abs().sum(dim=1) / counts  # L2-optimal for fixed signs (§6)
-        return (x >= 0).to(torch.uint8), alpha, None
+        kernels.binary_units(x, cols, unit, scale, codes)
+    elif mode == "ternary":
+        kernels.ternary_units(x, cols, unit, scale, codes)
+    elif symmetric:
+        kernels.sym_units(x, cols, unit, 2 ** (bits - 1) - 1, scale, codes)
+    else:
+        zero = np.empty(rows * groups, np.uint8)
+        kernels.asym_units(x, cols, unit, 2**bits - 1, scale, zero, codes)
+        out[f"{key}.zero"] = torch.from_numpy(zero)
+    if not np.isfinite(scale).all():
+        raise GymError(
+            f"delta tensor '{key}' has NaN or infinite entries: the fine-tuned weights "
+            "diverged; quantize a checkpoint from before that"
+        )
     if mode == "ternary":
-        mag = x.abs()
-        t = 0.7 * mag.sum(dim=1, keepdim=True) / counts.unsqueeze(1)  # TWN threshold
-        keep = mag > t
-        kept = keep.sum(dim=1).clamp_min(1)
-        alpha = (mag * keep).sum(dim=1) / kept
-        codes = (torch.sign(x) * keep + 1).to(torch.uint8)
-        return codes, alpha, None
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = x.abs().amax(dim=1) / qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
-        q = torch.div(x, safe).round_().add_(qmax)  # |x/s| <= qmax: no clamp needed
-        return q.to(torch.uint8), scale, None
-    levels = 2**bits - 1
-    lo = x.amin(dim=1).clamp_max(0)
-    hi = x.amax(dim=1).clamp_min(0)
-    scale = (hi - lo) / levels
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-lo / safe).clamp_(0, levels)
-    q = torch.round(x / safe.unsqueeze(1)).add_(zero.unsqueeze(1)).clamp_(0, levels)
-    return q.to(torch.uint8), scale, zero.to(torch.uint8)
+        out[f"{key}.codes"] = pack_trits(codes)
+    else:
+        out[f"{key}.codes"] = pack_codes(codes, DeltaQuantizer.code_bits(mode, bits))
+    out[f"{key}.scale"] = torch.from_numpy(scale)
+    return out

@@ -136,6 +136,80 @@ def test_ternary_follows_twn():
     assert torch.allclose(out, torch.tensor([[alpha, 0, 0, -alpha]]))
 
 
+def reference_codes(d, mode, bits, symmetric, granularity, group_size):
+    """The formulas of ALGORITHMS.md §6 in plain torch, unit by unit: codes (flat, the
+    matrix's order), scales and zero points, to check the fused kernels against."""
+    rows, cols = d.shape
+    if granularity == "tensor":
+        units = [d.reshape(-1)]
+    else:
+        size = cols if granularity == "channel" else group_size
+        units = [row[i:i + size] for row in d for i in range(0, cols, size)]
+    codes, scales, zeros = [], [], []
+    for u in units:
+        if mode == "binary":
+            scales.append(u.abs().mean())
+            codes.append((u >= 0).to(torch.uint8))
+        elif mode == "ternary":
+            keep = u.abs() > 0.7 * u.abs().mean()
+            scales.append(u.abs()[keep].sum() / keep.sum().clamp_min(1))
+            codes.append((torch.sign(u) * keep + 1).to(torch.uint8))
+        elif symmetric:
+            qmax = 2 ** (bits - 1) - 1
+            s = u.abs().max() / qmax
+            scales.append(s)
+            codes.append((torch.round(u / (s if s > 0 else 1.0)) + qmax).to(torch.uint8))
+        else:
+            levels = 2**bits - 1
+            lo, hi = u.min().clamp_max(0), u.max().clamp_min(0)
+            s = (hi - lo) / levels
+            safe = s if s > 0 else torch.tensor(1.0)
+            z = torch.round(-lo / safe).clamp(0, levels)
+            scales.append(s)
+            zeros.append(z.to(torch.uint8))
+            codes.append((torch.round(u / safe) + z).clamp(0, levels).to(torch.uint8))
+    return (torch.cat(codes), torch.stack(scales).float(),
+            torch.stack(zeros) if zeros else None)
+
+
+@pytest.mark.parametrize(("mode", "bits", "symmetric"), [
+    ("kbit", 2, True), ("kbit", 3, True), ("kbit", 4, True), ("kbit", 8, True),
+    ("kbit", 3, False), ("kbit", 4, False), ("binary", 4, True), ("ternary", 4, True),
+])
+@pytest.mark.parametrize(("granularity", "group_size"), [
+    ("tensor", 128), ("channel", 128), ("group", 4), ("group", 7), ("group", 128),
+])
+@pytest.mark.parametrize("shape", [(7, 5), (33, 130)])
+def test_fused_kernels_equal_the_formulas_unit_by_unit(shape, mode, bits, symmetric,
+                                                       granularity, group_size):
+    d = randn(*shape, seed=sum(shape))
+    d[0, :3] = 0.0  # exact zeros; with (7, 5) and group 4 a unit of one zero and a short one
+    d[1, 1] = -0.0
+    q = quantizer(mode=mode, bits=bits, symmetric=symmetric, granularity=granularity,
+                  group_size=group_size)
+    packed = q.quantize({KEY: d})
+    codes, scales, zeros = reference_codes(d, mode, bits, symmetric, granularity, group_size)
+    if mode == "ternary":
+        assert torch.equal(packed.tensors[f"{KEY}.codes"], pack_trits(codes))
+    else:
+        assert torch.equal(packed.tensors[f"{KEY}.codes"],
+                           pack_codes(codes, 1 if mode == "binary" else bits))
+    # kbit scales are the same fp32 division; binary/ternary means are summed in fp64
+    assert torch.allclose(packed.tensors[f"{KEY}.scale"], scales, rtol=1e-6, atol=0)
+    if zeros is not None:
+        assert torch.equal(packed.tensors[f"{KEY}.zero"], zeros)
+
+
+@pytest.mark.parametrize("kw", [{"bits": 4}, {"bits": 3, "symmetric": False},
+                                {"mode": "binary"}, {"mode": "ternary"}])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_delta_with_nan_or_inf_is_refused_by_name(kw, bad):
+    d = randn(16, 300)
+    d[9, 260] = bad
+    with pytest.raises(GymError, match=f"'{KEY}' has NaN or infinite"):
+        quantizer(**kw).quantize({KEY: d, "model.layers.0.mlp.down_proj.weight": randn(8, 8)})
+
+
 def test_non_projection_tensors_stay_exact_and_all_zero_rows_are_fine():
     d = {KEY: torch.zeros(4, 8), "model.norm.weight": randn(8)}
     q = quantizer(bits=3)
