@@ -240,22 +240,23 @@ def quantize_tensor(key: str, d: torch.Tensor, mode: str, bits: int, symmetric: 
                     granularity: str, group_size: int) -> dict[str, torch.Tensor]:
     """One matrix -> its packed codes, fp32 scales and (asymmetric) zero points."""
     x = d.detach().float().contiguous().cpu().numpy().reshape(-1)
-    rows, cols, groups = _layout(d.shape, granularity, group_size)
-    unit = group_size if granularity == "group" else cols
+    _, cols, _ = _layout(d.shape, granularity, group_size)
+    starts, lengths = kernels.unit_spans(x.size, cols,
+                                         group_size if granularity == "group" else cols)
     per_block = 5 if mode == "ternary" else 8
     codes = np.empty(math.ceil(x.size / per_block) * per_block, np.uint8)
     codes[x.size:] = 0  # the padding codes of the last block
-    scale = np.empty(rows * groups, np.float32)
+    scale = np.empty(starts.size, np.float32)
     out = {}
     if mode == "binary":
-        kernels.binary_units(x, cols, unit, scale, codes)
+        kernels.binary_units(x, starts, lengths, scale, codes)
     elif mode == "ternary":
-        kernels.ternary_units(x, cols, unit, scale, codes)
+        kernels.ternary_units(x, starts, lengths, scale, codes)
     elif symmetric:
-        kernels.sym_units(x, cols, unit, 2 ** (bits - 1) - 1, scale, codes)
+        kernels.sym_units(x, starts, lengths, 2 ** (bits - 1) - 1, scale, codes)
     else:
-        zero = np.empty(rows * groups, np.uint8)
-        kernels.asym_units(x, cols, unit, 2**bits - 1, scale, zero, codes)
+        zero = np.empty(starts.size, np.uint8)
+        kernels.asym_units(x, starts, lengths, 2**bits - 1, scale, zero, codes)
         out[f"{key}.zero"] = torch.from_numpy(zero)
     if not np.isfinite(scale).all():
         raise GymError(

@@ -5,7 +5,8 @@ A tensor is seen as ``rows`` rows of ``cols`` entries, each row cut into units o
 ``gs`` entries (the last one shorter when ``gs`` does not divide ``cols``): per tensor
 granularity is ``cols = gs = numel``, per channel ``gs = cols``. Unit ``(r, g)`` is the
 flat slice ``[r cols + g gs, r cols + min((g + 1) gs, cols))``; its outputs sit at index
-``r ng + g`` with ``ng = ceil(cols / gs)``.
+``r ng + g`` with ``ng = ceil(cols / gs)``. :func:`unit_spans` lists the units; the
+kernels take that list.
 
 Every loop runs over a slice from index 0 so that LLVM can prove the indices
 non-negative and vectorise (an index numba might have to wrap around blocks SIMD).
@@ -25,109 +26,111 @@ _LOW31 = np.int32(0x7FFFFFFF)
 
 
 @numba.njit(nogil=True, cache=True)
-def sym_units(x, cols, gs, qmax, scale, codes):
+def unit_spans(size, cols, gs):
+    """Start and length of every unit of a flat tensor of ``size`` entries, in output
+    order: unit ``(r, g)`` at index ``r ng + g``."""
+    ng = (cols + gs - 1) // gs
+    starts = np.empty(size // cols * ng, np.int64)
+    lengths = np.empty_like(starts)
+    for r in range(size // cols):
+        for g in range(ng):
+            starts[r * ng + g] = r * cols + g * gs
+            lengths[r * ng + g] = min(gs, cols - g * gs)
+    return starts, lengths
+
+
+@numba.njit(nogil=True, cache=True)
+def sym_units(x, starts, lengths, qmax, scale, codes):
     """kbit symmetric: s = max|u| / qmax; code = round(u / s) + qmax (s = 0: code qmax)."""
     bits = x.view(np.uint32)
     cast = np.empty(1, np.uint32)  # max|u|'s bits, read back as a float
     cast_f = cast.view(np.float32)
-    ng = (cols + gs - 1) // gs
-    for r in range(x.size // cols):
-        for g in range(ng):
-            a = r * cols + g * gs
-            n = min(gs, cols - g * gs)
-            ub = bits[a : a + n]
-            m = np.uint32(0)
-            for i in range(n):
-                v = ub[i] & _ABS
-                m = v if v > m else m
-            cast[0] = m
-            s = cast_f[0] / np.float32(qmax)
-            scale[r * ng + g] = s
-            safe = s if s > 0 else np.float32(1.0)
-            u = x[a : a + n]
-            c = codes[a : a + n]
-            for i in range(n):  # |u / s| <= qmax: no clamp needed
-                c[i] = np.uint8(np.rint(u[i] / safe) + np.float32(qmax))
+    for j in range(starts.size):
+        a, n = starts[j], lengths[j]
+        ub = bits[a : a + n]
+        m = np.uint32(0)
+        for i in range(n):
+            v = ub[i] & _ABS
+            m = v if v > m else m
+        cast[0] = m
+        s = cast_f[0] / np.float32(qmax)
+        scale[j] = s
+        safe = s if s > 0 else np.float32(1.0)
+        u = x[a : a + n]
+        c = codes[a : a + n]
+        for i in range(n):  # |u / s| <= qmax: no clamp needed
+            c[i] = np.uint8(np.rint(u[i] / safe) + np.float32(qmax))
 
 
 @numba.njit(nogil=True, cache=True)
-def asym_units(x, cols, gs, levels, scale, zero, codes):
+def asym_units(x, starts, lengths, levels, scale, zero, codes):
     """kbit asymmetric on [min(u, 0), max(u, 0)]: s = (hi - lo) / levels,
     z = clamp(round(-lo / s), 0, levels), code = clamp(round(u / s) + z, 0, levels)."""
     keys = x.view(np.int32)  # IEEE bits -> int32 in the floats' order
     ends = np.empty(2, np.int32)  # min and max keys, read back as floats
     ends_f = ends.view(np.float32)
-    ng = (cols + gs - 1) // gs
-    for r in range(x.size // cols):
-        for g in range(ng):
-            a = r * cols + g * gs
-            n = min(gs, cols - g * gs)
-            uk = keys[a : a + n]
-            kmin = np.int32(0x7FFFFFFF)
-            kmax = np.int32(-0x80000000)
-            for i in range(n):
-                k = uk[i] ^ ((uk[i] >> 31) & _LOW31)
-                kmin = k if k < kmin else kmin
-                kmax = k if k > kmax else kmax
-            ends[0] = kmin ^ ((kmin >> 31) & _LOW31)
-            ends[1] = kmax ^ ((kmax >> 31) & _LOW31)
-            lo = min(ends_f[0], np.float32(0.0))
-            hi = max(ends_f[1], np.float32(0.0))
-            s = (hi - lo) / np.float32(levels)
-            safe = s if s > 0 else np.float32(1.0)
-            z = min(max(np.rint(-lo / safe), np.float32(0.0)), np.float32(levels))
-            scale[r * ng + g] = s
-            zero[r * ng + g] = np.uint8(z)
-            u = x[a : a + n]
-            c = codes[a : a + n]
-            for i in range(n):
-                q = np.rint(u[i] / safe) + z
-                c[i] = np.uint8(min(max(q, np.float32(0.0)), np.float32(levels)))
+    for j in range(starts.size):
+        a, n = starts[j], lengths[j]
+        uk = keys[a : a + n]
+        kmin = np.int32(0x7FFFFFFF)
+        kmax = np.int32(-0x80000000)
+        for i in range(n):
+            k = uk[i] ^ ((uk[i] >> 31) & _LOW31)
+            kmin = k if k < kmin else kmin
+            kmax = k if k > kmax else kmax
+        ends[0] = kmin ^ ((kmin >> 31) & _LOW31)
+        ends[1] = kmax ^ ((kmax >> 31) & _LOW31)
+        lo = min(ends_f[0], np.float32(0.0))
+        hi = max(ends_f[1], np.float32(0.0))
+        s = (hi - lo) / np.float32(levels)
+        safe = s if s > 0 else np.float32(1.0)
+        z = min(max(np.rint(-lo / safe), np.float32(0.0)), np.float32(levels))
+        scale[j] = s
+        zero[j] = np.uint8(z)
+        u = x[a : a + n]
+        c = codes[a : a + n]
+        for i in range(n):
+            q = np.rint(u[i] / safe) + z
+            c[i] = np.uint8(min(max(q, np.float32(0.0)), np.float32(levels)))
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-def binary_units(x, cols, gs, alpha, codes):
+def binary_units(x, starts, lengths, alpha, codes):
     """binary: alpha = mean|u|, code = 1[u >= 0]."""
-    ng = (cols + gs - 1) // gs
-    for r in range(x.size // cols):
-        for g in range(ng):
-            a = r * cols + g * gs
-            n = min(gs, cols - g * gs)
-            u = x[a : a + n]
-            c = codes[a : a + n]
-            total = 0.0
-            for i in range(n):
-                total += np.float64(abs(u[i]))
-                c[i] = np.uint8(u[i] >= 0)
-            alpha[r * ng + g] = np.float32(total / n)
+    for j in range(starts.size):
+        a, n = starts[j], lengths[j]
+        u = x[a : a + n]
+        c = codes[a : a + n]
+        total = 0.0
+        for i in range(n):
+            total += np.float64(abs(u[i]))
+            c[i] = np.uint8(u[i] >= 0)
+        alpha[j] = np.float32(total / n)
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-def ternary_units(x, cols, gs, alpha, codes):
+def ternary_units(x, starts, lengths, alpha, codes):
     """ternary (TWN): t = 0.7 mean|u|, keep = |u| > t, alpha = mean |u| over kept
     entries (NaN when the unit is not finite), code = sign(u) keep + 1."""
-    ng = (cols + gs - 1) // gs
-    for r in range(x.size // cols):
-        for g in range(ng):
-            a = r * cols + g * gs
-            n = min(gs, cols - g * gs)
-            u = x[a : a + n]
-            total = 0.0
-            for i in range(n):
-                total += np.float64(abs(u[i]))
-            t = np.float32(0.7 * total / n)
-            kept_sum = 0.0
-            kept = 0
-            c = codes[a : a + n]
-            for i in range(n):
-                m = abs(u[i])
-                keep = m > t
-                kept_sum += np.float64(m) if keep else 0.0
-                kept += 1 if keep else 0
-                c[i] = np.uint8(1 + (keep and u[i] > 0) - (keep and u[i] < 0))
-            # a NaN or inf in the unit keeps nothing: report it through the scale
-            finite = np.isfinite(total)
-            alpha[r * ng + g] = np.float32(kept_sum / max(kept, 1)) if finite else np.nan
+    for j in range(starts.size):
+        a, n = starts[j], lengths[j]
+        u = x[a : a + n]
+        total = 0.0
+        for i in range(n):
+            total += np.float64(abs(u[i]))
+        t = np.float32(0.7 * total / n)
+        kept_sum = 0.0
+        kept = 0
+        c = codes[a : a + n]
+        for i in range(n):
+            m = abs(u[i])
+            keep = m > t
+            kept_sum += np.float64(m) if keep else 0.0
+            kept += 1 if keep else 0
+            c[i] = np.uint8(1 + (keep and u[i] > 0) - (keep and u[i] < 0))
+        # a NaN or inf in the unit keeps nothing: report it through the scale
+        finite = np.isfinite(total)
+        alpha[j] = np.float32(kept_sum / max(kept, 1)) if finite else np.nan
 
 
 @numba.njit(nogil=True, cache=True)
