@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 
-from measure import OtherCpu, peak_rss_mib, reset_peak_rss, rss_mib
+from measure import train_gym
 
 
 def run_gym_grpo(
@@ -38,9 +36,7 @@ def run_gym_grpo(
     import torch
 
     import gym_core
-    from gym_core.config import bootstrap, compose
-    from gym_core.model import load_policy
-    from gym_core.train import seed_everything, train
+    from gym_core.config import compose
 
     cfg = compose([
         "model=local", f"model.path={model_dir}",
@@ -54,23 +50,8 @@ def run_gym_grpo(
         "trainer.warmup_steps=0", "trainer.save_every=0", f"trainer.seed={seed}",
         "trainer.progress=false", "trainer.tensorboard=false",
     ])
-    plugins = bootstrap()
-    algo_cls = plugins.component("algorithm", algorithm).load()
-    task = plugins.component("data", cfg.data.name).load()(cfg.data)
-    rewards = [("accuracy", plugins.component("reward", "accuracy").load(), 1.0)]
-    seed_everything(seed)
-    policy = load_policy(cfg.model, torch.device("cpu"))
-    baseline = rss_mib()
-    reset_peak_rss()
-    other = OtherCpu()
-    other.start()
-    with tempfile.TemporaryDirectory(prefix="gym-grpo-bench-") as run_dir:
-        train(cfg, policy, algo_cls(cfg.algorithm, policy), task, rewards, plugins,
-              Path(run_dir))
-        rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().split("\n")
-                if x.strip()]
-    peak = peak_rss_mib()
-    other_cpu = other.stop()
+    run = train_gym(cfg, algorithm, ["accuracy"], seed)
+    rows = run["rows"]
     measured = rows[1:]
     total_sec = sum(r["step_seconds"] for r in measured)
     tokens = [r["tokens_per_second"] * r["step_seconds"] for r in measured]
@@ -79,15 +60,15 @@ def run_gym_grpo(
         "beta": beta,
         "sec_per_step": total_sec / len(measured),
         "completion_tokens_per_sec": sum(tokens) / total_sec,
-        "peak_rss_mib": peak,
+        "peak_rss_mib": run["peak_rss_mib"],
         "steps_timed": len(measured),
-        "baseline_rss_mib": baseline,
+        "baseline_rss_mib": run["baseline_rss_mib"],
         "completion_tokens_per_step": sum(tokens) / len(measured),
         "step_secs": [round(r["step_seconds"], 3) for r in rows],
         "generate_secs": [round(r["generate_seconds"], 3) for r in rows],
         "rewards": [r["reward_mean"] for r in rows],
         "torch_threads": torch.get_num_threads(),
-        "other_processes_cpu_sec": other_cpu,
+        "other_processes_cpu_sec": run["other_processes_cpu_sec"],
     }
 
 

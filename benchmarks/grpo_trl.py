@@ -22,13 +22,18 @@ import argparse
 import json
 import os
 import re
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from measure import OtherCpu, peak_rss_mib, reset_peak_rss, rss_mib
+from measure import (
+    OtherCpu,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_mib,
+    trl_checkpointing,
+    trl_step_timer,
+)
 
 DEFAULT_FALLBACK_MODEL_DIR = "/tmp/smol"
 _NUMBER = re.compile(r"-?\d+")
@@ -67,44 +72,6 @@ def accuracy_reward(completions: list[list[dict]], answer: list[int], **kwargs) 
 # ----------------------------------------------------------------------------------------
 # the benchmark
 # ----------------------------------------------------------------------------------------
-
-
-def _timing_callback(steps: list[dict[str, Any]]):
-    """A TrainerCallback that times each optimizer step and keeps its logged metrics.
-
-    ``on_step_begin`` fires before ``training_step``, where GRPOTrainer generates the
-    rollouts, and ``on_step_end`` after the optimizer step, so a step's time covers
-    generation, rewards, the reference forward (beta > 0), loss, backward and AdamW.
-    """
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            steps.append({"step": state.global_step, "sec": time.perf_counter() - self._start})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            # With logging_steps=1 the log for step N arrives right after its on_step_end.
-            # The end-of-training summary log (train_runtime, ...) shares the last step's
-            # global_step: keep only the per-step metrics.
-            if (
-                logs
-                and "completions/mean_length" in logs
-                and steps
-                and steps[-1]["step"] == state.global_step
-            ):
-                steps[-1]["logs"] = dict(logs)
-                length = logs.get("completions/mean_length")
-                print(
-                    f"[trl] step {state.global_step}: {steps[-1]['sec']:.2f}s "
-                    f"mean_length={length} reward={logs.get('reward')}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-    return StepTimer()
 
 
 def run_trl_grpo(
@@ -167,13 +134,6 @@ def run_trl_grpo(
         task_type="CAUSAL_LM",
     )
 
-    # TRL defaults gradient checkpointing to True; transformers 5 renamed the argument to
-    # activation_checkpointing (the old name still works but warns).
-    if "activation_checkpointing" in GRPOConfig.__dataclass_fields__:
-        checkpointing = {"activation_checkpointing": gradient_checkpointing}
-    else:
-        checkpointing = {"gradient_checkpointing": gradient_checkpointing}
-
     with tempfile.TemporaryDirectory(prefix="trl-grpo-bench-") as output_dir:
         config = GRPOConfig(
             output_dir=output_dir,
@@ -181,7 +141,7 @@ def run_trl_grpo(
             use_cpu=True,
             bf16=False,
             fp16=False,
-            **checkpointing,
+            **trl_checkpointing(GRPOConfig, gradient_checkpointing),
             # --- batch: TRL counts completions, so one step = prompts_per_step x G ---
             per_device_train_batch_size=prompts_per_step * num_generations,
             gradient_accumulation_steps=1,
@@ -229,7 +189,10 @@ def run_trl_grpo(
             train_dataset=arithmetic_dataset(),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[_timing_callback(timed)],
+            callbacks=[trl_step_timer(
+                timed, "completions/mean_length",
+                lambda logs: f"mean_length={logs.get('completions/mean_length')} "
+                             f"reward={logs.get('reward')}")],
         )
         # Keep stdout for the result: the timing callback prints its own lines to stderr.
         trainer.remove_callback(PrinterCallback)

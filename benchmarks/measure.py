@@ -1,12 +1,15 @@
-"""What both halves of a benchmark measure the same way: resident memory (the kernel's
-high-water mark) and CPU used by other processes while a measurement ran."""
+"""What the halves of the benchmarks measure and run the same way: resident memory (the
+kernel's high-water mark), CPU used by other processes while a measurement ran, gym's
+training run under those measurements, and TRL's per-step timer and settings."""
 
 from __future__ import annotations
 
 import os
 import resource
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -85,6 +88,72 @@ class OtherCpu:
         if busy is None or self._busy is None:
             return None
         return round(busy - self._busy - (_own_cpu_sec() - self._own), 1)
+
+
+def train_gym(cfg, algorithm: str, rewards: list[str], seed: int) -> dict:
+    """Load ``cfg.model`` and train it with gym's one loop in a temporary run folder,
+    measured from after the model load. Returns the per-step ``rows`` of metrics.jsonl,
+    ``peak_rss_mib``, ``baseline_rss_mib`` (after loading) and ``other_processes_cpu_sec``."""
+    import json
+    import tempfile
+
+    import torch
+
+    from gym_core.config import bootstrap
+    from gym_core.model import load_policy
+    from gym_core.train import seed_everything, train
+
+    plugins = bootstrap()
+    algo_cls = plugins.component("algorithm", algorithm).load()
+    task = plugins.component("data", cfg.data.name).load()(cfg.data)
+    reward_fns = [(name, plugins.component("reward", name).load(), 1.0) for name in rewards]
+    seed_everything(seed)
+    policy = load_policy(cfg.model, torch.device("cpu"))
+    baseline = rss_mib()
+    reset_peak_rss()
+    other = OtherCpu()
+    other.start()
+    with tempfile.TemporaryDirectory(prefix=f"gym-{algorithm}-bench-") as run_dir:
+        train(cfg, policy, algo_cls(cfg.algorithm, policy), task, reward_fns, plugins,
+              Path(run_dir))
+        rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().split("\n")
+                if x.strip()]
+    return {"rows": rows, "peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline,
+            "other_processes_cpu_sec": other.stop()}
+
+
+def trl_step_timer(steps: list[dict[str, Any]], log_key: str, describe):
+    """A TrainerCallback that times each optimizer step: ``on_step_begin`` fires before
+    ``training_step`` (where GRPOTrainer generates its rollouts), ``on_step_end`` after
+    the optimizer step. It keeps the step's logged metrics, those that carry ``log_key``
+    (the end-of-training summary shares the last step's global_step, without it), and
+    prints ``describe(logs)`` to stderr."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append({"step": state.global_step, "sec": time.perf_counter() - self._start})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # With logging_steps=1 the log for step N arrives right after its on_step_end.
+            if logs and log_key in logs and steps and steps[-1]["step"] == state.global_step:
+                steps[-1]["logs"] = dict(logs)
+                print(f"[trl] step {state.global_step}: {steps[-1]['sec']:.2f}s "
+                      f"{describe(logs)}", file=sys.stderr, flush=True)
+
+    return StepTimer()
+
+
+def trl_checkpointing(config_cls, on: bool) -> dict:
+    """The gradient checkpointing setting for a TRL config class (TRL defaults it to
+    True): transformers 5 renamed the argument to activation_checkpointing (the old name
+    still works but warns)."""
+    if "activation_checkpointing" in config_cls.__dataclass_fields__:
+        return {"activation_checkpointing": on}
+    return {"gradient_checkpointing": on}
 
 
 def run_half(script: Path, args: list[str]) -> dict:

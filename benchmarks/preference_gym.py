@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 
-from measure import OtherCpu, peak_rss_mib, reset_peak_rss, rss_mib
+from measure import train_gym
 from preference_data import ALGORITHMS, BATCH, SEED, default_model_dir, gym_overrides
 
 
@@ -29,26 +27,11 @@ def run_gym_preference(model_dir: str, *, algorithm: str, steps: int,
     import torch
 
     import gym_core
-    from gym_core.config import bootstrap, compose
-    from gym_core.model import load_policy
-    from gym_core.train import seed_everything, train
+    from gym_core.config import compose
 
     cfg = compose(gym_overrides(algorithm, model_dir, steps))
-    plugins = bootstrap()
-    algo_cls = plugins.component("algorithm", algorithm).load()
-    task = plugins.component("data", cfg.data.name).load()(cfg.data)
-    seed_everything(SEED)
-    policy = load_policy(cfg.model, torch.device("cpu"))
-    baseline = rss_mib()
-    reset_peak_rss()
-    other = OtherCpu()
-    other.start()
-    with tempfile.TemporaryDirectory(prefix=f"gym-{algorithm}-bench-") as run_dir:
-        train(cfg, policy, algo_cls(cfg.algorithm, policy), task, [], plugins, Path(run_dir))
-        rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().split("\n")
-                if x.strip()]
-    peak = peak_rss_mib()
-    other_cpu = other.stop()
+    run = train_gym(cfg, algorithm, [], SEED)
+    rows = run["rows"]
     measured = rows[1:]
     total_sec = sum(r["step_seconds"] for r in measured)
     return {
@@ -57,14 +40,14 @@ def run_gym_preference(model_dir: str, *, algorithm: str, steps: int,
         "batch": BATCH[algorithm],
         "sec_per_step": total_sec / len(measured),
         "tokens_per_sec": sum(tokens_per_step[1:steps]) / total_sec,
-        "peak_rss_mib": peak,
+        "peak_rss_mib": run["peak_rss_mib"],
         "steps_timed": len(measured),
-        "baseline_rss_mib": baseline,
+        "baseline_rss_mib": run["baseline_rss_mib"],
         "tokens_per_step": tokens_per_step[:steps],
         "step_secs": [round(r["step_seconds"], 3) for r in rows],
         "losses": [r.get("loss") for r in rows],
         "torch_threads": torch.get_num_threads(),
-        "other_processes_cpu_sec": other_cpu,
+        "other_processes_cpu_sec": run["other_processes_cpu_sec"],
     }
 
 

@@ -22,12 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
-import time
 from typing import Any
 
-from measure import OtherCpu, peak_rss_mib, reset_peak_rss, rss_mib
+from measure import (
+    OtherCpu,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_mib,
+    trl_checkpointing,
+    trl_step_timer,
+)
 from preference_data import (
     ALGORITHMS,
     BATCH,
@@ -65,28 +70,6 @@ def trl_dataset(algorithm: str, model_dir: str, steps: int):
     return Dataset.from_list(rows)
 
 
-def _timing_callback(steps: list[dict[str, Any]]):
-    """Times each optimizer step: ``on_step_begin`` fires before ``training_step`` (the
-    collated batch is already drawn; TRL tokenised the whole dataset before training)
-    and ``on_step_end`` after the optimizer step."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            steps.append({"step": state.global_step, "sec": time.perf_counter() - self._start})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs and steps and steps[-1]["step"] == state.global_step:
-                steps[-1]["logs"] = dict(logs)
-                print(f"[trl] step {state.global_step}: {steps[-1]['sec']:.2f}s "
-                      f"loss={logs.get('loss')}", file=sys.stderr, flush=True)
-
-    return StepTimer()
-
-
 def run_trl_preference(model_dir: str, *, algorithm: str, steps: int,
                        tokens_per_step: list[int], gradient_checkpointing: bool = False) -> dict:
     """Train TRL's DPOTrainer / KTOTrainer for ``steps`` optimizer steps on CPU and time it."""
@@ -112,19 +95,14 @@ def run_trl_preference(model_dir: str, *, algorithm: str, steps: int,
     peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     Config, Trainer = (DPOConfig, DPOTrainer) if algorithm == "dpo" else (KTOConfig, KTOTrainer)
-    # TRL defaults gradient checkpointing to True; transformers 5 renamed the argument to
-    # activation_checkpointing (the old name still works but warns).
-    if "activation_checkpointing" in Config.__dataclass_fields__:
-        checkpointing = {"activation_checkpointing": gradient_checkpointing}
-    else:
-        checkpointing = {"gradient_checkpointing": gradient_checkpointing}
     method = ({"loss_type": ["sigmoid"]} if algorithm == "dpo"
               else {"loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0})
 
     with tempfile.TemporaryDirectory(prefix=f"trl-{algorithm}-bench-") as output_dir:
         config = Config(
             output_dir=output_dir,
-            use_cpu=True, bf16=False, fp16=False, **checkpointing,
+            use_cpu=True, bf16=False, fp16=False,
+            **trl_checkpointing(Config, gradient_checkpointing),
             per_device_train_batch_size=BATCH[algorithm],
             gradient_accumulation_steps=1,
             max_steps=steps,
@@ -142,7 +120,8 @@ def run_trl_preference(model_dir: str, *, algorithm: str, steps: int,
         timed: list[dict[str, Any]] = []
         trainer = Trainer(model=model, args=config, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config,
-                          callbacks=[_timing_callback(timed)])
+                          callbacks=[trl_step_timer(
+                              timed, "loss", lambda logs: f"loss={logs.get('loss')}")])
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         other = OtherCpu()
