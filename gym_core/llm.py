@@ -28,6 +28,7 @@ class ChatLLM:
     def __init__(self, cfg: Any, policy=None) -> None:
         self.cfg, self.policy = cfg, policy
         self.calls = 0  # conversations answered, for the step's metrics
+        self.retries = 0  # requests a remote back-end had to repeat, for the step's metrics
 
     def chat(self, conversations: list[list[Message]]) -> list[str]:
         """One reply per conversation (a list of ``{"role", "content"}`` messages)."""

@@ -120,7 +120,7 @@ class TrainingFreeGRPO(Algorithm):
         groups, total = self._contrasting_groups(batches)
         m: dict[str, float] = {"groups": total, "groups_kept": len(groups)}
         t0 = time.perf_counter()
-        calls_before = self.llm.calls
+        calls_before, retries_before = self.llm.calls, self.llm.retries
 
         # 2. one summary per trajectory of the kept groups
         convs = [prompts.summary_messages(g.question, c, r, g.answer)
@@ -165,6 +165,7 @@ class TrainingFreeGRPO(Algorithm):
             op_invalid += parsed[1]
         m.update(op_replies_unparsed=op_unparsed, ops_invalid=op_invalid,
                  llm_calls=self.llm.calls - calls_before,
+                 llm_retries=self.llm.retries - retries_before,
                  llm_seconds=time.perf_counter() - t0)
 
         # 5. one atomic batch; the store renumbers G0..Gn. Recorded even when empty, so

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +35,7 @@ class OpenAIChat(ChatLLM):
             )
         self._key = key
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self.retries = 0  # retried requests, for the step's metrics
+        self._retries_lock = threading.Lock()  # complete() runs on a thread pool
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIChat(url={self.url!r}, model={self.cfg.model!r})"
@@ -57,7 +58,8 @@ class OpenAIChat(ChatLLM):
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
-                self.retries += 1
+                with self._retries_lock:
+                    self.retries += 1
             request = urllib.request.Request(self.url, data=data, method="POST", headers={
                 "Content-Type": "application/json",
                 "Authorization": f"Bearer {self._key}",

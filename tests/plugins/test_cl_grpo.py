@@ -196,7 +196,7 @@ def openai_overrides(base_url):
 def test_tiny_run_with_openai_teacher_fills_the_library(
         tmp_path, cl_overrides, with_digit_reward, monkeypatch):
     monkeypatch.setenv("GYM_TEST_KEY", "sk-secret")
-    with FakeChatServer(teacher) as server:
+    with FakeChatServer(teacher, script=[429]) as server:  # the first request is retried
         summary = run_mod.run_job(compose([
             *cl_overrides, *openai_overrides(server.base_url), "experience_store=sqlite",
             "trainer.max_steps=2"]), run_dir=tmp_path / "run")
@@ -212,6 +212,7 @@ def test_tiny_run_with_openai_teacher_fills_the_library(
                for r in server.requests for m in r["messages"])
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["ops_added"] >= 1 and rows[0]["lesson_replies_unparsed"] == 0
+    assert [r["llm_retries"] for r in rows] == [1, 0]
     assert "sk-secret" not in (tmp_path / "run" / "summary.json").read_text()
 
 
