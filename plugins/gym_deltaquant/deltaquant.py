@@ -127,23 +127,21 @@ def _layout(shape, granularity: str, group_size: int):
     return rows, cols, math.ceil(cols / group_size)
 
 
-def to_units(d: torch.Tensor, granularity: str, group_size: int):
-    """``d`` as [units, unit_len] (groups zero-padded) and each unit's real entry count."""
+def to_units(d: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
+    """``d`` as [units, unit_len], one row per scale (a short last group zero-padded)."""
     rows, cols, groups = _layout(d.shape, granularity, group_size)
     x = d.reshape(rows, cols)
     if granularity != "group":
-        return x, torch.full((rows,), float(cols))
+        return x
     pad = groups * group_size - cols
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    counts = torch.full((rows, groups), float(group_size))
-    if pad:
-        counts[:, -1] = group_size - pad
-    return x.reshape(rows * groups, group_size), counts.reshape(-1)
+    return x.reshape(rows * groups, group_size)
 
 
 def from_units(x: torch.Tensor, shape, granularity: str, group_size: int) -> torch.Tensor:
-    rows, cols, groups = _layout(shape, granularity, group_size)
+    """Inverse of :func:`to_units`: drop the group padding, back to ``shape``."""
+    rows, cols, _ = _layout(shape, granularity, group_size)
     return x.reshape(rows, -1)[:, :cols].reshape(shape)
 
 
@@ -222,7 +220,7 @@ class DeltaQuantizer(Quantizer):
             else:
                 codes = unpack_codes(packed.tensors[f"{key}.codes"], self.code_bits(mode, bits),
                                      numel)
-            units, _ = to_units(codes.view(shape).float(), granularity, group_size)
+            units = to_units(codes.view(shape).float(), granularity, group_size)
             scale = packed.tensors[f"{key}.scale"].float().unsqueeze(1)
             if mode == "binary":
                 values = scale * (units * 2 - 1)
