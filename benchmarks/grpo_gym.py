@@ -36,7 +36,7 @@ def run_gym_grpo(
     import torch
 
     import gym_core
-    from gym_core.config import compose
+    from gym_core.startup import compose
 
     cfg = compose([
         "model=local", f"model.path={model_dir}",

@@ -99,8 +99,8 @@ def train_gym(cfg, algorithm: str, rewards: list[str], seed: int) -> dict:
 
     import torch
 
-    from gym_core.config import bootstrap
     from gym_core.model import load_policy
+    from gym_core.startup import bootstrap
     from gym_core.train import seed_everything, train
 
     plugins = bootstrap()

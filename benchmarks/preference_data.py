@@ -49,8 +49,8 @@ def step_examples(algorithm: str, model_dir: str, steps: int) -> list[list[dict[
     rows are put desirable first, as gym's KTO orders a batch before it pairs each prompt
     with the previous row's completion: TRL's collator pairs the same way, so both
     estimate z0 from the same mismatched pairs."""
-    from gym_core.config import bootstrap, compose
     from gym_core.data import Sampler
+    from gym_core.startup import bootstrap, compose
 
     cfg = compose(gym_overrides(algorithm, model_dir, steps))
     task = bootstrap().component("data", cfg.data.name).load()(cfg.data)

@@ -27,7 +27,7 @@ def run_gym_preference(model_dir: str, *, algorithm: str, steps: int,
     import torch
 
     import gym_core
-    from gym_core.config import compose
+    from gym_core.startup import compose
 
     cfg = compose(gym_overrides(algorithm, model_dir, steps))
     run = train_gym(cfg, algorithm, [], SEED)

@@ -5,8 +5,8 @@ The public names a plugin needs are importable from here without importing torch
 
 from gym_core.hookspecs import hookimpl, hookspec
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 #: The plugin API version; plugins may declare which one they need.
-API_VERSION = "1"
+API_VERSION = "2"
 
 __all__ = ["API_VERSION", "__version__", "hookimpl", "hookspec"]

@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gym_core.config import bootstrap
+from gym_core.startup import bootstrap
 
 
 @hydra.main(version_base=None, config_path="pkg://gym_core.conf", config_name="config")
@@ -66,21 +66,65 @@ def config_groups() -> dict[str, list[str]]:
 def print_help(overrides: list[str]) -> None:
     """Hydra's --help lists groups by copying its whole config store once per group (a
     second with every plugin installed); this reads the store once."""
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from gym_core.config import compose
-    from gym_core.errors import GymError
+    from gym_core.startup import compose
 
     groups = "\n".join(f"{g}: {', '.join(opts)}" for g, opts in config_groups().items())
-    try:
-        config = OmegaConf.to_yaml(compose(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
-        cause = f"\n{exc.__cause__}" if exc.__cause__ else ""
-        raise GymError(f"{exc}{cause}".split("\nConfig search path")[0].strip()) from None
+    config = OmegaConf.to_yaml(compose(overrides))
     print(f"{HELP_HEADER}\n== Config groups (installed options) ==\n{groups}\n\n"
           f"== Config (defaults; override with key=value) ==\n{config}\n{HELP_FOOTER}")
+
+
+#: Hydra's command-line flags that take a value (the value is not an override)
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
+                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    """The key=value / group=option arguments, without Hydra's flags and their values."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _FLAGS_WITH_VALUE
+        else:
+            out.append(a)
+    return out
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose the config the overrides give before Hydra runs, so that a bad override is
+    one line and exit 2 (Hydra's own report is several lines and exit 1). A sweep (-m) is
+    checked with the first value of each swept key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from gym_core.startup import compose
+
+    overrides = overrides_of(args)
+    if not overrides:
+        compose([])
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        from gym_core.errors import GymError
+
+        raise GymError(f"cannot parse the overrides: {str(exc).splitlines()[0]}") from None
+    first = []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # an interval (Optuna) has no first value: its sweeper checks
+                continue
+            if values:
+                first.append(f"{o.get_key_element()}={values[0]}")
+        else:
+            first.append(o.input_line)
+    compose(first)
 
 
 def entry() -> None:
@@ -88,21 +132,23 @@ def entry() -> None:
 
     with exit_on_user_error():
         plugins = bootstrap()
-        if "--plugins" in sys.argv[1:]:
-            if len(sys.argv) > 2:
+        args = sys.argv[1:]
+        if "--plugins" in args:
+            if len(args) > 1:
                 raise GymError("--plugins lists the installed plugins and takes no other "
-                               f"arguments; got {' '.join(sys.argv[1:])}")
+                               f"arguments; got {' '.join(args)}")
             # Like pytest's --trace-config / `datasette plugins`: what is installed, from
             # which distribution, and which config-group options each plugin adds.
             from gym_core.plugins import format_listing
 
             print(format_listing(plugins))
             return
-        args = sys.argv[1:]
         if ("--help" in args or "-h" in args) and "--hydra-help" not in args:
-            print_help([a for a in args if not a.startswith("-")])
+            print_help(overrides_of(args))
             return
-        main()
+        if "--hydra-help" not in args and "--info" not in args:
+            check_overrides(args)
+    main()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DeltaSoup: merge many contributors' deltas into one (ALGORITHMS.md §7).
+"""DeltaSoup: merge many contributors' deltas into one (docs/algorithms.md §7).
 
 The core reads the inputs (any quantizer's files, decoded through the quantizer their
 metadata names), flattens them into one fp32 matrix [contributors, weights], clips each
@@ -9,8 +9,6 @@ in plugins (``gym_soup`` for the built-in ones).
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 
 from gym_core.delta import FullPrecision, read_delta, save_packed
 from gym_core.errors import GymError
+from gym_core.files import write_json
 
 
 @dataclass
@@ -66,12 +65,9 @@ def resolve_input(path: str) -> Path:
     return p
 
 
-def make_soup(cfg: Any, out_dir: Path, plugins=None) -> dict[str, Any]:
-    """Merge ``cfg.inputs`` with rule ``cfg.name``; write ``soup.safetensors`` and
-    ``report.json`` into ``out_dir``; return the report."""
-    from gym_core.config import bootstrap
-
-    plugins = plugins or bootstrap()
+def make_soup(cfg: Any, out_dir: Path, plugins) -> dict[str, Any]:
+    """Merge ``cfg.inputs`` with rule ``cfg.name`` (from ``plugins``, the loaded plugins);
+    write ``soup.safetensors`` and ``report.json`` into ``out_dir``; return the report."""
     rule = plugins.component("soup", cfg.name).load()(cfg)
     paths = [resolve_input(p) for p in cfg.inputs]
     if len(paths) < 2:
@@ -170,9 +166,7 @@ def make_soup(cfg: Any, out_dir: Path, plugins=None) -> dict[str, Any]:
         ],
         "privacy": privacy,
     }
-    tmp = out_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out_dir / "report.json")
+    write_json(out_dir / "report.json", report)
     return report
 
 

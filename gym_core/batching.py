@@ -1,7 +1,7 @@
 """Batches of given completions (preference pairs, labelled answers) in the same layout
 as rollouts: distinct prompts [B, P] left-padded, their completions [B * G, C]
 right-padded with G contiguous rows per prompt, so every method scores them through
-:func:`gym_core.losses.completion_logprobs` (each prompt run once)."""
+``policy.logprobs`` (each prompt run once). Built by ``policy.encode``."""
 
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """What the core itself registers, through the same hooks as any plugin: the built-in
-tasks, the answer-checking reward, the ``none`` options of quant and experience_store,
-and ``llm=local`` (the policy model as a chat model)."""
+tasks, the answer-checking reward and ``quant=none`` (the full-precision delta format)."""
 
 from __future__ import annotations
 
-from gym_core.config import (
-    ArithmeticConfig,
-    ArithmeticLabelsConfig,
-    ExperienceStoreConfig,
-    JsonlConfig,
-    LocalLLMConfig,
-    QuantConfig,
-)
+from gym_core.config import ArithmeticConfig, ArithmeticLabelsConfig, JsonlConfig, QuantConfig
 from gym_core.hookspecs import hookimpl
 
 
@@ -30,13 +22,3 @@ def gym_add_rewards(registry):
 @hookimpl
 def gym_add_quantizers(registry):
     registry.add("none", QuantConfig, "gym_core.delta:FullPrecision")
-
-
-@hookimpl
-def gym_add_experience_stores(registry):
-    registry.add("none", ExperienceStoreConfig, None)
-
-
-@hookimpl
-def gym_add_llms(registry):
-    registry.add("local", LocalLLMConfig, "gym_core.llm:LocalLLM")

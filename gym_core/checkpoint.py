@@ -9,7 +9,6 @@ half-written checkpoint where resume would look; the trainer state is read back 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gym_core.errors import GymError
+from gym_core.files import atomic_path
 
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.pt"
@@ -83,23 +83,17 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
-    state = {"rng": rng_state(), **extra}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-        state["scheduler"] = scheduler.state_dict()
-    torch.save(state, tmp / STATE)
-    (tmp / INFO).write_text(json.dumps({"step": step, **{k: v for k, v in extra.items()
-                                                          if isinstance(v, (int, float, str))}}))
-    if final.exists():  # re-saving the same step (e.g. the end of a resumed, finished run)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = checkpoints_dir(run_dir) / f"step-{step:06d}"
+    # re-saving the same step (the end of a resumed, finished run) replaces it
+    with atomic_path(final, folder=True) as tmp:
+        save_file(trainable_state(model), str(tmp / WEIGHTS))
+        state = {"rng": rng_state(), **extra}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+            state["scheduler"] = scheduler.state_dict()
+        torch.save(state, tmp / STATE)
+        (tmp / INFO).write_text(json.dumps({"step": step, **{
+            k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}))
     for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

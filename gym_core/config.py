@@ -1,16 +1,16 @@
-"""Config schemas (dataclasses) and the bootstrap that stores them in Hydra's ConfigStore.
+"""Config schemas (dataclasses): what each config group's options may hold.
 
 Each config group's options are dataclasses, so overrides are type-checked and unknown
 keys are errors. Shared fields live in base classes (the parameter hierarchy): a method's
 config derives from :class:`AlgorithmConfig` or :class:`OnlineAlgorithmConfig` and adds
 only its own knobs. This module must stay cheap to import: ``--help`` and ``--cfg job``
-load it, and neither may import torch.
+load it, and neither may import torch. :mod:`gym_core.startup` stores them in Hydra's
+ConfigStore.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from omegaconf import MISSING
 
@@ -133,14 +133,28 @@ class OnlineAlgorithmConfig(AlgorithmConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    # Optimizer steps taken on each batch of rollouts (TRL's num_iterations, "mu").
-    num_iterations: int = 1
     rewards: list[str] = field(default_factory=lambda: ["accuracy"])
     reward_weights: list[float] | None = None  # None: all 1
 
 
+@dataclass
+class GroupPolicyConfig(OnlineAlgorithmConfig):
+    """Policy-gradient methods over groups of samples (GRPO, GSPO and their kin,
+    docs/algorithms.md §1): the advantage, clipping, KL and update-count knobs that
+    :class:`gym_core.policy_gradient.GroupPolicyGradient` reads."""
+
+    beta: float = 0.0  # k3 KL weight; 0 skips the reference forward pass (TRL >= 0.19)
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = None  # upper clip; None = epsilon
+    scale_rewards: str = "group"  # group | batch | none (docs/algorithms.md §1.1)
+    # Optimizer updates on each batch of rollouts (TRL's num_iterations, "mu"); above 1
+    # the ratio's denominator pi_old is the sampling policy's, computed once per batch.
+    num_iterations: int = 1
+    mask_truncated_completions: bool = False  # drop completions that hit the length cap
+
+
 # ----------------------------------------------------------------------------------------
-# quant, experience_store
+# quant, soup
 # ----------------------------------------------------------------------------------------
 
 
@@ -149,6 +163,17 @@ class QuantConfig:
     """Base of every ``quant=<name>`` option; ``quant=none`` skips quantization."""
 
     name: str = "none"
+
+
+@dataclass
+class MatrixQuantConfig(QuantConfig):
+    """Base of quantizers built on :class:`gym_core.delta.MatrixQuantizer`: which matrices
+    are compressed (the rest of the delta is stored exactly)."""
+
+    # Matrices whose name ends in one of these are compressed (attention and MLP
+    # projections, as BitDelta does, docs/algorithms.md §5); embeddings, norms and the
+    # head stay full precision.
+    targets: list[str] = field(default_factory=lambda: ["_proj.weight"])
 
 
 @dataclass
@@ -170,35 +195,6 @@ class SoupConfig:
     sample_rate: float = 1.0  # contributors sampled per round (1.0: everyone, no amplification)
     rounds: int = 1  # rounds accounted for
     seed: int | None = None  # None: noise and DARE masks seeded from the OS's entropy
-
-
-@dataclass
-class ExperienceStoreConfig:
-    """Base of every ``experience_store=<name>`` option."""
-
-    name: str = "none"
-
-
-# ----------------------------------------------------------------------------------------
-# llm: the chat model a method calls for its own reasoning (training-free methods)
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class LLMConfig:
-    """Base of every ``llm=<name>`` option."""
-
-    name: str = MISSING
-    max_new_tokens: int = 512
-    temperature: float = 0.7  # 0: greedy
-
-
-@dataclass
-class LocalLLMConfig(LLMConfig):
-    """The policy model itself, through the core's generation code (works offline)."""
-
-    name: str = "local"
-    batch_size: int = 8  # conversations per generate call
 
 
 # ----------------------------------------------------------------------------------------
@@ -233,64 +229,8 @@ class RunConfig:
     root: str = "runs"
 
 
-@dataclass
-class GymConfig:
-    model: ModelConfig = MISSING
-    data: Any = MISSING
-    algorithm: Any = MISSING
-    quant: Any = MISSING
-    experience_store: Any = MISSING
-    llm: Any = MISSING
-    trainer: TrainerConfig = MISSING
-    run: RunConfig = field(default_factory=RunConfig)
-
-
 MODEL_OPTIONS = {
     "smollm2": ModelConfig(source="smollm2"),
     "local": ModelConfig(source="local"),
     "tiny": ModelConfig(source="tiny", lora=LoraConfig(r=4, alpha=8)),
 }
-
-_plugins = None
-
-
-def compose(overrides: list[str] | None = None):
-    """The config ``python -m gym_core OVERRIDES`` would run, composed in-process (for
-    notebooks, tests and benchmarks): ``run_job(compose(["model=tiny"]), run_dir=...)``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    bootstrap()
-    with initialize_config_module(config_module="gym_core.conf", version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
-
-
-def bootstrap(entry_points=None, *, reload: bool = False):
-    """Load the plugins and store every config schema in Hydra's ConfigStore.
-
-    The one start-up path: ``python -m gym_core``, tests and launcher workers call it
-    before composing a config. Cached per process; ``reload=True`` (or passing
-    ``entry_points``) discovers again.
-    """
-    global _plugins
-    if _plugins is not None and not reload and entry_points is None:
-        return _plugins
-    from hydra.core.config_store import ConfigStore
-
-    from gym_core.plugins import load_plugins
-
-    plugins = load_plugins(entry_points)
-    cs = ConfigStore.instance()
-    # A fresh discovery replaces what an earlier one stored.
-    for group in ("model", "trainer", *plugins.registries):
-        cs.repo.pop(group, None)
-    cs.store(name="gym_schema", node=GymConfig)
-    cs.store(group="trainer", name="default", node=TrainerConfig)
-    for name, node in MODEL_OPTIONS.items():
-        cs.store(group="model", name=name, node=node)
-    for family, registry in plugins.registries.items():
-        for comp in registry:
-            if comp.config is not None:
-                cs.store(group=family, name=comp.name, node=comp.config)
-    _plugins = plugins
-    return plugins

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gym_core.errors import GymError
+from gym_core.files import atomic_path
 
 
 @dataclass
@@ -42,7 +42,8 @@ class PackedDelta:
 
 class Quantizer:
     """Base of quantizer plugins: ``quantize(delta) -> PackedDelta`` with real bit packing
-    and ``dequantize(packed) -> delta`` (fp32 tensors keyed like the delta)."""
+    and ``dequantize(packed) -> delta`` (fp32 tensors keyed like the delta). Schemes that
+    compress each matrix on its own derive from :class:`MatrixQuantizer` instead."""
 
     Config: ClassVar[type]
 
@@ -53,6 +54,8 @@ class Quantizer:
         raise NotImplementedError
 
     def dequantize(self, packed: PackedDelta) -> dict[str, torch.Tensor]:
+        """The fp32 delta; a file whose tensors do not match its metadata (sizes, dtypes,
+        names) raises :class:`GymError` naming the tensor, before any kernel reads it."""
         raise NotImplementedError
 
     def calibrate(self, packed: PackedDelta, ctx: CalibrationContext) -> PackedDelta | None:
@@ -60,11 +63,132 @@ class Quantizer:
 
         Called by the run after :meth:`quantize` with the fine-tuned model, a base-model
         loader and the task's training prompts. Return the improved packed delta, or
-        ``None`` when this quantizer (as configured) does no calibration; when it returns
-        one, the run scores the delta before and after it (``summary.json``:
-        ``quant_stats.after_quant_uncalibrated`` and ``eval.after_quant``).
+        ``None`` when this quantizer (as configured) does no calibration (the default);
+        when it returns one, the run scores the delta before and after it
+        (``summary.json``: ``quant_stats.after_quant_uncalibrated`` and
+        ``eval.after_quant``).
         """
         return None
+
+    def stats(self) -> dict[str, Any]:
+        """Facts about the last quantize/calibrate (e.g. distillation losses), added to
+        ``summary.json``'s ``quant_stats``. Default: none."""
+        return {}
+
+    def check_origin(self, packed: PackedDelta) -> None:
+        """Refuse a file another quantizer wrote (its metadata names the quantizer)."""
+        wrote = packed.meta.get("quantizer")
+        if wrote != self.cfg.name:
+            raise GymError(
+                f"this delta was written by quantizer {wrote!r}, not {self.cfg.name!r}: "
+                "decode it with that quantizer (read_delta picks it from the file)"
+            )
+
+
+class MatrixQuantizer(Quantizer):
+    """The shell of quantizers that compress each target matrix on its own (BitDelta,
+    DeltaQuant, ...): 2-D tensors whose name ends in one of ``cfg.targets``
+    (:class:`gym_core.config.MatrixQuantConfig`) go through :meth:`quantize_matrix`;
+    every other tensor is stored exactly (``<key>.full``, fp32). The file's metadata
+    records the quantizer's name, every tensor's shape and :meth:`file_meta`; decoding
+    checks the name, then every stored part against :meth:`part_specs` (dtype and size
+    from the recorded shape) before :meth:`dequantize_matrix` reads it, so a truncated
+    or foreign file is refused by tensor name instead of being read past its end.
+
+    A subclass implements :meth:`quantize_matrix`, :meth:`part_specs` and
+    :meth:`dequantize_matrix` (and :meth:`file_meta` when decoding needs settings).
+    """
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.cfg.targets)
+
+    def quantize_matrix(self, key: str, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One fp32 matrix -> its stored parts ``{suffix: tensor}`` (saved as
+        ``<key>.<suffix>``). Runs on several threads at once (:func:`map_tensors`)."""
+        raise NotImplementedError
+
+    def part_specs(self, shape: tuple[int, ...], meta: dict[str, str]
+                   ) -> dict[str, tuple[torch.dtype, int]]:
+        """The parts a matrix of ``shape`` is stored as: ``{suffix: (dtype, numel)}``."""
+        raise NotImplementedError
+
+    def dequantize_matrix(self, key: str, shape: tuple[int, ...], parts: dict[str, torch.Tensor],
+                          meta: dict[str, str]) -> torch.Tensor:
+        """The fp32 matrix from its checked parts."""
+        raise NotImplementedError
+
+    def file_meta(self) -> dict[str, str]:
+        """Settings decoding needs, stored in the file's metadata. Default: none."""
+        return {}
+
+    def quantize(self, delta):
+        targets = self.targets
+
+        def one(key, d):
+            if d.dim() == 2 and d.numel() > 0 and key.endswith(targets):
+                return {f"{key}.{suffix}": t for suffix, t in self.quantize_matrix(key, d).items()}
+            full = d.detach().float().clone()
+            if not torch.isfinite(full).all():
+                raise GymError(f"delta tensor '{key}' has NaN or infinite entries: the "
+                               "fine-tuned weights diverged; use a checkpoint from before that")
+            return {f"{key}.full": full}
+
+        tensors = {}
+        for part in map_tensors(one, delta):
+            tensors.update(part)
+        meta = {"quantizer": self.cfg.name, "shapes": shapes_meta(delta), **self.file_meta()}
+        return PackedDelta(tensors, meta, sum(d.numel() for d in delta.values()))
+
+    def dequantize(self, packed):
+        self.check_origin(packed)
+        shapes = recorded_shapes(packed)
+        out = {}
+        for key, shape in shapes.items():
+            if f"{key}.full" in packed.tensors:
+                t = _checked(packed, f"{key}.full", torch.float32, math.prod(shape))
+                out[key] = t.float().reshape(shape)
+                continue
+            specs = self.part_specs(shape, packed.meta)
+            parts = {suffix: _checked(packed, f"{key}.{suffix}", dtype, numel)
+                     for suffix, (dtype, numel) in specs.items()}
+            out[key] = self.dequantize_matrix(key, shape, parts, packed.meta)
+        described = {f"{k}.full" for k in shapes} | {
+            f"{k}.{suffix}" for k, shape in shapes.items()
+            for suffix in self.part_specs(shape, packed.meta)}
+        unknown = sorted(set(packed.tensors) - described)
+        if unknown:
+            raise GymError(f"the delta holds tensors its metadata does not describe "
+                           f"({', '.join(unknown[:3])}): the file is damaged or not "
+                           f"{self.cfg.name}'s")
+        return out
+
+
+def recorded_shapes(packed: PackedDelta) -> dict[str, tuple[int, ...]]:
+    """The ``shapes`` metadata of a packed delta, checked: tensor name -> shape."""
+    try:
+        raw = json.loads(packed.meta["shapes"])
+    except (KeyError, ValueError) as exc:
+        raise GymError(f"the delta has no readable 'shapes' metadata ({exc}): the file is "
+                       "damaged or was not written by gym") from None
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and len(v) <= 8
+            and all(isinstance(n, int) and 0 <= n < 2**40 for n in v) for k, v in raw.items()):
+        raise GymError("the delta's 'shapes' metadata is not a map of tensor names to "
+                       "shapes: the file is damaged or was not written by gym")
+    return {k: tuple(v) for k, v in raw.items()}
+
+
+def _checked(packed: PackedDelta, name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    t = packed.tensors.get(name)
+    if t is None:
+        raise GymError(f"the delta has no tensor '{name}', which its metadata calls for: "
+                       "the file is damaged or incomplete")
+    if t.dtype != dtype or t.numel() != numel:
+        raise GymError(f"delta tensor '{name}' is {t.dtype} with {t.numel()} entries where "
+                       f"its metadata calls for {dtype} with {numel}: the file is damaged "
+                       "or not this quantizer's")
+    return t.reshape(-1)
 
 
 @dataclass
@@ -114,7 +238,7 @@ def base_key(peft_name: str) -> str:
 @torch.no_grad()
 def apply_delta(model: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
     """model weights += delta, added in fp32 and cast once (a tiny delta added to bf16
-    weights would be lost, ALGORITHMS.md §6)."""
+    weights would be lost, docs/algorithms.md §6)."""
     params = dict(model.named_parameters())
     for key, d in delta.items():
         if key not in params:
@@ -128,11 +252,10 @@ def apply_delta(model: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
 def save_packed(packed: PackedDelta, path: Path) -> int:
     """Write atomically as safetensors; returns the file's size in bytes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(packed.meta, num_params=str(packed.num_params))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in packed.tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in packed.tensors.items()}, str(tmp),
+                  metadata=meta)
     return path.stat().st_size
 
 
@@ -148,7 +271,11 @@ def load_packed(path: Path) -> PackedDelta:
         tensors = load_file(str(path))
     except Exception as exc:
         raise GymError(f"{path} is not a readable safetensors delta file: {exc}") from exc
-    num = int(meta.pop("num_params", "0"))
+    try:
+        num = int(meta.pop("num_params", "0"))
+    except ValueError:
+        raise GymError(f"{path}: its 'num_params' metadata is not a number: the file is "
+                       "damaged or was not written by gym") from None
     return PackedDelta(tensors, meta, num)
 
 
@@ -169,33 +296,27 @@ def shapes_meta(delta: dict[str, torch.Tensor]) -> str:
     return json.dumps({k: list(v.shape) for k, v in delta.items()})
 
 
-class FullPrecision(Quantizer):
-    """``quant=none``'s file format: the delta itself, fp32, one tensor per weight. Runs
-    with ``quant=none`` write no delta; soups read and write this format."""
+class FullPrecision(MatrixQuantizer):
+    """``quant=none``'s file format: the delta itself, fp32, every tensor stored exactly.
+    Runs with ``quant=none`` write no delta; soups read and write this format."""
 
-    def quantize(self, delta):
-        tensors = {k: v.detach().float().contiguous().clone() for k, v in delta.items()}
-        num = sum(v.numel() for v in tensors.values())
-        return PackedDelta(tensors, {"quantizer": "none"}, num)
+    targets = ()
 
-    def dequantize(self, packed):
-        if packed.meta.get("quantizer") != "none":
-            raise GymError(
-                f"this delta was written by quantizer {packed.meta.get('quantizer')!r}, not "
-                "as a full-precision (quantizer 'none') delta: read it with read_delta()"
-            )
-        return {k: v.float() for k, v in packed.tensors.items()}
+    def __init__(self, cfg: Any = None) -> None:
+        from gym_core.config import QuantConfig
+
+        super().__init__(cfg if cfg is not None else QuantConfig())
+
+    def part_specs(self, shape, meta):
+        return {}
 
 
-def read_delta(path: Path, plugins=None) -> dict[str, torch.Tensor]:
+def read_delta(path: Path, plugins) -> dict[str, torch.Tensor]:
     """The fp32 delta in a delta file, whichever quantizer wrote it: the file's metadata
-    names the quantizer, which must be installed, and its ``dequantize`` decodes it."""
+    names the quantizer, which must be installed (``plugins``, the loaded plugins), and
+    its ``dequantize`` decodes it. A damaged file raises :class:`GymError` naming it."""
     from omegaconf import OmegaConf
 
-    if plugins is None:
-        from gym_core.config import bootstrap
-
-        plugins = bootstrap()
     packed = load_packed(path)
     name = packed.meta.get("quantizer")
     if not name:
@@ -211,11 +332,14 @@ def read_delta(path: Path, plugins=None) -> dict[str, torch.Tensor]:
         )
     comp = plugins.component("quant", name)
     quantizer = comp.load()(OmegaConf.structured(comp.config))
-    return quantizer.dequantize(packed)
+    try:
+        return quantizer.dequantize(packed)
+    except GymError as exc:
+        raise GymError(f"{path}: {exc}") from None
 
 
 def reconstruction_error(delta: dict[str, torch.Tensor], restored: dict[str, torch.Tensor]):
-    """How far a dequantized delta is from the original (ALGORITHMS.md §6 metrics), per
+    """How far a dequantized delta is from the original (docs/algorithms.md §6 metrics), per
     tensor and over all of them: relative Frobenius error ||D - D_hat|| / ||D||,
     SNR in dB 10 log10(||D||^2 / ||D - D_hat||^2) and cosine(D, D_hat), in fp64."""
 

@@ -44,6 +44,14 @@ class Dist:
         summed = self.all_reduce_sum([float(d[k]) for k in keys])
         return {k: v / self.world for k, v in zip(keys, summed)}
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.enabled:

@@ -9,17 +9,16 @@ import sys
 class GymError(Exception):
     """Bad input from the user (config, data file, model path, checkpoint, plugin).
 
-    Printed without a traceback; the process exits with status 2.
+    Printed without a traceback; the process exits with status 2. Every error gym raises
+    for something a user can fix derives from it (:class:`gym_core.plugins.PluginError`,
+    :class:`gym_core.registry.RegistryError`, ...).
     """
 
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    from gym_core.plugins import PluginError
-    from gym_core.registry import RegistryError
-
     try:
         yield
-    except (GymError, PluginError, RegistryError) as exc:
+    except GymError as exc:
         print(f"gym: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

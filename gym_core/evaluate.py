@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gym_core.data import render_prompts
 from gym_core.distributed import Dist
-from gym_core.generation import Sampling, generate
-from gym_core.losses import completion_logprobs
+from gym_core.generation import Sampling, sample
 
 
 @torch.no_grad()
@@ -21,33 +19,22 @@ def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch
         return float("nan")
     total = len(examples)
     examples = examples[dist.rank :: dist.world]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     scores: list[float] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        texts = render_prompts(tokenizer, [ex["prompt"] for ex in chunk], system_prompt)
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = generate(
-            model, enc.input_ids.to(device), enc.attention_mask.to(device), num_samples=1,
-            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, sampling=Sampling(do_sample=False),
-        )
-        completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        scores.extend(metric_fn([ex["prompt"] for ex in chunk], completions, chunk))
-    model.train(was_training)
+        prompts = [ex["prompt"] for ex in chunk]
+        out = sample(model, tokenizer, prompts, system_prompt=system_prompt,
+                     max_new_tokens=max_new_tokens, sampling=Sampling(do_sample=False))
+        scores.extend(metric_fn(prompts, out.texts, chunk))
     return dist.all_reduce_sum([sum(scores)])[0] / total
 
 
 @torch.no_grad()
-def preference_accuracy(policy, examples, *, system_prompt=None, batch_size=32,
-                        max_prompt_length=256, max_completion_length=64,
-                        dist: Dist | None = None) -> float | None:
+def preference_accuracy(policy, examples, *, batch_size=32, max_prompt_length=256,
+                        max_completion_length=64, dist: Dist | None = None) -> float | None:
     """Share of held-out pairs whose chosen completion has the higher log-probability
-    under the policy (summed over its tokens). None when the examples hold no pairs."""
-    from gym_core.batching import encode_completions
-
+    under the policy (summed over its tokens), prompts rendered as in training. None when
+    the examples hold no pairs."""
     dist = dist or Dist()
     pairs = [ex for ex in examples if "chosen" in ex and "rejected" in ex]
     if not pairs:
@@ -60,15 +47,13 @@ def preference_accuracy(policy, examples, *, system_prompt=None, batch_size=32,
     wins = 0.0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        batch = encode_completions(
-            policy.tokenizer, [ex["prompt"] for ex in chunk],
-            [[ex["chosen"], ex["rejected"]] for ex in chunk], system_prompt=system_prompt,
-            max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-            device=policy.device,
-        )
-        # the plain model, not a DDP wrapper: ranks may hold different numbers of batches
-        logp = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask,
-                                   batch.completion_ids, batch.completion_mask)
+        batch = policy.encode([ex["prompt"] for ex in chunk],
+                              [[ex["chosen"], ex["rejected"]] for ex in chunk],
+                              max_prompt_length=max_prompt_length,
+                              max_completion_length=max_completion_length)
+        # without gradients: ranks may hold different numbers of batches, and no DDP
+        # synchronisation is needed
+        logp = policy.logprobs(batch)
         sums = (logp * batch.completion_mask).sum(-1).view(-1, 2)
         wins += (sums[:, 0] > sums[:, 1]).float().sum().item()
     model.train(was_training)

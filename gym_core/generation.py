@@ -10,8 +10,11 @@ B*G rows decode together. The same sharing applies when training
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from gym_core.data import render_prompts
 
 
 @dataclass
@@ -104,3 +107,52 @@ def generate(
                     use_cache=True)
         logits = out.logits[:, -1]
     return torch.stack(tokens, dim=1)
+
+
+def completion_masks(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the tokens up to and including the first EOS, and which rows never end."""
+    is_eos = ids == eos_id
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), ids.shape[1])
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    mask = (positions <= first.unsqueeze(1)).long()
+    return mask, ~has_eos
+
+
+@dataclass
+class Samples:
+    """What :func:`sample` returns: the prompts as encoded and the completions."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # [B * num_samples, C] padded after the first EOS
+    completion_mask: torch.Tensor  # 1 up to and including the first EOS
+    truncated: torch.Tensor  # [B * num_samples] bool: no EOS within max_new_tokens
+    texts: list[str]  # decoded completions, special tokens dropped
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
+           max_new_tokens: int, sampling: Sampling, num_samples: int = 1,
+           row_seeds: list[int] | None = None) -> Samples:
+    """The one sampling path (rollouts, evaluation, a policy answering as a chat model):
+    render the prompts (strings or chat messages) with the chat template, tokenize,
+    generate with the KV cache (each prompt prefilled once for its ``num_samples`` rows),
+    mask after the first EOS and decode."""
+    texts = render_prompts(tokenizer, prompts, system_prompt)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        ids = generate(model, prompt_ids, prompt_mask, num_samples=num_samples,
+                       max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, sampling=sampling,
+                       row_seeds=row_seeds)
+    finally:
+        model.train(was_training)
+    mask, truncated = completion_masks(ids, tokenizer.eos_token_id)
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return Samples(prompt_ids, prompt_mask, ids, mask, truncated,
+                   tokenizer.batch_decode(ids, skip_special_tokens=True))

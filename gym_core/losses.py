@@ -1,11 +1,19 @@
 """The token math every method shares: log-prob gathering, masking and loss
-normalisation (ALGORITHMS.md §1.2). Method formulas live in the plugins."""
+normalisation (docs/algorithms.md §1.2). Method formulas live in the plugins."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
+import torch.distributed
+
+from gym_core.errors import GymError
+
+# Set while the DDP-wrapped scorer (gym_core.model.LogprobScorer) runs: a log-prob pass
+# with gradients anywhere else would skip DDP's gradient all-reduce.
+_through_ddp = threading.local()
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -35,7 +43,21 @@ def completion_logprobs(
     ``detached=(ids, mask)``: more completions of the same prompts ([N, C'] in the same
     row layout), scored without gradients from the same prompt pass; returns
     ``(logprobs, detached_logprobs)``. Their activations are not kept for backward.
+
+    Plugins call ``policy.logprobs(batch)`` instead: on a distributed run this pass with
+    gradients must go through the DDP-wrapped scorer, or the ranks' weights drift apart;
+    called directly there, it raises.
     """
+    if (torch.is_grad_enabled() and not getattr(_through_ddp, "active", False)
+            and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+            and any(p.requires_grad for p in model.parameters())):
+        raise GymError(
+            "completion_logprobs was called with gradients on a distributed run, outside "
+            "the DDP-wrapped scorer: the ranks would train on unsynchronised gradients and "
+            "drift apart. Compute log-probs with self.policy.logprobs(batch) (or call this "
+            "under torch.no_grad() for values without gradients)."
+        )
     g = completion_ids.shape[0] // prompt_ids.shape[0]
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                 logits_to_keep=1)

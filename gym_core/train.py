@@ -4,7 +4,6 @@ algorithm only turns a batch into a loss."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gym_core.algorithm import Updater, mean_dicts
 from gym_core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from gym_core.data import Sampler
 from gym_core.distributed import Dist
@@ -67,23 +67,21 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     rank 0 alone writes. ``trainer.batch_size`` counts prompts (examples) per process."""
     dist = dist or Dist()
     tcfg, acfg = cfg.trainer, cfg.algorithm
-    updates_per_step = getattr(acfg, "num_iterations", 1) if algo.online else 1
-    if updates_per_step < 1:
-        raise GymError(f"algorithm.num_iterations={updates_per_step} must be at least 1")
     if tcfg.batch_size < 1 or tcfg.grad_accum < 1:
         raise GymError("trainer.batch_size and trainer.grad_accum must be at least 1")
 
     params = policy.trainable_parameters() if algo.trains_weights else []
-    optimizer = scheduler = None
+    optimizer = scheduler = updater = None
     if algo.trains_weights:
         optimizer = torch.optim.AdamW(
             params, lr=acfg.lr, betas=tuple(acfg.adam_betas), weight_decay=acfg.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(tcfg, tcfg.max_steps * updates_per_step)
+            optimizer, lr_lambda(tcfg, tcfg.max_steps * algo.updates_per_step)
         )
-    if dist.enabled and algo.trains_weights and params:
-        policy.distribute(dist.device)
+        if dist.enabled and params:
+            policy.distribute(dist.device)
+        updater = Updater(policy, optimizer, scheduler, params, tcfg.max_grad_norm, dist)
     sampler = Sampler(len(task.train), tcfg.seed)
     log = MetricsLog(run_dir, tcfg.tensorboard) if dist.main else None
     start_step, seconds, tokens = 0, 0.0, 0
@@ -103,9 +101,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
 
     if algo.needs_reference:
         policy.keep_reference()
-    engine = None
-    if algo.online:
-        engine = RolloutEngine(policy, acfg, rewards, cfg.data.system_prompt)
+    engine = RolloutEngine(policy, acfg, rewards) if algo.online else None
     if dist.main:
         plugins.hook.gym_run_start(cfg=cfg, run_dir=str(run_dir), start_step=start_step)
 
@@ -152,55 +148,35 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 batch = algo.collate(examples)
             algo.prepare(batch)
             batches.append(batch)
-        t_gen = time.perf_counter() - t0
+        t_batches = time.perf_counter() - t0
         totals = algo.step_totals(batches)
         if dist.enabled:  # normalisers count the whole step, over every rank
             totals = type(totals)(*map(int, dist.all_reduce_sum(list(astuple(totals)))))
 
-        # 2. updates: each micro-batch's loss is already its share of the step's loss.
-        loss_metrics: list[dict[str, float]] = []
-        update_metrics: dict[str, float] = {}
-        if optimizer is None:  # training-free: the algorithm learns without gradients
-            loss_metrics.append(algo.update(batches))
-        for _ in range(updates_per_step if optimizer is not None else 0):
-            optimizer.zero_grad(set_to_none=True)
-            total_loss = 0.0
-            for i, batch in enumerate(batches):
-                # DDP averages gradients over ranks while the shares add up to the step's
-                # loss: scale by the world size; all-reduce only after the last micro-batch
-                sync = i == len(batches) - 1
-                with contextlib.nullcontext() if sync else policy.no_sync():
-                    loss, m = algo.loss(batch, totals)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"the loss became {loss.item()} at step {step + 1}; lower "
-                            "algorithm.lr or check the rewards (last checkpoint kept)"
-                        )
-                    (loss * dist.world).backward()
-                total_loss += loss.item()
-                loss_metrics.append(m)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            update_metrics = {"loss": dist.all_reduce_sum([total_loss])[0],
-                              "grad_norm": float(grad_norm),
-                              "lr": scheduler.get_last_lr()[0]}
+        # 2. the algorithm's step: optimizer updates (or its own way of learning)
+        if updater is not None:
+            updater.step = step + 1
+        step_metrics = algo.step(batches, totals, updater)
+        if dist.enabled and params:
+            check_replicas(params, dist, step + 1)
 
         step += 1
         dt = time.perf_counter() - t0
         seconds += dt
         step_tokens = totals.tokens
         tokens += step_tokens
+        reported = {k: v for k, v in step_metrics.items() if k not in ("loss", "grad_norm", "lr")}
         metrics = {
-            **update_metrics,
-            **dist.all_reduce_mean_dict({**_mean_dicts(loss_metrics), **_mean_dicts(batch_metrics)}),
+            **{k: v for k, v in step_metrics.items() if k in ("loss", "grad_norm", "lr")},
+            **dist.all_reduce_mean_dict({**reported, **mean_dicts(batch_metrics)}),
             "step_seconds": dt,
-            "generate_seconds": t_gen,
+            # online: sampling the rollouts; offline: building the batches
+            ("generate_seconds" if engine is not None else "collate_seconds"): t_batches,
             "tokens_per_second": step_tokens / dt,
         }
         if dist.main:
             log.log(step, metrics)
-            plugins.hook.gym_step_end(step=step, metrics=metrics)
+            plugins.hook.gym_step_end(step=step, metrics=metrics, run_dir=str(run_dir))
         if progress is not None:
             progress.update(1)
             shown = ("loss", "reward_mean", "kl", "tokens_per_second")
@@ -215,8 +191,22 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     return TrainResult(steps=step, seconds=seconds, completion_tokens=tokens)
 
 
-def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
-    if not rows:
-        return {}
-    keys = {k for r in rows for k in r}
-    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+def check_replicas(params, dist: Dist, step: int) -> None:
+    """After a distributed step every rank must hold the same weights (DDP averaged the
+    same gradients into the same optimizer state). They differ when a loss was computed
+    outside ``policy.logprobs`` (no gradient all-reduce): stop, instead of training
+    replicas that silently drift apart. Two float64 sums per rank, gathered once."""
+    with torch.no_grad():
+        flat = [p.detach().double().reshape(-1) for p in params]
+        index = [torch.arange(1, f.numel() + 1, dtype=torch.float64, device=f.device)
+                 for f in flat]
+        local = [sum(float(f.sum()) for f in flat),
+                 sum(float((f * i).sum()) for f, i in zip(flat, index))]
+    gathered = dist.all_gather(local)
+    if any(g != gathered[0] for g in gathered[1:]):
+        raise GymError(
+            f"after step {step} the ranks' trainable weights differ (checksums "
+            f"{[round(g[0], 6) for g in gathered]}): gradients were not synchronised. An "
+            "algorithm computed a loss outside policy.logprobs(batch), the only road that "
+            "goes through DDP (docs/plugins.md, gym_add_algorithms)."
+        )

@@ -68,7 +68,7 @@ def test_only_the_fresh_environment_has_the_plugin(env_python, tmp_path):
         metadata.distribution("gym-example-plugin")
     out = gym(python, ["gym_core", "--plugins"], tmp_path)
     assert out.returncode == 0, out.stderr
-    block = out.stdout.split("example  (gym_example_plugin; gym-example-plugin 0.1.0, API 1)\n")[1]
+    block = out.stdout.split("example  (gym_example_plugin; gym-example-plugin 0.1.0, API 2)\n")[1]
     assert block.splitlines()[:3] == ["    algorithm: rloo", "    quant: absmax",
                                       "    reward: number_only"]
 

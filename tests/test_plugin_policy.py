@@ -18,10 +18,9 @@ from tests.conftest import run_cli
 
 GOOD = """
 from dataclasses import dataclass
-from gym_core import hookimpl
-from gym_core.config import QuantConfig
+from gym_core.api import QuantConfig, hookimpl
 
-GYM_API_VERSION = "1"
+GYM_API_VERSION = "2"
 
 @dataclass
 class KeepConfig(QuantConfig):
@@ -40,24 +39,24 @@ BROKEN = {
     # kind: (module source, what the message must say)
     "import": ("import gym_no_such_dependency\n", "failed to import: ModuleNotFoundError"),
     "arguments": (
-        "from gym_core import hookimpl\n\n"
+        "from gym_core.api import hookimpl\n\n"
         "@hookimpl\ndef gym_add_algorithms(reg):\n    pass\n",
         "does not match gym's hook specs",
     ),
     "duplicate": (
         # Registers an algorithm first, then a data option the core already has: when the
         # plugin is skipped, its algorithm must go too.
-        "from gym_core import hookimpl\nfrom gym_core.config import AlgorithmConfig, DataConfig\n\n"
+        "from gym_core.api import AlgorithmConfig, DataConfig, hookimpl\n\n"
         "@hookimpl\ndef gym_add_algorithms(registry):\n"
         "    registry.add('extra_algo', AlgorithmConfig, 'x:y')\n\n"
         "@hookimpl\ndef gym_add_datasets(registry):\n"
         "    registry.add('arithmetic', DataConfig, 'x:y')\n",
         "data 'arithmetic' is registered by both plugin 'gym_core' and plugin 'broken'",
     ),
-    "api": ('GYM_API_VERSION = "2"\n',
-            "needs gym plugin API 2, but the installed gym-core 0.1.0 provides plugin API 1"),
+    "api": ('GYM_API_VERSION = "1"\n',
+            "needs gym plugin API 1, but the installed gym-core 0.2.0 provides plugin API 2"),
     "typo": (
-        "from gym_core import hookimpl\n\n"
+        "from gym_core.api import hookimpl\n\n"
         "@hookimpl\ndef gym_add_algorithm(registry):\n    pass\n",
         "gym_add_algorithm",
     ),
@@ -149,7 +148,7 @@ def test_skip_policy_run_goes_on_without_the_plugin(tmp_path, monkeypatch):
 
 
 def test_duplicate_between_two_plugins_names_both_distributions(tmp_path, monkeypatch):
-    one = "from gym_core import hookimpl\n\n@hookimpl\ndef gym_add_rewards(registry):\n" \
+    one = "from gym_core.api import hookimpl\n\n@hookimpl\ndef gym_add_rewards(registry):\n" \
           "    registry.add('same', None, len)\n"
     site = make_distribution(tmp_path, "gym-first", "1.0", "gym_first", one, "first")
     make_distribution(tmp_path, "gym-second", "2.5", "gym_second", one, "second")
@@ -165,10 +164,10 @@ def test_duplicate_between_two_plugins_names_both_distributions(tmp_path, monkey
 
 
 def test_api_version_may_list_several(tmp_path, monkeypatch):
-    src = GOOD.replace('GYM_API_VERSION = "1"', 'GYM_API_VERSION = ["1", "2"]')
+    src = GOOD.replace('GYM_API_VERSION = "2"', 'GYM_API_VERSION = ["2", "3"]')
     site = make_distribution(tmp_path, "gym-good", "0.4.0", "gym_good", src, "good")
     plugins = load_plugins(entry_points_with(site, monkeypatch, "gym-good"))
-    assert plugins.infos["good"].api == "1, 2"
+    assert plugins.infos["good"].api == "2, 3"
     bad = tmp_path / "bad"
     make_distribution(bad, "gym-bad", "0.1", "gym_bad_api", "GYM_API_VERSION = 1\n", "badapi")
     with pytest.raises(PluginError, match=r"GYM_API_VERSION = 1: it must be a string"):
@@ -186,11 +185,11 @@ def test_listing_shows_distribution_version_options_and_hooks(tmp_path):
     out = run_cli(["--plugins"], cwd=tmp_path, env={"PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert text.startswith("gym-core 0.1.0, plugin API 1;")
-    block = text.split("good  (gym_good; gym-good 0.4.0, API 1)\n")[1].split("\n\n")[0]
+    assert text.startswith("gym-core 0.2.0, plugin API 2;")
+    block = text.split("good  (gym_good; gym-good 0.4.0, API 2)\n")[1].split("\n\n")[0]
     assert block.splitlines()[:2] == ["    quant: keep", "    hooks: gym_step_end"]
-    assert "grpo  (gym_grpo; gym-core 0.1.0)\n    algorithm: dapo, dr_grpo, grpo" in text
-    assert "gym_core  (built in; gym-core 0.1.0)" in text
+    assert "grpo  (gym_grpo; gym-core 0.2.0)\n    algorithm: dapo, dr_grpo, grpo" in text
+    assert "gym_core  (built in; gym-core 0.2.0)" in text
 
 
 def test_disabled_plugin_is_listed_as_disabled_and_its_options_are_gone(tmp_path):
@@ -201,7 +200,7 @@ def test_disabled_plugin_is_listed_as_disabled_and_its_options_are_gone(tmp_path
     active, disabled = out.stdout.split("disabled by GYM_DISABLE_PLUGINS (installed, not loaded):")
     assert "keep" not in active and "bitdelta" not in active
     assert "good  (gym_good; gym-good 0.4.0)" in disabled
-    assert "bitdelta  (gym_bitdelta; gym-core 0.1.0)" in disabled
+    assert "bitdelta  (gym_bitdelta; gym-core 0.2.0)" in disabled
     bad = run_cli(["quant=keep", "--cfg", "job"], cwd=tmp_path, env=env)
     assert bad.returncode != 0 and "keep" in bad.stderr
 

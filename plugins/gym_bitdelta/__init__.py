@@ -1,20 +1,16 @@
-"""BitDelta (ALGORITHMS.md §5) as a gym quantizer plugin: one sign bit per weight of each
+"""BitDelta (docs/algorithms.md §5) as a gym quantizer plugin: one sign bit per weight of each
 linear projection's delta plus one fp32 scale per matrix."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gym_core import hookimpl
-from gym_core.config import QuantConfig
+from gym_core.api import MatrixQuantConfig, hookimpl
 
 
 @dataclass
-class BitDeltaConfig(QuantConfig):
+class BitDeltaConfig(MatrixQuantConfig):
     name: str = "bitdelta"
-    # Matrices whose name ends in one of these are sign-compressed (the paper: attention
-    # and MLP projections); everything else (embeddings, norms, head) is stored as it is.
-    targets: list[str] = field(default_factory=lambda: ["_proj.weight"])
     # sign(0): +1 as in the reference code (the paper says -1). Either is exact for the
     # packing; it only decides which way an unchanged weight moves by alpha.
     sign_of_zero: int = 1

@@ -1,24 +1,42 @@
-"""Training-Free GRPO (Tencent Youtu, arXiv 2510.08191; ALGORITHMS.md §4) as a gym plugin:
-``algorithm=cl_grpo``. The weights stay frozen; what is learned is a text experience
-library kept in an ``experience_store`` and injected into the prompt.
+"""Training-Free GRPO (Tencent Youtu, arXiv 2510.08191; docs/algorithms.md §4) as a gym
+plugin: ``algorithm=cl_grpo``. The weights stay frozen; what is learned is a text
+experience library kept in an ``experience_store`` and injected into the prompt, with an
+``llm`` summarising trajectories and extracting lessons.
 
-Cheap to import: the config dataclass and the registration hook only.
+The two families the method needs belong to this plugin, not to the core: it declares
+them through ``gym_add_families`` (hook specs in :mod:`gym_cl_grpo.hookspecs`, base
+classes in :mod:`gym_cl_grpo.api`), and ``algorithm=cl_grpo`` pulls their config groups
+into the run's config (a GRPO run's config has no ``experience_store`` or ``llm``).
+Built-in options: ``experience_store=json|sqlite`` and ``llm=local|openai``.
+
+Cheap to import: config dataclasses and registration hooks only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from gym_core import hookimpl
-from gym_core.config import OnlineAlgorithmConfig
+from omegaconf import MISSING
+
+from gym_cl_grpo import hookspecs
+from gym_core.api import OnlineAlgorithmConfig, hookimpl
 
 
 @dataclass
 class CLGRPOConfig(OnlineAlgorithmConfig):
-    """Training-Free GRPO (§4). lr, weight_decay and adam_betas are unused: nothing is
-    optimised. One step = one batch of questions (trainer.batch_size); epochs over the
-    data are trainer.max_steps * batch_size / number of questions."""
+    """Training-Free GRPO (docs/algorithms.md §4). lr, weight_decay and adam_betas are
+    unused: nothing is optimised. One step = one batch of questions
+    (trainer.batch_size); epochs over the data are trainer.max_steps * batch_size /
+    number of questions."""
 
+    # The method's own config groups, top-level keys of the run's config (Hydra's
+    # defaults list: `experience_store=sqlite llm=openai` select other options).
+    defaults: list[Any] = field(default_factory=lambda: [
+        {"/experience_store@_global_.experience_store": "json"},
+        {"/llm@_global_.llm": "local"},
+        "_self_",
+    ])
     name: str = "cl_grpo"
     num_generations: int = 5  # G rollouts per question (§4: 5)
     temperature: float = 0.7  # rollout temperature (§4: 0.7)
@@ -31,6 +49,96 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
     inject_into: str = "system"
 
 
+# ----------------------------------------------------------------------------------------
+# experience_store: the family's base schema and the built-in stores
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExperienceStoreConfig:
+    """Base of every ``experience_store=<name>`` option."""
+
+    name: str = MISSING
+
+
+@dataclass
+class JsonStoreConfig(ExperienceStoreConfig):
+    """One JSON file, replaced atomically, a snapshot per step; for one run at a time
+    (use sqlite to share a library)."""
+
+    name: str = "json"
+    # None: <run_dir>/experiences/library.json; snapshots beside it in library.json.steps/
+    path: str | None = None
+
+
+@dataclass
+class SqliteStoreConfig(ExperienceStoreConfig):
+    """One SQLite database (WAL mode, one transaction per batch) that several runs (a
+    multirun sweep) may share."""
+
+    name: str = "sqlite"
+    path: str | None = None  # None: <run_dir>/experiences/library.sqlite
+    busy_timeout_s: float = 60.0  # how long a writer waits for another's transaction
+
+
+# ----------------------------------------------------------------------------------------
+# llm: the chat model the method calls for its own reasoning
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LLMConfig:
+    """Base of every ``llm=<name>`` option."""
+
+    name: str = MISSING
+    max_new_tokens: int = 512
+    temperature: float = 0.7  # 0: greedy
+
+
+@dataclass
+class LocalLLMConfig(LLMConfig):
+    """The policy model itself, through the core's generation code (works offline)."""
+
+    name: str = "local"
+    batch_size: int = 8  # conversations per generate call
+
+
+@dataclass
+class OpenAIChatConfig(LLMConfig):
+    """Any OpenAI-compatible chat-completions endpoint (OpenAI, DeepSeek, vLLM, llama.cpp
+    server, ``python -m gym_core.serve``, ...). The API key is read from the environment
+    variable *named* by ``api_key_env``: only that name is in the config, so the key
+    never lands in a config dump or a log."""
+
+    name: str = "openai"
+    base_url: str = "https://api.openai.com/v1"  # .../chat/completions is appended
+    model: str = MISSING  # e.g. gpt-4o-mini, deepseek-chat
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key
+    timeout_s: float = 120.0  # per request
+    max_retries: int = 5  # on 429, 5xx and connection errors
+    backoff_s: float = 1.0  # first wait; doubles each retry (Retry-After wins on 429)
+    max_backoff_s: float = 60.0
+    concurrency: int = 8  # requests in flight at once
+
+
+@hookimpl
+def gym_add_families(families):
+    families.add("experience_store", hook="gym_add_experience_stores", specs=hookspecs)
+    families.add("llm", hook="gym_add_llms", specs=hookspecs)
+
+
 @hookimpl
 def gym_add_algorithms(registry):
     registry.add("cl_grpo", CLGRPOConfig, "gym_cl_grpo.cl_grpo:TrainingFreeGRPO")
+
+
+@hookimpl
+def gym_add_experience_stores(registry):
+    registry.add("json", JsonStoreConfig, "gym_cl_grpo.stores.json_store:JsonStore")
+    registry.add("sqlite", SqliteStoreConfig, "gym_cl_grpo.stores.sqlite_store:SqliteStore")
+
+
+@hookimpl
+def gym_add_llms(registry):
+    registry.add("local", LocalLLMConfig, "gym_cl_grpo.llm:LocalLLM")
+    registry.add("openai", OpenAIChatConfig, "gym_cl_grpo.openai_client:OpenAIChat")

@@ -14,7 +14,7 @@ Per step, on the batch the core's rollout engine sampled with the library inject
 Steps 2-4 are batched LLM calls (``llm=local``: the policy itself; ``llm=openai``: an
 API). Replies that do not parse are skipped and counted; they never reach the library.
 Main branch reconciles the batch with one more LLM call; here the reconciliation rules
-it asks for are applied exactly, in :func:`gym_core.experience.apply_operations`.
+it asks for are applied exactly, in :func:`gym_cl_grpo.experience.apply_operations`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from gym_cl_grpo import CLGRPOConfig, prompts
+from gym_cl_grpo.experience import Experience, labels, open_store
+from gym_cl_grpo.llm import make_llm
 from gym_cl_grpo.replies import parse_lessons, parse_operations
-from gym_core.algorithm import Algorithm
-from gym_core.errors import GymError
-from gym_core.experience import Experience, labels, open_store
-from gym_core.llm import make_llm
+from gym_core.api import Algorithm, GymError
 
 INJECT_INTO = ("system", "user")
 _QUESTION = "cl_grpo_question"  # the row's own prompt, kept beside the injected one
@@ -61,7 +60,7 @@ class TrainingFreeGRPO(Algorithm):
                            "must be at least 1")
         self.store = self.llm = None
         self.system_prompt = None
-        self.step = 0  # the library's step this run's rollouts start from
+        self.library_step = 0  # the library's step this run's rollouts start from
         self._synced = False
         self._resumed = False
         self._shown: dict[str, Experience] | None = None
@@ -73,10 +72,10 @@ class TrainingFreeGRPO(Algorithm):
         self.llm = make_llm(cfg, plugins, self.policy)  # a missing key fails here
 
     def state_dict(self) -> dict[str, Any]:
-        return {"library_step": self.step}
+        return {"library_step": self.library_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state.get("library_step", 0))
+        self.library_step = int(state.get("library_step", 0))
         self._resumed = True
 
     def _sync_library(self) -> None:
@@ -86,17 +85,17 @@ class TrainingFreeGRPO(Algorithm):
         if self._synced:
             return
         if not self._resumed:
-            self.step = self.store.last_step()
-        elif self.store.last_step() > self.step:
+            self.library_step = self.store.last_step()
+        elif self.store.last_step() > self.library_step:
             print(f"gym: cl_grpo: rewinding the experience library {self.store.path} from "
-                  f"step {self.store.last_step()} to the checkpoint's step {self.step}")
-            self.store.rewind(self.step)
+                  f"step {self.store.last_step()} to the checkpoint's step {self.library_step}")
+            self.store.rewind(self.library_step)
         self._synced = True
 
     def report(self) -> dict[str, Any]:
         if self.store is None:
             return {}
-        return {"library_size": len(self.store.list()), "library_step": self.step,
+        return {"library_size": len(self.store.list()), "library_step": self.library_step,
                 "library_path": str(self.store.path)}
 
     # -- the library in the prompt --------------------------------------------------------
@@ -114,7 +113,9 @@ class TrainingFreeGRPO(Algorithm):
         return out
 
     # -- one step -------------------------------------------------------------------------
-    def update(self, batches: list[Any]) -> dict[str, float]:
+    def step(self, batches: list[Any], totals, updater) -> dict[str, float]:
+        """No weights change (``trains_weights = False``, ``updater`` is None): the step
+        learns by editing the library."""
         self._sync_library()
         shown = self._shown if self._shown is not None else labels(self.store.list())
         groups, total = self._contrasting_groups(batches)
@@ -170,8 +171,8 @@ class TrainingFreeGRPO(Algorithm):
 
         # 5. one atomic batch; the store renumbers G0..Gn. Recorded even when empty, so
         #    every step has its version of the library.
-        result = self.store.apply(ops, self.step + 1)
-        self.step = result.step
+        result = self.store.apply(ops, self.library_step + 1)
+        self.library_step = result.step
         m.update(ops_added=result.added, ops_updated=result.updated,
                  ops_deleted=result.deleted, ops_skipped=result.skipped,
                  library_size=result.size)

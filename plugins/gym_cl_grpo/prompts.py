@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gym_core.experience import Experience
+from gym_cl_grpo.experience import Experience
 
 # Injection (§4): one sentence asking the model to read the experiences first, then one
 # "[G<i>]. <text>" line per experience.

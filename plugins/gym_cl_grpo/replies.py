@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from gym_core.experience import OPERATIONS, Experience, Operation, clean_text
+from gym_cl_grpo.experience import OPERATIONS, Experience, Operation, clean_text
 
 #: replies are cut to their last characters before parsing (the answer comes last)
 MAX_REPLY_CHARS = 50_000

@@ -1,17 +1,16 @@
-"""DeltaQuant (ALGORITHMS.md §6) as a gym quantizer plugin: k-bit (2, 3, 4, 8), binary and
+"""DeltaQuant (docs/algorithms.md §6) as a gym quantizer plugin: k-bit (2, 3, 4, 8), binary and
 ternary round-to-nearest quantization of a fine-tune's delta, per tensor, per output
 channel or per group of input columns, packed densely into bytes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gym_core import hookimpl
-from gym_core.config import QuantConfig
+from gym_core.api import MatrixQuantConfig, hookimpl
 
 
 @dataclass
-class DeltaQuantConfig(QuantConfig):
+class DeltaQuantConfig(MatrixQuantConfig):
     name: str = "deltaquant"
     # kbit: `bits`-bit integers; binary: alpha * sign (1 bit); ternary: alpha * {-1, 0, +1}
     # with TWN's threshold 0.7 mean|D| (five values per byte, 1.6 bits).
@@ -26,9 +25,6 @@ class DeltaQuantConfig(QuantConfig):
     # 32 bits / group_size per weight (4-bit, groups of 128: 4.25 bits per weight).
     granularity: str = "group"
     group_size: int = 128
-    # Matrices whose name ends in one of these are quantized (attention and MLP
-    # projections); anything else in the delta (norms, embeddings) is stored in fp32.
-    targets: list[str] = field(default_factory=lambda: ["_proj.weight"])
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""DeltaQuant: round-to-nearest quantization of a delta (ALGORITHMS.md §6), with the
+"""DeltaQuant: round-to-nearest quantization of a delta (docs/algorithms.md §6), with the
 integers packed densely into bytes and the scales kept in fp32.
 
 Each quantized matrix D[out, in] is viewed as *units* (one row of the view per scale):
@@ -26,14 +26,12 @@ dequantizing is plain torch.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import torch
 
-from gym_core.delta import PackedDelta, Quantizer, map_tensors, shapes_meta
-from gym_core.errors import GymError
+from gym_core.api import GymError, MatrixQuantizer, pack_signs, unpack_signs
 from gym_deltaquant import DeltaQuantConfig, kernels
 
 MODES = ("kbit", "binary", "ternary")
@@ -150,7 +148,7 @@ def from_units(x: torch.Tensor, shape, granularity: str, group_size: int) -> tor
 # ----------------------------------------------------------------------------------------
 
 
-class DeltaQuantizer(Quantizer):
+class DeltaQuantizer(MatrixQuantizer):
     Config = DeltaQuantConfig
 
     def __init__(self, cfg):
@@ -168,70 +166,72 @@ class DeltaQuantizer(Quantizer):
             )
         if cfg.granularity == "group" and cfg.group_size < 1:
             raise GymError(f"quant.group_size={cfg.group_size} must be at least 1")
-
-    def quantize(self, delta):
-        cfg = self.cfg
         # plain values: each OmegaConf attribute read costs microseconds, under the GIL
-        opts = {"mode": str(cfg.mode), "bits": int(cfg.bits), "symmetric": bool(cfg.symmetric),
-                "granularity": str(cfg.granularity), "group_size": int(cfg.group_size)}
-        targets = tuple(cfg.targets)
+        self.opts = {"mode": str(cfg.mode), "bits": int(cfg.bits),
+                     "symmetric": bool(cfg.symmetric), "granularity": str(cfg.granularity),
+                     "group_size": int(cfg.group_size)}
 
-        def one(key, d):
-            if d.dim() == 2 and d.numel() > 0 and key.endswith(targets):
-                return quantize_tensor(key, d, **opts)
-            return {f"{key}.full": d.detach().float().clone()}
+    def file_meta(self):
+        o = self.opts
+        return {"mode": o["mode"], "bits": str(o["bits"]),
+                "symmetric": str(o["symmetric"]).lower(), "granularity": o["granularity"],
+                "group_size": str(o["group_size"])}
 
-        tensors = {}
-        for part in map_tensors(one, delta):
-            tensors.update(part)
-        meta = {
-            "quantizer": "deltaquant",
-            "shapes": shapes_meta(delta),
-            "mode": opts["mode"],
-            "bits": str(opts["bits"]),
-            "symmetric": str(opts["symmetric"]).lower(),
-            "granularity": opts["granularity"],
-            "group_size": str(opts["group_size"]),
-        }
-        return PackedDelta(tensors, meta, sum(d.numel() for d in delta.values()))
+    def quantize_matrix(self, key, d):
+        return quantize_tensor(key, d, **self.opts)
 
     @staticmethod
-    def code_bits(mode: str, bits: int) -> int:
-        return 1 if mode == "binary" else bits
+    def _settings(meta):
+        try:
+            mode, bits = meta["mode"], int(meta["bits"])
+            granularity, group_size = meta["granularity"], int(meta["group_size"])
+            symmetric = meta["symmetric"] == "true"
+        except (KeyError, ValueError) as exc:
+            raise GymError(f"the delta's DeltaQuant settings are missing or unreadable "
+                           f"({exc}): the file is damaged") from None
+        if (mode not in MODES or granularity not in GRANULARITIES or group_size < 1
+                or (mode == "kbit" and bits not in KBITS)):
+            raise GymError(f"the delta's DeltaQuant settings (mode {mode!r}, bits {bits}, "
+                           f"granularity {granularity!r}, group size {group_size}) are not "
+                           "ones DeltaQuant writes: the file is damaged")
+        return mode, bits, symmetric, granularity, group_size
 
-    def dequantize(self, packed):
-        meta = packed.meta
-        if meta.get("quantizer") != "deltaquant":
-            raise GymError(
-                f"this delta was written by quantizer {meta.get('quantizer')!r}, not "
-                "deltaquant: select that one with quant=<name>"
-            )
-        mode, bits = meta["mode"], int(meta["bits"])
-        symmetric = meta["symmetric"] == "true"
-        granularity, group_size = meta["granularity"], int(meta["group_size"])
-        out = {}
-        for key, shape in json.loads(meta["shapes"]).items():
-            if f"{key}.full" in packed.tensors:
-                out[key] = packed.tensors[f"{key}.full"].float()
-                continue
-            numel = math.prod(shape)
-            if mode == "ternary":
-                codes = unpack_trits(packed.tensors[f"{key}.codes"], numel)
-            else:
-                codes = unpack_codes(packed.tensors[f"{key}.codes"], self.code_bits(mode, bits),
-                                     numel)
-            units = to_units(codes.view(shape).float(), granularity, group_size)
-            scale = packed.tensors[f"{key}.scale"].float().unsqueeze(1)
-            if mode == "binary":
-                values = scale * (units * 2 - 1)
-            elif mode == "ternary":
-                values = scale * (units - 1)
-            elif symmetric:
-                values = scale * (units - (2 ** (bits - 1) - 1))
-            else:
-                values = scale * (units - packed.tensors[f"{key}.zero"].float().unsqueeze(1))
-            out[key] = from_units(values, shape, granularity, group_size)
-        return out
+    def part_specs(self, shape, meta):
+        mode, bits, symmetric, granularity, group_size = self._settings(meta)
+        numel = math.prod(shape)
+        rows, _, groups = _layout(shape, granularity, group_size)
+        units = rows * groups if granularity != "tensor" else 1
+        if mode == "ternary":
+            codes = math.ceil(numel / 5)
+        elif mode == "binary":
+            codes = (numel + 7) // 8
+        else:
+            codes = packed_nbytes(numel, bits)
+        specs = {"codes": (torch.uint8, codes), "scale": (torch.float32, units)}
+        if mode == "kbit" and not symmetric:
+            specs["zero"] = (torch.uint8, units)
+        return specs
+
+    def dequantize_matrix(self, key, shape, parts, meta):
+        mode, bits, symmetric, granularity, group_size = self._settings(meta)
+        numel = math.prod(shape)
+        if mode == "ternary":
+            codes = unpack_trits(parts["codes"], numel)
+        elif mode == "binary":
+            codes = unpack_signs(parts["codes"], numel)
+        else:
+            codes = unpack_codes(parts["codes"], bits, numel)
+        units = to_units(codes.view(shape).float(), granularity, group_size)
+        scale = parts["scale"].float().unsqueeze(1)
+        if mode == "binary":
+            values = scale * (units * 2 - 1)
+        elif mode == "ternary":
+            values = scale * (units - 1)
+        elif symmetric:
+            values = scale * (units - (2 ** (bits - 1) - 1))
+        else:
+            values = scale * (units - parts["zero"].float().unsqueeze(1))
+        return from_units(values, shape, granularity, group_size)
 
 
 def quantize_tensor(key: str, d: torch.Tensor, mode: str, bits: int, symmetric: bool,
@@ -241,29 +241,30 @@ def quantize_tensor(key: str, d: torch.Tensor, mode: str, bits: int, symmetric: 
     _, cols, _ = _layout(d.shape, granularity, group_size)
     starts, lengths = kernels.unit_spans(x.size, cols,
                                          group_size if granularity == "group" else cols)
-    per_block = 5 if mode == "ternary" else 8
-    codes = np.empty(math.ceil(x.size / per_block) * per_block, np.uint8)
-    codes[x.size:] = 0  # the padding codes of the last block
-    scale = np.empty(starts.size, np.float32)
     out = {}
-    if mode == "binary":
-        kernels.binary_units(x, starts, lengths, scale, codes)
-    elif mode == "ternary":
-        kernels.ternary_units(x, starts, lengths, scale, codes)
-    elif symmetric:
-        kernels.sym_units(x, starts, lengths, 2 ** (bits - 1) - 1, scale, codes)
+    if mode == "binary":  # alpha sign(D) per unit: the core's 1-bit kernel
+        out["codes"], sums = pack_signs(d, 1, starts, lengths)
+        scale = (sums / lengths).astype(np.float32)
     else:
-        zero = np.empty(starts.size, np.uint8)
-        kernels.asym_units(x, starts, lengths, 2**bits - 1, scale, zero, codes)
-        out[f"{key}.zero"] = torch.from_numpy(zero)
+        per_block = 5 if mode == "ternary" else 8
+        codes = np.empty(math.ceil(x.size / per_block) * per_block, np.uint8)
+        codes[x.size:] = 0  # the padding codes of the last block
+        scale = np.empty(starts.size, np.float32)
+        if mode == "ternary":
+            kernels.ternary_units(x, starts, lengths, scale, codes)
+            out["codes"] = pack_trits(codes)
+        elif symmetric:
+            kernels.sym_units(x, starts, lengths, 2 ** (bits - 1) - 1, scale, codes)
+            out["codes"] = pack_codes(codes, bits)
+        else:
+            zero = np.empty(starts.size, np.uint8)
+            kernels.asym_units(x, starts, lengths, 2**bits - 1, scale, zero, codes)
+            out["codes"] = pack_codes(codes, bits)
+            out["zero"] = torch.from_numpy(zero)
     if not np.isfinite(scale).all():
         raise GymError(
             f"delta tensor '{key}' has NaN or infinite entries: the fine-tuned weights "
             "diverged; quantize a checkpoint from before that"
         )
-    if mode == "ternary":
-        out[f"{key}.codes"] = pack_trits(codes)
-    else:
-        out[f"{key}.codes"] = pack_codes(codes, DeltaQuantizer.code_bits(mode, bits))
-    out[f"{key}.scale"] = torch.from_numpy(scale)
+    out["scale"] = torch.from_numpy(scale)
     return out

@@ -12,7 +12,7 @@ Every loop runs over a slice from index 0 so that LLVM can prove the indices
 non-negative and vectorise (an index numba might have to wrap around blocks SIMD).
 max|x| is taken on the IEEE bit patterns as unsigned integers (the same order for
 non-negative floats, and a NaN sorts above inf, so it is never lost): numba's float
-``max`` does not vectorise. The formulas are those of ALGORITHMS.md §6, in fp32 like
+``max`` does not vectorise. The formulas are those of docs/algorithms.md §6, in fp32 like
 the torch expressions in the docstrings, with sums accumulated in fp64.
 """
 
@@ -92,20 +92,6 @@ def asym_units(x, starts, lengths, levels, scale, zero, codes):
         for i in range(n):
             q = np.rint(u[i] / safe) + z
             c[i] = np.uint8(min(max(q, np.float32(0.0)), np.float32(levels)))
-
-
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-def binary_units(x, starts, lengths, alpha, codes):
-    """binary: alpha = mean|u|, code = 1[u >= 0]."""
-    for j in range(starts.size):
-        a, n = starts[j], lengths[j]
-        u = x[a : a + n]
-        c = codes[a : a + n]
-        total = 0.0
-        for i in range(n):
-            total += np.float64(abs(u[i]))
-            c[i] = np.uint8(u[i] >= 0)
-        alpha[j] = np.float32(total / n)
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})

@@ -1,11 +1,10 @@
-"""DPO and its loss variants (ALGORITHMS.md §3) as a gym plugin."""
+"""DPO and its loss variants (docs/algorithms.md §3) as a gym plugin."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gym_core import hookimpl
-from gym_core.config import OfflineAlgorithmConfig
+from gym_core.api import OfflineAlgorithmConfig, hookimpl
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """DPO: L = -log sigma(beta h), h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) -
-log pi_ref(y_l)] (token sums), and the robust, IPO and hinge variants (ALGORITHMS.md §3).
+log pi_ref(y_l)] (token sums), and the robust, IPO and hinge variants (docs/algorithms.md §3).
 Chosen and rejected share their prompt: one forward pass scores both (the prompt once)."""
 
 from __future__ import annotations
@@ -10,10 +10,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from gym_core.algorithm import Algorithm
-from gym_core.batching import encode_completions
-from gym_core.errors import GymError
-from gym_core.losses import StepTotals
+from gym_core.api import Algorithm, GymError, StepTotals
 from gym_dpo import DPOConfig
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
@@ -65,22 +62,20 @@ class DPO(Algorithm):
                 )
 
     def collate(self, examples):
-        return encode_completions(
-            self.policy.tokenizer, [ex["prompt"] for ex in examples],
-            [[ex["chosen"], ex["rejected"]] for ex in examples],
-            system_prompt=None, max_prompt_length=self.cfg.max_prompt_length,
-            max_completion_length=self.cfg.max_completion_length, device=self.policy.device,
-            examples=examples,
+        return self.policy.encode(
+            [ex["prompt"] for ex in examples], [[ex["chosen"], ex["rejected"]] for ex in examples],
+            max_prompt_length=self.cfg.max_prompt_length,
+            max_completion_length=self.cfg.max_completion_length, examples=examples,
         )
 
     def step_totals(self, batches):
+        # a pair is one sequence of the loss's mean (len(batch) counts both completions)
         return StepTotals(sequences=sum(len(b.examples) for b in batches),
                           tokens=sum(int(b.completion_mask.sum()) for b in batches),
                           micro_batches=len(batches))
 
     def _logps(self, batch, reference=False):
-        logp = self.policy.logprobs(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                    batch.completion_mask, reference=reference)
+        logp = self.policy.logprobs(batch, reference=reference)
         sums = (logp * batch.completion_mask).sum(-1).view(-1, 2)
         return sums[:, 0], sums[:, 1]
 

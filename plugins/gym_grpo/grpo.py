@@ -1,14 +1,11 @@
 """GRPO: group-relative advantages, clipped token ratios, optional k3 KL to the
-reference (ALGORITHMS.md §1). The loss normaliser (loss_type) comes from the core."""
+reference (docs/algorithms.md §1). The loss normaliser (loss_type) comes from the core."""
 
 from __future__ import annotations
 
 import torch
 
-from gym_core.algorithm import Algorithm
-from gym_core.errors import GymError
-from gym_core.losses import LOSS_TYPES, aggregate_token_loss, k3_kl
-from gym_core.rollout import group_advantages
+from gym_core.api import LOSS_TYPES, GroupPolicyGradient, GymError, aggregate_token_loss, k3_kl
 from gym_grpo import GRPOConfig
 
 
@@ -41,51 +38,20 @@ def grpo_token_loss(
     return loss, info
 
 
-class GRPO(Algorithm):
+class GRPO(GroupPolicyGradient):
     Config = GRPOConfig
-    online = True
 
     def __init__(self, cfg, policy):
         super().__init__(cfg, policy)
         if cfg.loss_type not in LOSS_TYPES:
             raise GymError(f"algorithm.loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
-        self.eps_low = cfg.epsilon
-        self.eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.cfg.beta != 0.0
-
-    @torch.no_grad()
-    def prepare(self, batch) -> None:
-        batch.extras["advantages"] = group_advantages(batch, self.cfg.scale_rewards)
-        mask = batch.completion_mask.float()
-        if self.cfg.mask_truncated_completions:
-            mask = mask * (~batch.truncated).float().unsqueeze(1)
-        batch.extras["loss_mask"] = mask
-        # With one update per rollout, pi_old = pi_theta: the ratio's denominator is the
-        # same forward's log-probs, detached, so no extra pass is needed here.
-        if self.cfg.num_iterations > 1:
-            batch.extras["old_logp"] = self.logprobs(batch)
-        if self.needs_reference:
-            batch.extras["ref_logp"] = self.logprobs(batch, reference=True)
-
-    def step_totals(self, batches):
-        totals = super().step_totals(batches)
-        tokens = sum(int(b.extras["loss_mask"].sum()) for b in batches)
-        return type(totals)(totals.sequences, tokens, totals.micro_batches)
-
-    def logprobs(self, batch, reference: bool = False):
-        return self.policy.logprobs(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                    batch.completion_mask, reference=reference)
 
     def loss(self, batch, totals):
-        logp = self.logprobs(batch)
-        old = batch.extras.get("old_logp", logp.detach())
+        logp = self.policy.logprobs(batch)
         mask = batch.extras["loss_mask"]
         per_token, info = grpo_token_loss(
-            logp, old, batch.extras["advantages"], self.eps_low, self.eps_high,
-            self.cfg.beta, batch.extras.get("ref_logp"),
+            logp, self.old_logprobs(batch, logp), batch.extras["advantages"], self.eps_low,
+            self.eps_high, self.cfg.beta, batch.extras.get("ref_logp"),
         )
         loss = aggregate_token_loss(
             per_token, mask, self.cfg.loss_type, totals, self.cfg.max_completion_length

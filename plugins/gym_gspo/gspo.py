@@ -1,15 +1,12 @@
 """GSPO: s_i = exp(mean_t log(pi_theta / pi_old)) per completion, clipped as a whole
 sequence; J = (1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i)
-(ALGORITHMS.md §2). Advantages are GRPO's, from the core."""
+(docs/algorithms.md §2). Advantages are GRPO's, from the core."""
 
 from __future__ import annotations
 
 import torch
 
-from gym_core.algorithm import Algorithm
-from gym_core.errors import GymError
-from gym_core.losses import k3_kl
-from gym_core.rollout import group_advantages
+from gym_core.api import GroupPolicyGradient, GymError, k3_kl
 from gym_gspo import GSPOConfig
 
 
@@ -46,34 +43,15 @@ def gspo_loss_terms(logp, old_logp, advantages, mask, eps_low, eps_high, variant
     return loss, was_clipped.float()
 
 
-class GSPO(Algorithm):
+class GSPO(GroupPolicyGradient):
     Config = GSPOConfig
-    online = True
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.cfg.beta != 0.0
-
-    def logprobs(self, batch, reference: bool = False):
-        return self.policy.logprobs(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                    batch.completion_mask, reference=reference)
-
-    @torch.no_grad()
-    def prepare(self, batch) -> None:
-        batch.extras["advantages"] = group_advantages(batch, self.cfg.scale_rewards)
-        # on-policy (num_iterations 1) the old policy is this forward's, detached: s_i = 1
-        if self.cfg.num_iterations > 1:
-            batch.extras["old_logp"] = self.logprobs(batch)
-        if self.needs_reference:
-            batch.extras["ref_logp"] = self.logprobs(batch, reference=True)
 
     def loss(self, batch, totals):
-        logp = self.logprobs(batch)
-        old = batch.extras.get("old_logp", logp.detach())
-        mask = batch.completion_mask.float()
+        logp = self.policy.logprobs(batch)
+        old = self.old_logprobs(batch, logp)
+        mask = batch.extras["loss_mask"]
         per_seq, clipped = gspo_loss_terms(logp, old, batch.extras["advantages"], mask,
-                                           self.cfg.epsilon, self.cfg.epsilon_high,
-                                           self.cfg.variant)
+                                           self.eps_low, self.eps_high, self.cfg.variant)
         metrics = {"clip_fraction": clipped.mean().item(),
                    "seq_ratio_mean": torch.exp(sequence_log_ratio(logp, old, mask)).mean().item()}
         if self.needs_reference:

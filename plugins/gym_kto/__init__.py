@@ -1,12 +1,11 @@
-"""KTO (ALGORITHMS.md §3) as a gym plugin: learning from unpaired desirable /
+"""KTO (docs/algorithms.md §3) as a gym plugin: learning from unpaired desirable /
 undesirable completions."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gym_core import hookimpl
-from gym_core.config import OfflineAlgorithmConfig
+from gym_core.api import OfflineAlgorithmConfig, hookimpl
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """KTO: r = log pi_theta(y|x) - log pi_ref(y|x) (token sums); the reference point
 z0 = max(0, mean r over mismatched pairs (x_i, y_{i-1})), detached and averaged across
 ranks; desirable loss lambda_D (1 - sigma(beta (r - z0))), undesirable
-lambda_U (1 - sigma(beta (z0 - r))) (ALGORITHMS.md §3)."""
+lambda_U (1 - sigma(beta (z0 - r))) (docs/algorithms.md §3)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,7 @@ import warnings
 
 import torch
 
-from gym_core.algorithm import Algorithm
-from gym_core.batching import encode_completions
-from gym_core.data import unpair
-from gym_core.distributed import mean_over_ranks
-from gym_core.errors import GymError
-from gym_core.losses import StepTotals
+from gym_core.api import Algorithm, GymError, mean_over_ranks, unpair
 from gym_kto import KTOConfig
 
 
@@ -84,32 +79,24 @@ class KTO(Algorithm):
         # Each prompt with its own completion, plus the previous row's (the mismatched
         # pair z0 is estimated from, TRL's choice) scored from the same prompt pass.
         own = [r["completion"] for r in rows]
-        kwargs = dict(system_prompt=None, max_prompt_length=self.cfg.max_prompt_length,
-                      max_completion_length=self.cfg.max_completion_length,
-                      device=self.policy.device)
+        lengths = dict(max_prompt_length=self.cfg.max_prompt_length,
+                       max_completion_length=self.cfg.max_completion_length)
         prompts = [r["prompt"] for r in rows]
-        batch = encode_completions(self.policy.tokenizer, prompts, [[c] for c in own],
-                                   examples=rows, **kwargs)
-        shifted = encode_completions(self.policy.tokenizer, prompts,
-                                     [[own[i - 1]] for i in range(len(rows))], **kwargs)
+        batch = self.policy.encode(prompts, [[c] for c in own], examples=rows, **lengths)
+        shifted = self.policy.encode(prompts, [[own[i - 1]] for i in range(len(rows))],
+                                     **lengths)
         batch.extras["kl_ids"] = shifted.completion_ids
         batch.extras["kl_mask"] = shifted.completion_mask
         batch.extras["desirable"] = torch.tensor([bool(r["label"]) for r in rows],
                                                  device=self.policy.device)
         return batch
 
-    def step_totals(self, batches):
-        return StepTotals(sequences=sum(len(b) for b in batches),
-                          tokens=sum(int(b.completion_mask.sum()) for b in batches),
-                          micro_batches=len(batches))
-
     def _logps(self, batch, reference=False):
         """Summed log-probs of each row's own completion (with gradients unless under
         no_grad) and of its mismatched one (never with gradients): one prompt pass."""
         kl_mask = batch.extras["kl_mask"]
-        own, kl = self.policy.logprobs(
-            batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-            reference=reference, detached=(batch.extras["kl_ids"], kl_mask))
+        own, kl = self.policy.logprobs(batch, reference=reference,
+                                       detached=(batch.extras["kl_ids"], kl_mask))
         return (own * batch.completion_mask).sum(-1), (kl * kl_mask).sum(-1)
 
     @torch.no_grad()

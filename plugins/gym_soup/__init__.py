@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gym_core import hookimpl
-from gym_core.config import SoupConfig
+from gym_core.api import SoupConfig, hookimpl
 
 
 @dataclass

@@ -7,8 +7,7 @@ import math
 
 import torch
 
-from gym_core.aggregate import Aggregate, Aggregator
-from gym_core.errors import GymError
+from gym_core.api import Aggregate, Aggregator, GymError
 
 CHUNK = 1 << 20  # columns per chunk for sorting rules
 

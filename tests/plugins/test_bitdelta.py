@@ -10,34 +10,13 @@ import torch
 from omegaconf import OmegaConf
 
 from gym_bitdelta import BitDeltaConfig
-from gym_bitdelta.bitdelta import BitDeltaQuantizer, pack_signs, unpack_bits
+from gym_bitdelta.bitdelta import BitDeltaQuantizer
 from gym_core.delta import apply_delta, load_packed, save_packed
 from gym_core.errors import GymError
 
 
 def quantizer(**kw):
     return BitDeltaQuantizer(OmegaConf.structured(BitDeltaConfig(**kw)))
-
-
-@pytest.mark.parametrize("numel", [1, 7, 8, 9, 64, 1000, 4099])
-@pytest.mark.parametrize("sign_of_zero", [1, -1])
-def test_signs_round_trip_exactly_and_mean_abs_comes_from_the_same_pass(numel, sign_of_zero):
-    d = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
-    d[:: 5] = 0.0  # zeros, +0 and -0, take sign_of_zero
-    d[1:: 7] = -0.0
-    packed, mean_abs = pack_signs(d, sign_of_zero)
-    assert packed.dtype == torch.uint8 and packed.numel() == (numel + 7) // 8
-    positive = d >= 0 if sign_of_zero == 1 else d > 0
-    assert torch.equal(unpack_bits(packed, numel), positive)
-    assert mean_abs == pytest.approx(d.double().abs().mean().item(), rel=1e-12)
-    tail = numel % 8
-    if tail:  # the padding bits of the last byte are zero
-        assert packed[-1].item() >> tail == 0
-
-
-def test_packing_layout_is_little_endian_per_byte():
-    d = torch.tensor([1, -1, -1, -1, -1, -1, -1, -1, -1, 1, -1, -1, -1, -1, -1, 1.0])
-    assert pack_signs(d)[0].tolist() == [1, 2 + 128]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

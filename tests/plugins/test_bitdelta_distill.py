@@ -53,7 +53,7 @@ def test_distillation_moves_only_scales_and_gets_closer_to_the_fine_tune():
     moved = [k for k in delta if not torch.equal(distilled.tensors[f"{k}.scale"],
                                                  packed.tensors[f"{k}.scale"])]
     assert len(moved) == len(delta)
-    assert q.last_stats["distill_loss_last"] < q.last_stats["distill_loss_first"]
+    assert q.stats()["distill_loss_last"] < q.stats()["distill_loss_first"]
 
     enc = tok(prompts[-8:], return_tensors="pt", padding=True, add_special_tokens=False)
     enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from gym_core.contracts.quantizer import QuantizerContract, data_bytes_on_disk
 from gym_core.delta import load_packed, read_delta, reconstruction_error, save_packed
 from gym_core.errors import GymError
+from gym_core.startup import bootstrap
 from gym_deltaquant import DeltaQuantConfig
 from gym_deltaquant.deltaquant import (
     DeltaQuantizer,
@@ -224,7 +225,7 @@ def test_read_delta_finds_the_quantizer_in_the_file(tmp_path):
     path = tmp_path / "d.safetensors"
     save_packed(q.quantize(d), path)
     # decoding reads mode, bits and granularity from the file, not from a config
-    restored = read_delta(path)
+    restored = read_delta(path, bootstrap())
     assert torch.equal(restored[KEY], q.dequantize(load_packed(path))[KEY])
 
 
@@ -240,8 +241,8 @@ def test_bad_settings_are_named(kw, match):
 def test_grpo_then_deltaquant_int4_end_to_end(tmp_path, tiny_overrides):
     import json
 
-    from gym_core.config import compose
     from gym_core.run import run_job
+    from gym_core.startup import compose
 
     cfg = compose([*tiny_overrides, "trainer.max_steps=2", "quant=deltaquant", "quant.bits=4",
                    "run.name=dq"])

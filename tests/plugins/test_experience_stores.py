@@ -10,13 +10,13 @@ import subprocess
 import sys
 
 import pytest
+from gym_cl_grpo import SqliteStoreConfig
+from gym_cl_grpo.stores.json_store import JsonStore
+from gym_cl_grpo.stores.sqlite_store import SqliteStore
 
-from gym_core.contracts.experience_store import ExperienceStoreContract
+from gym_cl_grpo.contracts import ExperienceStoreContract
 from gym_core.errors import GymError
-from gym_core.experience import Operation
-from gym_experience import SqliteStoreConfig
-from gym_experience.json_store import JsonStore
-from gym_experience.sqlite_store import SqliteStore
+from gym_cl_grpo.experience import Operation
 
 
 class TestJsonStoreContract(ExperienceStoreContract):
@@ -56,8 +56,9 @@ def test_json_store_failed_write_leaves_the_old_library(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    import gym_experience.json_store as js
-    monkeypatch.setattr(js.json, "dump", crash)
+    import gym_core.files
+
+    monkeypatch.setattr(gym_core.files, "_fsync_file", crash)  # the write fails mid-way
     with pytest.raises(OSError):
         store.apply([Operation("ADD", text="two")], 2)
     assert path.read_bytes() == before
@@ -155,21 +156,21 @@ def test_show_command_prints_and_exports(tmp_path):
     store = JsonStore(JsonStore.Config(), path)
     store.apply([Operation("ADD", text="one"), Operation("ADD", text="two")], 1)
     store.apply([Operation("DELETE", store.list()[0].key)], 2)
-    out = subprocess.run([sys.executable, "-m", "gym_core.experience", "show", str(path)],
+    out = subprocess.run([sys.executable, "-m", "gym_cl_grpo.experience", "show", str(path)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "[G0]. two\n"
-    out = subprocess.run([sys.executable, "-m", "gym_core.experience", "show", str(path),
+    out = subprocess.run([sys.executable, "-m", "gym_cl_grpo.experience", "show", str(path),
                           "--json", "--step", "1"], capture_output=True, text=True)
     assert json.loads(out.stdout) == {"G0": "one", "G1": "two"}
     db = tmp_path / "lib.sqlite"
     with SqliteStore(SqliteStoreConfig(), db, writer=str(tmp_path)) as s:
         s.apply([Operation("ADD", text="from sqlite")], 1)
-    out = subprocess.run([sys.executable, "-m", "gym_core.experience", "show", str(db), "--json"],
+    out = subprocess.run([sys.executable, "-m", "gym_cl_grpo.experience", "show", str(db), "--json"],
                          capture_output=True, text=True)
     assert json.loads(out.stdout) == {"G0": "from sqlite"}
     bad = tmp_path / "junk.txt"
     bad.write_text("junk")
-    out = subprocess.run([sys.executable, "-m", "gym_core.experience", "show", str(bad)],
+    out = subprocess.run([sys.executable, "-m", "gym_cl_grpo.experience", "show", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "not a library" in out.stderr

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gym_core.losses import StepTotals, aggregate_token_loss, k3_kl
-from gym_core.rollout import Rollout, group_advantages
+from gym_core.policy_gradient import group_advantages
+from gym_core.rollout import Rollout
 from gym_grpo.grpo import grpo_token_loss
 
 
@@ -143,12 +144,12 @@ def test_grpo_gradient_on_tiny_model_moves_towards_rewarded_completion(seed):
         group_size=2, examples=[{}, {}], completions=["", ""],
     )
     algo.prepare(batch)
-    before = algo.logprobs(batch).sum(1)
+    before = policy.logprobs(batch).sum(1)
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.1)
     for _ in range(3):
         opt.zero_grad()
         loss, _ = algo.loss(batch, algo.step_totals([batch]))
         loss.backward()
         opt.step()
-    after = algo.logprobs(batch).sum(1)
+    after = policy.logprobs(batch).sum(1)
     assert after[0] > before[0] and after[1] < before[1]

@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 
 from gym_core.aggregate import dp_epsilon, make_soup
-from gym_core.config import bootstrap
 from gym_core.delta import FullPrecision, apply_delta, read_delta, save_packed
 from gym_core.errors import GymError
+from gym_core.startup import bootstrap
 from gym_soup import RULES
 
 KEYS = {"model.layers.0.self_attn.q_proj.weight": (16, 32), "model.norm.weight": (32,)}
@@ -37,7 +37,7 @@ def write_delta(path, flat):
 
 
 def flat_of(path):
-    d = read_delta(path)
+    d = read_delta(path, bootstrap())
     return torch.cat([d[k].reshape(-1) for k in sorted(KEYS)])
 
 
@@ -61,7 +61,7 @@ def test_robust_rules_resist_one_poisoned_delta_and_the_mean_does_not(tmp_path, 
     scale = float(honest_mean.norm())
     errors = {}
     for rule in ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"):
-        report = make_soup(soup_cfg(rule, inputs), tmp_path / rule)
+        report = make_soup(soup_cfg(rule, inputs), tmp_path / rule, bootstrap())
         errors[rule] = float((flat_of(tmp_path / rule / "soup.safetensors") - honest_mean).norm())
         if rule in ("krum", "multi_krum"):
             assert report["contributors"][-1]["excluded"], rule
@@ -77,9 +77,9 @@ def test_robust_rules_resist_one_poisoned_delta_and_the_mean_does_not(tmp_path, 
 def test_weighted_mean_and_task_arithmetic_by_hand(tmp_path):
     a = write_delta(tmp_path / "a.safetensors", torch.full((D,), 1.0))
     b = write_delta(tmp_path / "b.safetensors", torch.full((D,), 3.0))
-    make_soup(soup_cfg("mean", [a, b], weights=[1.0, 3.0], lam=2.0), tmp_path / "m")
+    make_soup(soup_cfg("mean", [a, b], weights=[1.0, 3.0], lam=2.0), tmp_path / "m", bootstrap())
     assert torch.allclose(flat_of(tmp_path / "m/soup.safetensors"), torch.full((D,), 2 * 2.5))
-    make_soup(soup_cfg("mean", [a, b], lam=0.5, normalize=False), tmp_path / "ta")
+    make_soup(soup_cfg("mean", [a, b], lam=0.5, normalize=False), tmp_path / "ta", bootstrap())
     assert torch.allclose(flat_of(tmp_path / "ta/soup.safetensors"), torch.full((D,), 2.0))
 
 
@@ -91,7 +91,7 @@ def test_ties_by_hand(tmp_path):
     rows[2][:4] = torch.tensor([-1.0, 1.0, 0.3, -1.0])
     paths = [write_delta(tmp_path / f"{i}.safetensors", r) for i, r in enumerate(rows)]
     # density: keep the top 3 entries of each: row0 {4, -1, 2}, row1 {2, 3, -5}, row2 {-1, 1, -1}
-    make_soup(soup_cfg("ties", paths, density=3 / D), tmp_path / "t")
+    make_soup(soup_cfg("ties", paths, density=3 / D), tmp_path / "t", bootstrap())
     out = flat_of(tmp_path / "t/soup.safetensors")
     # coord 0: sum 4+2-1 > 0 -> mean(4, 2) = 3; coord 1: -1+3+1 > 0 -> mean(3, 1) = 2;
     # coord 2: trimmed everywhere -> 0; coord 3: 2-5-1 < 0 -> mean(-5, -1) = -3
@@ -101,7 +101,7 @@ def test_ties_by_hand(tmp_path):
 
 def test_dare_drops_p_and_rescales(tmp_path):
     ones = [write_delta(tmp_path / f"{i}.safetensors", torch.ones(D)) for i in range(2)]
-    make_soup(soup_cfg("dare", ones, p=0.75), tmp_path / "d")
+    make_soup(soup_cfg("dare", ones, p=0.75), tmp_path / "d", bootstrap())
     out = flat_of(tmp_path / "d/soup.safetensors")
     # each entry is (k1 + k2) * 4 / 2 with k_i ~ Bernoulli(0.25): values 0, 2 or 4
     assert set(out.unique().tolist()) <= {0.0, 2.0, 4.0}
@@ -118,7 +118,7 @@ def test_clipping_bounds_each_contribution_and_noise_std_matches(tmp_path):
         flats.append(v / v.norm() * n)
     paths = [write_delta(tmp_path / f"{i}.safetensors", f) for i, f in enumerate(flats)]
     clip = 1.0
-    quiet = make_soup(soup_cfg("mean", paths, clip_norm=clip), tmp_path / "quiet")
+    quiet = make_soup(soup_cfg("mean", paths, clip_norm=clip), tmp_path / "quiet", bootstrap())
     assert [c["clipped"] for c in quiet["contributors"]] == [False, True, True, False]
     assert [c["norm"] for c in quiet["contributors"]] == pytest.approx(norms, rel=1e-5)
     clipped = [f * min(1.0, clip / n) for f, n in zip(flats, norms)]
@@ -131,7 +131,7 @@ def test_clipping_bounds_each_contribution_and_noise_std_matches(tmp_path):
 
     sigma = 2.0
     noisy = make_soup(soup_cfg("mean", paths, clip_norm=clip, noise_multiplier=sigma),
-                      tmp_path / "noisy")
+                      tmp_path / "noisy", bootstrap())
     noise = flat_of(tmp_path / "noisy/soup.safetensors") - quiet_out
     std = sigma * clip / 4  # sigma C / m on the mean (§7.4)
     assert noisy["privacy"]["noise_std"] == pytest.approx(std)
@@ -156,9 +156,9 @@ def test_epsilon_from_the_accountant_is_below_the_plain_rdp_bound():
 def test_noise_is_refused_without_clipping_or_for_unbounded_rules(tmp_path, honest):
     paths, _ = honest
     with pytest.raises(GymError, match="clip_norm"):
-        make_soup(soup_cfg("mean", paths, noise_multiplier=1.0), tmp_path / "a")
+        make_soup(soup_cfg("mean", paths, noise_multiplier=1.0), tmp_path / "a", bootstrap())
     with pytest.raises(GymError, match="soup=median has no bounded"):
-        make_soup(soup_cfg("median", paths, noise_multiplier=1.0, clip_norm=1.0), tmp_path / "b")
+        make_soup(soup_cfg("median", paths, noise_multiplier=1.0, clip_norm=1.0), tmp_path / "b", bootstrap())
 
 
 def test_mismatched_inputs_and_bad_weights_are_named(tmp_path, honest):
@@ -166,13 +166,13 @@ def test_mismatched_inputs_and_bad_weights_are_named(tmp_path, honest):
     other = tmp_path / "other.safetensors"
     save_packed(FullPrecision(None).quantize({"x.weight": torch.ones(3)}), other)
     with pytest.raises(GymError, match="other.safetensors does not match"):
-        make_soup(soup_cfg("mean", [paths[0], other]), tmp_path / "c")
+        make_soup(soup_cfg("mean", [paths[0], other]), tmp_path / "c", bootstrap())
     with pytest.raises(GymError, match="soup.weights"):
-        make_soup(soup_cfg("mean", paths[:2], weights=[1.0]), tmp_path / "d")
+        make_soup(soup_cfg("mean", paths[:2], weights=[1.0]), tmp_path / "d", bootstrap())
     with pytest.raises(GymError, match="soup=median .* cannot use soup.weights"):
-        make_soup(soup_cfg("median", paths[:3], weights=[1.0, 2.0, 1.0]), tmp_path / "e")
+        make_soup(soup_cfg("median", paths[:3], weights=[1.0, 2.0, 1.0]), tmp_path / "e", bootstrap())
     with pytest.raises(GymError, match="needs at least 5"):
-        make_soup(soup_cfg("krum", paths[:3]), tmp_path / "f")
+        make_soup(soup_cfg("krum", paths[:3]), tmp_path / "f", bootstrap())
 
 
 def soup_cli(args, cwd, env=None):
@@ -214,8 +214,8 @@ def test_soup_of_a_three_run_multirun_applied_to_the_base(tmp_path, tiny_overrid
                      "out=soup"], cwd=tmp_path, env={"PYTHONPATH": digits_plugin_path})
     assert soup.returncode == 0, soup.stderr[-2000:]
 
-    deltas = [read_delta(d / "delta/deltaquant.safetensors") for d in run_dirs]
-    merged = read_delta(tmp_path / "soup/soup.safetensors")
+    deltas = [read_delta(d / "delta/deltaquant.safetensors", bootstrap()) for d in run_dirs]
+    merged = read_delta(tmp_path / "soup/soup.safetensors", bootstrap())
     assert set(merged) == set(deltas[0]) and merged
     norms = [sum(float(d[k].norm() ** 2) for k in d) ** 0.5 for d in deltas]
     assert min(norms) > 0  # the runs really trained

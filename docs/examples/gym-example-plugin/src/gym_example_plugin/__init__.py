@@ -10,17 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gym_core import hookimpl
-from gym_core.config import OnlineAlgorithmConfig, QuantConfig
+from gym_core.api import MatrixQuantConfig, OnlineAlgorithmConfig, hookimpl
 
 #: The gym plugin API this plugin was written against; gym refuses to load it, with a
 #: message naming both versions, when the installed gym-core provides another.
-GYM_API_VERSION = "1"
+GYM_API_VERSION = "2"
 
 
 @dataclass
 class RLOOConfig(OnlineAlgorithmConfig):
-    """REINFORCE with a leave-one-out baseline (ALGORITHMS.md §3, RLOO)."""
+    """REINFORCE with a leave-one-out baseline (RLOO, arXiv 2402.14740)."""
 
     name: str = "rloo"
     lr: float = 5e-5  # LoRA adapters need a larger step than full fine-tuning's 1e-6
@@ -38,9 +37,10 @@ class RLOOConfig(OnlineAlgorithmConfig):
 
 
 @dataclass
-class AbsmaxConfig(QuantConfig):
-    """Symmetric per-tensor integer quantization of the delta: q = round(d / s),
-    s = max|d| / (2^(bits-1) - 1), packed two per byte at 4 bits."""
+class AbsmaxConfig(MatrixQuantConfig):
+    """Symmetric per-tensor integer quantization of each target matrix of the delta:
+    q = round(d / s), s = max|d| / (2^(bits-1) - 1), packed two per byte at 4 bits
+    (``targets``, the matrices quantized, comes from MatrixQuantConfig)."""
 
     name: str = "absmax"
     bits: int = 8  # 8 or 4

@@ -4,14 +4,15 @@ signed integer q = round(d / s) in [-q_max, q_max] per weight (q_max = 2^(bits-1
 8 bits store q as int8 (8 bits per weight plus 32 per tensor); 4 bits store q + 8 in a
 nibble, two per byte, low nibble first (4 bits per weight). Scales stay fp32 and the
 delta is rebuilt in fp32: a fine-tune's deltas are ~1e-3 and would lose digits in bf16
-(ALGORITHMS.md §6).
+(docs/algorithms.md §10).
 """
 
 from __future__ import annotations
 
-import json
+import math
 
 import torch
+from gym_core.api import GymError, MatrixQuantizer
 from gym_core.delta import PackedDelta, Quantizer, shapes_meta
 from gym_core.errors import GymError
 
@@ -36,49 +37,46 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return both.reshape(-1)[:numel]
 
 
-class AbsmaxQuantizer(Quantizer):
+class AbsmaxQuantizer(MatrixQuantizer):
+    """Built on gym's matrix-quantizer shell: it picks the target matrices
+    (``quant.targets``), stores every other tensor exactly, records shapes and the
+    quantizer's name, and checks every stored part against :meth:`part_specs` before
+    :meth:`dequantize_matrix` reads it. This class holds only the scheme."""
+
     Config = AbsmaxConfig
 
     def __init__(self, cfg):
         super().__init__(cfg)
         if cfg.bits not in BITS:
             raise GymError(f"quant.bits={cfg.bits}: absmax packs 4 or 8 bits per weight")
-        self.qmax = 2 ** (cfg.bits - 1) - 1
+        self.bits = int(cfg.bits)
+        self.qmax = 2 ** (self.bits - 1) - 1
 
-    def quantize(self, delta):
-        tensors, num = {}, 0
-        for key, d in delta.items():
-            d = d.detach().float().cpu()
-            num += d.numel()
-            peak = d.abs().max()
-            # An all-zero tensor gets scale 1 (any scale reconstructs zeros exactly).
-            scale = peak / self.qmax if peak > 0 else torch.tensor(1.0)
-            q = torch.round(d / scale).clamp(-self.qmax, self.qmax).to(torch.int8)
-            if self.cfg.bits == 8:
-                tensors[f"{key}.q"] = q.reshape(-1)
-            else:
-                tensors[f"{key}.q"] = pack_nibbles((q + 8).to(torch.uint8))
-            tensors[f"{key}.scale"] = scale.reshape(1).float()
-        meta = {"quantizer": self.cfg.name, "bits": str(self.cfg.bits),
-                "shapes": shapes_meta(delta)}
-        return PackedDelta(tensors, meta, num)
+    def file_meta(self):
+        return {"bits": str(self.bits)}
 
-    def dequantize(self, packed):
-        if packed.meta.get("quantizer") != self.cfg.name:
-            raise GymError(
-                f"this delta was written by quantizer {packed.meta.get('quantizer')!r}, not "
-                f"{self.cfg.name}: select that one with quant=<name>"
-            )
-        bits = int(packed.meta["bits"])
-        out = {}
-        for key, shape in json.loads(packed.meta["shapes"]).items():
-            numel = 1
-            for s in shape:
-                numel *= s
-            stored = packed.tensors[f"{key}.q"]
-            if bits == 8:
-                q = stored.to(torch.float32)
-            else:
-                q = unpack_nibbles(stored, numel).to(torch.float32) - 8
-            out[key] = (q * packed.tensors[f"{key}.scale"].float()).view(shape)
-        return out
+    def quantize_matrix(self, key, d):
+        peak = d.abs().max()
+        if not torch.isfinite(peak):
+            raise GymError(f"delta tensor '{key}' has NaN or infinite entries")
+        # An all-zero tensor gets scale 1 (any scale reconstructs zeros exactly).
+        scale = peak / self.qmax if peak > 0 else torch.tensor(1.0)
+        q = torch.round(d / scale).clamp(-self.qmax, self.qmax).to(torch.int8).reshape(-1)
+        stored = q if self.bits == 8 else pack_nibbles((q + 8).to(torch.uint8))
+        return {"q": stored, "scale": scale.reshape(1).float()}
+
+    def part_specs(self, shape, meta):
+        numel = math.prod(shape)
+        if meta.get("bits") == "8":
+            return {"q": (torch.int8, numel), "scale": (torch.float32, 1)}
+        if meta.get("bits") == "4":
+            return {"q": (torch.uint8, (numel + 1) // 2), "scale": (torch.float32, 1)}
+        raise GymError(f"bits={meta.get('bits')!r} in the file's metadata: absmax writes 4 or 8")
+
+    def dequantize_matrix(self, key, shape, parts, meta):
+        numel = math.prod(shape)
+        if meta["bits"] == "8":
+            q = parts["q"].to(torch.float32)
+        else:
+            q = unpack_nibbles(parts["q"], numel).to(torch.float32) - 8
+        return (q * parts["scale"]).view(shape)

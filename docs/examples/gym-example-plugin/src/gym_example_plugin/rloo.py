@@ -1,4 +1,4 @@
-"""RLOO: REINFORCE with a leave-one-out baseline (ALGORITHMS.md §3, arXiv 2402.14740).
+"""RLOO: REINFORCE with a leave-one-out baseline (arXiv 2402.14740).
 
 Each prompt is sampled k times by the core's rollout engine. Completion i's baseline is
 the mean reward of the *other* k - 1 completions, so it is unbiased (it does not depend
@@ -8,15 +8,13 @@ on o_i) and needs no value network:
 
 The loss is REINFORCE's, per token: -A_i * log pi_theta(o_i,t | q, o_i,<t), averaged
 over tokens by the core's ``aggregate_token_loss``. REINFORCE is on-policy: one update
-per batch of rollouts, no ratio, no clipping.
+per batch of rollouts (the default ``updates_per_step``), no ratio, no clipping.
 """
 
 from __future__ import annotations
 
 import torch
-from gym_core.algorithm import Algorithm
-from gym_core.errors import GymError
-from gym_core.losses import LOSS_TYPES, aggregate_token_loss, completion_logprobs
+from gym_core.api import LOSS_TYPES, Algorithm, GymError, aggregate_token_loss
 
 from gym_example_plugin import RLOOConfig
 
@@ -35,22 +33,12 @@ class RLOO(Algorithm):
 
     def __init__(self, cfg, policy):
         super().__init__(cfg, policy)
-        if cfg.num_iterations != 1:
-            raise GymError(
-                f"algorithm.num_iterations={cfg.num_iterations}: rloo is on-policy "
-                "REINFORCE and takes one update per batch of rollouts; set it to 1"
-            )
         if cfg.loss_type not in LOSS_TYPES:
             raise GymError(f"algorithm.loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
 
     @property
     def needs_reference(self) -> bool:
         return self.cfg.beta != 0.0
-
-    @staticmethod
-    def logprobs(model, batch):
-        return completion_logprobs(model, batch.prompt_ids, batch.prompt_mask,
-                                   batch.completion_ids, batch.completion_mask)
 
     @torch.no_grad()
     def prepare(self, batch) -> None:
@@ -59,16 +47,17 @@ class RLOO(Algorithm):
             # TRL's k1 penalty on the sequence: sum_t (log pi_old - log pi_ref), in the
             # reward, so the baseline is taken over penalised rewards as well.
             mask = batch.completion_mask.float()
-            logp = self.logprobs(self.policy.model, batch)
-            with self.policy.reference() as ref:
-                ref_logp = self.logprobs(ref, batch)
+            logp = self.policy.logprobs(batch)
+            ref_logp = self.policy.logprobs(batch, reference=True)
             kl = ((logp - ref_logp) * mask).sum(dim=1)
             rewards = rewards - self.cfg.beta * kl
             batch.extras["kl"] = kl
         batch.extras["advantages"] = leave_one_out_advantages(rewards, batch.group_size)
 
     def loss(self, batch, totals):
-        logp = self.logprobs(self.policy.model, batch)
+        # the policy is the only road to log-probs: under torchrun it goes through DDP,
+        # so every rank's gradients are averaged
+        logp = self.policy.logprobs(batch)
         advantages = batch.extras["advantages"]
         per_token = -advantages.unsqueeze(1) * logp
         loss = aggregate_token_loss(per_token, batch.completion_mask, self.cfg.loss_type,

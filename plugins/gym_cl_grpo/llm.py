@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gym_core.errors import GymError
+from gym_core.api import GymError
 
 Message = dict[str, str]
 
@@ -46,34 +46,19 @@ class LocalLLM(ChatLLM):
         super().__init__(cfg, policy)
 
     def chat(self, conversations: list[list[Message]]) -> list[str]:
-        import torch
+        from gym_core.generation import Sampling, sample
 
-        from gym_core.generation import Sampling, generate
-
-        tok, model = self.policy.tokenizer, self.policy.model
         greedy = self.cfg.temperature <= 0
         sampling = Sampling(do_sample=not greedy, temperature=1.0 if greedy
                             else self.cfg.temperature)
         replies: list[str] = []
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(conversations), max(1, self.cfg.batch_size)):
-                chunk = conversations[start : start + max(1, self.cfg.batch_size)]
-                texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                         for c in chunk]
-                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                device = self.policy.device
-                with torch.no_grad():
-                    ids = generate(
-                        model, enc.input_ids.to(device), enc.attention_mask.to(device),
-                        num_samples=1, max_new_tokens=self.cfg.max_new_tokens,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                        sampling=sampling,
-                    )
-                replies.extend(tok.batch_decode(ids, skip_special_tokens=True))
-        finally:
-            model.train(was_training)
+        size = max(1, self.cfg.batch_size)
+        for start in range(0, len(conversations), size):
+            # the conversations carry their own system message: no data.system_prompt
+            out = sample(self.policy.model, self.policy.tokenizer,
+                         conversations[start : start + size], system_prompt=None,
+                         max_new_tokens=self.cfg.max_new_tokens, sampling=sampling)
+            replies.extend(out.texts)
         self.calls += len(conversations)
         return replies
 

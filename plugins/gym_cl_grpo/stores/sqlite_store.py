@@ -22,8 +22,8 @@ import json
 import sqlite3
 from pathlib import Path
 
-from gym_core.errors import GymError
-from gym_core.experience import (
+from gym_cl_grpo import SqliteStoreConfig
+from gym_cl_grpo.experience import (
     FORMAT,
     ApplyResult,
     Experience,
@@ -31,7 +31,7 @@ from gym_core.experience import (
     Operation,
     apply_operations,
 )
-from gym_experience import SqliteStoreConfig
+from gym_core.api import GymError
 
 _HEADER = b"SQLite format 3\x00"
 _SCHEMA = {

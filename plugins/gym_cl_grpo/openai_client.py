@@ -14,8 +14,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from gym_core.llm import ChatLLM, LLMError, Message
-from gym_openai import OpenAIChatConfig
+from gym_cl_grpo import OpenAIChatConfig
+
+from gym_cl_grpo.llm import ChatLLM, LLMError, Message
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 

@@ -13,8 +13,8 @@ after the batch, per writer and step, so a run can be inspected or resumed at an
 
 Print or export a library from the command line::
 
-    python -m gym_core.experience show runs/NAME/experiences/library.json
-    python -m gym_core.experience show runs/NAME/experiences/library.sqlite --step 2 --json
+    python -m gym_cl_grpo.experience show runs/NAME/experiences/library.json
+    python -m gym_cl_grpo.experience show runs/NAME/experiences/library.sqlite --step 2 --json
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from gym_core.errors import GymError
+from omegaconf import OmegaConf
+
+from gym_core.api import GymError
 
 OPERATIONS = ("ADD", "UPDATE", "DELETE", "NONE")
 #: the format tag written into every library file, checked when one is opened
@@ -210,38 +212,30 @@ def open_store(cfg: Any, plugins, run_dir: Path) -> ExperienceStore:
     """The store that ``cfg.experience_store`` selects, opened for the run in ``run_dir``;
     the run directory's resolved path names this writer."""
     name = cfg.experience_store.name
-    if name == "none":
-        raise GymError(
-            f"algorithm={cfg.algorithm.name} keeps its experience library in a store; pick "
-            "one with experience_store=json or experience_store=sqlite"
-        )
     cls = plugins.component("experience_store", name).load()
     return cls(cfg.experience_store, store_path(cfg.experience_store, cls, run_dir),
                writer=str(Path(run_dir).resolve()))
 
 
 # ----------------------------------------------------------------------------------------
-# python -m gym_core.experience show PATH
+# python -m gym_cl_grpo.experience show PATH
 # ----------------------------------------------------------------------------------------
 
 
-def _store_for(path: Path) -> ExperienceStore:
-    from gym_core.config import bootstrap
-
+def store_for(path: Path, plugins) -> ExperienceStore:
+    """The installed store that recognises the library file at ``path``, opened to read."""
     if not path.is_file():
         raise GymError(f"{path} does not exist: give the path of a library file")
-    for comp in bootstrap().registry("experience_store"):
-        if comp.impl is None:
-            continue
+    for comp in plugins.registry("experience_store"):
         cls = comp.load()
         if cls.recognizes(path):
-            return cls(cls.Config(), path, writer="")
+            return cls(OmegaConf.structured(comp.config), path, writer="")
     raise GymError(f"{path} is not a library any installed experience store can read")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gym_core.experience", description="Print or export an experience library."
+        prog="python -m gym_cl_grpo.experience", description="Print or export an experience library."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print a library (G0..Gn), or export it as JSON")
@@ -253,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="the run directory whose steps --step counts (shared libraries)")
     args = parser.parse_args(argv)
     try:
-        store = _store_for(args.path)
+        from gym_core.startup import bootstrap
+
+        store = store_for(args.path, bootstrap())
         if args.writer is not None:
             store.writer = str(Path(args.writer).resolve())
         with store:

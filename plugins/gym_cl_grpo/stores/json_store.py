@@ -16,14 +16,12 @@ time: runs that share a library use ``experience_store=sqlite``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from gym_core.errors import GymError
-from gym_core.experience import (
+from gym_cl_grpo import JsonStoreConfig
+from gym_cl_grpo.experience import (
     FORMAT,
     ApplyResult,
     Experience,
@@ -32,24 +30,9 @@ from gym_core.experience import (
     apply_operations,
     clean_text,
 )
-from gym_experience import JsonStoreConfig
+from gym_core.api import GymError, write_json
 
 _SNAPSHOT = re.compile(r"^step-(\d+)\.json$")
-
-
-def write_atomically(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_document(path: Path) -> dict[str, Any]:
@@ -162,12 +145,12 @@ class JsonStore(ExperienceStore):
         if step <= self._step:
             raise ValueError(f"step {step} is not after the library's step {self._step}")
         if not self._snapshot_path(self._step).is_file():  # the version this step starts from
-            write_atomically(self._snapshot_path(self._step),
+            write_json(self._snapshot_path(self._step),
                              _document(self._step, self._next_key, self._items))
         items, next_key, counts = apply_operations(self._items, ops, self._next_key)
         doc = _document(step, next_key, items)
-        write_atomically(self._snapshot_path(step), doc)
-        write_atomically(self.path, doc)
+        write_json(self._snapshot_path(step), doc)
+        write_json(self.path, doc)
         self._step, self._next_key, self._items = step, next_key, items
         return ApplyResult(step=step, size=len(items), **counts)
 
@@ -183,7 +166,7 @@ class JsonStore(ExperienceStore):
         doc = read_document(snap)
         # keys are never reused, even those added in the steps being forgotten
         doc["next_key"] = max(doc["next_key"], self._next_key)
-        write_atomically(self.path, doc)
+        write_json(self.path, doc)
         for later in self.recorded_steps():
             if later > step:
                 self._snapshot_path(later).unlink(missing_ok=True)

@@ -4,7 +4,7 @@ A store's test file subclasses :class:`ExperienceStoreContract` and provides a
 ``store_class`` fixture (the class) and optionally ``store_config``::
 
     import pytest
-    from gym_core.contracts.experience_store import ExperienceStoreContract
+    from gym_cl_grpo.contracts import ExperienceStoreContract
     from my_plugin.store import MyStore
 
     class TestMyStore(ExperienceStoreContract):
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import pytest
 
-from gym_core.errors import GymError
-from gym_core.experience import Experience, ExperienceStore, Operation, as_library
+from gym_cl_grpo.experience import Experience, ExperienceStore, Operation, as_library
+from gym_core.api import GymError
 
 
 def add(text):

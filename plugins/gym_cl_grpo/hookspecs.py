@@ -1,0 +1,67 @@
+"""The hook specs of the two families this plugin declares (``gym_add_families``): the
+experience stores and the chat models of training-free GRPO. Third-party plugins
+implement them like the core's registration hooks, with ``gym_core.api.hookimpl``; their
+base classes are in :mod:`gym_cl_grpo.api`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gym_core.api import hookspec
+
+if TYPE_CHECKING:
+    from gym_core.api import Registry
+
+
+@hookspec
+def gym_add_experience_stores(registry: Registry) -> None:
+    """Register experience stores (text experience libraries for training-free methods).
+
+    Called once at start-up, after ``gym_cl_grpo`` declared the family.
+
+    :param registry: call ``registry.add(name, config, impl)``; ``name`` becomes the
+        option ``experience_store=<name>`` (in the config with ``algorithm=cl_grpo``).
+        ``config`` derives from ``ExperienceStoreConfig``; ``impl`` subclasses
+        ``ExperienceStore`` (both from ``gym_cl_grpo.api``).
+
+    All implementations are called; a duplicate name is an error.
+
+    A store is built as ``impl(cfg, path, writer)`` and persists what
+    ``gym_cl_grpo.api.apply_operations`` decides (the meaning of ADD / UPDATE / DELETE /
+    NONE is fixed there, once for every store). What gym calls:
+
+    - class attributes ``Config`` (the schema), ``default_filename`` (the file under
+      ``<run_dir>/experiences/`` when ``cfg.path`` is None) and classmethod
+      ``recognizes(path) -> bool`` (does this file look like this store's, for
+      ``python -m gym_cl_grpo.experience show``);
+    - ``list()`` (the library now, in key order), ``retrieve(prompt)`` (the entries to
+      show for one prompt; default all), ``last_step()`` (the newest recorded step, 0
+      for a new library), ``at_step(step)`` (the library as it stood after that step);
+    - ``apply(ops, step) -> ApplyResult``: one atomic, durable batch recorded as
+      ``step``; a step at or below ``last_step()`` raises ``GymError``, and a file that
+      is not a library raises ``GymError`` when opened and is left untouched;
+    - ``rewind(step)`` (forget later steps, for a run resumed from an older checkpoint),
+      ``close()``.
+
+    ``gym_cl_grpo.contracts.ExperienceStoreContract`` is the pytest suite every store
+    passes: subclass it and provide ``store_class`` (and optionally ``store_config``) as
+    fixtures.
+    """
+
+
+@hookspec
+def gym_add_llms(registry: Registry) -> None:
+    """Register chat models that methods call for their own reasoning (the summarising
+    and lesson-extracting model of training-free GRPO).
+
+    Called once at start-up, after ``gym_cl_grpo`` declared the family.
+
+    :param registry: call ``registry.add(name, config, impl)``. ``name`` becomes the
+        option ``llm=<name>`` (in the config with ``algorithm=cl_grpo``); ``config``
+        derives from ``LLMConfig``; ``impl(cfg, policy)`` builds a ``ChatLLM`` (both from
+        ``gym_cl_grpo.api``) whose ``chat(conversations) -> list[str]`` answers a batch of
+        message lists. Secrets (API keys) are read from the environment by the
+        implementation, never stored in the config.
+
+    All implementations are called; a duplicate name is an error.
+    """
