@@ -1,4 +1,4 @@
-"""DeltaSoup: merge many contributors' deltas into one (docs/algorithms.md §7).
+"""DeltaSoup: merge many contributors' deltas into one (docs/algorithms.md §11).
 
 The core reads the inputs (any quantizer's files, decoded through the quantizer their
 metadata names), flattens them into one fp32 matrix [contributors, weights], clips each
@@ -98,7 +98,7 @@ def make_soup(cfg: Any, out_dir: Path, plugins) -> dict[str, Any]:
     if cfg.clip_norm is not None:
         if cfg.clip_norm <= 0:
             raise GymError(f"soup.clip_norm={cfg.clip_norm} must be positive (or null: no clipping)")
-        factor = (cfg.clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)  # §7.4
+        factor = (cfg.clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)  # §11.4
         clipped = [bool(f < 1.0) for f in factor]
         flat = flat * factor.unsqueeze(1)
 

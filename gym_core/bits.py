@@ -1,5 +1,5 @@
 """Sign bits packed 8 per byte: the one 1-bit kernel (BitDelta's signs, DeltaQuant's
-binary mode, and whatever else stores alpha * sign(D), docs/algorithms.md §5-6).
+binary mode, and whatever else stores alpha * sign(D), docs/algorithms.md §9, §10.4).
 
 Layout: the tensor's entries in flat (row-major) order, bit k of byte j is entry 8 j + k
 (little-endian within the byte), 1 for a positive entry; the last byte is zero-padded.

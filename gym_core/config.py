@@ -171,7 +171,7 @@ class MatrixQuantConfig(QuantConfig):
     are compressed (the rest of the delta is stored exactly)."""
 
     # Matrices whose name ends in one of these are compressed (attention and MLP
-    # projections, as BitDelta does, docs/algorithms.md §5); embeddings, norms and the
+    # projections, as BitDelta does, docs/algorithms.md §9); embeddings, norms and the
     # head stay full precision.
     targets: list[str] = field(default_factory=lambda: ["_proj.weight"])
 
@@ -179,7 +179,7 @@ class MatrixQuantConfig(QuantConfig):
 @dataclass
 class SoupConfig:
     """Base of every ``soup=<name>`` option of ``python -m gym_core.soup``: the inputs and
-    the per-contributor clipping and DP noise that every rule shares (ALGORITHMS.md §7)."""
+    the per-contributor clipping and DP noise that every rule shares (docs/algorithms.md §11)."""
 
     name: str = MISSING
     # Delta files written by gym (any quantizer, or full precision), or run directories
@@ -189,7 +189,7 @@ class SoupConfig:
     # Per-contributor L2 clipping D_k <- D_k min(1, C / ||D_k||) before aggregating.
     clip_norm: float | None = None
     # Gaussian noise N(0, (noise_multiplier * sensitivity)^2) on the aggregate (DP-FedAvg,
-    # §7.4); needs clip_norm and a rule with bounded sensitivity (soup=mean).
+    # §11.4); needs clip_norm and a rule with bounded sensitivity (soup=mean).
     noise_multiplier: float = 0.0
     dp_delta: float = 1e-5  # the reported (epsilon, delta)'s delta; keep it << 1/contributors
     sample_rate: float = 1.0  # contributors sampled per round (1.0: everyone, no amplification)

@@ -238,7 +238,7 @@ def base_key(peft_name: str) -> str:
 @torch.no_grad()
 def apply_delta(model: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
     """model weights += delta, added in fp32 and cast once (a tiny delta added to bf16
-    weights would be lost, docs/algorithms.md §6)."""
+    weights would be lost, docs/algorithms.md §10)."""
     params = dict(model.named_parameters())
     for key, d in delta.items():
         if key not in params:
@@ -339,7 +339,7 @@ def read_delta(path: Path, plugins) -> dict[str, torch.Tensor]:
 
 
 def reconstruction_error(delta: dict[str, torch.Tensor], restored: dict[str, torch.Tensor]):
-    """How far a dequantized delta is from the original (docs/algorithms.md §6 metrics), per
+    """How far a dequantized delta is from the original (docs/algorithms.md §10.7), per
     tensor and over all of them: relative Frobenius error ||D - D_hat|| / ||D||,
     SNR in dB 10 log10(||D||^2 / ||D - D_hat||^2) and cosine(D, D_hat), in fp64."""
 

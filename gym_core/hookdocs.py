@@ -43,10 +43,10 @@ def render_docstring(doc: str) -> str:
             while i < len(lines) and lines[i].startswith("    "):
                 text.append(lines[i].strip())
                 i += 1
-            out.append(f"- `{m.group(1)}`: " + " ".join(text))
+            out.append(_code(f"- `{m.group(1)}`: " + " ".join(text)))
             continue
         if line.rstrip().endswith("::"):
-            out.append(line.rstrip()[:-1])
+            out.append(_code(line.rstrip()[:-1]))
             i += 1
             block = []
             while i < len(lines) and (not lines[i].strip() or lines[i].startswith("    ")):
@@ -58,11 +58,13 @@ def render_docstring(doc: str) -> str:
                 block.pop(0)
             out += ["", "```python", *textwrap.dedent("\n".join(block)).splitlines(), "```", ""]
             continue
-        out.append(line)
+        out.append(_code(line))
         i += 1
-    text = "\n".join(out)
-    text = re.sub(r"``([^`]+)``", r"`\1`", text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
+
+
+def _code(text: str) -> str:
+    return re.sub(r"``([^`]+)``", r"`\1`", text)
 
 
 def render_module(module) -> str:

@@ -1,5 +1,5 @@
 """The token math every method shares: log-prob gathering, masking and loss
-normalisation (docs/algorithms.md §1.2). Method formulas live in the plugins."""
+normalisation (docs/algorithms.md §1.4). Method formulas live in the plugins."""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from gym_core.files import write_text
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool):
@@ -32,7 +34,7 @@ class MetricsLog:
             return
         lines = self.path.read_text(encoding="utf-8").splitlines()
         keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        write_text(self.path, "".join(ln + "\n" for ln in keep))  # atomic: never emptied
 
     def close(self) -> None:
         if self.writer is not None:

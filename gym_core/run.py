@@ -179,7 +179,7 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
         "delta_params": num,
         "delta_file": str(path),
         "quantize_seconds": round(quant_seconds, 3),
-        "error": reconstruction_error(delta, restored),  # docs/algorithms.md §6 metrics
+        "error": reconstruction_error(delta, restored),  # docs/algorithms.md §10.7
     }
     if packed is not uncalibrated:  # the same delta before calibration, for comparison
         del rebuilt

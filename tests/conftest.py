@@ -50,13 +50,20 @@ def with_digit_reward():
     bootstrap(reload=True)
 
 
+def plugin_site(site: Path, dist: str, entry: str, module: str) -> Path:
+    """Make ``module`` (importable from the repository) an installed plugin for
+    subprocesses: distribution metadata with its entry point in ``site``, which goes on
+    PYTHONPATH with the repository."""
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[gym_core]\n{entry} = {module}\n")
+    return site
+
+
 @pytest.fixture
 def digits_plugin_path(tmp_path):
     """The same plugin installed as a distribution (metadata on a path) for subprocesses:
     a PYTHONPATH value that makes it visible."""
-    site = tmp_path / "site"
-    info = site / "gym_test_digits-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gym-test-digits\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[gym_core]\ndigits = tests.digits_plugin\n")
+    site = plugin_site(tmp_path / "site", "gym-test-digits", "digits", "tests.digits_plugin")
     return f"{REPO}{os.pathsep}{site}"

@@ -10,8 +10,8 @@ from gym_core.config import ArithmeticConfig, TrainerConfig
 from gym_core.data import Sampler, arithmetic_task
 from gym_core.delta import map_tensors
 from gym_core.errors import GymError
-from gym_core.rewards import accuracy, extract_answer
 from gym_core.generation import completion_masks
+from gym_core.rewards import accuracy, extract_answer
 from gym_core.train import lr_lambda
 
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, plugin_site
 
 
-def launch(args, cwd, pythonpath, nproc=None):
-    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+def launch(args, cwd, pythonpath, nproc=None, env=None):
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **(env or {})}
     head = [sys.executable, "-m", "gym_core"]
     if nproc:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -81,3 +81,45 @@ def test_dpo_and_kto_data_parallel(tmp_path, tiny_overrides):
     assert kto.returncode == 0, kto.stderr[-3000:]
     assert [r["step"] for r in rows(tmp_path / "runs/k2")] == [1, 2]
     assert all("kl" in r for r in rows(tmp_path / "runs/k2"))
+
+
+def replica_path(tmp_path):
+    """PYTHONPATH with tests/replica_plugin.py installed as a plugin."""
+    site = plugin_site(tmp_path / "replica-site", "gym-test-replicas", "replicas",
+                       "tests.replica_plugin")
+    return f"{REPO}{os.pathsep}{site}"
+
+
+def test_an_offline_method_keeps_the_ranks_weights_identical_after_every_step(
+        tmp_path, tiny_overrides):
+    """Each rank records its trainable weights after every step (tests/replica_plugin.py):
+    DPO's loss goes through policy.logprobs, so DDP averages the gradients and the two
+    ranks hold the same weights, bit for bit, at every step."""
+    common = [o for o in tiny_overrides if not o.startswith("algorithm.")]
+    (tmp_path / "replicas").mkdir()
+    out = launch([*common, "algorithm=checked_dpo", "algorithm.lr=1e-2", "trainer.max_steps=3",
+                  "trainer.batch_size=2", "trainer.eval_before=false", "run.name=ddp-dpo"],
+                 tmp_path, replica_path(tmp_path), nproc=2,
+                 env={"GYM_TEST_REPLICA_DIR": str(tmp_path / "replicas")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0 = (tmp_path / "replicas/rank0.txt").read_text().split()
+    rank1 = (tmp_path / "replicas/rank1.txt").read_text().split()
+    assert len(rank0) == 3 and rank0 == rank1
+    assert len(set(rank0)) == 3  # the weights did move from step to step
+
+
+@pytest.mark.parametrize("algorithm,message", [
+    ("raw_logprobs", "completion_logprobs was called with gradients on a distributed run"),
+    ("bypass_forward", "the ranks' trainable weights differ"),
+])
+def test_a_loss_outside_policy_logprobs_is_refused_on_a_distributed_run(
+        tmp_path, tiny_overrides, algorithm, message):
+    """A log-prob pass that skips the DDP-wrapped scorer would leave each rank training
+    on its own gradients, the replicas drifting apart without a word. gym refuses the
+    raw log-prob function with gradients under DDP, and compares the ranks' weights
+    after every step to catch any other road around DDP."""
+    out = launch([*tiny_overrides, f"algorithm={algorithm}", "trainer.max_steps=2",
+                  "trainer.eval_before=false", f"run.name={algorithm}"],
+                 tmp_path, replica_path(tmp_path), nproc=2)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""BitDelta (docs/algorithms.md §5) as a gym quantizer plugin: one sign bit per weight of each
+"""BitDelta (docs/algorithms.md §9) as a gym quantizer plugin: one sign bit per weight of each
 linear projection's delta plus one fp32 scale per matrix."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class BitDeltaConfig(MatrixQuantConfig):
     # sign(0): +1 as in the reference code (the paper says -1). Either is exact for the
     # packing; it only decides which way an unchanged weight moves by alpha.
     sign_of_zero: int = 1
-    # Scale distillation (§5): with distill_steps > 0, only the per-matrix scales are
+    # Scale distillation (§9): with distill_steps > 0, only the per-matrix scales are
     # trained (signs and base frozen) to match the fine-tuned model's logits (MSE over
     # non-padding positions) on the task's training prompts. The paper: 200 steps of
     # batch 4 x 128 tokens, AdamW lr 1e-4 with a cosine schedule.

@@ -1,5 +1,5 @@
 """BitDelta: Delta_hat = alpha * Sign(Delta) per matrix, alpha = mean|Delta| (the
-L2-optimal scale for fixed signs, docs/algorithms.md §5). Signs are packed 8 per byte,
+L2-optimal scale for fixed signs, docs/algorithms.md §9). Signs are packed 8 per byte,
 and mean|Delta| summed in the same pass, by the core's 1-bit kernel
 (:func:`gym_core.api.pack_signs`); matrices are spread over the cores by the matrix
 quantizer shell."""
@@ -51,7 +51,7 @@ class BitDeltaQuantizer(MatrixQuantizer):
         return dict(self._stats)
 
     def calibrate(self, packed, ctx):
-        """Scale distillation (docs/algorithms.md §5): W = W_base + alpha * sign with signs and
+        """Scale distillation (docs/algorithms.md §9): W = W_base + alpha * sign with signs and
         base frozen; AdamW (cosine schedule) on the fp32 alphas only, minimising the logit
         MSE to the fine-tuned model. Unlike the reference code, padding positions are
         masked out of the loss and nothing but the scales is trained."""

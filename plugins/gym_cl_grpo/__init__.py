@@ -1,4 +1,4 @@
-"""Training-Free GRPO (Tencent Youtu, arXiv 2510.08191; docs/algorithms.md §4) as a gym
+"""Training-Free GRPO (Tencent Youtu, arXiv 2510.08191; docs/algorithms.md §8) as a gym
 plugin: ``algorithm=cl_grpo``. The weights stay frozen; what is learned is a text
 experience library kept in an ``experience_store`` and injected into the prompt, with an
 ``llm`` summarising trajectories and extracting lessons.
@@ -25,7 +25,7 @@ from gym_core.api import OnlineAlgorithmConfig, hookimpl
 
 @dataclass
 class CLGRPOConfig(OnlineAlgorithmConfig):
-    """Training-Free GRPO (docs/algorithms.md §4). lr, weight_decay and adam_betas are
+    """Training-Free GRPO (docs/algorithms.md §8). lr, weight_decay and adam_betas are
     unused: nothing is optimised. One step = one batch of questions
     (trainer.batch_size); epochs over the data are trainer.max_steps * batch_size /
     number of questions."""
@@ -38,11 +38,11 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
         "_self_",
     ])
     name: str = "cl_grpo"
-    num_generations: int = 5  # G rollouts per question (§4: 5)
-    temperature: float = 0.7  # rollout temperature (§4: 0.7)
+    num_generations: int = 5  # G rollouts per question (§8.1: 5)
+    temperature: float = 0.7  # rollout temperature (§8.1: 0.7)
     max_completion_length: int = 64
     lessons_per_group: int = 2  # lessons extracted per question (main-branch default 2)
-    # lessons are asked to be at most 32 words (§4 preview); longer ones are rejected
+    # lessons are asked to be at most 32 words (§8.2); longer ones are rejected
     max_experience_words: int = 64
     # where the library goes: "system" (main branch: appended to the system
     # instructions) or "user" (preview: after the problem in the user turn)

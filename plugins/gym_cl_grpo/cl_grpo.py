@@ -1,4 +1,4 @@
-"""Training-Free GRPO (ALGORITHMS.md §4): GRPO's loop with a text experience library in
+"""Training-Free GRPO (docs/algorithms.md §8): GRPO's loop with a text experience library in
 place of the weights.
 
 Per step, on the batch the core's rollout engine sampled with the library injected
@@ -179,7 +179,7 @@ class TrainingFreeGRPO(Algorithm):
         return {k: float(v) for k, v in m.items()}
 
     def _contrasting_groups(self, batches) -> tuple[list[Group], int]:
-        """Groups with 0 < mean reward < 1 (§4 step 2), and how many groups there were."""
+        """Groups with 0 < mean reward < 1 (§8.1, step 2), and how many groups there were."""
         kept, total = [], 0
         for batch in batches:
             g = batch.group_size

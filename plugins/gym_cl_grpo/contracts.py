@@ -31,6 +31,12 @@ def add(text):
     return Operation("ADD", text=text)
 
 
+def expect(got, expected, what: str) -> None:
+    """assert got == expected, saying what was checked, what was expected and what came
+    back (pytest does not rewrite the asserts of an installed package)."""
+    assert got == expected, f"{what}: expected {expected!r}, got {got!r}"
+
+
 class ExperienceStoreContract:
     @pytest.fixture
     def store_class(self) -> type[ExperienceStore]:
@@ -59,19 +65,20 @@ class ExperienceStoreContract:
 
     def test_a_new_store_is_empty(self, open_store):
         store = open_store()
-        assert store.list() == []
-        assert store.last_step() == 0
-        assert store.export() == {}
+        expect(store.list(), [], "store.list()")
+        expect(store.last_step(), 0, "store.last_step()")
+        expect(store.export(), {}, "store.export()")
 
     def test_adds_are_listed_in_order_and_survive_reopening(self, open_store, store_class, path):
         store = open_store()
         result = store.apply([add("When adding, carry the ten."), add("Check the units.")], 1)
-        assert (result.added, result.size, result.step) == (2, 2, 1)
+        expect((result.added, result.size, result.step), (2, 2, 1), "(result.added, result.size, result.step)")
         store.close()
         again = open_store()
-        assert again.export() == {"G0": "When adding, carry the ten.", "G1": "Check the units."}
-        assert again.last_step() == 1
-        assert store_class.recognizes(path)
+        expect(again.export(), {"G0": "When adding, carry the ten.", "G1": "Check the units."}, "again.export()")
+        expect(again.last_step(), 1, "again.last_step()")
+        assert store_class.recognizes(path), f"{store_class.__name__}.recognizes({path}) is " \
+            "False for a library it wrote"
 
     def test_update_delete_and_renumbering(self, open_store):
         store = open_store()
@@ -79,12 +86,14 @@ class ExperienceStoreContract:
         keys = [e.key for e in store.list()]
         result = store.apply([Operation("DELETE", keys[0]), Operation("UPDATE", keys[2], "c2"),
                               Operation("NONE")], 2)
-        assert (result.deleted, result.updated, result.skipped, result.size) == (1, 1, 1, 2)
+        expect((result.deleted, result.updated, result.skipped, result.size), (1, 1, 1, 2), "(result.deleted, result.updated, result.skipped, result.size)")
         # G-ids are positions: the old G1 is now G0; keys stay what they were
-        assert store.export() == {"G0": "b", "G1": "c2"}
-        assert [e.key for e in store.list()] == keys[1:]
+        expect(store.export(), {"G0": "b", "G1": "c2"}, "store.export()")
+        expect([e.key for e in store.list()], keys[1:], "[e.key for e in store.list()]")
         store.apply([add("d")], 3)
-        assert max(e.key for e in store.list()) > max(keys)  # keys are never reused
+        new_key = max(e.key for e in store.list())
+        assert new_key > max(keys), f"keys are never reused: a new entry got key {new_key}, " \
+            f"at most the earlier {max(keys)}"
 
     def test_reconciliation_rules(self, open_store):
         store = open_store()
@@ -98,19 +107,19 @@ class ExperienceStoreContract:
             add("New lesson"), add("new LESSON"),  # duplicate ADDs are merged (case, spacing)
             Operation("DELETE", 10_000),            # a key that does not exist: skipped
         ], 2)
-        assert store.export() == {"G0": "second", "G1": "New lesson"}
-        assert (result.added, result.deleted, result.updated) == (1, 1, 1)
-        assert result.skipped == 3  # the duplicate ADD, the missing key, the lost UPDATE
+        expect(store.export(), {"G0": "second", "G1": "New lesson"}, "store.export()")
+        expect((result.added, result.deleted, result.updated), (1, 1, 1), "(result.added, result.deleted, result.updated)")
+        expect(result.skipped, 3, "result.skipped")  # the duplicate ADD, the missing key, the lost UPDATE
 
     def test_every_step_can_be_read_back(self, open_store):
         store = open_store()
         store.apply([add("one")], 1)
         store.apply([add("two")], 2)
         store.apply([Operation("DELETE", store.list()[0].key)], 3)
-        assert as_library(store.at_step(0)) == {}
-        assert as_library(store.at_step(1)) == {"G0": "one"}
-        assert as_library(store.at_step(2)) == {"G0": "one", "G1": "two"}
-        assert store.export(3) == {"G0": "two"}
+        expect(as_library(store.at_step(0)), {}, "as_library(store.at_step(0))")
+        expect(as_library(store.at_step(1)), {"G0": "one"}, "as_library(store.at_step(1))")
+        expect(as_library(store.at_step(2)), {"G0": "one", "G1": "two"}, "as_library(store.at_step(2))")
+        expect(store.export(3), {"G0": "two"}, "store.export(3)")
         with pytest.raises(GymError):
             store.at_step(7)
 
@@ -119,14 +128,15 @@ class ExperienceStoreContract:
         for step, text in enumerate(["one", "two", "three"], start=1):
             store.apply([add(text)], step)
         store.rewind(1)
-        assert store.export() == {"G0": "one"}
-        assert store.last_step() == 1
+        expect(store.export(), {"G0": "one"}, "store.export()")
+        expect(store.last_step(), 1, "store.last_step()")
         store.close()
         again = open_store()  # the rewind is persistent
-        assert again.export() == {"G0": "one"} and again.last_step() == 1
+        expect((again.export(), again.last_step()), ({"G0": "one"}, 1),
+               "(export, last_step) after reopening a rewound store")
         result = again.apply([add("two, again")], 2)
-        assert result.size == 2
-        assert again.export(2) == {"G0": "one", "G1": "two, again"}
+        expect(result.size, 2, "result.size")
+        expect(again.export(2), {"G0": "one", "G1": "two, again"}, "again.export(2)")
         with pytest.raises(GymError):
             again.at_step(3)
 
@@ -135,21 +145,22 @@ class ExperienceStoreContract:
         store.apply([add("one")], 1)
         with pytest.raises(ValueError):
             store.apply([add("two")], 1)
-        assert store.export() == {"G0": "one"}
+        expect(store.export(), {"G0": "one"}, "store.export()")
 
     def test_retrieve_returns_experiences_of_the_library(self, open_store):
         store = open_store()
         store.apply([add("x"), add("y")], 1)
         got = store.retrieve("What is 2 + 2?")
-        assert all(isinstance(e, Experience) for e in got)
-        assert set(got) <= set(store.list())
+        assert all(isinstance(e, Experience) for e in got), f"retrieve returned {got!r}"
+        assert set(got) <= set(store.list()), f"retrieve returned entries not in the " \
+            f"library: {set(got) - set(store.list())}"
 
     def test_unicode_text_round_trips(self, open_store):
         store = open_store()
         text = 'Quand "x" ≥ 10 — 注意进位 \\boxed{} 🙂'
         store.apply([add(text)], 1)
         store.close()
-        assert open_store().export() == {"G0": text}
+        expect(open_store().export(), {"G0": text}, "open_store().export()")
 
     def test_a_file_that_is_not_a_library_is_refused_and_left_alone(self, open_store, path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,4 +168,4 @@ class ExperienceStoreContract:
         path.write_bytes(junk)
         with pytest.raises(GymError, match=str(path.name)):
             open_store()
-        assert path.read_bytes() == junk
+        expect(path.read_bytes(), junk, "path.read_bytes()")

@@ -1,13 +1,13 @@
 """Experience stores: the text library a training-free method learns instead of weights
-(Training-Free GRPO, ALGORITHMS.md §4), and the contract every store implements.
+(Training-Free GRPO, docs/algorithms.md §8), and the contract every store implements.
 
 A library is an ordered list of :class:`Experience` entries. Each has a ``key`` that the
 store never reuses, so an operation written against one version of the library cannot
 hit a different entry after another writer changed it; the ids a model sees, ``G0..Gn``,
-are positions in key order and are renumbered after every change (§4, "renumber").
+are positions in key order and are renumbered after every change (§8, "renumber").
 
 Changes arrive as batches of :class:`Operation` (ADD / UPDATE / DELETE / NONE, the
-main-branch op names of §4). :func:`apply_operations` gives their meaning once, for every
+main-branch op names of §8). :func:`apply_operations` gives their meaning once, for every
 store; a store makes each batch atomic and durable and records the library as it stood
 after the batch, per writer and step, so a run can be inspected or resumed at any step.
 
@@ -82,13 +82,13 @@ def clean_text(text: str) -> str:
 
 
 def labels(experiences: list[Experience]) -> dict[str, Experience]:
-    """``{"G0": ..., "G1": ...}`` in key order: the ids a model sees (renumbered, §4)."""
+    """``{"G0": ..., "G1": ...}`` in key order: the ids a model sees (renumbered, §8)."""
     ordered = sorted(experiences, key=lambda e: e.key)
     return {f"G{i}": e for i, e in enumerate(ordered)}
 
 
 def as_library(experiences: list[Experience]) -> dict[str, str]:
-    """The paper's library JSON: ``{"G0": "text", ...}`` (ALGORITHMS.md §4)."""
+    """The paper's library JSON: ``{"G0": "text", ...}`` (docs/algorithms.md §8)."""
     return {label: e.text for label, e in labels(experiences).items()}
 
 
@@ -97,7 +97,7 @@ def apply_operations(
 ) -> tuple[list[Experience], int, dict[str, int]]:
     """The meaning of a batch of operations, the same for every store.
 
-    Reconciled as the main-branch batch step does (§4): a DELETE beats an UPDATE of the
+    Reconciled as the main-branch batch step does (§8): a DELETE beats an UPDATE of the
     same key; of several UPDATEs of one key the last wins; an ADD whose text equals an
     existing or earlier-added experience (ignoring case and spacing) is merged into it.
     UPDATE / DELETE of a key that is gone (another writer deleted it) is skipped.
@@ -162,7 +162,7 @@ class ExperienceStore:
 
     def retrieve(self, prompt: str) -> list[Experience]:
         """The experiences to show with ``prompt``. Training-Free GRPO injects the whole
-        library (§4), which is the default; a retrieval store may select a subset."""
+        library (§8), which is the default; a retrieval store may select a subset."""
         return self.list()
 
     def last_step(self) -> int:

@@ -38,7 +38,7 @@ def gym_add_experience_stores(registry: Registry) -> None:
       show for one prompt; default all), ``last_step()`` (the newest recorded step, 0
       for a new library), ``at_step(step)`` (the library as it stood after that step);
     - ``apply(ops, step) -> ApplyResult``: one atomic, durable batch recorded as
-      ``step``; a step at or below ``last_step()`` raises ``GymError``, and a file that
+      ``step``; a step at or below ``last_step()`` raises ``ValueError``, and a file that
       is not a library raises ``GymError`` when opened and is left untouched;
     - ``rewind(step)`` (forget later steps, for a run resumed from an older checkpoint),
       ``close()``.

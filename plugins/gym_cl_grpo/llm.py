@@ -1,6 +1,6 @@
 """Chat models that methods call for their own reasoning (``llm=<name>``).
 
-Training-free GRPO (ALGORITHMS.md §4) asks an LLM to summarise trajectories and extract
+Training-free GRPO (docs/algorithms.md §8) asks an LLM to summarise trajectories and extract
 lessons. :class:`ChatLLM` is the interface: a batch of conversations in, one reply per
 conversation out. ``llm=local`` (:class:`LocalLLM`) answers with the policy model itself
 through the core's KV-cached generation, so a run works offline; other back-ends
@@ -38,7 +38,7 @@ class ChatLLM:
 class LocalLLM(ChatLLM):
     """The policy model as the chat model: batched, KV-cached sampling with the model's
     chat template. With frozen weights this is the paper's setting in miniature: the same
-    model acts and reflects (§4 uses one API model for both)."""
+    model acts and reflects (§8 uses one API model for both)."""
 
     def __init__(self, cfg, policy=None) -> None:
         if policy is None:

@@ -15,7 +15,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from gym_cl_grpo import OpenAIChatConfig
-
 from gym_cl_grpo.llm import ChatLLM, LLMError, Message
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}

@@ -1,4 +1,4 @@
-"""The prompts of Training-Free GRPO (ALGORITHMS.md §4), written after the youtu-agent
+"""The prompts of Training-Free GRPO (docs/algorithms.md §8), written after the youtu-agent
 main branch's practice templates (utu/practice): a step-by-step trajectory summary
 graded against the ground truth, a group comparison that extracts at most K
 "When [condition], [strategy]" lessons, and a per-group update that labels each lesson
@@ -11,7 +11,7 @@ from typing import Any
 
 from gym_cl_grpo.experience import Experience
 
-# Injection (§4): one sentence asking the model to read the experiences first, then one
+# Injection (§8): one sentence asking the model to read the experiences first, then one
 # "[G<i>]. <text>" line per experience.
 INJECTION_HEADER = (
     "When solving problems, you MUST first carefully read and understand the helpful "

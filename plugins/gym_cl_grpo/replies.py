@@ -1,5 +1,5 @@
 """Reading the reflecting model's replies: lessons and library operations from the last
-```json block (ALGORITHMS.md §4: "parsed from the last ```json block; failures
+```json block (docs/algorithms.md §8: "parsed from the last ```json block; failures
 skipped"). Nothing here raises on model output: a reply that does not parse gives
 ``None`` (counted by the caller) and every item that is not a well-formed operation
 against the library the model was shown is dropped and counted, so no reply can put

@@ -1,4 +1,4 @@
-"""DeltaQuant (docs/algorithms.md §6) as a gym quantizer plugin: k-bit (2, 3, 4, 8), binary and
+"""DeltaQuant (docs/algorithms.md §10) as a gym quantizer plugin: k-bit (2, 3, 4, 8), binary and
 ternary round-to-nearest quantization of a fine-tune's delta, per tensor, per output
 channel or per group of input columns, packed densely into bytes."""
 

@@ -1,4 +1,4 @@
-"""DeltaQuant: round-to-nearest quantization of a delta (docs/algorithms.md §6), with the
+"""DeltaQuant: round-to-nearest quantization of a delta (docs/algorithms.md §10), with the
 integers packed densely into bytes and the scales kept in fp32.
 
 Each quantized matrix D[out, in] is viewed as *units* (one row of the view per scale):

@@ -12,7 +12,7 @@ Every loop runs over a slice from index 0 so that LLVM can prove the indices
 non-negative and vectorise (an index numba might have to wrap around blocks SIMD).
 max|x| is taken on the IEEE bit patterns as unsigned integers (the same order for
 non-negative floats, and a NaN sorts above inf, so it is never lost): numba's float
-``max`` does not vectorise. The formulas are those of docs/algorithms.md §6, in fp32 like
+``max`` does not vectorise. The formulas are those of docs/algorithms.md §10, in fp32 like
 the torch expressions in the docstrings, with sums accumulated in fp64.
 """
 

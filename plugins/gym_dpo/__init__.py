@@ -1,4 +1,4 @@
-"""DPO and its loss variants (docs/algorithms.md §3) as a gym plugin."""
+"""DPO and its loss variants (docs/algorithms.md §4) as a gym plugin."""
 
 from __future__ import annotations
 

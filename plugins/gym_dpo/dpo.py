@@ -1,5 +1,5 @@
 """DPO: L = -log sigma(beta h), h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) -
-log pi_ref(y_l)] (token sums), and the robust, IPO and hinge variants (docs/algorithms.md §3).
+log pi_ref(y_l)] (token sums), and the robust, IPO and hinge variants (docs/algorithms.md §4).
 Chosen and rejected share their prompt: one forward pass scores both (the prompt once)."""
 
 from __future__ import annotations

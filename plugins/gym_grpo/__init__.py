@@ -13,19 +13,19 @@ from gym_core.api import GroupPolicyConfig, hookimpl
 
 @dataclass
 class GRPOConfig(GroupPolicyConfig):
-    """GRPO (docs/algorithms.md §1.1, §1.6). Defaults follow TRL where the paper and TRL
+    """GRPO (docs/algorithms.md §1.1, §1.10). Defaults follow TRL where the paper and TRL
     differ, except lr, which suits LoRA on a small model. beta, epsilon, epsilon_high,
     scale_rewards, num_iterations and mask_truncated_completions come from
     GroupPolicyConfig."""
 
     name: str = "grpo"
     lr: float = 5e-5  # LoRA adapters need a larger step than full fine-tuning's 1e-6
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (§1.2)
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (§1.4)
 
 
 @dataclass
 class DrGRPOConfig(GRPOConfig):
-    """Dr. GRPO (docs/algorithms.md §1.3): no std scaling, a constant token budget as normaliser, no KL."""
+    """Dr. GRPO (docs/algorithms.md §1.6): no std scaling, a constant token budget as normaliser, no KL."""
 
     name: str = "dr_grpo"
     loss_type: str = "dr_grpo"
@@ -35,7 +35,7 @@ class DrGRPOConfig(GRPOConfig):
 
 @dataclass
 class DAPOConfig(GRPOConfig):
-    """DAPO (docs/algorithms.md §1.4): clip-higher, token-level loss, truncated completions masked, no KL.
+    """DAPO (docs/algorithms.md §1.7): clip-higher, token-level loss, truncated completions masked, no KL.
     Dynamic sampling is not implemented (TRL has none either)."""
 
     name: str = "dapo"

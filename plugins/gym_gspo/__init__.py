@@ -1,4 +1,4 @@
-"""GSPO (Group Sequence Policy Optimization, docs/algorithms.md §2) as a gym plugin."""
+"""GSPO (Group Sequence Policy Optimization, docs/algorithms.md §2.1) as a gym plugin."""
 
 from __future__ import annotations
 

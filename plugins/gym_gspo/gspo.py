@@ -1,6 +1,6 @@
 """GSPO: s_i = exp(mean_t log(pi_theta / pi_old)) per completion, clipped as a whole
 sequence; J = (1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i)
-(docs/algorithms.md §2). Advantages are GRPO's, from the core."""
+(docs/algorithms.md §2.1). Advantages are GRPO's, from the core."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KTO (docs/algorithms.md §3) as a gym plugin: learning from unpaired desirable /
+"""KTO (docs/algorithms.md §5.1) as a gym plugin: learning from unpaired desirable /
 undesirable completions."""
 
 from __future__ import annotations

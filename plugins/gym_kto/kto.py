@@ -1,7 +1,7 @@
 """KTO: r = log pi_theta(y|x) - log pi_ref(y|x) (token sums); the reference point
 z0 = max(0, mean r over mismatched pairs (x_i, y_{i-1})), detached and averaged across
 ranks; desirable loss lambda_D (1 - sigma(beta (r - z0))), undesirable
-lambda_U (1 - sigma(beta (z0 - r))) (docs/algorithms.md §3)."""
+lambda_U (1 - sigma(beta (z0 - r))) (docs/algorithms.md §5.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The built-in DeltaSoup rules (ALGORITHMS.md §7): ``python -m gym_core.soup soup=<name>``.
+"""The built-in DeltaSoup rules (docs/algorithms.md §11): ``python -m gym_core.soup soup=<name>``.
 
 Robust rules (median, trimmed_mean, krum, multi_krum, geometric_median) resist a minority
 of bad contributors; merging rules (mean with lambda = task arithmetic, ties, dare)
@@ -15,7 +15,7 @@ from gym_core.api import SoupConfig, hookimpl
 @dataclass
 class MeanConfig(SoupConfig):
     """Weighted mean, scaled: lam * sum_k w_k D_k / sum_k w_k (uniform soup at lam 1).
-    normalize=false gives task arithmetic, lam * sum_k w_k D_k (§7.2)."""
+    normalize=false gives task arithmetic, lam * sum_k w_k D_k (§11.3)."""
 
     name: str = "mean"
     lam: float = 1.0

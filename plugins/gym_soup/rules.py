@@ -1,4 +1,4 @@
-"""DeltaSoup rules (ALGORITHMS.md §7) on flattened deltas [n contributors, d weights].
+"""DeltaSoup rules (docs/algorithms.md §11) on flattened deltas [n contributors, d weights].
 Coordinate-wise rules work in column chunks so memory stays near the input's size."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Mean(Aggregator):
 
     def sensitivity(self, clip_norm, weights):
         # One contributor of norm <= C moves lam * w_k D_k / sum(w) by at most
-        # lam * max(w) C / sum(w) (the denominator is the fixed cohort, §7.4).
+        # lam * max(w) C / sum(w) (the denominator is the fixed cohort, §11.4).
         w = weights / weights.sum() if self.cfg.normalize else weights
         return float(abs(self.cfg.lam) * w.max() * clip_norm)
 

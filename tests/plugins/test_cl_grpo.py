@@ -1,4 +1,4 @@
-"""Training-Free GRPO (ALGORITHMS.md §4): reading model replies (property-based, over
+"""Training-Free GRPO (docs/algorithms.md §8): reading model replies (property-based, over
 malformed and hostile output), injection, and whole runs on the tiny model with
 llm=local (robustness, frozen weights) and llm=openai against a local fake server
 (lessons reach the library; resume; bad input never harms an existing library)."""
@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gym_core.run as run_mod
+from gym_cl_grpo.experience import Experience, Operation, apply_operations, as_library, labels
 from gym_cl_grpo.prompts import INJECTION_HEADER, inject
 from gym_cl_grpo.replies import json_payload, parse_lessons, parse_operations
 from gym_core.errors import GymError
-from gym_cl_grpo.experience import Experience, Operation, apply_operations, as_library, labels
 from tests.conftest import compose
 from tests.plugins.fake_chat_server import FakeChatServer
 

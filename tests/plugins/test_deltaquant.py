@@ -138,7 +138,7 @@ def test_ternary_follows_twn():
 
 
 def reference_codes(d, mode, bits, symmetric, granularity, group_size):
-    """The formulas of ALGORITHMS.md §6 in plain torch, unit by unit: codes (flat, the
+    """The formulas of docs/algorithms.md §10 in plain torch, unit by unit: codes (flat, the
     matrix's order), scales and zero points, to check the fused kernels against."""
     rows, cols = d.shape
     if granularity == "tensor":

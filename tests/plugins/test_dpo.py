@@ -101,3 +101,33 @@ def test_dpo_rejects_data_without_pairs(tmp_path, tiny_overrides):
     with pytest.raises(GymError, match="needs preference pairs"):
         run_job(compose([*offline(tiny_overrides), "algorithm=dpo", "data=jsonl",
                          f"data.train_file={train}"]), run_dir=tmp_path / "r")
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_offline_batches_render_the_system_prompt_as_evaluation_does(algorithm):
+    """data.system_prompt reaches training batches exactly as it reaches rollouts and the
+    held-out evaluation: the policy renders every prompt (before plugin API 2, DPO and KTO
+    built their batches without it)."""
+    import torch
+
+    from gym_core.api import compose
+    from gym_core.data import arithmetic_task, render_prompts
+    from gym_core.generation import Sampling
+    from gym_core.model import load_policy
+    from gym_core.startup import bootstrap
+
+    system = "You are a careful calculator."
+    cfg = compose(["model=tiny", f"algorithm={algorithm}", f"data.system_prompt={system}"])
+    policy = load_policy(cfg.model, torch.device("cpu"), system_prompt=cfg.data.system_prompt)
+    algo = bootstrap().component("algorithm", algorithm).load()(cfg.algorithm, policy)
+    examples = arithmetic_task(cfg.data).train[:4]
+    batch = algo.collate(examples)
+    tok = policy.tokenizer
+    shown = [tok.decode(ids[mask.bool()]) for ids, mask in zip(batch.prompt_ids, batch.prompt_mask)]
+    expected = render_prompts(tok, [ex["prompt"] for ex in batch.examples], system)
+    assert shown == expected
+    assert all(system in text for text in shown)
+    # and the evaluation's sampling path renders the same text
+    out = policy.sample([examples[0]["prompt"]], max_new_tokens=1, sampling=Sampling(False))
+    assert tok.decode(out.prompt_ids[0][out.prompt_mask[0].bool()]) == render_prompts(
+        tok, [examples[0]["prompt"]], system)[0]

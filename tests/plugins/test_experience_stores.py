@@ -10,13 +10,13 @@ import subprocess
 import sys
 
 import pytest
+
 from gym_cl_grpo import SqliteStoreConfig
+from gym_cl_grpo.contracts import ExperienceStoreContract
+from gym_cl_grpo.experience import Operation
 from gym_cl_grpo.stores.json_store import JsonStore
 from gym_cl_grpo.stores.sqlite_store import SqliteStore
-
-from gym_cl_grpo.contracts import ExperienceStoreContract
 from gym_core.errors import GymError
-from gym_cl_grpo.experience import Operation
 
 
 class TestJsonStoreContract(ExperienceStoreContract):

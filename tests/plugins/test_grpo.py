@@ -1,4 +1,4 @@
-"""GRPO's advantages and loss against hand computations (ALGORITHMS.md §1)."""
+"""GRPO's advantages and loss against hand computations (docs/algorithms.md §1)."""
 
 from __future__ import annotations
 

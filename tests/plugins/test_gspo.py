@@ -1,4 +1,4 @@
-"""GSPO: sequence ratios, clipping and the GSPO-token variant (ALGORITHMS.md §2)."""
+"""GSPO: sequence ratios, clipping and the GSPO-token variant (docs/algorithms.md §2.1)."""
 
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ import socket
 import time
 
 import pytest
-from gym_cl_grpo import OpenAIChatConfig
-from gym_cl_grpo.openai_client import OpenAIChat
 from omegaconf import OmegaConf
 
+from gym_cl_grpo import OpenAIChatConfig
 from gym_cl_grpo.llm import LLMError
+from gym_cl_grpo.openai_client import OpenAIChat
 from tests.plugins.fake_chat_server import FakeChatServer
 
 KEY = "sk-test-secret-123"

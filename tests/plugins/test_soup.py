@@ -133,7 +133,7 @@ def test_clipping_bounds_each_contribution_and_noise_std_matches(tmp_path):
     noisy = make_soup(soup_cfg("mean", paths, clip_norm=clip, noise_multiplier=sigma),
                       tmp_path / "noisy", bootstrap())
     noise = flat_of(tmp_path / "noisy/soup.safetensors") - quiet_out
-    std = sigma * clip / 4  # sigma C / m on the mean (§7.4)
+    std = sigma * clip / 4  # sigma C / m on the mean (§11.4)
     assert noisy["privacy"]["noise_std"] == pytest.approx(std)
     # D = 544 draws: the sample std is within ~3 standard errors (std / sqrt(2D)) of it
     assert noise.std().item() == pytest.approx(std, rel=3 / math.sqrt(2 * D))
@@ -143,7 +143,7 @@ def test_clipping_bounds_each_contribution_and_noise_std_matches(tmp_path):
 
 def test_epsilon_from_the_accountant_is_below_the_plain_rdp_bound():
     # No sampling, T rounds: eps <= min_alpha T alpha / (2 sigma^2) + log(1/delta)/(alpha-1)
-    # (§7.4); opacus's RDP->DP conversion is a little tighter than this one.
+    # (§11.4); opacus's RDP->DP conversion is a little tighter than this one.
     for sigma, rounds in ((1.0, 1), (2.0, 10), (5.0, 100)):
         bound = min(rounds * a / (2 * sigma**2) + math.log(1e5) / (a - 1)
                     for a in [1 + x / 100 for x in range(1, 20000)])

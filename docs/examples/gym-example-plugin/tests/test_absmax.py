@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gym_core.contracts.quantizer import QuantizerContract
 from gym_core.api import GymError, load_packed, save_packed
+from gym_core.contracts.quantizer import QuantizerContract
 from omegaconf import OmegaConf
 
 from gym_example_plugin import AbsmaxConfig
 from gym_example_plugin.absmax import AbsmaxQuantizer
-
 
 W = "model.layers.0.self_attn.q_proj.weight"  # a target matrix (its name ends in _proj.weight)
 

@@ -29,7 +29,7 @@ class RLOOConfig(OnlineAlgorithmConfig):
     # KL penalty folded into the reward, TRL's k1 form: r - beta * sum_t (log pi_old -
     # log pi_ref). 0 skips the reference forward pass.
     beta: float = 0.05
-    # How per-token losses are averaged (gym_core.losses.LOSS_TYPES); "dapo" is the
+    # How per-token losses are averaged (gym_core.api.LOSS_TYPES); "dapo" is the
     # token-level mean over every completion token of the step.
     loss_type: str = "dapo"
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "number_only"])

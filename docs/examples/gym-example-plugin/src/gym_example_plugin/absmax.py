@@ -13,8 +13,6 @@ import math
 
 import torch
 from gym_core.api import GymError, MatrixQuantizer
-from gym_core.delta import PackedDelta, Quantizer, shapes_meta
-from gym_core.errors import GymError
 
 from gym_example_plugin import AbsmaxConfig
 
