@@ -120,38 +120,63 @@ def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def model_folder(cfg) -> Path | None:
+    """The Hugging Face folder ``model=...`` loads from (None for the tiny model, which
+    is built in code); a bad ``model.path`` is a GymError."""
+    if cfg.source == "tiny":
+        return None
+    if cfg.source == "smollm2":
+        return smollm2_folder(cfg.cache_dir)
+    if cfg.source == "local":
+        if not cfg.path:
+            raise GymError("model=local needs model.path=DIR (a Hugging Face model folder)")
+        folder = Path(cfg.path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise GymError(
+                f"model.path={cfg.path!r} holds no model (no config.json there). Point it "
+                "at a folder written by save_pretrained, or use model=smollm2."
+            )
+        return folder
+    raise GymError(f"model.source={cfg.source!r} is not one of smollm2, local, tiny")
+
+
+def load_tokenizer(cfg):
+    """The model's tokenizer alone, set up as :func:`load_base` sets it up (no weights
+    loaded: what renders prompts for a look at the data)."""
+    folder = model_folder(cfg)
+    if folder is None:
+        return _set_up(tiny_tokenizer())
+    from transformers import AutoTokenizer
+
+    try:
+        return _set_up(AutoTokenizer.from_pretrained(folder))
+    except (OSError, ValueError) as exc:
+        raise GymError(f"could not load the tokenizer in {folder}: {exc}") from exc
+
+
+def _set_up(tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # prompts are left-padded so completions line up
+    return tok
+
+
 def load_base(cfg) -> tuple[torch.nn.Module, object]:
     """The base model (eval mode, fp32 unless asked otherwise) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if cfg.source == "tiny":
-        tok = tiny_tokenizer()
+    tok = load_tokenizer(cfg)
+    folder = model_folder(cfg)
+    if folder is None:
         model = tiny_model(cfg.tiny, len(tok), tok.pad_token_id, tok.eos_token_id)
     else:
-        if cfg.source == "smollm2":
-            folder = smollm2_folder(cfg.cache_dir)
-        elif cfg.source == "local":
-            if not cfg.path:
-                raise GymError("model=local needs model.path=DIR (a Hugging Face model folder)")
-            folder = Path(cfg.path).expanduser()
-            if not (folder / "config.json").is_file():
-                raise GymError(
-                    f"model.path={cfg.path!r} holds no model (no config.json there). Point it "
-                    "at a folder written by save_pretrained, or use model=smollm2."
-                )
-        else:
-            raise GymError(f"model.source={cfg.source!r} is not one of smollm2, local, tiny")
         dtype = getattr(torch, cfg.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise GymError(f"model.dtype={cfg.dtype!r} is not a torch dtype (e.g. float32)")
         try:
-            tok = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise GymError(f"could not load the model in {folder}: {exc}") from exc
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"  # prompts are left-padded so completions line up
     model.eval()
     return model, tok
 

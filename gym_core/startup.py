@@ -43,17 +43,20 @@ def bootstrap(entry_points=None, *, reload: bool = False):
     return plugins
 
 
-def compose(overrides: list[str] | None = None):
+def compose(overrides: list[str] | None = None, *, return_hydra_config: bool = False):
     """The config ``python -m gym_core OVERRIDES`` would run, composed in-process (for
     notebooks, tests and benchmarks): ``run_job(compose(["model=tiny"]), run_dir=...)``.
-    A bad override raises :class:`gym_core.errors.GymError` with gym's one-line message."""
+    A bad override raises :class:`gym_core.errors.GymError` with gym's one-line message.
+    ``return_hydra_config=True`` keeps Hydra's own node (``cfg.hydra.runtime.choices``:
+    the option each config group ended up with, plugin-declared groups included)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     plugins = bootstrap()
     with config_errors(plugins), initialize_config_module(config_module="gym_core.conf",
                                                           version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        return hydra_compose(config_name="config", overrides=list(overrides or []),
+                             return_hydra_config=return_hydra_config)
 
 
 def config_errors(plugins):
