@@ -217,13 +217,15 @@ def run_page(root: str | None = None, name: str = "") -> None:
     ui.link("← all runs", "/?" + urlencode({"root": root})).classes("text-primary")
     title = tid(ui.label(name).classes("text-h5 q-my-sm"), "run-title")
     message = error_line("run-error")
-    try:
-        path = check_root(root) / name
-        if not name or not path.is_dir():
-            raise GymError(f"there is no run {name!r} in {root}")
-    except GymError as exc:
-        message.text = str(exc)
-        return
+    path = Path(root) / name
+    if settings.launcher.job(path) is None:  # a job started here may not have made it yet
+        try:
+            path = check_root(root) / name
+            if not name or not path.is_dir():
+                raise GymError(f"there is no run {name!r} in {root}")
+        except GymError as exc:
+            message.text = str(exc)
+            return
     summary_box = tid(ui.grid(columns=4).classes("w-full gap-2"), "run-summary")
     with ui.row().classes("items-center q-my-sm"):
         stop_btn = tid(ui.button("Stop", color="negative"), "run-stop")
@@ -280,9 +282,12 @@ def run_page(root: str | None = None, name: str = "") -> None:
                         "completion_length")][:4] or names[:2]
                     return  # on_pick draws
             fill_charts()
-        run = _read_run(path, Path(root))
-        key = (run.summary is not None, run.error, tuple(run.checkpoints), run.metrics_rows)
-        if key != state["summary_key"]:
+        if not path.is_dir():
+            run = None
+        else:
+            run = _read_run(path, Path(root))
+        key = None if run is None else (run.summary is not None, run.error, tuple(run.checkpoints), run.metrics_rows)
+        if run is not None and key != state["summary_key"]:
             state["summary_key"] = key
             summary_box.clear()
             with summary_box:
@@ -296,8 +301,8 @@ def run_page(root: str | None = None, name: str = "") -> None:
         job = settings.launcher.job(path)
         running = job is not None and job.running
         stop_btn.set_visibility(running and not job.stopping)
-        resume_btn.set_visibility(not running and run.summary is None and bool(run.checkpoints)
-                                  and run.config is not None)
+        resume_btn.set_visibility(run is not None and not running and run.summary is None
+                                  and bool(run.checkpoints) and run.config is not None)
         if job is not None:
             err = job.error_line()
             job_state.text = f"job: {job.state} (pid {job.pid})" + (f": {err}" if err else "")
