@@ -321,6 +321,9 @@ class _Row:
         self.tokens.append(token)
         if token in self.eos:
             self.finish = "stop"
+            self.tokens.pop()  # not part of the text; still counted in the usage
+            self._detokenize(final=True)
+            self.tokens.append(token)
         else:
             self._detokenize()
             if p.stop:
@@ -332,6 +335,7 @@ class _Row:
             if self.finish is None and (len(self.tokens) >= p.max_tokens or
                                         len(self.req.prompt_ids) + len(self.tokens) >= self.max_len):
                 self.finish = "length"
+                self._detokenize(final=True)
         upto = len(self.text) if self.finish else max(self.sent, len(self.text) - self.holdback)
         if upto > self.sent:
             self.req.emit(Event("text", self.text[self.sent:upto]))
@@ -341,13 +345,13 @@ class _Row:
                                 prompt_tokens=len(self.req.prompt_ids),
                                 completion_tokens=len(self.tokens), token_ids=list(self.tokens)))
 
-    def _detokenize(self) -> None:
+    def _detokenize(self, final: bool = False) -> None:
         # decode a short window (TGI's scheme): text is final once it does not end in a
-        # partial UTF-8 character
+        # partial UTF-8 character, or when the row ends
         ids = self.tokens
         before = self.tok.decode(ids[self.prefix : self.read], skip_special_tokens=True)
         after = self.tok.decode(ids[self.prefix :], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(ids)
 

@@ -309,6 +309,7 @@ def _lora_operators(folder: Path) -> dict[str, DeltaOperator]:
         if m is None:
             raise GymError(f"{weights} holds '{key}', which is not a LoRA A/B matrix")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    lora_kernels()  # compile (first time) here, not in the serving thread
     ops = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
