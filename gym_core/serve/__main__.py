@@ -115,8 +115,15 @@ def build(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    import importlib.util
+
     from gym_core.errors import exit_on_user_error
 
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"gym: error: python -m gym_core.serve needs {' and '.join(missing)}: install "
+              "gym's serve extra (pip install -e '.[serve]')", file=sys.stderr)
+        return 2
     with exit_on_user_error():
         app, engine = build(args)
     import uvicorn

@@ -385,7 +385,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self._cv = threading.Condition()
         self._stop = False
-        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "errors": 0}
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "errors": 0,
+                      "max_running": 0}
         self._thread = threading.Thread(target=self._loop, name="gym-serve-engine", daemon=True)
         self._thread.start()
 
@@ -500,6 +501,7 @@ class Engine:
 
     def _decode(self) -> None:
         self.stats["steps"] += 1
+        self.stats["max_running"] = max(self.stats["max_running"], len(self.rows))
         cache, mask, positions = self.kv.step_inputs()
         ids = torch.tensor([[row.tokens[-1]] for row in self.rows], dtype=torch.long)
         spans = [(i, i + 1) for i in range(len(self.rows))]
