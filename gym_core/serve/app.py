@@ -5,6 +5,7 @@ routes that add and remove variants while the server runs (docs/serve.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -233,9 +234,7 @@ def create_app(server: Server) -> FastAPI:
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         p = body.prompt
-        if isinstance(p, str):
-            prompts = [p]
-        elif p and isinstance(p[0], int):
+        if isinstance(p, str) or p and isinstance(p[0], int):
             prompts = [p]
         else:
             prompts = list(p)
@@ -308,10 +307,9 @@ async def _complete(server: Server, http: Request, body: _Sampling, variant, pro
 
     def emitter(index: int):
         def emit(ev: Event) -> None:
-            try:
+            # RuntimeError: the event loop is gone (the server is shutting down)
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, (index, ev))
-            except RuntimeError:  # the event loop is gone: the server is shutting down
-                pass
         return emit
 
     for p, (ids, prm) in enumerate(zip(prompts, params)):
