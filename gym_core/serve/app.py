@@ -97,6 +97,7 @@ class _Sampling(_Body):
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes
 
 
 class ChatBody(_Sampling):
@@ -294,7 +295,7 @@ def _check(server: Server, body: _Sampling, prompts: list[list[int]], max_tokens
         params.append(Params(max_tokens=max_tokens or limit - len(ids),
                              temperature=1.0 if body.temperature is None else body.temperature,
                              top_p=1.0 if body.top_p is None else body.top_p,
-                             seed=body.seed, stop=stop))
+                             seed=body.seed, stop=stop, ignore_eos=body.ignore_eos))
     return params
 
 

@@ -267,6 +267,7 @@ class Params:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
 
 
 @dataclass
@@ -319,7 +320,7 @@ class _Row:
         what is final."""
         p = self.req.params
         self.tokens.append(token)
-        if token in self.eos:
+        if token in self.eos and not p.ignore_eos:
             self.finish = "stop"
             self.tokens.pop()  # not part of the text; still counted in the usage
             self._detokenize(final=True)
@@ -386,7 +387,8 @@ class Engine:
         self._cv = threading.Condition()
         self._stop = False
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "errors": 0,
-                      "max_running": 0}
+                      "max_running": 0, "decode_tokens": 0, "decode_seconds": 0.0,
+                      "prefill_seconds": 0.0}
         self._thread = threading.Thread(target=self._loop, name="gym-serve-engine", daemon=True)
         self._thread.start()
 
@@ -423,9 +425,14 @@ class Engine:
             try:
                 self._drop_cancelled()
                 if new:
+                    t0 = time.perf_counter()
                     self._prefill(new)
+                    self.stats["prefill_seconds"] += time.perf_counter() - t0
                 if self.rows:
+                    t0 = time.perf_counter()
+                    self.stats["decode_tokens"] += len(self.rows)
                     self._decode()
+                    self.stats["decode_seconds"] += time.perf_counter() - t0
             except Exception as exc:  # never let one bad step take the server down
                 log.exception("engine step failed")
                 self.stats["errors"] += 1
