@@ -137,10 +137,18 @@ class DeltaOperator:
         raise NotImplementedError
 
     @classmethod
+    def prepare(cls, ops: list[DeltaOperator | None]) -> Any:
+        """What :meth:`add_to` needs about ``ops`` besides the activations (kernel
+        arguments such as the operators' addresses). The server computes it once per layer
+        and keeps it while the batch's variants stay the same, so steps do not rebuild it."""
+        return None
+
+    @classmethod
     def add_to(cls, x: torch.Tensor, y: torch.Tensor, groups: RowGroups,
-               ops: list[DeltaOperator | None]) -> None:
+               ops: list[DeltaOperator | None], prepared: Any = None) -> None:
         """``y[rows of g] += x[rows of g] @ D_g^T`` for every group ``g`` whose
-        ``ops[g]`` is not None (all of this class). ``x [N, in]``, ``y [N, out]``, fp32.
+        ``ops[g]`` is not None (all of this class). ``x [N, in]``, ``y [N, out]``, fp32;
+        ``prepared`` is :meth:`prepare`'s result for these ``ops`` (or None: compute it).
         The default loops over the groups; override it with one kernel call."""
         for g, op in enumerate(ops):
             if op is not None:

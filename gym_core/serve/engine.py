@@ -48,28 +48,43 @@ class VariantLayers:
     def __init__(self, model: torch.nn.Module):
         self.variants: list[Variant] = []  # the current forward pass's groups
         self.groups: RowGroups | None = None
+        # per layer: [(operator class, ops per group, prepared)], kept while the batch's
+        # variants stay the same (most decode steps), so steps do not rebuild them
+        self._plans: dict[str, list] = {}
         self._handles = []
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def set(self, variants: list[Variant], groups: RowGroups | None) -> None:
+        if len(variants) != len(self.variants) or \
+                any(a is not b for a, b in zip(variants, self.variants)):
+            self._plans = {}
         self.variants, self.groups = variants, groups
 
     def clear(self) -> None:
-        self.variants, self.groups = [], None
+        """After a forward pass: no groups (the plans stay for the next step)."""
+        self.groups = None
+
+    def forget(self) -> None:
+        self.variants, self.groups, self._plans = [], None, {}
+
+    def _plan(self, key: str) -> list:
+        by_class: dict[type, list] = {}
+        for g, variant in enumerate(self.variants):
+            op = variant.ops.get(key)
+            if op is not None:
+                by_class.setdefault(type(op), [None] * len(self.variants))[g] = op
+        return [(cls, ops, cls.prepare(ops)) for cls, ops in by_class.items()]
 
     def _hook(self, key: str):
         def hook(module, args, output):
-            variants = self.variants
-            if not variants:
+            if self.groups is None:
                 return None
-            by_class: dict[type, list] = {}
-            for g, variant in enumerate(variants):
-                op = variant.ops.get(key)
-                if op is not None:
-                    by_class.setdefault(type(op), [None] * len(variants))[g] = op
-            if not by_class:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = self._plan(key)
+            if not plan:
                 return None
             x = args[0].reshape(-1, module.in_features)
             x = x.float().contiguous() if x.dtype != torch.float32 else x.contiguous()
@@ -77,8 +92,8 @@ class VariantLayers:
                 y, cast = output.view(-1, module.out_features), False
             else:
                 y, cast = torch.zeros(x.shape[0], module.out_features), True
-            for cls, ops in by_class.items():
-                cls.add_to(x, y, self.groups, ops)
+            for cls, ops, prepared in plan:
+                cls.add_to(x, y, self.groups, ops, prepared)
             if cast:
                 output = output + y.view(output.shape).to(output.dtype)
             return output
@@ -417,6 +432,8 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
+                if not self.waiting and not self.rows:
+                    self.layers.forget()  # idle: hold no variant any more
                 while not self._stop and not self.waiting and not self.rows:
                     self._cv.wait()
                 if self._stop:

@@ -52,19 +52,21 @@ class LoraOperator(DeltaOperator):
                                           self.bt.t()) * self.scaling
 
     @classmethod
-    def add_to(cls, x, y, groups, ops):
+    def prepare(cls, ops):
+        """Per group: A's and B^T's addresses and the rank (0s: no adapter here), and
+        the scaling. ``ops`` keeps the matrices alive while these are used."""
+        ints = torch.tensor([[op.a.data_ptr(), op.bt.data_ptr(), op.rank] if op is not None
+                             else [0, 0, 0] for op in ops], dtype=torch.int64).t().contiguous()
+        scalings = torch.tensor([op.scaling if op is not None else 0.0 for op in ops],
+                                dtype=torch.float32)
+        return ints[0], ints[1], ints[2], scalings
+
+    @classmethod
+    def add_to(cls, x, y, groups, ops, prepared=None):
         first = next(op for op in ops if op is not None)
-
-        def column(get, dtype):
-            return torch.tensor([get(op) if op is not None else 0 for op in ops], dtype=dtype)
-
-        lora_kernels().apply(
-            x, y, groups.idx, groups.offs,
-            column(lambda op: op.a.data_ptr(), torch.int64),
-            column(lambda op: op.bt.data_ptr(), torch.int64),
-            column(lambda op: op.rank, torch.int64),
-            column(lambda op: op.scaling, torch.float32),
-            first.in_features, first.out_features)
+        a, bt, ranks, scalings = prepared if prepared is not None else cls.prepare(ops)
+        lora_kernels().apply(x, y, groups.idx, groups.offs, a, bt, ranks, scalings,
+                             first.in_features, first.out_features)
 
 
 @dataclass

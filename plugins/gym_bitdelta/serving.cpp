@@ -77,12 +77,12 @@ void build_tables(const float* x, int64_t in, int64_t in_words, float* t) {
   }
 }
 
-// acc[r][l] = sum over the row's nibbles of tables[r] looked up by block ob's bits, for R rows.
+// acc[r][l] += sum over `words` words of tables[r] looked up by one block's bits, R rows.
 template <int R>
 void block_rows(const uint32_t* w, int64_t in_words, const float* const* tables, float* acc) {
 #ifdef GYM_AVX512
   __m512 sum[R];
-  for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) sum[r] = _mm512_loadu_ps(acc + r * LANES);
   for (int64_t c = 0; c < in_words; ++c) {
     const __m512i word = _mm512_loadu_si512(w + c * LANES);
     __m512i idx[NIB];
@@ -100,7 +100,6 @@ void block_rows(const uint32_t* w, int64_t in_words, const float* const* tables,
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * LANES, sum[r]);
 #else
-  for (int64_t i = 0; i < R * LANES; ++i) acc[i] = 0.f;
   for (int64_t c = 0; c < in_words; ++c) {
     for (int64_t l = 0; l < LANES; ++l) {
       const uint32_t word = w[c * LANES + l];
@@ -185,7 +184,7 @@ void apply(const at::Tensor& x, const at::Tensor& y, const at::Tensor& idx, cons
       for (int64_t i = a; i < b; ++i)
         build_tables(xp + int64_t(ix[rows[r0 + i]]) * in, in, in_words, tables.get() + i * table_floats);
     });
-    // runs of rows of one group: (first, count, group)
+    // runs of up to 4 rows of one group (first, count, group): they share the bit loads
     std::vector<int64_t> run_first, run_count, run_group;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t g = row_group[r0 + i];
@@ -195,23 +194,43 @@ void apply(const at::Tensor& x, const at::Tensor& y, const at::Tensor& idx, cons
         run_first.push_back(i), run_count.push_back(1), run_group.push_back(g);
       }
     }
-    const int64_t work = n * in_words * NIB;  // permutes per block
+    // Work items: one run over a range of output blocks, so each variant's bits are read
+    // as one stream; the inputs are taken WC words at a time, so the tables in use (R x
+    // WC x 8 x 64 bytes) stay in L1 while the bits stream past.
+    constexpr int64_t WC = 8;
+    const int64_t runs = run_first.size();
+    const int64_t per_item = std::max<int64_t>(1, std::min<int64_t>(blocks, (blocks * runs + 15) / 16));
+    const int64_t spans = (blocks + per_item - 1) / per_item, items = runs * spans;
+    const int64_t work = per_item * in_words * NIB * 4;  // permutes per item (at most)
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1));
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      alignas(64) float acc[4 * LANES];
-      for (int64_t ob = b0; ob < b1; ++ob) {
-        const int64_t lanes = std::min<int64_t>(LANES, out - ob * LANES);
-        for (size_t u = 0; u < run_first.size(); ++u) {
-          const int64_t g = run_group[u], cnt = run_count[u], first = run_first[u];
-          const uint32_t* w = reinterpret_cast<const uint32_t*>(wp[g]) + ob * in_words * LANES;
+    at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> part;
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t u = item / spans, ob0 = (item % spans) * per_item;
+        const int64_t ob1 = std::min(blocks, ob0 + per_item);
+        const int64_t g = run_group[u], cnt = run_count[u], first = run_first[u];
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(wp[g]);
+        part.assign((ob1 - ob0) * 4 * LANES, 0.f);
+        for (int64_t c0 = 0; c0 < in_words; c0 += WC) {
+          const int64_t cw = std::min(WC, in_words - c0);
           const float* tabs[4];
-          for (int64_t r = 0; r < cnt; ++r) tabs[r] = tables.get() + (first + r) * table_floats;
-          switch (cnt) {
-            case 1: block_rows<1>(w, in_words, tabs, acc); break;
-            case 2: block_rows<2>(w, in_words, tabs, acc); break;
-            case 3: block_rows<3>(w, in_words, tabs, acc); break;
-            default: block_rows<4>(w, in_words, tabs, acc); break;
+          for (int64_t r = 0; r < cnt; ++r)
+            tabs[r] = tables.get() + (first + r) * table_floats + c0 * NIB * 16;
+          for (int64_t ob = ob0; ob < ob1; ++ob) {
+            const uint32_t* wb = w + (ob * in_words + c0) * LANES;
+            float* acc = part.data() + (ob - ob0) * 4 * LANES;
+            switch (cnt) {
+              case 1: block_rows<1>(wb, cw, tabs, acc); break;
+              case 2: block_rows<2>(wb, cw, tabs, acc); break;
+              case 3: block_rows<3>(wb, cw, tabs, acc); break;
+              default: block_rows<4>(wb, cw, tabs, acc); break;
+            }
           }
+        }
+        // rows of one run are distinct, and items of one run cover disjoint columns
+        for (int64_t ob = ob0; ob < ob1; ++ob) {
+          const int64_t lanes = std::min<int64_t>(LANES, out - ob * LANES);
+          const float* acc = part.data() + (ob - ob0) * 4 * LANES;
           for (int64_t r = 0; r < cnt; ++r) {
             float* yr = yp + int64_t(ix[rows[r0 + first + r]]) * out + ob * LANES;
             for (int64_t l = 0; l < lanes; ++l) yr[l] += al[g] * acc[r * LANES + l];

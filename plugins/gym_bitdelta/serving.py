@@ -52,12 +52,19 @@ class SignOperator(DeltaOperator):
         return y
 
     @classmethod
-    def add_to(cls, x, y, groups, ops):
-        first = next(op for op in ops if op is not None)
+    def prepare(cls, ops):
+        """The kernel's per-group arguments: sign-matrix addresses (0: no delta here) and
+        scales. ``ops`` keeps the matrices alive while these are used."""
         ptrs = torch.tensor([op.words.data_ptr() if op is not None else 0 for op in ops],
                             dtype=torch.int64)
         alphas = torch.tensor([op.alpha if op is not None else 0.0 for op in ops],
                               dtype=torch.float32)
+        return ptrs, alphas
+
+    @classmethod
+    def add_to(cls, x, y, groups, ops, prepared=None):
+        first = next(op for op in ops if op is not None)
+        ptrs, alphas = prepared if prepared is not None else cls.prepare(ops)
         kernels().apply(x, y, groups.idx, groups.offs, ptrs, alphas, first.in_features,
                         first.out_features)
 
