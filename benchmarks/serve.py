@@ -24,6 +24,7 @@ token); latency is per request, from submitting to its last token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -51,10 +52,8 @@ Anchors (their papers' own setups, GPUs, not this machine):
 def trimmed_rss() -> float:
     """Resident MiB after returning freed heap memory to the system."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     return rss_mib()
 
 
