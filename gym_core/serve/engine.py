@@ -15,6 +15,7 @@ touches the other rows.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -382,7 +383,9 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_rows: int = 64, max_len: int | None = None,
                  prefill_tokens: int = 4096):
-        self.model, self.tok = model, tokenizer
+        # its own tokenizer: a fast tokenizer used from two threads at once (the HTTP
+        # thread encoding prompts, this one decoding) can fail with "Already borrowed"
+        self.model, self.tok = model, copy.deepcopy(tokenizer)
         cfg = model.config
         self.max_len = int(max_len or getattr(cfg, "max_position_embeddings", 2048))
         self.max_rows, self.prefill_tokens = max_rows, prefill_tokens
