@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 GUIDE = REPO / "docs" / "guide.md"
-CHEAP = ("$FAST", "--help", "--cfg", "--plugins")
+CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "gym_core.serve --base tiny")
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -42,3 +42,6 @@ def test_the_guides_commands_run(tmp_path):
     assert (runs / "sweep" / "sweep_summary.csv").is_file()
     assert "resuming" in out.stdout
     assert "epsilon_high: 0.3" in out.stdout and "lr_scheduler: cosine" in out.stdout
+    # the served variants answered, through curl and the openai client
+    assert '"object":"chat.completion"' in out.stdout
+    assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout

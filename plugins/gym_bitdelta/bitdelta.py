@@ -50,6 +50,18 @@ class BitDeltaQuantizer(MatrixQuantizer):
     def stats(self):
         return dict(self._stats)
 
+    def operators(self, packed):
+        """Serving: each sign matrix stays packed (one bit per weight) and is applied to
+        activations by a C++ kernel working on the bits (gym_bitdelta/serving.cpp)."""
+        if packed.meta.get("quantizer") != "bitdelta":
+            raise GymError(
+                f"this delta was written by quantizer {packed.meta.get('quantizer')!r}, "
+                "not bitdelta"
+            )
+        from gym_bitdelta.serving import operators
+
+        return operators(packed)
+
     def calibrate(self, packed, ctx):
         """Scale distillation (docs/algorithms.md §9): W = W_base + alpha * sign with signs and
         base frozen; AdamW (cosine schedule) on the fp32 alphas only, minimising the logit
