@@ -304,6 +304,8 @@ def main(cfg: DictConfig) -> None:
     # raised inside peft/transformers on every LoRA model; not ours to fix
     warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
                             FutureWarning)
+    # the export lists what it wrote; transformers' per-shard progress bars add nothing
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with exit_on_user_error():
         result = export(cfg)
     print(report(result))

@@ -225,28 +225,34 @@ def rounded_like_gguf(weight: torch.Tensor, outtype: str) -> torch.Tensor:
 
 def merged_and_rounded(run, tmp_path, outtype):
     """(the merged fp32 model, the same with its 2-D weights rounded by hand as the GGUF
-    type stores them): the HF export, loaded twice."""
+    type stores them), both loaded from the HF export (checked against peft above)."""
     from transformers import AutoModelForCausalLM
 
     folder = export(options(run, out=str(tmp_path / "hf"))).out
     exact = AutoModelForCausalLM.from_pretrained(folder).eval()
-    hand = AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        for p in hand.parameters():
-            if p.ndim == 2:
-                p.copy_(rounded_like_gguf(p, outtype))
-    return exact, hand
+    return exact, rounded_copy(exact, outtype)
 
 
 @torch.no_grad()
-def assert_logits_match(model, references, ids, tol, drift):
+def rounded_copy(model, outtype):
+    import copy
+
+    hand = copy.deepcopy(model)
+    for p in hand.parameters():
+        if p.ndim == 2:
+            p.copy_(rounded_like_gguf(p, outtype))
+    return hand
+
+
+@torch.no_grad()
+def assert_logits_match(model, references, ids, tol, drift, agree=0.95):
     exact, hand = references
     got = model(ids).logits
     # the file holds exactly the hand-rounded weights (names, Q/K permutation, types)
     assert (got - hand(ids).logits).abs().max() < tol
     want = exact(ids).logits
     assert (got - want).abs().max() < drift
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= agree
 
 
 # Measured on the tiny run (logits of magnitude ~1): max |GGUF - fp32| was 2.3e-4 (f16),
@@ -520,25 +526,28 @@ def test_gguf_runs_in_llama_cpp(runs, tmp_path, outtype):
     assert (got - want).abs().max() < LLAMA_CPP[outtype]
 
 
-SMOLLM2_TOL, SMOLLM2_DRIFT = 1e-3, 2.0
+# Measured: the loaded weights equal the hand-rounded ones bit for bit (difference 0.0);
+# against the fp32 merge, q8_0 moved SmolLM2's logits (range about +-38) by at most 1.32
+# and kept 93% of the argmaxes over a chat text and a sequence of random ids.
+SMOLLM2_DRIFT, SMOLLM2_AGREE = 2.5, 0.85
 
 
 @pytest.mark.slow
 def test_smollm2_run_to_gguf_q8_0_and_back(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = train(tmp_path, "smol", ["algorithm.lr=1e-4", "trainer.max_steps=1"],
+    from gym_core.merge import TrainedRun, load_merged
+
+    run = train(tmp_path, "smol", ["algorithm.lr=1e-4", "trainer.max_steps=1",
+                                   "trainer.eval_size=1", "trainer.eval_max_new_tokens=1"],
                 preset=["model=smollm2", *QUICK])
     path = export(options(run, format="gguf", gguf__outtype="q8_0")).out
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                  dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    _, run_tok = base_and_tokenizer(run)
-    # 30 layers of fp32 arithmetic in a different order (the loader's weights vs the hand-
-    # rounded ones are equal, the summation order is not); the q8_0 drift is measured:
-    # SMOLLM2_DRIFT below
-    assert_logits_match(model, merged_and_rounded(run, tmp_path, "q8_0"), sample_ids(run_tok),
-                        tol=SMOLLM2_TOL, drift=SMOLLM2_DRIFT)
+    exact, run_tok = load_merged(TrainedRun.open(run))  # checked against peft on model=tiny
+    assert_logits_match(model, (exact, rounded_copy(exact, "q8_0")), sample_ids(run_tok),
+                        tol=1e-5, drift=SMOLLM2_DRIFT, agree=SMOLLM2_AGREE)
     for text in ["What is 12 + 345?", "<|im_start|>user\nhi<|im_end|>\n", "héllo wörld 🦙"]:
         assert tok(text).input_ids == run_tok(text).input_ids, text
     assert tok.chat_template == run_tok.chat_template
