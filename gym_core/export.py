@@ -23,10 +23,10 @@ Start-up imports no torch.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ import hydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 FORMATS = ("hf", "gguf", "lora", "delta")
+# Written into folder exports (hf, lora): what the folder holds and where it came from;
+# its presence also marks a folder a later export may replace.
+RECORD = "gym_export.json"
 HF_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -128,10 +131,10 @@ def _check_out(out: Path, run, is_dir: bool) -> None:
     if not out.exists():
         return
     if is_dir:
-        model_folder = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
-        if not out.is_dir() or (any(out.iterdir()) and not model_folder):
-            raise GymError(f"out={out} exists and is not a model folder; remove it or pick "
-                           "another out= (an earlier export there would be replaced)")
+        if not out.is_dir() or (any(out.iterdir()) and not (out / RECORD).is_file()):
+            raise GymError(f"out={out} exists and was not written by gym export (no {RECORD} "
+                           "in it); remove it or pick another out= (an earlier export there "
+                           "would be replaced)")
     elif out.is_dir():
         raise GymError(f"out={out} is a directory; format needs a file name here, e.g. "
                        f"out={out / 'model.gguf'}")
@@ -148,6 +151,13 @@ def _install(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
 def _folder_files(folder: Path, final: Path) -> list[Written]:
     return [Written(final / p.relative_to(folder), p.stat().st_size)
             for p in sorted(folder.rglob("*")) if p.is_file()]
@@ -156,7 +166,7 @@ def _folder_files(folder: Path, final: Path) -> list[Written]:
 def export(cfg: Any, plugins=None) -> ExportResult:
     """Run one export (``cfg``: an :class:`ExportAppConfig`); returns what it wrote."""
     from gym_core.errors import GymError
-    from gym_core.merge import TrainedRun
+    from gym_core.merge import TrainedRun, describe
 
     _check_options(cfg)
     run = TrainedRun.open(cfg.run)
@@ -178,21 +188,23 @@ def export(cfg: Any, plugins=None) -> ExportResult:
               "delta": _export_delta}[fmt]
     new_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
+    # next to the target (same file system, so the rename is atomic), hidden, and created
+    # with the usual permissions (tempfile's would be private to this user)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    _remove(tmp)  # left by a killed export that had this process id
     if is_dir:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    else:
-        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
-        os.close(fd)
-        tmp = Path(name)
+        tmp.mkdir()
     try:
         what, notes = writer(cfg, run, source, tmp, out, plugins)
+        if is_dir:
+            record = {"format": fmt, "source": source, "run": str(run.path.resolve()),
+                      "base": describe(run), "quant": run.quant if source == "delta" else None,
+                      **({"dtype": cfg.hf.dtype} if fmt == "hf" else {})}
+            (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         files = _folder_files(tmp, out) if is_dir else [Written(out, tmp.stat().st_size, notes)]
         _install(tmp, out)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
         if new_parent and not any(out.parent.iterdir()):
             out.parent.rmdir()  # a failed first export leaves no empty export/ behind
     return ExportResult(fmt, source, out, what, files)
@@ -235,8 +247,6 @@ def _export_gguf(cfg, run, source, tmp: Path, out: Path, plugins):
 
 
 def _export_lora(cfg, run, source, tmp: Path, out: Path, plugins):
-    import json
-
     from gym_core.merge import describe, load_base
 
     for p in run.final.iterdir():

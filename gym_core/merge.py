@@ -52,6 +52,10 @@ class TrainedRun:
                 "directory (runs/<run.name>, written by python -m gym_core)"
             )
         config_file = path / CONFIG
+        jobs = sorted(p.name for p in path.iterdir() if (p / CONFIG).is_file())
+        if not config_file.is_file() and jobs:
+            raise GymError(f"run={path} is a sweep; name one of its jobs: run={path / jobs[0]} "
+                           f"(jobs: {', '.join(jobs)})")
         if not config_file.is_file():
             raise GymError(
                 f"{config_file} is missing: it records the run's model settings (python -m "

@@ -119,6 +119,12 @@ def test_hf_folder_loads_without_gym_and_equals_base_plus_adapter(runs, tmp_path
                                                      "model.safetensors", "tokenizer.json"}
     for f in result.files:
         assert f.bytes == f.path.stat().st_size > 0
+    record = json.loads((out / "gym_export.json").read_text())
+    assert record["format"] == "hf" and record["source"] == "final"
+    assert record["run"] == str(run.resolve()) and record["base"] == "tiny-llama"
+    (out / "stale.txt").write_text("from an earlier export")
+    export(options(run))  # again: replaces the earlier export as a whole
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
 
     base, tok = base_and_tokenizer(run)
     ids = sample_ids(tok)
@@ -439,12 +445,13 @@ def broken_runs(runs, tmp_path):
     ("lora", ["format=gguf", "gguf.outtype=q4_k"], ["gguf.outtype='q4_k'", "q8_0"]),
     ("lora", ["source=adapter"], ["source='adapter'", "final, delta"]),
     ("lora", ["out=RUN/final"], ["overwrite the run's own files"]),
+    ("lora", ["out=FULL/final"], ["was not written by gym export"]),
     ("full", ["format=hf", "source=delta"], ["quant=none", "source=final"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, broken_runs, tmp_path, case,
                                                          args, needles):
     run = {**runs, **broken_runs}.get(case, tmp_path / "nowhere")
-    args = [a.replace("RUN", str(run)) for a in args]
+    args = [a.replace("RUN", str(run)).replace("FULL", str(runs["full"])) for a in args]
     before = sorted(p.relative_to(run) for p in run.rglob("*")) if run.exists() else None
     proc = run_export([f"run={run}", *args], cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -454,6 +461,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, broken_runs, tmp_
         assert needle in lines[0], (needle, lines[0])
     after = sorted(p.relative_to(run) for p in run.rglob("*")) if run.exists() else None
     assert after == before
+
+
+def test_a_sweep_directory_names_its_jobs(runs, tmp_path):
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        shutil.copytree(runs["lora"] / ".hydra", sweep / job / ".hydra")
+    with pytest.raises(GymError, match=r"is a sweep; name one of its jobs: run=.*sweep/0 "
+                                       r"\(jobs: 0, 1\)"):
+        export(options(sweep))
 
 
 def test_failed_export_keeps_the_earlier_one_and_leaves_no_temporary_files(runs, monkeypatch):
