@@ -38,7 +38,8 @@ _PRE_CHECK_TEXT = (
     "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not "
     "sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
-# The Llama-architecture tokenizers with byte-level BPE whose splitting rule gym knows.
+# Hashes as llama.cpp's converter lists them, for the byte-level BPE tokenizers found in
+# Llama-architecture models (SmolLM / SmolLM2, Llama 3, GPT-2's).
 _PRE_BY_HASH = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
@@ -118,7 +119,7 @@ def pre_tokenizer(tokenizer, merges: list) -> str:
         # Without merges every token is one byte (or a special token), so how the text
         # is split first cannot change the ids: llama.cpp's default split is exact.
         return "default"
-    ids = tokenizer.encode(_PRE_CHECK_TEXT, add_special_tokens=False)
+    ids = tokenizer.encode(_PRE_CHECK_TEXT)  # with special tokens, as llama.cpp hashes it
     digest = sha256(str(ids).encode()).hexdigest()
     if digest not in _PRE_BY_HASH:
         raise GymError(

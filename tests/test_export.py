@@ -314,6 +314,29 @@ def test_gguf_refuses_other_architectures_and_writes_nothing(tmp_path):
     assert not (run / "export").exists()  # no temporary file, not even an empty folder
 
 
+def test_gguf_refuses_tokenizers_llama_cpp_would_split_differently():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gym_core.gguf_file import _bpe_json, pre_tokenizer
+    from gym_core.model import tiny_tokenizer
+
+    assert pre_tokenizer(tiny_tokenizer(), []) == "default"  # bytes only: any split is exact
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {**{ch: i for i, ch in enumerate(alphabet)}, "ab": len(alphabet)}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    merges = _bpe_json(tok)["model"]["merges"]
+    assert merges
+    with pytest.raises(GymError, match="does not know this tokenizer's pre-tokenizer"):
+        pre_tokenizer(tok, merges)
+    words = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, "a")))
+    with pytest.raises(GymError, match="byte-level BPE.*WordLevel"):
+        _bpe_json(words)
+
+
 def test_gguf_permutation_matches_llama_cpp():
     """Q/K rows per head go [first half | second half] -> interleaved (LlamaModel.permute
     in llama.cpp's convert_hf_to_gguf.py), worked out for 2 heads of dimension 4."""
@@ -550,18 +573,35 @@ SMOLLM2_DRIFT, SMOLLM2_AGREE = 2.5, 0.85
 
 @pytest.mark.slow
 def test_smollm2_run_to_gguf_q8_0_and_back(tmp_path):
+    """A SmolLM2 run's adapter (r 16 on every projection, random like a short fine-tune)
+    through format=gguf q8_0 and back through transformers' GGUF loader. The run directory
+    is written here instead of trained: training is covered on model=tiny, and transformers'
+    GGUF loader alone takes most of this test's time."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gym_core.merge import TrainedRun, load_merged
+    from gym_core.model import load_base
 
-    run = train(tmp_path, "smol", ["algorithm.lr=1e-4", "trainer.max_steps=1",
-                                   "trainer.eval_size=1", "trainer.eval_max_new_tokens=1"],
-                preset=["model=smollm2", *QUICK])
+    cfg = compose(["model=smollm2"])
+    base, run_tok = load_base(cfg.model)
+    lora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
+                                           target_modules=list(cfg.model.lora.target_modules)))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 2e-3)
+    run = tmp_path / "smol"
+    lora.save_pretrained(run / "final")
+    run_tok.save_pretrained(run / "final")
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+
     path = export(options(run, format="gguf", gguf__outtype="q8_0")).out
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                  dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    exact, run_tok = load_merged(TrainedRun.open(run))  # checked against peft on model=tiny
+    exact = lora.merge_and_unload().eval()  # peft's own merge, in memory
     assert_logits_match(model, (exact, rounded_copy(exact, "q8_0")), sample_ids(run_tok),
                         tol=1e-5, drift=SMOLLM2_DRIFT, agree=SMOLLM2_AGREE)
     for text in ["What is 12 + 345?", "<|im_start|>user\nhi<|im_end|>\n", "héllo wörld 🦙"]:
