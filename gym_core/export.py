@@ -247,7 +247,7 @@ def _export_gguf(cfg, run, source, tmp: Path, out: Path, plugins):
 
 
 def _export_lora(cfg, run, source, tmp: Path, out: Path, plugins):
-    from gym_core.merge import describe, load_base
+    from gym_core.merge import base_model, describe
 
     for p in run.final.iterdir():
         if p.is_file() and p.name != "gym.json":
@@ -257,7 +257,7 @@ def _export_lora(cfg, run, source, tmp: Path, out: Path, plugins):
     if base is None:
         # A base built in code (model=tiny) has no folder to point at: write it next to
         # the adapter, so PEFT's AutoPeftModelForCausalLM and vLLM find one.
-        model, tok = load_base(run)
+        model, tok = base_model(run)
         model.save_pretrained(tmp / "base")
         tok.save_pretrained(tmp / "base")
         base = out.resolve() / "base"

@@ -3,11 +3,13 @@ adapter in ``final/`` (exact), or base + the quantized delta in ``delta/`` (what
 quantizer kept). Used by ``python -m gym_core.export``; anything else that needs the
 run's model (serving, evaluation scripts) opens it the same way:
 
-    run = TrainedRun.open("runs/first")
-    model, tokenizer = load_merged(run, source="final")
+    run = TrainedRun.open("runs/first")                  # checks the files; no torch
+    model, tokenizer = load_merged(run, source="final")   # one plain model, fp32
+    base, tokenizer = base_model(run)                     # or the base alone, and
+    policy = load_adapter(run, base)                      # the adapter on it, unmerged
 
 Opening a run checks its files and imports no torch; loading merges in fp32, because a
-small delta added to bf16 weights is lost to rounding (ALGORITHMS.md §6).
+small delta added to bf16 weights is lost to rounding (bf16 keeps 8 bits of mantissa).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def _fp32(model_cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def load_base(run: TrainedRun):
+def base_model(run: TrainedRun):
     """The run's base model (fp32, eval mode) and tokenizer."""
     from gym_core.model import load_base as load
 
@@ -172,14 +174,14 @@ def load_merged(run: TrainedRun, source: str = "final", plugins=None):
     if source == "delta":
         file = run.delta_file()
         delta = read_run_delta(file, plugins)
-        model, _ = load_base(run)
+        model, _ = base_model(run)
         try:
             apply_delta(model, delta)
         except GymError as exc:
             raise GymError(f"{file} does not fit the run's base model: {exc}") from None
     elif run.lora:
         # W + B A * alpha / r per layer, added to the fp32 weights
-        model = load_adapter(run, load_base(run)[0]).merge_and_unload()
+        model = load_adapter(run, base_model(run)[0]).merge_and_unload()
     else:
         model = load_full(run)
     model.eval()
@@ -206,7 +208,7 @@ def exact_delta(run: TrainedRun):
     parameters: B @ A * scaling per LoRA layer, or every changed weight (full fine-tuning)."""
     from gym_core.delta import lora_delta, state_delta
 
-    base, _ = load_base(run)
+    base, _ = base_model(run)
     if run.lora:
         return lora_delta(load_adapter(run, base))
     fine = load_full(run)

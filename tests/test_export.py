@@ -470,6 +470,7 @@ def broken_runs(runs, tmp_path):
     ("lora", ["out=RUN/final"], ["overwrite the run's own files"]),
     ("lora", ["out=FULL/final"], ["was not written by gym export"]),
     ("full", ["format=hf", "source=delta"], ["quant=none", "source=final"]),
+    ("lora", ["format=lora", "source=delta"], ["not an adapter", "format=hf source=delta"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, broken_runs, tmp_path, case,
                                                          args, needles):
