@@ -220,12 +220,13 @@ def rounded_like_gguf(weight: torch.Tensor, outtype: str) -> torch.Tensor:
     if outtype == "bf16":
         return weight.bfloat16().float()
     # q8_0: blocks of 32 along each row; scale d = max|x| / 127 stored as fp16; codes
-    # round(x / d) (half away from zero, llama.cpp's roundf)
+    # round(x / d), half away from zero (llama.cpp's roundf), computed without the float
+    # addition of floor(|x| + 0.5), which rounds 0.49999997 up
     blocks = weight.reshape(-1, 32)
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    x = blocks * inv
-    q = torch.sign(x) * torch.floor(x.abs() + 0.5)
+    x = (blocks * inv).abs()
+    q = torch.sign(blocks) * (x.floor() + (2 * (x - x.floor())).floor())
     return (q * d.half().float()).reshape(weight.shape)
 
 
@@ -566,11 +567,11 @@ def test_gguf_runs_in_llama_cpp(runs, tmp_path, outtype):
     assert (got - want).abs().max() < LLAMA_CPP[outtype]
 
 
-# Measured on the adapter below: the loaded model's logits equal those of the hand-rounded
-# weights bit for bit (difference 0.0); against the fp32 merge, q8_0 moved SmolLM2's
-# logits (range about +-38) by at most 1.40, and kept every argmax over the chat text and
-# 90% over the random ids (95% overall).
-SMOLLM2_DRIFT, SMOLLM2_AGREE = 2.5, 0.85
+# Measured: the loaded model's logits equal those of the hand-rounded weights bit for bit
+# (difference 0.0). Against the fp32 merge, q8_0 moved SmolLM2's logits (range about +-38)
+# by 0.76-1.80 over five random adapters like the one below, and kept 92-96% of the
+# argmaxes (98-100% on the chat text; the random ids have many near-ties).
+SMOLLM2_DRIFT, SMOLLM2_AGREE = 3.0, 0.85
 
 
 @pytest.mark.slow
@@ -586,13 +587,15 @@ def test_smollm2_run_to_gguf_q8_0_and_back(tmp_path):
 
     cfg = compose(["model=smollm2"])
     base, run_tok = load_base(cfg.model)
-    lora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
-                                           target_modules=list(cfg.model.lora.target_modules)))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 2e-3)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # A: peft's kaiming init; B: small, as after a short fine-tune
+        lora = get_peft_model(base, LoraConfig(
+            r=16, lora_alpha=32, task_type="CAUSAL_LM",
+            target_modules=list(cfg.model.lora.target_modules)))
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape) * 2e-3)
     run = tmp_path / "smol"
     lora.save_pretrained(run / "final")
     run_tok.save_pretrained(run / "final")
