@@ -10,6 +10,7 @@ page (a red line naming the problem) and the server carries on.
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 import subprocess
 import sys
@@ -24,7 +25,14 @@ from gym_core.errors import GymError
 from gym_core.ui import configs
 from gym_core.ui.client import ServeClient, ServeError
 from gym_core.ui.launcher import Launcher
-from gym_core.ui.runs import MetricsTail, check_root, fmt_bytes, fmt_score, metric_names
+from gym_core.ui.runs import (
+    MetricsTail,
+    check_root,
+    fmt_bytes,
+    fmt_score,
+    metric_names,
+    resume_overrides,
+)
 from gym_core.ui.runs import read_run as _read_run
 from gym_core.ui.runs import scan as _scan
 
@@ -162,9 +170,10 @@ def _summary_items(run) -> list[tuple[str, str]]:
     q = s.get("quant_stats") or {}
     pref = ev.get("preference_accuracy") or {}
     items = [("status", run.status), ("method", run.algorithm or ""),
-             ("quantizer", run.quant or ""), ("model", s.get("model", "")),
+             ("quantizer", run.quant or ""), ("model", run.model),
              ("steps", str(s.get("steps", run.metrics_rows))),
-             (f"held-out {ev.get('metric') or 'score'} before", fmt_score(ev.get("before"))),
+             (f"held-out {ev.get('metric') or 'score'} before",
+              fmt_score(ev.get("before", run.before))),
              ("after training", fmt_score(ev.get("after"))),
              ("after quant", fmt_score(ev.get("after_quant")))]
     if pref.get("after") is not None:
@@ -179,7 +188,7 @@ def _summary_items(run) -> list[tuple[str, str]]:
                   ("tokens / second", str(s.get("tokens_per_second", "")))]
     if run.checkpoints:
         items.append(("checkpoints", ", ".join(f"step {c}" for c in run.checkpoints)))
-    return items
+    return [(k, v) for k, v in items if v not in ("", "None")]
 
 
 def _line_chart(title: str):
@@ -190,24 +199,6 @@ def _line_chart(title: str):
         "yAxis": {"type": "value", "scale": True, "name": title},
         "series": [],
     }).classes("w-full h-64")
-
-
-def _resume_overrides(run) -> list[str] | None:
-    """The overrides the run was started with (.hydra/overrides.yaml), with its name and
-    root pinned: launching them again resumes it from its newest checkpoint."""
-    import yaml
-
-    path = run.path / ".hydra" / "overrides.yaml"
-    try:
-        recorded = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(recorded, list):
-        return None
-    keep = [str(o) for o in recorded
-            if str(o).split("=")[0].lstrip("+~") not in ("run.name", "run.root")]
-    return [*keep, f"run.root={configs.quote(str(run.path.parent))}",
-            f"run.name={configs.quote(run.path.name)}"]
 
 
 @ui.page("/run")
@@ -295,7 +286,7 @@ def run_page(root: str | None = None, name: str = "") -> None:
                     with ui.card().classes("q-pa-sm"):
                         ui.label(k).classes("text-caption text-grey-8")
                         tid(ui.label(v).classes("text-body1 text-weight-medium"),
-                            f"summary-{k.split()[0]}-{k.split()[-1]}")
+                            "summary-" + re.sub(r"[^a-z0-9]+", "-", k.lower()).strip("-"))
             if run.error:
                 message.text = run.error
         job = settings.launcher.job(path)
@@ -327,7 +318,7 @@ def run_page(root: str | None = None, name: str = "") -> None:
 
     def resume() -> None:
         run = _read_run(path, Path(root))
-        overrides = _resume_overrides(run)
+        overrides = resume_overrides(run)
         if overrides is None:
             message.text = f"{path}/.hydra/overrides.yaml cannot be read: resume it from the " \
                            "command line (the same run.name)"
@@ -372,6 +363,7 @@ def sweep_page(root: str | None = None, name: str = "") -> None:
     table.add_slot("body-cell-name", LINK_CELL)
     metric = tid(ui.select(["loss"], value="loss", label="metric").classes("w-64"),
                  "sweep-metric")
+    caption = tid(ui.label("").classes("text-subtitle2"), "sweep-curves")
     chart = tid(_line_chart("loss"), "sweep-chart")
     tails: dict[str, MetricsTail] = {}
     rows_of: dict[str, list] = {}
@@ -416,6 +408,8 @@ def sweep_page(root: str | None = None, name: str = "") -> None:
                       if isinstance(r.get(key), (int, float))]}
             for i, j in enumerate(ranked)]
         chart.update()
+        caption.text = f"{key}, one curve per job: " + ", ".join(
+            f"{s['name']} ({len(s['data'])} points)" for s in chart.options["series"])
 
     metric.on_value_change(lambda _: refresh())
     refresh()
@@ -665,7 +659,8 @@ def _pre(text: str) -> str:
 
 
 @ui.page("/playground")
-def playground_page() -> None:
+def playground_page(models: str | None = None) -> None:
+    """``?models=a,b`` opens with those models side by side."""
     frame("Playground")
     with ui.row().classes("items-end w-full"):
         url = tid(ui.input("server", value=settings.serve_url).classes("w-80"), "play-url")
@@ -695,13 +690,17 @@ def playground_page() -> None:
 
     async def connect() -> None:
         try:
-            models = await client().models()
+            served = await client().models()
         except ServeError as exc:
             message.text = str(exc)
             return
         message.text = ""
-        chosen.options = models
-        chosen.value = [m for m in (chosen.value or []) if m in models] or models[:2]
+        chosen.options = served
+        asked = [m for m in (models or "").split(",") if m]
+        missing = [m for m in asked if m not in served]
+        if missing:
+            message.text = f"not served by {url.value}: {', '.join(missing)}"
+        chosen.value = [m for m in (asked or chosen.value or []) if m in served] or served[:2]
         chosen.update()
 
     def layout() -> None:
@@ -931,6 +930,14 @@ def start(host: str, port: int, runs: Path, serve_url: str, api_key: str | None)
         for job in settings.launcher.still_running():
             print(f"gym ui: run {job.run_dir} (pid {job.pid}) is still training; stop it with "
                   f"kill -TERM {job.pid} (it checkpoints)", flush=True)
+        print("gym ui: stopped", flush=True)
+        # uvicorn re-raises SIGINT / SIGTERM once it has shut down; they are the normal way
+        # to stop the UI, so it ends with status 0 instead
+        from nicegui.server import Server
+
+        captured = getattr(Server.instance, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
     app.on_startup(announce)
     app.on_shutdown(farewell)

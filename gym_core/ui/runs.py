@@ -34,6 +34,14 @@ class Run:
     checkpoints: list[int] = field(default_factory=list)  # steps with a checkpoint
     metrics_rows: int = 0
     modified: float = 0.0
+    before: float | None = None  # eval_before.json: the starting score, before a summary
+
+    @property
+    def model(self) -> str:
+        if self.summary:
+            return str(self.summary.get("model", ""))
+        m = (self.config or {}).get("model") or {}
+        return str(m.get("path") or m.get("source") or "")
 
     @property
     def status(self) -> str:
@@ -68,9 +76,9 @@ class Run:
         ev = self.eval
         return {
             "name": self.name, "status": self.status, "algorithm": self.algorithm or "",
-            "quant": self.quant or "", "model": s.get("model", ""),
+            "quant": self.quant or "", "model": self.model,
             "steps": s.get("steps", self.metrics_rows or ""),
-            "before": fmt_score(ev.get("before")), "after": fmt_score(ev.get("after")),
+            "before": fmt_score(ev.get("before", self.before)), "after": fmt_score(ev.get("after")),
             "after_quant": fmt_score(ev.get("after_quant")),
             "delta": fmt_bytes(q.get("delta_bytes")) if q else "",
             "bits": q.get("bits_per_weight", "") if q else "",
@@ -179,6 +187,12 @@ def read_run(path: Path, root: Path | None = None) -> Run:
         except (OSError, ValueError, yaml.YAMLError):
             run.config = None  # the summary's fields are enough to list the run
         stamps.append(config.stat().st_mtime)
+    before = path / "eval_before.json"
+    if run.summary is None and before.is_file():
+        try:
+            run.before = read_json_object(before).get("accuracy")
+        except GymError:
+            run.before = None  # written atomically by the job; unreadable means damaged
     ckpt = path / "checkpoints"
     if ckpt.is_dir():
         run.checkpoints = sorted(int(c.name[5:]) for c in ckpt.iterdir()
@@ -279,3 +293,22 @@ def lock_holder(run_dir: Path) -> int | None:
             if os.makedev(major, minor) == st.st_dev and parts[4].isdigit():
                 return int(parts[4])
     return None
+
+
+def resume_overrides(run: Run) -> list[str] | None:
+    """The overrides the run was started with (``.hydra/overrides.yaml``), with its name
+    and root pinned: launching them again resumes it from its newest checkpoint."""
+    import yaml
+
+    from gym_core.ui.configs import quote
+
+    path = run.path / ".hydra" / "overrides.yaml"
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(recorded, list):
+        return None
+    keep = [str(o) for o in recorded
+            if str(o).split("=")[0].lstrip("+~") not in ("run.name", "run.root")]
+    return [*keep, f"run.root={quote(str(run.path.parent))}", f"run.name={quote(run.path.name)}"]

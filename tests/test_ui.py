@@ -1,0 +1,234 @@
+"""The web UI's logic without a browser: what the Runs page reads from a runs folder
+(and never writes), how metrics are followed while a run trains, the New run page's form
+built from the installed plugins' schemas and its overrides, the launcher's refusals,
+and that the CLI never imports the UI library. The pages themselves are driven in a real
+browser in tests/test_ui_browser.py."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from gym_core.errors import GymError
+from gym_core.ui import configs
+from gym_core.ui.launcher import Launcher
+from gym_core.ui.runs import MetricsTail, lock_holder, metric_names, scan
+from tests.conftest import REPO
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root`` with its mode and bytes: 'nothing on disk changed'."""
+    return {str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()} | \
+        {str(p.relative_to(root)) + "/": (p.stat().st_mode, b"")
+         for p in sorted(root.rglob("*")) if p.is_dir()}
+
+
+def write_run(root: Path, name: str, *, after: float | None, steps: int = 3,
+              summary: str | None = None) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "model:\n  source: tiny\nalgorithm:\n  name: dpo\nquant:\n  name: bitdelta\n")
+    rows = [{"step": s, "loss": 1.0 / s, "tokens_per_second": 10.0 * s} for s in range(1, steps + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is None and after is not None:
+        summary = json.dumps({
+            "algorithm": "dpo", "quant": "bitdelta", "model": "tiny-llama", "steps": steps,
+            "eval": {"metric": "accuracy", "before": 0.25, "after": after, "after_quant": None},
+            "quant_stats": {"delta_bytes": 12888, "bits_per_weight": 1.0061},
+            "overrides": [f"algorithm.lr={after}", "model=tiny"]})
+    if summary is not None:
+        (run / "summary.json").write_text(summary)
+    return run
+
+
+def test_scan_lists_runs_and_sweeps_and_reports_a_half_written_summary(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "good", after=0.5)
+    bad = write_run(root, "half", after=None, summary='{"algorithm": "dpo", "eval": {"bef')
+    (bad / "checkpoints" / "step-000002").mkdir(parents=True)
+    for job, after in (("0", 0.25), ("1", 0.75), ("2", None)):
+        write_run(root / "sweep", job, after=after)
+    before = snapshot(root)
+
+    runs, sweeps = scan(root)
+    by_name = {r.name: r for r in runs}
+    assert set(by_name) == {"good", "half"}
+    row = by_name["good"].row()
+    assert (row["status"], row["algorithm"], row["quant"], row["steps"]) == \
+        ("finished", "dpo", "bitdelta", 3)
+    assert (row["before"], row["after"], row["after_quant"], row["delta"], row["bits"]) == \
+        ("0.250", "0.500", "", "12.9 KB", 1.0061)
+    half = by_name["half"]
+    assert half.summary is None and half.status == "unreadable"
+    assert "summary.json: not valid JSON at line 1 column" in half.error
+    assert "half-written or damaged" in half.error
+    assert half.checkpoints == [2] and half.algorithm == "dpo"  # read from .hydra
+    (sweep,) = sweeps
+    assert [j.path.name for j in sweep.ranked()] == ["1", "0", "2"]  # best first, unscored last
+    assert snapshot(root) == before
+
+
+def test_a_missing_runs_folder_is_a_message_and_is_not_created(tmp_path):
+    with pytest.raises(GymError, match=r"runs folder '.*missing' does not exist"):
+        scan(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GymError, match="is a file, not a folder"):
+        scan(tmp_path / "file")
+
+
+def test_metrics_tail_follows_a_growing_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert tail.read() == ([], False)  # not there yet
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # a line being written
+    assert tail.read() == ([{"step": 1, "loss": 0.5}], False)
+    with path.open("a") as fh:
+        fh.write('ss": 0.25, "kl": 0.1}\n')
+    assert tail.read() == ([{"step": 2, "loss": 0.25, "kl": 0.1}], False)
+    assert tail.read() == ([], False)
+    # a resumed run rewrites the file (atomically: a new inode) without rows past its step
+    tmp = tmp_path / "new"
+    tmp.write_text('{"step": 1, "loss": 0.5}\n')
+    os.replace(tmp, path)
+    assert tail.read() == ([{"step": 1, "loss": 0.5}], True)
+    assert metric_names([{"step": 1, "kl": 0.1, "loss": 0.5, "zeta": 1, "flag": True,
+                          "note": "x"}]) == ["loss", "kl", "zeta"]
+
+
+def test_form_fields_come_from_the_schemas_and_plugin_groups_follow_the_option():
+    base = configs.compose([])
+    assert "experience_store" not in base.choices  # cl_grpo's family: only with cl_grpo
+    cl = configs.compose(["algorithm=cl_grpo"])
+    assert cl.choices["experience_store"] == "json" and cl.choices["llm"] == "local"
+    groups = configs.ordered_groups(cl.choices)
+    assert groups[:6] == configs.CORE_ORDER and set(groups[6:]) == {"experience_store", "llm"}
+    fields = {f.key: f for g in groups for f in configs.fields(cl.cfg, g, cl.choices[g])}
+    assert "algorithm.name" not in fields and "model.source" not in fields  # the option itself
+    assert (fields["algorithm.lessons_per_group"].kind, fields["algorithm.lessons_per_group"].default
+            ) == ("int", 2)
+    assert fields["trainer.eval_size"].optional and fields["trainer.eval_size"].kind == "int"
+    assert fields["trainer.progress"].kind == "bool"
+    assert fields["algorithm.rewards"].kind == "list"
+    assert fields["llm.temperature"].kind == "float"
+    assert fields["run.name"].computed and fields["run.name"].default_text == ""
+    openai = configs.compose(["algorithm=cl_grpo", "llm=openai"])
+    model = {f.key: f for f in configs.fields(openai.cfg, "llm", "openai")}["llm.model"]
+    assert model.required and configs.check_value(model, "") == "llm.model needs a value"
+
+
+def test_values_are_checked_and_become_overrides_hydra_reads_back():
+    cfg = configs.compose(["model=tiny"]).cfg
+    fields = {f.key: f for g in ("data", "trainer", "algorithm")
+              for f in configs.fields(cfg, g)}
+    steps = fields["trainer.max_steps"]
+    assert configs.check_value(steps, "abc") == "trainer.max_steps: 'abc' is not an integer"
+    assert configs.check_value(steps, "12") is None
+    assert configs.check_value(fields["trainer.eval_size"], "null") is None
+    assert "cannot be null" in configs.check_value(steps, "null")
+    assert configs.check_value(fields["algorithm.lr"], "fast") == \
+        "algorithm.lr: 'fast' is not a number"
+    values = {"trainer.max_steps": "12", "data.system_prompt": "Be brief, it's = fine [ok]",
+              "algorithm.rewards": "[accuracy]", "trainer.progress": "false",
+              "trainer.eval_size": "null", "algorithm.lr": "5e-05"}
+    selected = {"model": "tiny", "algorithm": "dpo"}
+    overrides = configs.build_overrides(selected, {"model": "smollm2", "algorithm": "dpo"},
+                                        values, fields)
+    # unchanged values and the default choice are left out; the rest round-trips
+    assert overrides[0] == "model=tiny" and not any(o.startswith("algorithm=") for o in overrides)
+    assert "trainer.eval_size=null" not in overrides  # null is already its default
+    got = configs.compose(overrides).cfg
+    assert got.data.system_prompt == "Be brief, it's = fine [ok]"
+    assert got.trainer.max_steps == 12 and got.trainer.progress is False
+    assert configs.command(overrides).startswith("python -m gym_core model=tiny")
+    # what the form cannot catch, composition does, with gym's one-line message
+    with pytest.raises(GymError, match="max_steps"):
+        configs.checked(["trainer.max_steps=many"])
+
+
+def test_a_third_party_plugins_options_appear_in_the_form(tmp_path):
+    from gym_core.startup import bootstrap
+
+    eps = [*metadata.entry_points(group="gym_core"),
+           metadata.EntryPoint("digits", "tests.digits_plugin", "gym_core")]
+    bootstrap(entry_points=eps)
+    try:
+        options = configs.groups()
+        plugins = bootstrap()
+        added = plugins.options("digits")
+        assert added, "the test plugin registers options"
+        for family, names in added.items():
+            if plugins.families[family].config_group:
+                assert set(names) <= set(options[family])
+    finally:
+        bootstrap(reload=True)
+
+
+def test_the_launcher_refuses_a_run_directory_another_process_holds(tmp_path):
+    run = tmp_path / "runs" / "busy"
+    run.mkdir(parents=True)
+    lock = run / ".gym.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"),
+        str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert lock_holder(run) == holder.pid
+        before = snapshot(tmp_path)
+        launcher = Launcher(cwd=tmp_path)
+        with pytest.raises(GymError, match=f"in use by process {holder.pid}"):
+            launcher.launch(["model=tiny", "run.name=busy"], Path("runs/busy"))
+        assert launcher.jobs == {} and snapshot(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_holder(run) is None  # the kernel dropped the lock with its holder
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    os.close(fd)
+
+
+def test_the_cli_does_not_import_the_ui_library(tmp_path):
+    code = ("import runpy, sys; sys.argv = ['gym_core', '--help']; "
+            "import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: runpy.run_module('gym_core', run_name='__main__')\n"
+            "    except SystemExit: pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('nicegui', 'httpx', 'fastapi', 'gym_core')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert "nicegui" not in loaded and "fastapi" not in loaded and "gym_core.ui" not in loaded
+
+
+def test_ui_help_and_a_missing_library_message():
+    out = subprocess.run([sys.executable, "-m", "gym_core.ui", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--serve-url" in out.stdout and "--runs" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "gym_core.ui", "--port", "70000"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--port 70000 is not a port number" in out.stderr
+
+
+def test_resume_reuses_the_recorded_overrides(tmp_path):
+    from gym_core.ui.runs import read_run, resume_overrides
+
+    run = write_run(tmp_path / "runs", "r", after=None)
+    OmegaConf.save(OmegaConf.create(["model=tiny", "run.name=r", "trainer.max_steps=9"]),
+                   run / ".hydra" / "overrides.yaml")
+    got = resume_overrides(read_run(run, tmp_path / "runs"))
+    assert got == ["model=tiny", "trainer.max_steps=9", f"run.root={tmp_path / 'runs'}",
+                   "run.name=r"]
