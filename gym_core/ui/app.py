@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from nicegui import app, run, ui
+from nicegui import app, background_tasks, run, ui
 
 from gym_core.errors import GymError
 from gym_core.ui import configs
@@ -922,7 +922,16 @@ def start(host: str, port: int, runs: Path, serve_url: str, api_key: str | None)
     settings.serve_url = serve_url
     settings.api_key = api_key
 
-    def announce() -> None:
+    async def announce() -> None:
+        # startup hooks run before uvicorn binds its socket: say the address once a
+        # connection to it succeeds, so whoever waits for the line can open the page
+        for _ in range(600):
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
         print(f"gym ui: http://{host}:{port}  (runs folder {runs}, server {serve_url})",
               flush=True)
 
@@ -939,7 +948,7 @@ def start(host: str, port: int, runs: Path, serve_url: str, api_key: str | None)
         if isinstance(captured, list):
             captured.clear()
 
-    app.on_startup(announce)
+    app.on_startup(lambda: background_tasks.create(announce(), name="announce"))
     app.on_shutdown(farewell)
     ui.run(host=host, port=port, title="gym", reload=False, show=False, dark=False,
            favicon=str(Path(__file__).with_name("favicon.svg")),

@@ -222,7 +222,8 @@ def build_overrides(selected: dict[str, str], defaults: dict[str, str],
                     values: dict[str, str], fields_by_key: dict[str, Field]) -> list[str]:
     """``group=option`` for each option that differs from the default choice, then
     ``key=value`` for each field whose text differs from its default."""
-    out = [f"{g}={o}" for g, o in selected.items() if defaults.get(g) != o]
+    out = [f"{g}={selected[g]}" for g in ordered_groups(selected)
+           if defaults.get(g) != selected[g]]
     for key, text in values.items():
         f = fields_by_key.get(key)
         if f is None:
