@@ -464,6 +464,7 @@ def test_variants_page_exports_a_run_and_serves_it(finished, served, page, tmp_p
         models = [m["id"] for m in httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]]
         assert "mine" in models
         # the same name again: the server refuses, the page says so
+        page.get_by_test_id("serve-name-done").fill("mine")
         page.get_by_test_id("serve-done").click()
         wait_text(page, "var-error", "already being served")
         httpx.delete(f"{served.url}/v1/variants/mine", timeout=30)
