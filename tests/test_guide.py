@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 GUIDE = REPO / "docs" / "guide.md"
 CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "gym_core.serve --base tiny",
-         "python -m gym_core.export ")
+         "python -m gym_core.export ", "gym_core.ui --runs")
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -53,3 +53,4 @@ def test_the_guides_commands_run(tmp_path):
         assert f"wrote {Path('runs/chat/export') / path}" in out.stdout, path
     assert "LlamaForCausalLM chat template: True" in out.stdout  # the GGUF, read back
     assert f"base: {(export / 'lora' / 'base').resolve()}" in out.stdout
+    assert "<title>gym · Runs</title>" in out.stdout  # the web UI answered
