@@ -134,7 +134,7 @@ def runs_page(root: str | None = None) -> None:
         for r in runs:
             row = r.row()
             job = settings.launcher.job(r.path)
-            if job is not None and job.running:
+            if job is not None and job.running:  # before it takes the run's lock, too
                 row["status"] = f"{job.state} (pid {job.pid})"
             row["href"] = run_href(path, r.name)
             rows.append(row)
@@ -268,9 +268,7 @@ def run_page(root: str | None = None, name: str = "") -> None:
                 picker.options = names
                 picker.update()
                 if not picker.value:
-                    picker.value = [n for n in names if n in (
-                        "loss", "reward", "reward_mean", "kl", "tokens_per_second",
-                        "completion_length")][:4] or names[:2]
+                    picker.value = names[:4]  # metric_names puts loss, reward, kl first
                     return  # on_pick draws
             fill_charts()
         if not path.is_dir():
@@ -278,6 +276,11 @@ def run_page(root: str | None = None, name: str = "") -> None:
         else:
             run = _read_run(path, Path(root))
         key = None if run is None else (run.summary is not None, run.error, tuple(run.checkpoints), run.metrics_rows)
+        job = settings.launcher.job(path)
+        if run is not None and job is not None and job.running and run.pid is None:
+            run.pid = job.pid  # started here, not yet holding the run's lock
+        if run is not None:
+            key = (*key, run.pid)
         if run is not None and key != state["summary_key"]:
             state["summary_key"] = key
             summary_box.clear()
@@ -289,9 +292,9 @@ def run_page(root: str | None = None, name: str = "") -> None:
                             "summary-" + re.sub(r"[^a-z0-9]+", "-", k.lower()).strip("-"))
             if run.error:
                 message.text = run.error
-        job = settings.launcher.job(path)
-        running = job is not None and job.running
-        stop_btn.set_visibility(running and not job.stopping)
+        mine = job is not None and job.running
+        running = mine or (run is not None and run.pid is not None)  # here or elsewhere
+        stop_btn.set_visibility(running and not (mine and job.stopping))
         resume_btn.set_visibility(run is not None and not running and run.summary is None
                                   and bool(run.checkpoints) and run.config is not None)
         if job is not None:
@@ -812,12 +815,12 @@ def variants_page(root: str | None = None) -> None:
 
     async def refresh() -> None:
         message.text = ""
-        served_box.clear()
         try:
             served = await client().variants()
         except ServeError as exc:
             message.text = str(exc)
             served = None
+        served_box.clear()  # after the answer: the list is never empty in between
         with served_box:
             if served is not None and not served:
                 ui.label("no variants (the base model only)").classes("text-grey-8")

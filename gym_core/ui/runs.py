@@ -35,6 +35,7 @@ class Run:
     metrics_rows: int = 0
     modified: float = 0.0
     before: float | None = None  # eval_before.json: the starting score, before a summary
+    pid: int | None = None  # the process training in it now (holding its lock), if any
 
     @property
     def model(self) -> str:
@@ -45,6 +46,8 @@ class Run:
 
     @property
     def status(self) -> str:
+        if self.pid is not None:
+            return f"training (pid {self.pid})"
         if self.summary is not None:
             return "finished"
         if self.error:
@@ -202,6 +205,7 @@ def read_run(path: Path, root: Path | None = None) -> Run:
         run.metrics_rows = len(MetricsTail(metrics).read()[0])
         stamps.append(metrics.stat().st_mtime)
     run.modified = max(stamps or [path.stat().st_mtime])
+    run.pid = lock_holder(path)
     return run
 
 
@@ -261,7 +265,8 @@ class MetricsTail:
 
 
 #: metrics shown first, when a run has them (the rest follow alphabetically)
-PREFERRED = ["loss", "reward", "reward_mean", "kl", "tokens_per_second", "completion_length",
+PREFERRED = ["loss", "reward", "reward_mean", "rewards/margins", "kl", "tokens_per_second",
+             "completion_length",
              "grad_norm", "lr"]
 
 
