@@ -232,3 +232,40 @@ def test_resume_reuses_the_recorded_overrides(tmp_path):
     got = resume_overrides(read_run(run, tmp_path / "runs"))
     assert got == ["model=tiny", "trainer.max_steps=9", f"run.root={tmp_path / 'runs'}",
                    "run.name=r"]
+
+
+def test_data_view_shows_what_each_method_trains_on():
+    from gym_core.data import render_completion, render_prompts
+    from gym_core.model import tiny_tokenizer
+    from gym_core.ui.data_view import view
+
+    tok = tiny_tokenizer()
+    online = view(["model=tiny", "algorithm=grpo", "data.system_prompt=Be brief."], "test", 3, 2)
+    assert online.online and online.total == 100 and [r.index for r in online.rows] == [3, 4]
+    row = online.rows[0]
+    (prompt,) = row.sequences
+    assert prompt.text == render_prompts(tok, [row.source["prompt"]], "Be brief.")[0]
+    assert prompt.text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert row.target == row.source["answer"] and "accuracy" in online.reads
+
+    dpo = view(["model=tiny", "algorithm=dpo"], "train", 0, 3)
+    assert not dpo.online and dpo.problem is None
+    for row in dpo.rows:
+        labels = [s.label for s in row.sequences]
+        assert labels == ["prompt", "chosen", "rejected"]
+        for seq in row.sequences[1:]:
+            want = render_completion(tok, row.source["prompt"], row.source[seq.label], None)
+            assert seq.text == want and not seq.cut  # byte tokens: the text itself
+    # a length limit that cuts both answers to the same tokens is plain to see
+    cut = view(["model=tiny", "algorithm=dpo", "algorithm.max_completion_length=8"], "train", 0, 1)
+    chosen, rejected = cut.rows[0].sequences[1:]
+    assert chosen.cut and rejected.cut and chosen.tokens == rejected.tokens == 8
+    assert chosen.text == rejected.text == cut.rows[0].source["chosen"][:8]
+
+    kto = view(["model=tiny", "algorithm=kto", "data=arithmetic_labels"], "train", 0, 4)
+    assert {s.label for r in kto.rows for s in r.sequences[1:]} <= {
+        "completion (desirable)", "completion (undesirable)"}
+    wrong = view(["model=tiny", "algorithm=dpo", "data=arithmetic_labels"], "train", 0, 2)
+    assert wrong.problem.startswith("algorithm=dpo needs preference pairs")
+    with pytest.raises(GymError, match=r"data=jsonl needs data\.train_file"):
+        view(["model=tiny", "data=jsonl"])

@@ -358,6 +358,32 @@ def test_a_run_another_process_trains_is_not_launched_again(page, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_data_page_renders_rows_as_the_method_sees_them(page, tmp_path):
+    ui = start_ui(tmp_path, tmp_path / "runs")
+    try:
+        page.goto(ui.url + "/data")
+        pick(page, "data-model", "tiny")
+        pick(page, "data-algorithm", "dpo")
+        page.get_by_test_id("data-overrides").fill("data.system_prompt='Answer with a sum.'")
+        page.get_by_test_id("data-show").click()
+        wait_text(page, "data-info", r"data=arithmetic: 300 train rows; showing 0\.\.7")
+        prompt = page.get_by_test_id("data-seq-0-prompt").inner_text()
+        assert prompt.startswith("<|im_start|>system\nAnswer with a sum.<|im_end|>")
+        assert re.search(r"\d+ \+ \d+ = \d+<\|im_end\|>",
+                         page.get_by_test_id("data-seq-0-chosen").inner_text())
+        page.get_by_test_id("data-seq-0-rejected").wait_for()
+        pick(page, "data-option", "arithmetic_labels")  # unpaired rows cannot train DPO
+        page.get_by_test_id("data-show").click()
+        wait_text(page, "data-problem", "algorithm=dpo needs preference pairs")
+        pick(page, "data-option", "jsonl")
+        page.get_by_test_id("data-overrides").fill("")
+        page.get_by_test_id("data-show").click()
+        wait_text(page, "data-error", r"data=jsonl needs data\.train_file")
+        assert ui.alive()
+    finally:
+        assert ui.stop() == 0, ui.output
+
+
 # ----------------------------------------------------------------------------------------
 # Playground and Variants (a real gym_core.serve with tiny-model variants)
 # ----------------------------------------------------------------------------------------
@@ -425,6 +451,7 @@ def test_a_playground_request_for_a_removed_variant_is_a_message(finished, serve
     import httpx
 
     ui = start_ui(tmp_path, finished / "runs", served.url)
+    before = snapshot(finished)
     try:
         page.goto(ui.url + "/playground?models=tiny,bd2")
         wait_text(page, "play-models", "tiny, bd2")
@@ -440,6 +467,7 @@ def test_a_playground_request_for_a_removed_variant_is_a_message(finished, serve
         assert ui.alive()
     finally:
         assert ui.stop() == 0, ui.output
+    assert snapshot(finished) == before
 
 
 def test_variants_page_exports_a_run_and_serves_it(finished, served, page, tmp_path):

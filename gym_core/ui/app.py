@@ -585,12 +585,12 @@ def data_page() -> None:
         error_line("data-error").text = str(exc)
         return
     with ui.row().classes("items-end w-full"):
-        data = tid(ui.select(options["data"], value=base.choices["data"], label="data"),
-                   "data-option")
+        data = tid(ui.select(options["data"], value=base.choices["data"], label="data")
+                   .classes("w-40"), "data-option")
         algo = tid(ui.select(options["algorithm"], value=base.choices["algorithm"],
-                             label="algorithm"), "data-algorithm")
-        model = tid(ui.select(options["model"], value=base.choices["model"], label="model"),
-                    "data-model")
+                             label="algorithm").classes("w-40"), "data-algorithm")
+        model = tid(ui.select(options["model"], value=base.choices["model"], label="model")
+                    .classes("w-40"), "data-model")
         split = tid(ui.toggle(["train", "test"], value="train"), "data-split")
         start = tid(ui.number("first row", value=0, min=0, precision=0).classes("w-24"),
                     "data-start")
@@ -601,7 +601,9 @@ def data_page() -> None:
                 "data-overrides")
     tid(ui.button("Show", on_click=lambda: show()), "data-show")
     message = error_line("data-error")
-    info = tid(ui.label("").classes("text-body2 q-my-sm"), "data-info")
+    info = tid(ui.label("Pick a dataset, a method and a model, then Show (the model's "
+                        "tokenizer is loaded, not its weights).").classes("text-body2 q-my-sm"),
+               "data-info")
     problem = tid(ui.label("").classes("text-warning text-body1"), "data-problem")
     problem.bind_visibility_from(problem, "text", backward=bool)
     rows_box = ui.column().classes("w-full")
@@ -631,22 +633,21 @@ def data_page() -> None:
         problem.text = result.problem or ""
         rows_box.clear()
         with rows_box:
-            for row in result.rows:
-                with tid(ui.card().classes("w-full"), f"data-row-{row.index}"):
+            for k, row in enumerate(result.rows):
+                with tid(ui.card().classes("w-full"), f"data-row-{k}"):
                     ui.label(f"row {row.index}").classes("text-subtitle2")
                     for seq in row.sequences:
                         cut = " (cut by the length limit)" if seq.cut else ""
                         ui.label(f"{seq.label}: {seq.tokens} tokens{cut}").classes(
                             "text-caption text-grey-8")
-                        tid(ui.html("").classes("w-full"), f"data-seq-{row.index}-{seq.label}"
+                        tid(ui.html("").classes("w-full"), f"data-seq-{k}-{seq.label.split()[0]}"
                             ).content = _pre(seq.text)
                     if row.target is not None:
                         tid(ui.label(f"answer (what the reward checks): {row.target}"),
-                            f"data-answer-{row.index}")
+                            f"data-answer-{k}")
                     with ui.expansion("the row as the data plugin gives it").classes("w-full"):
                         ui.code(row.source_json(), language="json").classes("w-full")
 
-    ui.timer(0.1, show, once=True)
 
 
 def _pre(text: str) -> str:

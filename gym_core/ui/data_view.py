@@ -68,9 +68,16 @@ def view(overrides: list[str], split: str = "train", start: int = 0, count: int 
 
     if split not in ("train", "test"):
         raise GymError(f"split must be train or test, not {split!r}")
+    from omegaconf.errors import MissingMandatoryValue
+
     cfg = checked(overrides).cfg
     plugins = bootstrap()
-    task = plugins.component("data", cfg.data.name).load()(cfg.data)
+    try:
+        task = plugins.component("data", cfg.data.name).load()(cfg.data)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or "a field"
+        raise GymError(f"data={cfg.data.name} needs {key}=... (add it to the overrides, e.g. "
+                       "data.train_file=my.jsonl)") from None
     algo_cls = plugins.component("algorithm", cfg.algorithm.name).load()
     tok = load_tokenizer(cfg.model)
     examples = task.train if split == "train" else task.test
