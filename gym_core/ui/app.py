@@ -943,6 +943,7 @@ def start(host: str, port: int, runs: Path, serve_url: str, api_key: str | None)
         for job in settings.launcher.still_running():
             print(f"gym ui: run {job.run_dir} (pid {job.pid}) is still training; stop it with "
                   f"kill -TERM {job.pid} (it checkpoints)", flush=True)
+        settings.launcher.close()
         print("gym ui: stopped", flush=True)
         # uvicorn re-raises SIGINT / SIGTERM once it has shut down; they are the normal way
         # to stop the UI, so it ends with status 0 instead

@@ -9,6 +9,7 @@ checkpoint and exits; resume is the same command again.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,3 +149,8 @@ class Launcher:
 
     def still_running(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.running]
+
+    def close(self) -> None:
+        """Remove the logs folder, unless a job still writes to it."""
+        if self._logs is not None and not self.still_running():
+            shutil.rmtree(self._logs, ignore_errors=True)
