@@ -305,6 +305,11 @@ class FullPrecision(Quantizer):
             )
         return {k: v.float() for k, v in packed.tensors.items()}
 
+    def operators(self, packed):
+        """Serving a full-precision delta (a soup): its matrices as they are."""
+        self.dequantize(packed)  # the quantizer check
+        return {k: DenseOperator(v) for k, v in packed.tensors.items() if v.dim() == 2}
+
 
 def read_delta(path: Path, plugins=None) -> dict[str, torch.Tensor]:
     """The fp32 delta in a delta file, whichever quantizer wrote it: the file's metadata

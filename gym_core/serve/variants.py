@@ -266,7 +266,8 @@ def _delta_operators(path: Path, plugins) -> tuple[str, dict[str, DeltaOperator]
         matrices = quantizer.operators(packed)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise GymError(f"{path} could not be read as a {qname} delta ({exc}): the file is damaged") from exc
-    unserved = [k for k in shapes if k not in matrices]
+    keys = shapes or packed.tensors  # a full-precision delta is its tensors
+    unserved = [k for k in keys if k not in matrices]
     if unserved:
         raise GymError(
             f"{path} changes {unserved[0]!r}{' and others' if len(unserved) > 1 else ''}, which "
