@@ -13,7 +13,8 @@ from pathlib import Path
 from tests.conftest import REPO
 
 GUIDE = REPO / "docs" / "guide.md"
-CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "python -m gym_core.export ")
+CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "python -m gym_core.export ",
+         "gym_core.serve --base tiny")
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -49,3 +50,6 @@ def test_the_guides_commands_run(tmp_path):
         assert f"wrote {Path('runs/chat/export') / path}" in out.stdout, path
     assert "LlamaForCausalLM chat template: True" in out.stdout  # the GGUF, read back
     assert f"base: {(export / 'lora' / 'base').resolve()}" in out.stdout
+    # the served variants answered, through curl and the openai client
+    assert '"object":"chat.completion"' in out.stdout
+    assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout
