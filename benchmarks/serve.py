@@ -150,11 +150,12 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from gym_core.config import MODEL_OPTIONS, bootstrap
+    from gym_core.config import MODEL_OPTIONS
     from gym_core.delta import apply_delta, load_packed, read_delta
     from gym_core.model import load_base
     from gym_core.serve.engine import Engine
     from gym_core.serve.variants import Base, load_variant
+    from gym_core.startup import bootstrap
 
     torch.set_grad_enabled(False)
     plugins = bootstrap()

@@ -167,27 +167,38 @@ class MatrixQuantizer(Quantizer):
         meta = {"quantizer": self.cfg.name, "shapes": shapes_meta(delta), **self.file_meta()}
         return PackedDelta(tensors, meta, sum(d.numel() for d in delta.values()))
 
-    def dequantize(self, packed):
+    def checked_parts(self, packed: PackedDelta
+                      ) -> dict[str, tuple[tuple[int, ...], dict[str, torch.Tensor]]]:
+        """Every tensor of ``packed`` as ``key -> (shape, parts)``, checked: the file is
+        this quantizer's, every part the metadata calls for is there with the dtype and
+        size :meth:`part_specs` gives (a pass-through tensor is the one part ``"full"``),
+        and nothing else is in the file. Decoders (and serving operators) read only
+        these."""
         self.check_origin(packed)
         shapes = recorded_shapes(packed)
-        out = {}
+        out, described = {}, set()
         for key, shape in shapes.items():
             if f"{key}.full" in packed.tensors:
-                t = _checked(packed, f"{key}.full", torch.float32, math.prod(shape))
-                out[key] = t.float().reshape(shape)
-                continue
-            specs = self.part_specs(shape, packed.meta)
-            parts = {suffix: _checked(packed, f"{key}.{suffix}", dtype, numel)
-                     for suffix, (dtype, numel) in specs.items()}
-            out[key] = self.dequantize_matrix(key, shape, parts, packed.meta)
-        described = {f"{k}.full" for k in shapes} | {
-            f"{k}.{suffix}" for k, shape in shapes.items()
-            for suffix in self.part_specs(shape, packed.meta)}
+                specs = {"full": (torch.float32, math.prod(shape))}
+            else:
+                specs = self.part_specs(shape, packed.meta)
+            out[key] = (shape, {suffix: _checked(packed, f"{key}.{suffix}", dtype, numel)
+                                for suffix, (dtype, numel) in specs.items()})
+            described |= {f"{key}.{suffix}" for suffix in specs}
         unknown = sorted(set(packed.tensors) - described)
         if unknown:
             raise GymError(f"the delta holds tensors its metadata does not describe "
                            f"({', '.join(unknown[:3])}): the file is damaged or not "
                            f"{self.cfg.name}'s")
+        return out
+
+    def dequantize(self, packed):
+        out = {}
+        for key, (shape, parts) in self.checked_parts(packed).items():
+            if "full" in parts:
+                out[key] = parts["full"].float().reshape(shape)
+            else:
+                out[key] = self.dequantize_matrix(key, shape, parts, packed.meta)
         return out
 
 
@@ -428,6 +439,10 @@ class FullPrecision(MatrixQuantizer):
 
     def part_specs(self, shape, meta):
         return {}
+
+    def operators(self, packed):
+        """Serving a full-precision delta (a soup): its matrices as they are."""
+        return {k: DenseOperator(v) for k, v in self.dequantize(packed).items() if v.dim() == 2}
 
 
 def read_delta(path: Path, plugins) -> dict[str, torch.Tensor]:

@@ -34,6 +34,8 @@ from typing import Any
 import hydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from gym_core.files import atomic_path, write_json
+
 FORMATS = ("hf", "gguf", "lora", "delta")
 # Written into folder exports (hf, lora): what the folder holds and where it came from;
 # its presence also marks a folder a later export may replace.
@@ -140,30 +142,12 @@ def _check_out(out: Path, run, is_dir: bool) -> None:
                        f"out={out / 'model.gguf'}")
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move a finished temporary file or folder to ``out`` (replacing an earlier export)."""
-    if tmp.is_dir() and out.is_dir():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
-
-
 def _folder_files(folder: Path, final: Path) -> list[Written]:
     return [Written(final / p.relative_to(folder), p.stat().st_size)
             for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
-def export(cfg: Any, plugins=None) -> ExportResult:
+def export(cfg: Any, plugins) -> ExportResult:
     """Run one export (``cfg``: an :class:`ExportAppConfig`); returns what it wrote."""
     from gym_core.errors import GymError
     from gym_core.merge import TrainedRun, describe
@@ -187,25 +171,21 @@ def export(cfg: Any, plugins=None) -> ExportResult:
     writer = {"hf": _export_hf, "gguf": _export_gguf, "lora": _export_lora,
               "delta": _export_delta}[fmt]
     new_parent = not out.parent.exists()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # next to the target (same file system, so the rename is atomic), hidden, and created
-    # with the usual permissions (tempfile's would be private to this user)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    _remove(tmp)  # left by a killed export that had this process id
-    if is_dir:
-        tmp.mkdir()
     try:
-        what, notes = writer(cfg, run, source, tmp, out, plugins)
-        if is_dir:
-            record = {"format": fmt, "source": source, "run": str(run.path.resolve()),
-                      "base": describe(run), "quant": run.quant if source == "delta" else None,
-                      **({"dtype": cfg.hf.dtype} if fmt == "hf" else {})}
-            (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        files = _folder_files(tmp, out) if is_dir else [Written(out, tmp.stat().st_size, notes)]
-        _install(tmp, out)
+        # written beside the target and renamed into place (gym_core.files): a failed
+        # export leaves nothing, an earlier one stays until the new one is complete
+        with atomic_path(out, folder=is_dir) as tmp:
+            what, notes = writer(cfg, run, source, tmp, out, plugins)
+            if is_dir:
+                record = {"format": fmt, "source": source, "run": str(run.path.resolve()),
+                          "base": describe(run),
+                          "quant": run.quant if source == "delta" else None,
+                          **({"dtype": cfg.hf.dtype} if fmt == "hf" else {})}
+                write_json(tmp / RECORD, record)
+            files = (_folder_files(tmp, out) if is_dir
+                     else [Written(out, tmp.stat().st_size, notes)])
     finally:
-        _remove(tmp)
-        if new_parent and not any(out.parent.iterdir()):
+        if new_parent and out.parent.is_dir() and not any(out.parent.iterdir()):
             out.parent.rmdir()  # a failed first export leaves no empty export/ behind
     return ExportResult(fmt, source, out, what, files)
 
@@ -310,6 +290,7 @@ def main(cfg: DictConfig) -> None:
     import warnings
 
     from gym_core.errors import exit_on_user_error
+    from gym_core.startup import bootstrap
 
     # raised inside peft/transformers on every LoRA model; not ours to fix
     warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
@@ -317,7 +298,7 @@ def main(cfg: DictConfig) -> None:
     # the export lists what it wrote; transformers' per-shard progress bars add nothing
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with exit_on_user_error():
-        result = export(cfg)
+        result = export(cfg, bootstrap())
     print(report(result))
 
 
@@ -329,11 +310,7 @@ def entry() -> None:
 
     with exit_on_user_error():
         bootstrap()
-        cs = ConfigStore.instance()
-        # the training config's `run` group would make run=PATH select a group option;
-        # this app's `run` is a plain key
-        cs.repo.pop("run", None)
-        cs.store(name="export_schema", node=ExportAppConfig)
+        ConfigStore.instance().store(name="export_schema", node=ExportAppConfig)
         main()
 
 

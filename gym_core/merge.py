@@ -4,7 +4,7 @@ quantizer kept). Used by ``python -m gym_core.export``; anything else that needs
 run's model (serving, evaluation scripts) opens it the same way:
 
     run = TrainedRun.open("runs/first")                  # checks the files; no torch
-    model, tokenizer = load_merged(run, source="final")   # one plain model, fp32
+    model, tokenizer = load_merged(run, "final", plugins)  # one plain model, fp32
     base, tokenizer = base_model(run)                     # or the base alone, and
     policy = load_adapter(run, base)                      # the adapter on it, unmerged
 
@@ -163,7 +163,7 @@ def describe(run: TrainedRun) -> str:
     return describe_model(run.model)
 
 
-def load_merged(run: TrainedRun, source: str = "final", plugins=None):
+def load_merged(run: TrainedRun, source: str, plugins):
     """The run's trained model as one plain ``PreTrainedModel`` (fp32, eval mode) and its
     tokenizer. ``source="final"``: base + the adapter merged (or the full fine-tuned model);
     ``source="delta"``: base + the dequantized delta file."""
@@ -188,14 +188,13 @@ def load_merged(run: TrainedRun, source: str = "final", plugins=None):
     return model, load_tokenizer(run)
 
 
-def read_run_delta(file: Path, plugins=None):
+def read_run_delta(file: Path, plugins):
     """The fp32 delta in a run's delta file; a file its quantizer cannot decode is a
     one-line error naming it."""
     from gym_core.delta import read_delta
-    from gym_core.startup import bootstrap
 
     try:
-        return read_delta(file, plugins if plugins is not None else bootstrap())
+        return read_delta(file, plugins)
     except GymError:
         raise
     except Exception as exc:

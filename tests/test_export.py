@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gym_core.errors import GymError
-from gym_core.export import ExportAppConfig, export, report
+from gym_core.export import ExportAppConfig, report
+from gym_core.export import export as export_with
 from gym_core.startup import bootstrap
 from tests.conftest import compose
 
@@ -59,6 +60,10 @@ def options(run, **kw):
     for key, value in kw.items():
         OmegaConf.update(cfg, key.replace("__", "."), value)
     return cfg
+
+
+def export(cfg):
+    return export_with(cfg, bootstrap())
 
 
 def run_export(args, cwd):

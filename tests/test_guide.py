@@ -13,8 +13,8 @@ from pathlib import Path
 from tests.conftest import REPO
 
 GUIDE = REPO / "docs" / "guide.md"
-CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "gym_core.serve --base tiny",
-         "python -m gym_core.export ", "gym_core.ui --runs")
+CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "python -m gym_core.export ",
+         "gym_core.serve --base tiny", "gym_core.ui --runs")
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -43,9 +43,6 @@ def test_the_guides_commands_run(tmp_path):
     assert (runs / "sweep" / "sweep_summary.csv").is_file()
     assert "resuming" in out.stdout
     assert "epsilon_high: 0.3" in out.stdout and "lr_scheduler: cosine" in out.stdout
-    # the served variants answered, through curl and the openai client
-    assert '"object":"chat.completion"' in out.stdout
-    assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout
     export = runs / "chat" / "export"
     for path in ("hf/model.safetensors", "chat-q8_0.gguf", "lora/adapter_config.json",
                  "hf-bitdelta/model.safetensors"):
@@ -53,4 +50,7 @@ def test_the_guides_commands_run(tmp_path):
         assert f"wrote {Path('runs/chat/export') / path}" in out.stdout, path
     assert "LlamaForCausalLM chat template: True" in out.stdout  # the GGUF, read back
     assert f"base: {(export / 'lora' / 'base').resolve()}" in out.stdout
+    # the served variants answered, through curl and the openai client
+    assert '"object":"chat.completion"' in out.stdout
+    assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout
     assert "<title>gym · Runs</title>" in out.stdout  # the web UI answered

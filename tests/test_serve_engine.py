@@ -22,10 +22,12 @@ PROMPTS = ["hi", "What is 2 + 3?", "Tell me about the sea and the sky, at length
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     runs = {"bd": make_run(root, "bd", "bitdelta", 1), "dq": make_run(root, "dq", "deltaquant", 2),
-            "lora": make_run(root, "lora", "lora", 3), "bd2": make_run(root, "bd2", "bitdelta", 4)}
+            "lora": make_run(root, "lora", "lora", 3), "bd2": make_run(root, "bd2", "bitdelta", 4),
+            # a full-precision delta, as soups write them
+            "soup": make_run(root, "soup", "none", 5)}
     base, tok = load_base(model_cfg())
     info = Base.of(base, model_cfg(), "tiny")
-    variants = {n: load_variant(n, p, info) for n, p in runs.items()}
+    variants = {n: load_variant(n, p, info, bootstrap()) for n, p in runs.items()}
     merged = {n: merged_model(p)[0] for n, p in runs.items()}
     merged[None] = load_base(model_cfg())[0]
     return base, tok, variants, merged
@@ -44,10 +46,10 @@ def run(engine, jobs):
 
 def test_mixed_batches_joining_and_leaving_give_exact_tokens(setup):
     base, tok, variants, merged = setup
-    engine = Engine(base, tok, max_rows=3)  # 15 requests through 3 slots: joins and leaves
+    engine = Engine(base, tok, max_rows=3)  # 18 requests through 3 slots: joins and leaves
     try:
         jobs = []
-        for i, name in enumerate([None, "bd", "dq", "lora", "bd2"] * 3):
+        for i, name in enumerate([None, "bd", "dq", "lora", "bd2", "soup"] * 3):
             ids = chat_ids(tok, PROMPTS[i % 3])
             jobs.append((name, ids, 4 + 3 * (i % 4)))
         events = run(engine, [(variants.get(n), ids, Params(max_tokens=m, temperature=0))

@@ -111,9 +111,11 @@ def test_form_fields_come_from_the_schemas_and_plugin_groups_follow_the_option()
     assert "experience_store" not in base.choices  # cl_grpo's family: only with cl_grpo
     cl = configs.compose(["algorithm=cl_grpo"])
     assert cl.choices["experience_store"] == "json" and cl.choices["llm"] == "local"
-    groups = configs.ordered_groups(cl.choices)
-    assert groups[:6] == configs.CORE_ORDER and set(groups[6:]) == {"experience_store", "llm"}
-    fields = {f.key: f for g in groups for f in configs.fields(cl.cfg, g, cl.choices[g])}
+    cards = configs.sections(cl)
+    assert [c for c, _ in cards[:6]] == configs.CORE_ORDER
+    assert {c for c, _ in cards[6:]} == {"experience_store", "llm"}
+    assert [c for c, is_group in cards if not is_group] == ["run"]  # fields, no options
+    fields = {f.key: f for g, _ in cards for f in configs.fields(cl.cfg, g, cl.choices.get(g))}
     assert "algorithm.name" not in fields and "model.source" not in fields  # the option itself
     assert (fields["algorithm.lessons_per_group"].kind, fields["algorithm.lessons_per_group"].default
             ) == ("int", 2)

@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", default="smollm2",
                    help="smollm2 (default), tiny (gym's random test model) or a Hugging Face "
                         "model folder")
-    p.add_argument("--variants", nargs="*", default=[], metavar="[NAME=]PATH",
-                   help="variants to serve from the start")
+    p.add_argument("--variants", "--lora-modules", nargs="*", default=[], metavar="[NAME=]PATH",
+                   help="variants to serve from the start (--lora-modules: vLLM's name for it)")
     p.add_argument("--served-model-name", default=None,
                    help="the base model's name in requests (default: the --base value, or "
                         "the folder's name)")

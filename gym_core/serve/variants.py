@@ -185,7 +185,7 @@ def run_dir_of(path: Path) -> Path | None:
 # ----------------------------------------------------------------------------------------
 
 
-def load_variant(name: str, path: Path, base: Base, plugins=None) -> Variant:
+def load_variant(name: str, path: Path, base: Base, plugins) -> Variant:
     """Load and check one variant; a :class:`GymError` names the file and what is wrong."""
     if not NAME_RE.match(name):
         raise GymError(f"variant name {name!r} must be 1-128 letters, digits or ._:/- "
@@ -246,10 +246,6 @@ def check_recorded_base(target: Path, base: Base) -> None:
 def _delta_operators(path: Path, plugins) -> tuple[str, dict[str, DeltaOperator]]:
     from omegaconf import OmegaConf
 
-    if plugins is None:
-        from gym_core.startup import bootstrap
-
-        plugins = bootstrap()
     packed = load_packed(path)
     qname = packed.meta.get("quantizer")
     if not qname:
@@ -266,7 +262,8 @@ def _delta_operators(path: Path, plugins) -> tuple[str, dict[str, DeltaOperator]
         matrices = quantizer.operators(packed)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise GymError(f"{path} could not be read as a {qname} delta ({exc}): the file is damaged") from exc
-    unserved = [k for k in shapes if k not in matrices]
+    keys = shapes or packed.tensors  # a full-precision delta is its tensors
+    unserved = [k for k in keys if k not in matrices]
     if unserved:
         raise GymError(
             f"{path} changes {unserved[0]!r}{' and others' if len(unserved) > 1 else ''}, which "

@@ -500,16 +500,17 @@ def new_run_page() -> None:
     def build_form() -> None:
         cfg = state["composed"].cfg
         state["fields"] = {}
-        for group in configs.ordered_groups(state["composed"].choices):
-            opts = options.get(group, [state["selected"][group]])
+        for group, is_group in configs.sections(state["composed"]):
+            option = state["selected"].get(group) if is_group else None
             with ui.card().classes("w-full"):
                 with ui.row().classes("items-center w-full"):
                     ui.label(group).classes("text-subtitle1 text-weight-bold")
-                    sel = tid(ui.select(opts, value=state["selected"][group]).classes("w-48"),
-                              f"group-{group}")
-                    sel.on_value_change(lambda e, g=group: pick(g, e.value))
+                    if is_group:
+                        sel = tid(ui.select(options.get(group, [option]), value=option)
+                                  .classes("w-48"), f"group-{group}")
+                        sel.on_value_change(lambda e, g=group: pick(g, e.value))
                 with ui.grid(columns=2).classes("w-full gap-x-4 gap-y-0"):
-                    for f in configs.fields(cfg, group, state["selected"][group]):
+                    for f in configs.fields(cfg, group, option):
                         state["fields"][f.key] = f
                         _field_input(f, state, set_value)
 

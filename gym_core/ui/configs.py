@@ -98,6 +98,15 @@ def ordered_groups(choices: dict[str, str]) -> list[str]:
                                                             if g not in CORE_ORDER)
 
 
+def sections(composed: Composed) -> list[tuple[str, bool]]:
+    """The form's cards in order: (name, True) for a config group (an option is picked),
+    (name, False) for a plain section of the config (``run``: fields only)."""
+    names = [k for k in composed.cfg if isinstance(composed.cfg._get_node(k), DictConfig)]
+    order = [n for n in CORE_ORDER if n in names] + sorted(n for n in names
+                                                           if n not in CORE_ORDER)
+    return [(n, n in composed.choices) for n in order]
+
+
 def fields(cfg: DictConfig, group: str, option: str | None = None) -> list[Field]:
     """The leaves of ``cfg[group]`` (nested sections flattened to dotted keys). A
     top-level field holding the option's own name (``algorithm.name``, ``model.source``)

@@ -53,14 +53,9 @@ class BitDeltaQuantizer(MatrixQuantizer):
     def operators(self, packed):
         """Serving: each sign matrix stays packed (one bit per weight) and is applied to
         activations by a C++ kernel working on the bits (gym_bitdelta/serving.cpp)."""
-        if packed.meta.get("quantizer") != "bitdelta":
-            raise GymError(
-                f"this delta was written by quantizer {packed.meta.get('quantizer')!r}, "
-                "not bitdelta"
-            )
         from gym_bitdelta.serving import operators
 
-        return operators(packed)
+        return operators(self.checked_parts(packed))
 
     def calibrate(self, packed, ctx):
         """Scale distillation (docs/algorithms.md §9): W = W_base + alpha * sign with signs and

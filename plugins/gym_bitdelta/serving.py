@@ -4,14 +4,12 @@ reads the bits directly; no variant is ever expanded to a float matrix."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from gym_core.delta import DeltaOperator, DenseOperator, PackedDelta, RowGroups
-from gym_core.errors import GymError
+from gym_core.api import DeltaOperator, DenseOperator, GymError, RowGroups
 
 SOURCE = Path(__file__).with_name("serving.cpp")
 
@@ -69,23 +67,19 @@ class SignOperator(DeltaOperator):
                         first.out_features)
 
 
-def operators(packed: PackedDelta) -> dict[str, DeltaOperator]:
-    """Every matrix of a BitDelta delta as an operator: sign-compressed ones as
-    :class:`SignOperator`, matrices stored as they are (``.full``) dense."""
-    shapes = json.loads(packed.meta["shapes"])
+def operators(parts: dict) -> dict[str, DeltaOperator]:
+    """Every matrix of a BitDelta delta (``MatrixQuantizer.checked_parts``: sizes and
+    dtypes already checked) as an operator: sign-compressed ones as
+    :class:`SignOperator`, matrices stored as they are (``full``) dense."""
     ops: dict[str, DeltaOperator] = {}
-    for key, shape in shapes.items():
+    for key, (shape, tensors) in parts.items():
         if len(shape) != 2:
             continue
-        full = packed.tensors.get(f"{key}.full")
-        if full is not None:
-            ops[key] = DenseOperator(full)
+        if "full" in tensors:
+            ops[key] = DenseOperator(tensors["full"].float().reshape(shape))
             continue
-        signs, scale = packed.tensors.get(f"{key}.signs"), packed.tensors.get(f"{key}.scale")
-        if signs is None or scale is None or scale.numel() != 1:
-            raise GymError(f"the BitDelta delta lacks the signs or the scale of '{key}'")
-        alpha = float(scale.reshape(()))
+        alpha = float(tensors["scale"].reshape(()))
         if not math.isfinite(alpha):
             raise GymError(f"the BitDelta scale of '{key}' is {alpha}: the file is damaged")
-        ops[key] = SignOperator.from_packed(signs, alpha, shape)
+        ops[key] = SignOperator.from_packed(tensors["signs"], alpha, shape)
     return ops
