@@ -453,42 +453,56 @@ def new_run_page() -> None:
         return configs.build_overrides(state["selected"], state["defaults"], state["values"],
                                        state["fields"])
 
-    def update_preview() -> bool:
-        """Check every field, compose, show the YAML and command; False on an error."""
-        state["dirty"] = False
-        flds = list(state["fields"].values())
-        err = configs.first_error(flds, state["values"])
-        ovr = overrides()
-        cmd.content = configs.command(ovr)
-        if err:
-            message.text = err
-            return False
-        try:
-            state["composed"] = configs.checked(ovr)
-        except GymError as exc:
-            message.text = str(exc)
-            return False
-        message.text = ""
-        yaml_box.content = state["composed"].yaml()
-        return True
+    busy = asyncio.Lock()  # one composition at a time per page
 
-    def pick(group: str, option: str) -> None:
-        state["selected"][group] = option
-        # a new option has its own fields: forget the values typed for the old one
-        state["values"] = {k: v for k, v in state["values"].items()
-                           if not k.startswith(f"{group}.")}
-        try:
-            composed = configs.checked(overrides())
-        except GymError as exc:
-            message.text = str(exc)
-            return
-        # groups a plugin's option pulls in (or drops) follow Hydra's choices
-        state["selected"] = {g: state["selected"].get(g, o) for g, o in composed.choices.items()}
-        state["defaults"].update({g: o for g, o in composed.choices.items()
-                                  if g not in state["defaults"]})
-        state["composed"] = composed
-        build_form.refresh()
-        update_preview()
+    async def compose(ovr: list[str]):
+        """Compose off the event loop (Hydra takes a moment); the page stays live."""
+        return await run.io_bound(configs.checked, ovr)
+
+    async def update_preview() -> bool:
+        """Check every field, compose, show the YAML and command; False on an error."""
+        async with busy:
+            state["dirty"] = False
+            flds = list(state["fields"].values())
+            err = configs.first_error(flds, state["values"])
+            ovr = overrides()
+            cmd.content = configs.command(ovr)
+            if err:
+                message.text = err
+                return False
+            try:
+                composed = await compose(ovr)
+            except GymError as exc:
+                message.text = str(exc)
+                return False
+            if composed is None:  # the app is shutting down
+                return False
+            state["composed"] = composed
+            message.text = ""
+            yaml_box.content = composed.yaml()
+            return True
+
+    async def pick(group: str, option: str) -> None:
+        async with busy:
+            state["selected"][group] = option
+            # a new option has its own fields: forget the values typed for the old one
+            state["values"] = {k: v for k, v in state["values"].items()
+                               if not k.startswith(f"{group}.")}
+            try:
+                composed = await compose(overrides())
+            except GymError as exc:
+                message.text = str(exc)
+                return
+            if composed is None:
+                return
+            # groups a plugin's option pulls in (or drops) follow Hydra's choices
+            state["selected"] = {g: state["selected"].get(g, o)
+                                 for g, o in composed.choices.items()}
+            state["defaults"].update({g: o for g, o in composed.choices.items()
+                                      if g not in state["defaults"]})
+            state["composed"] = composed
+            build_form.refresh()
+        await update_preview()
 
     def set_value(key: str, value) -> None:
         f = state["fields"][key]
@@ -516,16 +530,15 @@ def new_run_page() -> None:
 
     with form:
         build_form()
-    update_preview()
 
-    def tick() -> None:
-        if state["dirty"]:
-            update_preview()
+    async def tick() -> None:
+        if state["dirty"] and not busy.locked():
+            await update_preview()
 
     ui.timer(0.5, tick)
 
-    def launch() -> None:
-        if not update_preview():
+    async def launch() -> None:
+        if not await update_preview():
             ui.notify("not launched: " + message.text, type="negative")
             return
         ovr = overrides()
