@@ -315,12 +315,35 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     return plain
 
 
+def load_start(model_cfg) -> tuple[torch.nn.Module, object, list[dict]]:
+    """The model a run with ``model.init`` starts from: the base model with every stage of
+    the chain (:func:`gym_core.stages.check_init`) applied in order, its tokenizer and
+    the chain."""
+    from gym_core.stages import check_init
+
+    chain = check_init(model_cfg)
+    model, tok = load_base(model_cfg)
+    for stage in chain:
+        final = Path(stage["run"]) / "final"
+        if stage["lora"]:
+            model = merge_adapter(model, final)
+        else:  # a full fine-tune's final weights replace the model's
+            from safetensors.torch import load_file
+
+            weights = load_file(str(final / "model.safetensors"))
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            tied = {k for k in missing if k.endswith("lm_head.weight")}
+            if set(missing) - tied or unexpected:
+                raise GymError(f"model.init: {final} does not fit this model (missing "
+                               f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    return model, tok, chain
+
+
 def load_policy(cfg, device: torch.device, system_prompt: str | None = None) -> Policy:
     """The policy to train: the base model, or with ``model.init`` the result of an
     earlier run (:mod:`gym_core.stages`), as a LoRA model or fully trainable."""
     if getattr(cfg, "init", None):
-        from gym_core.stages import load_start
-
         model, tok, _ = load_start(cfg)
     else:
         model, tok = load_base(cfg)

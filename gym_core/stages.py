@@ -1,4 +1,6 @@
 """Pipelines of runs: a run that starts where an earlier one ended (``model.init=runs/<name>``).
+This module reads and checks the records (cheap); :func:`gym_core.model.load_start` loads
+the weights.
 
 The earlier run's result becomes this run's starting weights *and* its reference policy,
 as TRL does when it is handed an SFT model: a LoRA run's adapter is merged into the base
@@ -109,30 +111,6 @@ def check_init(model_cfg) -> list[dict[str, Any]] | None:
                            "weights are gone: the chain cannot be rebuilt")
     link = {k: stage[k] for k in ("run", "algorithm", "lora")}
     return [*stage["chain"], link]
-
-
-def load_start(model_cfg) -> tuple[torch.nn.Module, Any, list[dict[str, Any]]]:
-    """The base model with every stage of ``model.init``'s chain applied, its tokenizer
-    and the chain."""
-    from gym_core.model import load_base, merge_adapter
-
-    chain = check_init(model_cfg)
-    model, tok = load_base(model_cfg)
-    for stage in chain:
-        final = Path(stage["run"]) / "final"
-        if stage["lora"]:
-            model = merge_adapter(model, final)
-        else:  # a full fine-tune's final weights replace the model's
-            from safetensors.torch import load_file
-
-            weights = load_file(str(final / "model.safetensors"))
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            tied = {k for k in missing if k.endswith("lm_head.weight")}
-            if set(missing) - tied or unexpected:
-                raise GymError(f"model.init: {final} does not fit this model (missing "
-                               f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-    model.eval()
-    return model, tok, chain
 
 
 def merged_state(policy) -> dict[str, torch.Tensor]:
