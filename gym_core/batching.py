@@ -74,18 +74,21 @@ class SequenceBatch:
     the tokens a loss trains on marked: what supervised methods score when they need more
     than a completion's log-probs (the prompt's tokens, several assistant turns).
 
-    Rows are right-padded, or several sequences *packed* into one row. ``position_ids``
-    restart at 0 for every sequence (and for every run of padding), which is how
-    transformers recognises packed sequences: attention never crosses from one sequence
-    to another (docs/algorithms.md §7.3). ``segment`` says which sequence (index into
-    ``examples``) each token belongs to, -1 on padding. ``target_mask`` is 1 on the
-    tokens a loss counts (never a sequence's first token: nothing predicts it)."""
+    Rows are right-padded, one sequence each, or several sequences *packed* into one
+    row. ``position_ids`` restart at 0 for every sequence (and for every run of padding),
+    which is how transformers recognises packed sequences: attention never crosses from
+    one sequence to another (docs/algorithms.md §7.3). ``segment`` says which sequence
+    (index into ``examples``) each token belongs to, -1 on padding. ``target_mask`` is 1
+    on the tokens a loss counts (never a sequence's first token: nothing predicts it).
+    ``shared_prefix``: unpacked rows that all begin with the same untrained tokens (a
+    chat template's system prompt) share that many; they are run once for all rows."""
 
     input_ids: torch.Tensor  # [R, L]
     position_ids: torch.Tensor  # [R, L]
     target_mask: torch.Tensor  # [R, L], long
     segment: torch.Tensor  # [R, L], long; -1 on padding
     examples: list[dict[str, Any]]  # one per sequence
+    shared_prefix: int = 0
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -132,31 +135,28 @@ def encode_sequences(
     examples: list[dict[str, Any]] | None = None,
 ) -> SequenceBatch:
     """Tokenise each row's segments (:func:`tokenize_segments`) into a
-    :class:`SequenceBatch`. Unpacked, each sequence gets a row, shifted right so that the
-    first trained tokens of all rows share a column (the LM head then runs on few
-    columns). Packed, sequences are placed best-fit-decreasing into as few rows of at
-    most ``max_length`` tokens as hold them; the loss over the batch is the same either
-    way, only the layout differs."""
+    :class:`SequenceBatch`. Unpacked, each sequence gets a row, and the untrained tokens
+    all rows begin with are marked as their shared prefix. Packed, sequences are placed
+    best-fit-decreasing into as few rows of at most ``max_length`` tokens as hold them;
+    the loss over the batch is the same either way, only the layout differs."""
     seqs = [tokenize_segments(tokenizer, segs, max_length) for segs in rows]
     if any(not ids for ids, _ in seqs):
         raise ValueError("a sequence has no tokens")
+    shared = 0
     if packing:
         layout = _best_fit_decreasing([len(ids) for ids, _ in seqs], max_length)
-        offsets = [0] * len(layout)
     else:
         layout = [[i] for i in range(len(seqs))]
-        firsts = [next((t for t, f in enumerate(trained) if f), 0) for _, trained in seqs]
-        offsets = [max(firsts) - f for f in firsts]
-    width = max(off + sum(len(seqs[i][0]) for i in members)
-                for off, members in zip(offsets, layout))
+        if len(seqs) > 1:
+            shared = _shared_untrained_prefix(seqs)
+    width = max(sum(len(seqs[i][0]) for i in members) for members in layout)
     shape = (len(layout), width)
     input_ids = torch.full(shape, tokenizer.pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     target_mask = torch.zeros(shape, dtype=torch.long)
     segment = torch.full(shape, -1, dtype=torch.long)
-    for r, (off, members) in enumerate(zip(offsets, layout)):
-        position_ids[r, :off] = torch.arange(off)  # leading padding: a run of its own
-        t = off
+    for r, members in enumerate(layout):
+        t = 0
         for i in members:
             ids, trained = seqs[i]
             n = len(ids)
@@ -168,7 +168,20 @@ def encode_sequences(
         position_ids[r, t:] = torch.arange(width - t)  # trailing padding
     return SequenceBatch(input_ids.to(device), position_ids.to(device), target_mask.to(device),
                          segment.to(device),
-                         list(examples) if examples is not None else [{} for _ in rows])
+                         list(examples) if examples is not None else [{} for _ in rows],
+                         shared_prefix=shared)
+
+
+def _shared_untrained_prefix(seqs: list[tuple[list[int], list[bool]]]) -> int:
+    """How many leading tokens every sequence has in common, none of them trained, and
+    at least one token short of the shortest (its rest must predict something)."""
+    limit = min(len(ids) for ids, _ in seqs) - 1
+    first_ids = seqs[0][0]
+    n = 0
+    while (n < limit and not any(trained[n] for _, trained in seqs)
+           and all(ids[n] == first_ids[n] for ids, _ in seqs)):
+        n += 1
+    return n
 
 
 def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -210,7 +210,8 @@ class Policy:
             if detached is not None:
                 raise ValueError("detached= applies to completion batches only")
             fn = sequence_logprobs
-            args = (batch.input_ids, batch.position_ids, batch.target_mask)
+            args = (batch.input_ids, batch.position_ids, batch.target_mask,
+                    batch.shared_prefix)
         else:
             fn = completion_logprobs
             args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,

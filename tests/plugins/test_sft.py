@@ -229,6 +229,39 @@ def test_a_packed_forward_equals_separate_forwards_values_and_gradients():
     assert any(float(g.abs().sum()) > 0 for g in g_packed.values())
 
 
+def test_a_shared_prefix_runs_once_and_changes_nothing():
+    """Rows that begin with the same untrained tokens (a chat template's system prompt):
+    the prefix runs once, its KV cache repeated for each row; log-probs and gradients
+    equal a plain forward of the rows (here: the packed layout, which shares nothing)."""
+    algo, _ = tiny_sft()
+    policy = algo.policy
+    torch.manual_seed(1)
+    for n, p in policy.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    head = ("<|im_start|>system\nYou add.<|im_end|>\n<|im_start|>user\nWhat is ", False)
+    rows = [[head, ("1 + 2?", False), ("3", True)],
+            [head, ("10 + 20?", False), ("30 it is", True)],
+            [head, ("5 + 5?", False), ("10", True)]]
+    shared, lp_shared, seq_shared, g_shared = packed_and_single_grads(policy, rows, False)
+    head_tokens = policy.tokenizer(head[0], add_special_tokens=False).input_ids
+    assert shared.shared_prefix == len(head_tokens)
+    plain, lp_plain, seq_plain, g_plain = packed_and_single_grads(policy, rows, True)
+    assert plain.shared_prefix == 0
+    torch.testing.assert_close(seq_shared, seq_plain, rtol=1e-5, atol=1e-5)
+    for n in g_shared:
+        torch.testing.assert_close(g_shared[n], g_plain[n], rtol=1e-4, atol=1e-6)
+    for i in range(len(rows)):
+        torch.testing.assert_close(
+            lp_shared.detach()[(shared.segment == i) & shared.target_mask.bool()],
+            lp_plain.detach()[(plain.segment == i) & plain.target_mask.bool()],
+            rtol=1e-5, atol=1e-5)
+    # the arithmetic task's chat-rendered rows do share their system prompt
+    algo2, cfg = tiny_sft()
+    batch = algo2.collate(arithmetic_task(cfg.data).train[:4])
+    assert batch.shared_prefix > 20
+
+
 def test_packing_does_not_change_a_run(tmp_path, tiny_overrides):
     """Packing only changes the layout of a micro-batch: the same rows, the same loss
     and the same updates (up to float reduction order)."""
