@@ -304,3 +304,17 @@ def test_sft_learns_its_rows_on_the_tiny_model(tmp_path, tiny_overrides):
     nll = [json.loads(x)["nll"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert nll[-1] < 0.7 * nll[0]
     assert sum(b < a for a, b in zip(nll, nll[1:])) >= 6
+
+
+def test_a_bad_row_stops_the_command_line_with_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
+    proc = run_cli(["model=tiny", "algorithm=sft", "data=jsonl", f"data.train_file={data}",
+                    "run.name=bad"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("gym: error")]
+    assert len(errors) == 1 and f"{data}:2: field 'messages' has no assistant turn" in errors[0]
