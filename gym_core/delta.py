@@ -58,6 +58,33 @@ class Quantizer:
         names) raises :class:`GymError` naming the tensor, before any kernel reads it."""
         raise NotImplementedError
 
+    def operators(self, packed: PackedDelta) -> dict[str, DeltaOperator]:
+        """Serving: each matrix of ``packed`` as a :class:`DeltaOperator` that applies it to
+        activations (``python -m gym_core.serve`` adds ``x @ D^T`` to the base layer's
+        output for the rows of this variant), keyed like the delta. Tensors that are not
+        matrices (norms, biases) get none.
+
+        The default decodes one matrix per call with :meth:`dequantize` and drops it after
+        the product: correct for any quantizer whose tensors are named ``<key>.<part>``
+        with the shapes in ``meta["shapes"]`` (gym's are), holding only the packed bytes,
+        but it rebuilds the matrix on every call. Override it with an operator that works
+        on the packed form directly (BitDelta's does)."""
+        if "shapes" not in packed.meta:
+            raise GymError(
+                f"this {packed.meta.get('quantizer')!r} delta has no 'shapes' metadata, so "
+                "its matrices cannot be served one at a time: the quantizer must override "
+                "Quantizer.operators"
+            )
+        ops: dict[str, DeltaOperator] = {}
+        for key, shape in json.loads(packed.meta["shapes"]).items():
+            if len(shape) != 2:
+                continue
+            own = {k: v for k, v in packed.tensors.items() if k.startswith(key + ".")}
+            sub = PackedDelta(own, dict(packed.meta, shapes=json.dumps({key: shape})),
+                              math.prod(shape))
+            ops[key] = DequantizingOperator(self, sub, key, shape)
+        return ops
+
     def calibrate(self, packed: PackedDelta, ctx: CalibrationContext) -> PackedDelta | None:
         """Optional: improve ``packed`` with data (e.g. BitDelta's scale distillation).
 
@@ -140,27 +167,38 @@ class MatrixQuantizer(Quantizer):
         meta = {"quantizer": self.cfg.name, "shapes": shapes_meta(delta), **self.file_meta()}
         return PackedDelta(tensors, meta, sum(d.numel() for d in delta.values()))
 
-    def dequantize(self, packed):
+    def checked_parts(self, packed: PackedDelta
+                      ) -> dict[str, tuple[tuple[int, ...], dict[str, torch.Tensor]]]:
+        """Every tensor of ``packed`` as ``key -> (shape, parts)``, checked: the file is
+        this quantizer's, every part the metadata calls for is there with the dtype and
+        size :meth:`part_specs` gives (a pass-through tensor is the one part ``"full"``),
+        and nothing else is in the file. Decoders (and serving operators) read only
+        these."""
         self.check_origin(packed)
         shapes = recorded_shapes(packed)
-        out = {}
+        out, described = {}, set()
         for key, shape in shapes.items():
             if f"{key}.full" in packed.tensors:
-                t = _checked(packed, f"{key}.full", torch.float32, math.prod(shape))
-                out[key] = t.float().reshape(shape)
-                continue
-            specs = self.part_specs(shape, packed.meta)
-            parts = {suffix: _checked(packed, f"{key}.{suffix}", dtype, numel)
-                     for suffix, (dtype, numel) in specs.items()}
-            out[key] = self.dequantize_matrix(key, shape, parts, packed.meta)
-        described = {f"{k}.full" for k in shapes} | {
-            f"{k}.{suffix}" for k, shape in shapes.items()
-            for suffix in self.part_specs(shape, packed.meta)}
+                specs = {"full": (torch.float32, math.prod(shape))}
+            else:
+                specs = self.part_specs(shape, packed.meta)
+            out[key] = (shape, {suffix: _checked(packed, f"{key}.{suffix}", dtype, numel)
+                                for suffix, (dtype, numel) in specs.items()})
+            described |= {f"{key}.{suffix}" for suffix in specs}
         unknown = sorted(set(packed.tensors) - described)
         if unknown:
             raise GymError(f"the delta holds tensors its metadata does not describe "
                            f"({', '.join(unknown[:3])}): the file is damaged or not "
                            f"{self.cfg.name}'s")
+        return out
+
+    def dequantize(self, packed):
+        out = {}
+        for key, (shape, parts) in self.checked_parts(packed).items():
+            if "full" in parts:
+                out[key] = parts["full"].float().reshape(shape)
+            else:
+                out[key] = self.dequantize_matrix(key, shape, parts, packed.meta)
         return out
 
 
@@ -189,6 +227,98 @@ def _checked(packed: PackedDelta, name: str, dtype: torch.dtype, numel: int) -> 
                        f"its metadata calls for {dtype} with {numel}: the file is damaged "
                        "or not this quantizer's")
     return t.reshape(-1)
+
+
+class RowGroups:
+    """Rows of a batch grouped by variant, for :meth:`DeltaOperator.add_to`: group ``g``
+    is rows ``idx[offs[g]:offs[g + 1]]`` of the flattened activations."""
+
+    def __init__(self, idx: torch.Tensor, offs: list[int]):
+        self.idx = idx.to(torch.int32).contiguous()
+        self.bounds = list(offs)
+        self.offs = torch.tensor(self.bounds, dtype=torch.int32)
+        self._rows: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def single(cls, n: int) -> RowGroups:
+        return cls(torch.arange(n, dtype=torch.int32), [0, n])
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def rows(self, g: int) -> torch.Tensor:
+        """Group ``g``'s row indices (int64, cached)."""
+        if g not in self._rows:
+            self._rows[g] = self.idx[self.bounds[g]:self.bounds[g + 1]].long()
+        return self._rows[g]
+
+
+class DeltaOperator:
+    """One matrix ``D [out, in]`` of a packed delta, applied to activations without
+    rebuilding the weights. :meth:`apply` is the product for one batch of rows;
+    :meth:`add_to` the batched form the server calls once per layer and operator class,
+    for every group of rows whose variant has an operator of that class there."""
+
+    def __init__(self, shape):
+        self.out_features, self.in_features = (int(s) for s in shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this operator holds (bytes)."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [n, in] @ D^T -> [n, out]`` (fp32)."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare(cls, ops: list[DeltaOperator | None]) -> Any:
+        """What :meth:`add_to` needs about ``ops`` besides the activations (kernel
+        arguments such as the operators' addresses). The server computes it once per layer
+        and keeps it while the batch's variants stay the same, so steps do not rebuild it."""
+        return None
+
+    @classmethod
+    def add_to(cls, x: torch.Tensor, y: torch.Tensor, groups: RowGroups,
+               ops: list[DeltaOperator | None], prepared: Any = None) -> None:
+        """``y[rows of g] += x[rows of g] @ D_g^T`` for every group ``g`` whose
+        ``ops[g]`` is not None (all of this class). ``x [N, in]``, ``y [N, out]``, fp32;
+        ``prepared`` is :meth:`prepare`'s result for these ``ops`` (or None: compute it).
+        The default loops over the groups; override it with one kernel call."""
+        for g, op in enumerate(ops):
+            if op is not None:
+                rows = groups.rows(g)
+                y.index_add_(0, rows, op.apply(x.index_select(0, rows)))
+
+
+class DenseOperator(DeltaOperator):
+    """A matrix stored as it is (fp32)."""
+
+    def __init__(self, d: torch.Tensor):
+        super().__init__(d.shape)
+        self.d = d.detach().float().contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.d.numel() * self.d.element_size()
+
+    def apply(self, x):
+        return torch.nn.functional.linear(x, self.d)
+
+
+class DequantizingOperator(DeltaOperator):
+    """:meth:`Quantizer.operators`' default: decodes its matrix on every call (transient)."""
+
+    def __init__(self, quantizer: Quantizer, packed: PackedDelta, key: str, shape):
+        super().__init__(shape)
+        self.quantizer, self.packed, self.key = quantizer, packed, key
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def apply(self, x):
+        return torch.nn.functional.linear(x, self.quantizer.dequantize(self.packed)[self.key])
 
 
 @dataclass
@@ -309,6 +439,10 @@ class FullPrecision(MatrixQuantizer):
 
     def part_specs(self, shape, meta):
         return {}
+
+    def operators(self, packed):
+        """Serving a full-precision delta (a soup): its matrices as they are."""
+        return {k: DenseOperator(v) for k, v in self.dequantize(packed).items() if v.dim() == 2}
 
 
 def read_delta(path: Path, plugins) -> dict[str, torch.Tensor]:

@@ -13,17 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # an earlier folder set aside for the instant of the swap
 
 
-def _tmp_prefix(path: Path) -> str:
-    return f".{path.name}{TMP_MARK}{os.getpid()}-"
+def _sibling(path: Path, mark: str) -> Path:
+    return path.with_name(f".{path.name}{mark}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -36,43 +37,48 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
-    """Yield a temporary path to write ``path``'s new content to (a file, or with
-    ``folder=True`` an empty folder); on success it replaces ``path`` (an existing folder
-    is removed first), on error it is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path)))
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path))
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        if folder:
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    _fsync_file(f)
-            if path.exists():
-                shutil.rmtree(path)
-        else:
-            _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if folder:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        raise
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to (a file, or with
+    ``folder=True`` an empty folder), created with the usual permissions; on success it
+    replaces ``path`` (an existing folder is set aside, the new one renamed in, the old
+    one removed), on error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, TMP_MARK)
+    if folder:
+        tmp.mkdir()
+    else:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield tmp
+        for f in (tmp.rglob("*") if folder else [tmp]):
+            if f.is_file():
+                _fsync_file(f)
+        if folder and path.exists():
+            old = _sibling(path, OLD_MARK)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -88,18 +94,23 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary siblings (files or folders) that killed writers left in
-    ``folder``, and return them. Call it only where no other live process writes (a run
-    directory under the run lock)."""
+    ``folder``, and return them; a folder a writer had set aside for a swap is put back
+    when the new one never arrived. Call it only where no other live process writes (a
+    run directory under the run lock)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for p in folder.iterdir():
-        if p.name.startswith(".") and TMP_MARK in p.name:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-            removed.append(p)
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith("."):
+            continue
+        if OLD_MARK in p.name:
+            original = folder / p.name[1:].split(OLD_MARK)[0]
+            if not original.exists():
+                os.replace(p, original)  # the swap was cut between its two renames
+                continue
+        elif TMP_MARK not in p.name:
+            continue
+        _remove(p)
+        removed.append(p)
     return removed

@@ -155,6 +155,9 @@ def gym_add_quantizers(registry: Registry) -> None:
     ``calibrate(packed, ctx)`` may improve the packed delta with data (BitDelta's scale
     distillation; the default does nothing) and ``stats()`` adds facts to the run's
     ``summary.json``. ``map_tensors(fn, delta)`` spreads per-matrix work over the cores.
+    ``operators(packed)`` serves the delta (``python -m gym_core.serve``): each matrix as
+    a ``DeltaOperator`` applied to activations; the default decodes one matrix per call,
+    a fast one works on the packed form (BitDelta's).
     """
 
 

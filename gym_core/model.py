@@ -316,6 +316,26 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     return plain
 
 
+def apply_stages(model: torch.nn.Module, chain: list[dict]) -> torch.nn.Module:
+    """``model`` (the base) with each run of ``chain`` (oldest first, as
+    :func:`gym_core.stages.check_init` returns it) applied: a LoRA run's adapter merged
+    (:func:`merge_adapter`), a full fine-tune's final weights loaded."""
+    for stage in chain:
+        final = Path(stage["run"]) / "final"
+        if stage["lora"]:
+            model = merge_adapter(model, final)
+            continue
+        from safetensors.torch import load_file
+
+        weights = load_file(str(final / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+        if set(missing) - tied or unexpected:
+            raise GymError(f"{final} does not fit this model (missing "
+                           f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
 def load_start(model_cfg) -> tuple[torch.nn.Module, object, list[dict]]:
     """The model a run with ``model.init`` starts from: the base model with every stage of
     the chain (:func:`gym_core.stages.check_init`) applied in order, its tokenizer and
@@ -324,19 +344,7 @@ def load_start(model_cfg) -> tuple[torch.nn.Module, object, list[dict]]:
 
     chain = check_init(model_cfg)
     model, tok = load_base(model_cfg)
-    for stage in chain:
-        final = Path(stage["run"]) / "final"
-        if stage["lora"]:
-            model = merge_adapter(model, final)
-        else:  # a full fine-tune's final weights replace the model's
-            from safetensors.torch import load_file
-
-            weights = load_file(str(final / "model.safetensors"))
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            tied = {k for k in missing if k.endswith("lm_head.weight")}
-            if set(missing) - tied or unexpected:
-                raise GymError(f"model.init: {final} does not fit this model (missing "
-                               f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    model = apply_stages(model, chain)
     model.eval()
     return model, tok, chain
 

@@ -113,6 +113,20 @@ def check_init(model_cfg) -> list[dict[str, Any]] | None:
     return [*stage["chain"], link]
 
 
+def recorded_chain(final: Path) -> list[dict[str, Any]]:
+    """The chain of runs a finished run started from (oldest first; empty for a run
+    trained from the base), as its ``final/gym.json`` records it."""
+    record_file = Path(final) / RECORD
+    if not record_file.is_file():
+        return []
+    chain = list(json.loads(record_file.read_text()).get("chain") or [])
+    for earlier in chain:
+        if not (Path(earlier["run"]) / "final" / RECORD).is_file():
+            raise GymError(f"{final.parent} started from {earlier['run']}, whose final weights "
+                           "are gone: its model cannot be rebuilt")
+    return chain
+
+
 def merged_state(policy) -> dict[str, torch.Tensor]:
     """The policy's weights as one plain model's (fp32, keyed like the base model): a
     LoRA policy's base weights with its adapter's delta added, without changing it."""

@@ -27,10 +27,11 @@ def bootstrap(entry_points=None, *, reload: bool = False):
     cs = ConfigStore.instance()
     # A fresh discovery replaces what an earlier one stored (families included).
     stored = set(_plugins.registries) if _plugins is not None else set()
-    for group in ("model", "trainer", "run", *stored, *plugins.registries):
+    for group in ("model", "trainer", *stored, *plugins.registries):
         cs.repo.pop(group, None)
     cs.store(group="trainer", name="default", node=TrainerConfig)
-    cs.store(group="run", name="default", node=RunConfig)
+    # the run section's schema: not a group (the export app's `run=` names a run dir)
+    cs.store(name="run_schema", node=RunConfig, package="run")
     for name, node in MODEL_OPTIONS.items():
         cs.store(group="model", name=name, node=node)
     for family in plugins.families.values():

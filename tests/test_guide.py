@@ -1,6 +1,6 @@
 """docs/guide.md's commands run: every ```bash block, in order, in one shell, in an empty
 directory. Commands that start a job must use the page's $FAST flags (the tiny model), so
-the page stays cheap to check."""
+the page stays cheap to check (exports read a run the page trained that way)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 from tests.conftest import REPO
 
 GUIDE = REPO / "docs" / "guide.md"
-CHEAP = ("$FAST", "--help", "--cfg", "--plugins")
+CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "python -m gym_core.export ",
+         "gym_core.serve --base tiny")
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -46,3 +47,13 @@ def test_the_guides_commands_run(tmp_path):
     assert (runs / "sweep" / "sweep_summary.csv").is_file()
     assert "resuming" in out.stdout
     assert "epsilon_high: 0.3" in out.stdout and "lr_scheduler: cosine" in out.stdout
+    export = runs / "chat" / "export"
+    for path in ("hf/model.safetensors", "chat-q8_0.gguf", "lora/adapter_config.json",
+                 "hf-bitdelta/model.safetensors"):
+        assert (export / path).is_file(), path
+        assert f"wrote {Path('runs/chat/export') / path}" in out.stdout, path
+    assert "LlamaForCausalLM chat template: True" in out.stdout  # the GGUF, read back
+    assert f"base: {(export / 'lora' / 'base').resolve()}" in out.stdout
+    # the served variants answered, through curl and the openai client
+    assert '"object":"chat.completion"' in out.stdout
+    assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout

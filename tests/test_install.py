@@ -28,6 +28,9 @@ def test_wheel_install_composes_config_outside_the_repo(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     )
     assert where.stdout.strip().startswith(str(site))
+    # the serving kernels ship as C++ source, compiled on first use
+    assert (site / "gym_bitdelta" / "serving.cpp").is_file()
+    assert (site / "gym_core" / "serve" / "lora.cpp").is_file()
     out = subprocess.run(
         [sys.executable, "-m", "gym_core", "algorithm=dapo", "quant=bitdelta", "--cfg", "job"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,

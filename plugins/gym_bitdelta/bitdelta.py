@@ -50,6 +50,13 @@ class BitDeltaQuantizer(MatrixQuantizer):
     def stats(self):
         return dict(self._stats)
 
+    def operators(self, packed):
+        """Serving: each sign matrix stays packed (one bit per weight) and is applied to
+        activations by a C++ kernel working on the bits (gym_bitdelta/serving.cpp)."""
+        from gym_bitdelta.serving import operators
+
+        return operators(self.checked_parts(packed))
+
     def calibrate(self, packed, ctx):
         """Scale distillation (docs/algorithms.md §9): W = W_base + alpha * sign with signs and
         base frozen; AdamW (cosine schedule) on the fp32 alphas only, minimising the logit

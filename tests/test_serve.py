@@ -1,0 +1,266 @@
+"""`python -m gym_core.serve` as users run it: a real server process on 127.0.0.1 with
+tiny-model variants of every kind, queried with the official `openai` client. Each
+variant's greedy answer must be its merged model's (base + dequantized delta, or peft's
+merge_and_unload of the adapter)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from tests.serve_helpers import PROMPTS, ServerProcess, greedy_text, http, make_run, merged_model
+
+# eight variants of the tiny base: four BitDelta, two DeltaQuant, two LoRA adapters
+KINDS = {"bd0": ("bitdelta", {}), "bd1": ("bitdelta", {}), "bd2": ("bitdelta", {}),
+         "bd3": ("bitdelta", {}),
+         "dq4": ("deltaquant", {"bits": 4, "granularity": "group", "group_size": 32}),
+         "dq2": ("deltaquant", {"bits": 2, "granularity": "channel"}),
+         "lora0": ("lora", {}), "lora1": ("lora", {})}
+MAX = 12  # completion tokens in the comparisons
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve") / "runs"
+    for seed, (name, (kind, quant)) in enumerate(KINDS.items()):
+        make_run(root, name, kind, seed + 1, **quant)
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected(runs):
+    """Greedy answers of every merged variant (and the base) to every prompt."""
+    from gym_core.model import load_base
+    from tests.serve_helpers import model_cfg
+
+    out = {}
+    base, tok = load_base(model_cfg())
+    out["tiny"] = {p: greedy_text(base, tok, p, MAX) for p in PROMPTS}
+    for name in KINDS:
+        model, tok = merged_model(runs / name)
+        out[name] = {p: greedy_text(model, tok, p, MAX) for p in PROMPTS}
+    # the test has power only if the variants answer differently
+    assert len({json.dumps(v) for v in out.values()}) == len(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    srv = ServerProcess(["--base", "tiny", "--variants", str(runs)],
+                        cwd=tmp_path_factory.mktemp("cwd"))
+    assert srv.url, srv.output
+    yield srv
+    code = srv.stop()
+    assert code == 0, srv.output  # SIGTERM is a clean stop
+    assert "gym serve: stopped" in srv.output
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                         timeout=120)
+
+
+def ask(client, model, prompt, **kw):
+    kw = {"temperature": 0, "max_tokens": MAX, **kw}
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                       **kw)
+    return r.choices[0].message.content
+
+
+def test_models_lists_the_base_and_every_variant(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids[0] == "tiny" and sorted(ids[1:]) == sorted(KINDS)
+    assert client.models.retrieve("bd0").id == "bd0"
+
+
+@pytest.mark.parametrize("model", ["tiny", *KINDS])
+def test_greedy_chat_is_the_merged_models_answer(client, expected, model):
+    for prompt in PROMPTS:
+        assert ask(client, model, prompt) == expected[model][prompt], (model, prompt)
+
+
+def test_streamed_chunks_concatenate_to_the_answer(client, expected):
+    stream = client.chat.completions.create(
+        model="bd1", temperature=0, max_tokens=MAX, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": PROMPTS[0]}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected["bd1"][PROMPTS[0]]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= 1 and not chunks[-1].choices
+    assert len([c for c in chunks if c.choices]) > 3  # really streamed, not one blob
+
+
+def test_text_completions(client, runs):
+    from tests.serve_helpers import greedy
+
+    model, tok = merged_model(runs / "lora1")
+    ids = tok("Once upon a time", add_special_tokens=False).input_ids
+    want = greedy(model, tok, ids, MAX)
+    want = tok.decode([t for t in want if t != tok.eos_token_id], skip_special_tokens=True)
+    r = client.completions.create(model="lora1", prompt="Once upon a time", temperature=0,
+                                  max_tokens=MAX)
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_sampling_parameters(client):
+    kw = {"temperature": 0.9, "top_p": 0.8, "max_tokens": 20}
+    a = ask(client, "bd2", PROMPTS[1], seed=7, **kw)
+    assert a == ask(client, "bd2", PROMPTS[1], seed=7, **kw)  # seeded: reproducible
+    assert a != ask(client, "bd2", PROMPTS[1], seed=8, **kw)
+    r = client.chat.completions.create(model="bd2", n=3, seed=1, messages=[
+        {"role": "user", "content": PROMPTS[1]}], **kw)
+    assert len(r.choices) == 3 and len({c.message.content for c in r.choices}) == 3
+    # a stop string ends the answer before it
+    full = ask(client, "bd2", PROMPTS[1], max_tokens=20)
+    stop = full[5:7]
+    cut = ask(client, "bd2", PROMPTS[1], max_tokens=20, stop=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(client, server, expected):
+    with pytest.raises(openai.NotFoundError) as e:
+        ask(client, "no-such-model", "hi")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "bd0", "x" * 2000)  # the tiny model's context is 1024 tokens
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="bd0", messages=[{"role": "user", "content": "hi"}],
+                                       temperature="hot")
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="bd0", messages="hi")
+    status, body = http("POST", f"{server.url}/v1/chat/completions", raw=b'{"model": "bd0", ')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    assert ask(client, "bd0", PROMPTS[0]) == expected["bd0"][PROMPTS[0]]
+
+
+def wait_idle(server, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = http("GET", f"{server.url}/health")[1]
+        if h["running"] == 0 and h["waiting"] == 0:
+            return h
+        time.sleep(0.1)
+    raise AssertionError(f"rows still running: {h}")
+
+
+def test_a_client_leaving_mid_stream_frees_its_row(client, server, expected):
+    before = http("GET", f"{server.url}/health")[1]["tokens"]
+    stream = client.chat.completions.create(
+        model="bd3", temperature=0.8, max_tokens=800, stream=True,
+        messages=[{"role": "user", "content": "Tell me a long story."}])
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    h = wait_idle(server)
+    assert h["tokens"] - before < 400  # it stopped long before its 800 tokens
+    assert ask(client, "bd3", PROMPTS[2]) == expected["bd3"][PROMPTS[2]]
+
+
+def test_32_concurrent_clients_over_8_variants(client, server, expected):
+    names = list(KINDS)
+    jobs = [(names[i % 8], PROMPTS[i % 3]) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda job: ask(client, *job), jobs))
+    wrong = [(m, p) for (m, p), a in zip(jobs, answers) if a != expected[m][p]]
+    assert not wrong
+    assert http("GET", f"{server.url}/health")[1]["max_running"] >= 8  # batched together
+
+
+def test_memory_stays_bounded(client, server):
+    names = list(KINDS)
+
+    def round_():
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: ask(client, names[i % 8], PROMPTS[i % 3], max_tokens=24),
+                          range(32)))
+
+    round_()
+    start = server.rss_bytes()
+    for _ in range(3):
+        round_()
+    h = wait_idle(server)
+    assert h["kv_cache_bytes"] == 0  # the cache is released when idle
+    grew = server.rss_bytes() - start
+    assert grew < 32 * 2**20, f"RSS grew by {grew / 2**20:.1f} MiB over 96 requests"
+
+
+def test_variants_are_added_and_removed_while_serving(client, server, runs, tmp_path):
+    from tests.serve_helpers import greedy_text
+
+    api = f"{server.url}/v1/variants"
+    new = make_run(tmp_path, "fresh", "bitdelta", 99)
+    model, tok = merged_model(new)
+    status, r = http("POST", api, {"name": "fresh", "path": str(new)})
+    assert status == 201, r
+    assert r["kind"] == "bitdelta" and r["bytes"] > 0
+    assert "fresh" in [m.id for m in client.models.list()]
+    assert "fresh" in [v["id"] for v in http("GET", api)[1]["data"]]
+    assert ask(client, "fresh", PROMPTS[0]) == greedy_text(model, tok, PROMPTS[0], MAX)
+    assert http("POST", api, {"name": "fresh", "path": str(new)})[0] == 409
+
+    # removed while a request runs: that request finishes, new ones get 404
+    long_answer = ask(client, "fresh", PROMPTS[1], max_tokens=300)
+    got, first = [], threading.Event()
+
+    def stream():
+        for c in client.chat.completions.create(
+                model="fresh", temperature=0, max_tokens=300, stream=True,
+                messages=[{"role": "user", "content": PROMPTS[1]}]):
+            if c.choices:
+                got.append(c.choices[0].delta.content or "")
+                first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(60)
+    assert http("DELETE", f"{api}/fresh") == (200, {"id": "fresh", "object": "variant",
+                                                    "deleted": True})
+    t.join(120)
+    assert "".join(got) == long_answer
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "fresh", PROMPTS[0])
+    assert http("DELETE", f"{api}/fresh")[0] == 404
+
+
+def test_bad_variants_are_refused_by_name_and_the_server_goes_on(client, server, tmp_path,
+                                                                 expected):
+    api = f"{server.url}/v1/variants"
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    status, r = http("POST", api, {"name": "corrupt", "path": str(corrupt)})
+    assert status == 400 and str(corrupt) in r["error"]["message"], r
+    other = make_run(tmp_path, "other", "bitdelta", 5, overrides=["model.tiny.hidden_size=32",
+                                                                  "model.tiny.intermediate_size=64"])
+    status, r = http("POST", api, {"name": "other", "path": str(other)})
+    assert status == 400 and "another base" in r["error"]["message"], r
+    # the same delta outside its run (no record): caught by the shapes
+    loose = tmp_path / "loose.safetensors"
+    loose.write_bytes((other / "delta" / "bitdelta.safetensors").read_bytes())
+    status, r = http("POST", api, {"name": "other", "path": str(loose)})
+    assert status == 400 and "another model" in r["error"]["message"], r
+    reseeded = make_run(tmp_path, "reseeded", "bitdelta", 5, overrides=["model.tiny.seed=3"])
+    status, r = http("POST", api, {"name": "reseeded", "path": str(reseeded)})
+    assert status == 400 and "seed" in r["error"]["message"], r
+    assert ask(client, "bd0", PROMPTS[1]) == expected["bd0"][PROMPTS[1]]
+
+
+def test_startup_refuses_a_bad_variant_with_exit_2(tmp_path):
+    corrupt = tmp_path / "x.safetensors"
+    corrupt.write_bytes(b"garbage")
+    srv = ServerProcess(["--base", "tiny", "--variants", f"bad={corrupt}"], cwd=tmp_path)
+    assert srv.proc.wait(60) == 2 and srv.url is None
+    errors = [ln for ln in srv.lines if ln.startswith("gym: error:")]
+    assert len(errors) == 1 and str(corrupt) in errors[0], srv.output
