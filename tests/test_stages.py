@@ -131,3 +131,35 @@ def test_bad_starting_points_are_refused_in_one_line(tmp_path):
     (tmp_path / "runs" / "done" / "final" / "adapter_model.safetensors").unlink()
     proc = run_cli([*args, "run.name=other", "model.init=runs/done"], cwd=tmp_path)
     assert proc.returncode == 2 and "adapter_model.safetensors is missing" in proc.stderr
+
+
+def test_export_rebuilds_a_later_stage_on_the_stages_before_it(tmp_path):
+    """python -m gym_core.export of a stage-2 run merges its adapter into stage 1's result
+    (not into the bare base), and its exact delta is against the original base."""
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from gym_core.delta import apply_delta
+    from gym_core.export import ExportAppConfig, export
+    from gym_core.merge import TrainedRun, exact_delta
+    from gym_core.startup import bootstrap
+
+    first, _ = stage_one(tmp_path)
+    cfg = compose([*FAST, "algorithm=sft", "algorithm.lr=5e-2", "trainer.max_steps=2",
+                   "trainer.warmup_steps=0", "trainer.eval_before=false", f"model.init={first}"])
+    second = tmp_path / "runs" / "second"
+    run_job(cfg, run_dir=second)
+    (second / ".hydra").mkdir()
+    OmegaConf.save(cfg, second / ".hydra" / "config.yaml")  # as Hydra writes it
+    out = tmp_path / "exported"
+    export(OmegaConf.merge(OmegaConf.structured(ExportAppConfig(run=str(second))),
+                           {"format": "hf", "out": str(out)}), bootstrap())
+    exported = logits(AutoModelForCausalLM.from_pretrained(out).eval())
+    with torch.no_grad():  # stage 2 as it trained: stage 1's result + stage 2's adapter
+        start = stage_one_result(first).merge_and_unload()
+        expected = logits(PeftModel.from_pretrained(start, str(second / "final")).eval())
+    torch.testing.assert_close(exported, expected, rtol=1e-5, atol=1e-5)
+    base, _ = load_base(cfg.model)
+    apply_delta(base, exact_delta(TrainedRun.open(second)))
+    torch.testing.assert_close(logits(base), expected, rtol=1e-5, atol=1e-5)
