@@ -51,9 +51,9 @@ def test_real_model_dpo_short_run(tmp_path):
     assert all("rewards/accuracies" in r for r in rows)
 
 
-def _four_additions(path, **extra):
+def _four_additions(path):
     rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b),
-             "completion": f"{a} + {b} = {a + b}", **extra}
+             "completion": f"{a} + {b} = {a + b}"}
             for a, b in [(13, 8), (6, 17), (19, 4), (11, 9)]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
