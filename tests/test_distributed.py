@@ -83,7 +83,7 @@ def test_dpo_and_kto_data_parallel(tmp_path, tiny_overrides):
     assert all("kl" in r for r in rows(tmp_path / "runs/k2"))
 
 
-@pytest.mark.parametrize("algorithm,extra", [("sft", ["algorithm.packing=true"]),
+@pytest.mark.parametrize("algorithm,extra", [("sft", []), ("sft", ["algorithm.packing=true"]),
                                              ("orpo", [])])
 def test_sft_and_orpo_data_parallel(tmp_path, tiny_overrides, algorithm, extra):
     """SFT's loss is the token mean over the whole step and ORPO's a token mean plus a
