@@ -50,6 +50,7 @@ _LAZY = {
     "Policy": "gym_core.model",
     "Rollout": "gym_core.rollout",
     "CompletionBatch": "gym_core.batching",
+    "SequenceBatch": "gym_core.batching",
     "StepTotals": "gym_core.losses",
     "LOSS_TYPES": "gym_core.losses",
     "aggregate_token_loss": "gym_core.losses",
@@ -59,6 +60,8 @@ _LAZY = {
     "Task": "gym_core.data",
     "read_jsonl": "gym_core.data",
     "unpair": "gym_core.data",
+    "chat_messages": "gym_core.data",
+    "render_turns": "gym_core.data",
     "extract_answer": "gym_core.rewards",
     # quantizers
     "Quantizer": "gym_core.delta",

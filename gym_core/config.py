@@ -53,6 +53,9 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "float32"  # fp32: CPUs without fast bf16 train slower and worse in bf16
     cache_dir: str | None = None  # GGUF conversion cache; default $GYM_CACHE or ~/.cache/gym
+    # Start from an earlier run's result (runs/<name>): its adapter merged into the base
+    # weights (or its fully fine-tuned weights), which is also this run's reference policy.
+    init: str | None = None
 
 
 # ----------------------------------------------------------------------------------------

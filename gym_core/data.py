@@ -106,17 +106,24 @@ def read_jsonl(path: str | Path, required: list[str], *, with_lines: bool = Fals
 
 JSONL_FORMATS = {
     "answer": ["prompt", "answer"],  # verifiable tasks (GRPO, evaluation)
-    "pairs": ["prompt", "chosen", "rejected"],  # preference pairs (DPO)
+    "pairs": ["prompt", "chosen", "rejected"],  # preference pairs (DPO, ORPO)
     "labels": ["prompt", "completion", "label"],  # unpaired labels (KTO)
+    # TRL's SFT dataset shapes (docs/algorithms.md §7)
+    "completion": ["prompt", "completion"],  # prompt-completion
+    "messages": ["messages"],  # conversational: the loss on assistant turns
+    "text": ["text"],  # plain language modelling
 }
 
 
 def jsonl_task(cfg) -> Task:
     """A user's JSONL file(s): ``{"prompt", "answer"}``, ``{"prompt", "chosen",
-    "rejected"}`` or ``{"prompt", "completion", "label"}`` per line (``data.format``,
-    ``auto`` picks by the first row's fields). Prompts and completions may be strings or
-    chat message lists, as TRL's conversational datasets use; a pair without a
-    ``prompt`` takes the messages its chosen and rejected conversations share."""
+    "rejected"}``, ``{"prompt", "completion", "label"}``, or for SFT ``{"prompt",
+    "completion"}``, ``{"messages"}`` or ``{"text"}`` per line (``data.format``, ``auto``
+    picks by the first row's fields). Prompts and completions may be strings or chat
+    message lists, as TRL's conversational datasets use; a pair without a ``prompt``
+    takes the messages its chosen and rejected conversations share. A ``messages`` row's
+    prompt is the conversation before its last assistant turn; a ``text`` row's prompt
+    is its text (used only where a prompt is needed, such as BitDelta's calibration)."""
     fmt = cfg.format
     if fmt not in (*JSONL_FORMATS, "auto"):
         raise GymError(f"data.format={fmt!r} is not one of auto, {', '.join(JSONL_FORMATS)}")
@@ -129,6 +136,8 @@ def jsonl_task(cfg) -> Task:
         fields = list(JSONL_FORMATS[fmt])
         if fmt == "answer":
             fields = [cfg.prompt_field, cfg.answer_field]
+        elif fmt == "completion":
+            fields = [cfg.prompt_field, "completion"]
         out, same = [], 0
         for lineno, row in rows:
             if fmt == "pairs" and cfg.prompt_field not in row and "chosen" in row:
@@ -139,6 +148,8 @@ def jsonl_task(cfg) -> Task:
                                f"data.format={fmt} (the row has: {', '.join(sorted(row))})")
             if fmt == "answer":
                 row = {**row, "prompt": row[cfg.prompt_field], "answer": str(row[cfg.answer_field])}
+            elif fmt in ("completion", "messages", "text"):
+                row = _sft_row(fmt, row, cfg.prompt_field, f"{path}:{lineno}")
             elif fmt == "pairs":
                 row = {**row, "prompt": row[cfg.prompt_field]}
                 if row["chosen"] == row["rejected"]:
@@ -177,11 +188,79 @@ def _detect_format(row: dict, cfg, path) -> str:
         return "pairs"
     if "completion" in row and "label" in row:
         return "labels"
+    if "messages" in row:
+        return "messages"
+    if "completion" in row:
+        return "completion"
+    if "text" in row:
+        return "text"
     raise GymError(
         f"{path}: line 1 fits no data format (fields: {', '.join(sorted(row))}); expected "
-        f"{cfg.prompt_field}+{cfg.answer_field}, prompt+chosen+rejected or "
-        "prompt+completion+label (or set data.format)"
+        f"{cfg.prompt_field}+{cfg.answer_field}, prompt+chosen+rejected, "
+        "prompt+completion+label, prompt+completion, messages or text (or set data.format)"
     )
+
+
+def _sft_row(fmt: str, row: dict, prompt_field: str, where: str) -> dict:
+    """A supervised row checked (``where`` is file:line): a non-empty completion, a
+    conversation in turn order with an assistant turn, a non-empty text."""
+    if fmt == "text":
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise GymError(f"{where}: field 'text' is empty or not a string")
+        return {**row, "prompt": row["text"]}
+    if fmt == "messages":
+        messages = row["messages"]
+        check_conversation(messages, where, "messages")
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return {**row, "prompt": messages[:last]}
+    completion = row["completion"]
+    if isinstance(completion, list):
+        check_conversation(completion, where, "completion", reply=True)
+    elif not isinstance(completion, str) or not completion.strip():
+        raise GymError(f"{where}: field 'completion' is empty; every row needs the answer "
+                       "to train on (a string, or assistant messages)")
+    return {**row, "prompt": row[prompt_field]}
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_conversation(messages: Any, where: str, field: str, *, reply: bool = False) -> None:
+    """Raise :class:`GymError` naming ``where`` and ``field`` unless ``messages`` is a
+    conversation in turn order: ``{"role", "content"}`` dicts, a system message only
+    first, then a user turn, no two user (or assistant) turns in a row, and at least one
+    assistant turn with content. ``reply``: the messages answer a prompt (they start
+    with an assistant turn)."""
+    if not isinstance(messages, list) or not messages:
+        raise GymError(f"{where}: field '{field}' must be a non-empty list of messages")
+    previous = "user" if reply else None
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise GymError(f"{where}: field '{field}' message {i} is not a "
+                           '{"role": ..., "content": "..."} object')
+        role = m["role"]
+        if role not in ROLES:
+            raise GymError(f"{where}: field '{field}' message {i} has role {role!r}, not one "
+                           f"of {', '.join(ROLES)}")
+        wrong = None
+        if role == "system" and (i > 0 or reply):
+            wrong = "a system message may only come first"
+        elif role == "assistant" and previous not in ("user", "tool"):
+            wrong = "an assistant turn must answer a user (or tool) turn"
+        elif role == "user" and previous == "user":
+            wrong = "two user turns in a row"
+        elif role == "tool" and previous not in ("assistant", "tool"):
+            wrong = "a tool message must follow an assistant turn"
+        if wrong:
+            raise GymError(f"{where}: field '{field}' is out of turn order at message {i} "
+                           f"(role {role!r} after {previous or 'the start'}): {wrong}")
+        if role == "assistant" and not m["content"].strip():
+            raise GymError(f"{where}: field '{field}' message {i} is an empty assistant turn")
+        previous = role
+    if not any(m["role"] == "assistant" for m in messages):
+        raise GymError(f"{where}: field '{field}' has no assistant turn, so there is nothing "
+                       "to train on (supervised fine-tuning learns the assistant's replies)")
 
 
 def _split_implicit_prompt(row: dict, path, lineno: int) -> dict:
@@ -225,6 +304,38 @@ def render_completion(tokenizer, prompt: Any, completion: Any, system_prompt: st
         raise GymError("the chat template renders the prompt differently when an answer "
                        "follows; cannot split prompt and completion")
     return full[len(prefix):]
+
+
+def render_turns(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, int | None]]:
+    """A conversation rendered with the chat template, cut where turns begin and end:
+    ``(text, i)`` for assistant message i's reply (its content and end-of-turn tokens),
+    ``(text, None)`` for everything else (other messages, the assistant header the
+    template writes before a reply). The pieces concatenate to the whole rendering.
+
+    Rendered turn by turn (a template without ``{% generation %}`` markers, such as
+    SmolLM2's ChatML, cannot say which tokens are the assistant's otherwise): each
+    prefix of the conversation must render as the start of the next one."""
+    pieces: list[tuple[str, int | None]] = []
+    done = ""
+
+    def extend(text: str, tag: int | None) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise GymError(
+                "the chat template renders a conversation's earlier turns differently once "
+                "later turns follow, so its assistant turns cannot be told apart turn by turn")
+        if len(text) > len(done):
+            pieces.append((text[len(done):], tag))
+        done = text
+
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            extend(tokenizer.apply_chat_template(messages[:i], tokenize=False,
+                                                 add_generation_prompt=True), None)
+            extend(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False), i)
+        else:
+            extend(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False), None)
+    return pieces
 
 
 def render_prompts(tokenizer, prompts: list[Any], system_prompt: str | None) -> list[str]:

@@ -190,8 +190,9 @@ def gym_add_datasets(registry: Registry) -> None:
         returns a ``Task`` with ``train`` and ``test`` lists of example dicts (each with
         at least ``prompt``, a string or a list of chat messages; ``answer`` where a
         verifier needs it; ``chosen``/``rejected`` or ``completion``/``label`` for
-        preference methods) and the reward that scores held-out answers. Read files from
-        paths in the config; never download at run time.
+        preference methods; ``completion``, ``messages`` or ``text`` for supervised
+        fine-tuning) and the reward that scores held-out answers. Read files from paths
+        in the config; never download at run time.
 
     All implementations are called; a duplicate name is an error.
     """

@@ -48,16 +48,7 @@ def completion_logprobs(
     gradients must go through the DDP-wrapped scorer, or the ranks' weights drift apart;
     called directly there, it raises.
     """
-    if (torch.is_grad_enabled() and not getattr(_through_ddp, "active", False)
-            and torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1
-            and any(p.requires_grad for p in model.parameters())):
-        raise GymError(
-            "completion_logprobs was called with gradients on a distributed run, outside "
-            "the DDP-wrapped scorer: the ranks would train on unsynchronised gradients and "
-            "drift apart. Compute log-probs with self.policy.logprobs(batch) (or call this "
-            "under torch.no_grad() for values without gradients)."
-        )
+    _refuse_outside_ddp(model, "completion_logprobs")
     g = completion_ids.shape[0] // prompt_ids.shape[0]
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                 logits_to_keep=1)
@@ -86,6 +77,63 @@ def completion_logprobs(
         cache.crop(-extra)
     with torch.no_grad():
         return logp, score(*detached)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      target_mask: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
+    """Per-token log-probs [R, L] of whole sequences (a
+    :class:`~gym_core.batching.SequenceBatch`'s tensors): entry [r, t] is
+    log p(input_ids[r, t] | the tokens before it in its sequence) where ``target_mask``
+    is 1, and exactly 0 elsewhere.
+
+    ``position_ids`` restart at 0 for each packed sequence and no attention mask is
+    passed, so transformers builds a block-diagonal causal mask from them (attention
+    stays within each sequence). With ``shared_prefix = p > 0`` (unpacked rows that all
+    begin with the same p untrained tokens) the prefix runs once and its KV cache is
+    repeated for every row, as :func:`completion_logprobs` shares a prompt; gradients
+    flow back through the repeat. Either way only the columns that predict a target
+    token go through the LM head (a 1-D ``logits_to_keep``); the result equals one
+    forward pass over the rows.
+
+    Plugins call ``policy.logprobs(batch)``; on a distributed run this pass with
+    gradients must go through the DDP-wrapped scorer (called directly there, it raises).
+    """
+    _refuse_outside_ddp(model, "sequence_logprobs")
+    targets = target_mask.bool()
+    p = shared_prefix
+    if p <= 0:
+        cols = targets[:, 1:].any(0).nonzero().squeeze(-1)  # column t predicts token t + 1
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=cols)
+        picked = selective_log_softmax(out.logits.float(), input_ids[:, cols + 1])
+        return picked.new_zeros(input_ids.shape).index_copy(1, cols + 1, picked) * targets
+    # the prefix once: its last position predicts every row's token p
+    out = model(input_ids=input_ids[:1, :p], use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    first = torch.log_softmax(out.logits[0, -1].float(), -1)[input_ids[:, p]]  # [R]
+    logp = first.new_zeros(input_ids.shape).index_copy(
+        1, torch.tensor([p], device=input_ids.device), first[:, None])
+    if input_ids.shape[1] > p + 1:  # the rest of each row, after the shared cache
+        cols = targets[:, p + 1:].any(0).nonzero().squeeze(-1)  # rest column j: token p+1+j
+        rest = model(input_ids=input_ids[:, p:-1], past_key_values=cache, use_cache=True,
+                     logits_to_keep=cols)
+        picked = selective_log_softmax(rest.logits.float(), input_ids[:, p + 1 + cols])
+        logp = logp.index_copy(1, p + 1 + cols, picked)
+    return logp * targets
+
+
+def _refuse_outside_ddp(model, name: str) -> None:
+    if (torch.is_grad_enabled() and not getattr(_through_ddp, "active", False)
+            and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+            and any(p.requires_grad for p in model.parameters())):
+        raise GymError(
+            f"{name} was called with gradients on a distributed run, outside "
+            "the DDP-wrapped scorer: the ranks would train on unsynchronised gradients and "
+            "drift apart. Compute log-probs with self.policy.logprobs(batch) (or call this "
+            "under torch.no_grad() for values without gradients)."
+        )
 
 
 @dataclass(frozen=True)

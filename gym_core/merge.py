@@ -124,6 +124,20 @@ def base_model(run: TrainedRun):
     return load(_fp32(run.model))
 
 
+def start_model(run: TrainedRun):
+    """The model the run's training started from (fp32, eval mode) and tokenizer: its base
+    model, or for a run started from an earlier one (``model.init``) that run's result,
+    rebuilt from the chain its ``final/gym.json`` records (gym_core.stages)."""
+    from gym_core.model import apply_stages
+    from gym_core.stages import recorded_chain
+
+    model, tok = base_model(run)
+    chain = recorded_chain(run.final)
+    if chain:
+        model = apply_stages(model, chain).eval()
+    return model, tok
+
+
 def load_tokenizer(run: TrainedRun):
     """The tokenizer the run trained with (saved in final/)."""
     from transformers import AutoTokenizer
@@ -180,8 +194,11 @@ def load_merged(run: TrainedRun, source: str, plugins):
         except GymError as exc:
             raise GymError(f"{file} does not fit the run's base model: {exc}") from None
     elif run.lora:
-        # W + B A * alpha / r per layer, added to the fp32 weights
-        model = load_adapter(run, base_model(run)[0]).merge_and_unload()
+        # W + B A * alpha / r per layer, added to the fp32 weights of the model the run
+        # started from (its base, or an earlier run's result)
+        from gym_core.model import merge_adapter
+
+        model = merge_adapter(start_model(run)[0], run.final)
     else:
         model = load_full(run)
     model.eval()
@@ -205,11 +222,19 @@ def read_run_delta(file: Path, plugins):
 
 def exact_delta(run: TrainedRun):
     """The run's exact fp32 weight delta (trained - base), keyed like the plain model's
-    parameters: B @ A * scaling per LoRA layer, or every changed weight (full fine-tuning)."""
+    parameters: B @ A * scaling per LoRA layer, or every changed weight (full fine-tuning).
+    For a run started from an earlier one, against the original base too (earlier stages
+    included), as the run's own quantized delta is."""
     from gym_core.delta import lora_delta, state_delta
+    from gym_core.stages import recorded_chain
 
     base, _ = base_model(run)
-    if run.lora:
+    if run.lora and not recorded_chain(run.final):
         return lora_delta(load_adapter(run, base))
-    fine = load_full(run)
+    if run.lora:
+        from gym_core.model import merge_adapter
+
+        fine = merge_adapter(start_model(run)[0], run.final)
+    else:
+        fine = load_full(run)
     return state_delta(dict(fine.named_parameters()), dict(base.named_parameters()))

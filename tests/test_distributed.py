@@ -83,6 +83,28 @@ def test_dpo_and_kto_data_parallel(tmp_path, tiny_overrides):
     assert all("kl" in r for r in rows(tmp_path / "runs/k2"))
 
 
+@pytest.mark.parametrize("algorithm,extra", [("sft", []), ("sft", ["algorithm.packing=true"]),
+                                             ("orpo", [])])
+def test_sft_and_orpo_data_parallel(tmp_path, tiny_overrides, algorithm, extra):
+    """SFT's loss is the token mean over the whole step and ORPO's a token mean plus a
+    pair mean over it, however rows are spread over ranks: 2 processes with half the
+    batch each follow the 1-process trajectory. The core compares the ranks' weights
+    after every step, so finishing also proves they stayed identical."""
+    common = [o for o in tiny_overrides if not o.startswith("algorithm.")]
+    common += [f"algorithm={algorithm}", "algorithm.lr=1e-2", "trainer.max_steps=2",
+               "trainer.eval_size=8", "trainer.eval_before=false", *extra]
+    path = str(REPO)
+    one = launch([*common, "trainer.batch_size=4", "run.name=one"], tmp_path, path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch([*common, "trainer.batch_size=2", "run.name=two"], tmp_path, path, nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = rows(tmp_path / "runs/one"), rows(tmp_path / "runs/two")
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3)
+
+
 def replica_path(tmp_path):
     """PYTHONPATH with tests/replica_plugin.py installed as a plugin."""
     site = plugin_site(tmp_path / "replica-site", "gym-test-replicas", "replicas",

@@ -4,6 +4,7 @@ the page stays cheap to check (exports read a run the page trained that way)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -40,6 +41,9 @@ def test_the_guides_commands_run(tmp_path):
     runs = tmp_path / "runs"
     assert (runs / "first" / "delta" / "bitdelta.safetensors").is_file()
     assert (runs / "doubles" / "summary.json").is_file()
+    chain = json.loads((runs / "sft-grpo" / "summary.json").read_text())["init"]["chain"]
+    assert [(Path(c["run"]).resolve(), c["algorithm"]) for c in chain] == [
+        ((runs / "sft").resolve(), "sft")]
     assert (runs / "sweep" / "sweep_summary.csv").is_file()
     assert "resuming" in out.stdout
     assert "epsilon_high: 0.3" in out.stdout and "lr_scheduler: cosine" in out.stdout

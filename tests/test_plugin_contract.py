@@ -178,7 +178,7 @@ def test_an_option_of_a_disabled_plugin_says_which_plugin_and_how_to_load_it(tmp
     assert out.stderr.strip().splitlines() == [
         "gym: error: algorithm=dpo is not loaded: plugin 'dpo' (gym-core 0.2.0) is disabled by "
         "GYM_DISABLE_PLUGINS; remove it from that list to load it (options: cl_grpo, dapo, "
-        "dr_grpo, grpo, gspo, kto)"]
+        "dr_grpo, grpo, gspo, kto, orpo, sft)"]
 
 
 def _imports(path) -> set[str]:

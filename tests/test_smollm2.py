@@ -49,3 +49,56 @@ def test_real_model_dpo_short_run(tmp_path):
             (tmp_path / "runs" / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
     assert all("rewards/accuracies" in r for r in rows)
+
+
+def _four_additions(path):
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b),
+             "completion": f"{a} + {b} = {a + b}"}
+            for a, b in [(13, 8), (6, 17), (19, 4), (11, 9)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_real_model_sft_learns_the_answers(tmp_path):
+    """Four additions, the same four rows every step: SFT's NLL of their answers falls at
+    every step (the answers' log-probability rises), from where the instruct model starts."""
+    data = _four_additions(tmp_path / "add.jsonl")
+    proc = run_cli(
+        ["algorithm=sft", "data=jsonl", f"data.train_file={data}", f"data.test_file={data}",
+         "trainer.max_steps=4", "trainer.batch_size=4", "trainer.warmup_steps=0",
+         "trainer.eval_before=false", "trainer.progress=false", "run.name=sft"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in
+            (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    nll = [r["nll"] for r in rows]
+    assert nll[0] > 0.3  # the instruct model does not already write these answers
+    assert all(b < a for a, b in zip(nll, nll[1:])) and nll[-1] < 0.5 * nll[0]
+    s = json.loads((tmp_path / "runs" / "sft" / "summary.json").read_text())
+    assert s["eval"]["metric"] == "accuracy" and s["eval"]["after"] == 1.0
+
+
+def test_real_model_orpo_prefers_the_right_answers(tmp_path):
+    """Four additions with a wrong answer each: ORPO raises the right answers' odds over
+    the wrong ones' at every step and the NLL of the right answers falls."""
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}",
+             "rejected": f"{a} + {b} = {a + b + 1}"}
+            for a, b in [(13, 8), (6, 17), (19, 4), (11, 9)]]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli(
+        ["algorithm=orpo", "data=jsonl", f"data.train_file={data}", f"data.test_file={data}",
+         "trainer.max_steps=4", "trainer.batch_size=4", "trainer.warmup_steps=0",
+         "trainer.progress=false", "run.name=orpo"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(x) for x in
+               (tmp_path / "runs" / "orpo" / "metrics.jsonl").read_text().splitlines()]
+    odds = [m["log_odds_chosen"] for m in metrics]
+    assert all(b > a for a, b in zip(odds, odds[1:]))
+    assert metrics[-1]["nll_loss"] < metrics[0]["nll_loss"]
+    pref = json.loads((tmp_path / "runs" / "orpo" / "summary.json").read_text())["eval"][
+        "preference_accuracy"]
+    assert pref["after"] >= pref["before"] and pref["after"] == 1.0

@@ -70,3 +70,44 @@ def trl_kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, labels, *, beta,
               "completion_mask": torch.ones(n, t_len, dtype=torch.long),
               "label": labels, "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
     return float(t._compute_loss(lambda **kw: outputs, inputs, return_outputs=False))
+
+
+def trl_sft_loss(logps, label_mask, *, num_items_in_batch=None, num_processes=1) -> float:
+    """TRL's SFTTrainer.compute_loss for given per-token log-probs [B, T] of the labels
+    (the fused LM head's output: zero where the label is -100) and the label mask."""
+    from trl import SFTTrainer
+
+    t = SFTTrainer.__new__(SFTTrainer)
+    t.model = SimpleNamespace(training=True)
+    t.accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x,
+                                    parallelism_config=None, num_processes=num_processes)
+    t.args = SimpleNamespace(loss_type="nll", average_tokens_across_devices=True)
+    t.aux_loss_enabled, t.compute_loss_func, t.label_smoother = False, None, None
+    t.get_tp_size = lambda: 1
+    t._metrics, t._total_train_tokens, t._tp_size = defaultdict(lambda: defaultdict(list)), 0, 1
+    mask = label_mask.bool()
+    outputs = SimpleNamespace(log_probs=logps * mask, label_mask=mask,
+                              entropy=torch.zeros_like(logps), is_top1=torch.zeros_like(mask))
+    inputs = {"input_ids": torch.zeros(mask.shape, dtype=torch.long),
+              "attention_mask": torch.ones(mask.shape, dtype=torch.long),
+              "labels": torch.where(mask, 0, -100)}
+    return float(t.compute_loss(lambda **kw: outputs, inputs,
+                                num_items_in_batch=num_items_in_batch))
+
+
+def trl_orpo_loss(logits, input_ids, attention_mask, labels, *, beta) -> tuple[float, dict]:
+    """TRL's ORPOTrainer loss (trl.experimental.orpo) for given logits [2B, L, V] of the
+    concatenated chosen (first B rows) and rejected sequences, with their input ids,
+    attention masks and labels (-100 on the prompt and padding)."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    b = logits.shape[0] // 2
+    t = ORPOTrainer.__new__(ORPOTrainer)
+    t.accelerator = _accelerator()
+    t.is_encoder_decoder, t.padding_value, t.aux_loss_enabled, t.beta = False, 0, False, beta
+    batch = {"chosen_input_ids": input_ids[:b], "chosen_attention_mask": attention_mask[:b],
+             "chosen_labels": labels[:b], "rejected_input_ids": input_ids[b:],
+             "rejected_attention_mask": attention_mask[b:], "rejected_labels": labels[b:]}
+    loss, metrics = t.get_batch_loss_metrics(lambda *a, **kw: SimpleNamespace(logits=logits),
+                                             batch)
+    return float(loss), metrics
