@@ -11,15 +11,22 @@ killed process left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gym_core.errors import GymError, disk_full, no_space
+
 TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # a replaced folder, moved aside until its successor is in place
+_UMASK = os.umask(0o022)  # read once (setting it is the only way to read it) and put back
+os.umask(_UMASK)
 
 
 def _tmp_prefix(path: Path) -> str:
@@ -42,31 +49,47 @@ def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
     ``folder=True`` an empty folder); on success it replaces ``path`` (an existing folder
     is removed first), on error it is removed and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path)))
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path))
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path)))
+        else:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path))
+            os.close(fd)
+            tmp = Path(name)
+        # mkstemp / mkdtemp create private (0600 / 0700) entries: give the result the
+        # mode any new file or folder gets here
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~_UMASK)
+    except OSError as exc:
+        raise unwritable(path.parent, exc) from None
     try:
         yield tmp
         if folder:
             for f in tmp.rglob("*"):
                 if f.is_file():
                     _fsync_file(f)
-            if path.exists():
-                shutil.rmtree(path)
         else:
             _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
+        if folder and path.exists():
+            # a folder cannot be renamed over another: move the old one aside first (a
+            # kill between the two renames leaves it there, and remove_stale_temporaries
+            # puts it back), then drop it
+            old = path.with_name(f".{path.name}{OLD_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+    except BaseException as exc:
         if folder:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        if disk_full(exc):  # after the cleanup, so the free space reported is real
+            raise no_space(path.parent) from None
         raise
 
 
@@ -86,16 +109,28 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def is_temporary(name: str) -> bool:
+    """A temporary sibling's name: ``.<name>.tmp-<pid>-<random>`` (and gym 0.1's
+    ``.tmp-step-<N>-<pid>`` checkpoint folders and ``<name>.tmp`` files)."""
+    return (name.startswith(".") and TMP_MARK in name) or name.endswith(".tmp")
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary siblings (files or folders) that killed writers left in
-    ``folder``, and return them. Call it only where no other live process writes (a run
-    directory under the run lock)."""
+    ``folder``, and return them; a folder that was being replaced when its writer died is
+    put back where its successor did not arrive. Call it only where no other live process
+    writes (a run directory under the run lock)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for p in folder.iterdir():
-        if p.name.startswith(".") and TMP_MARK in p.name:
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") and OLD_MARK in p.name:
+            target = folder / p.name[1:].rpartition(OLD_MARK)[0]
+            if not target.exists():  # killed between moving it aside and the new one's rename
+                os.replace(p, target)
+                continue
+        if is_temporary(p.name) or (p.name.startswith(".") and OLD_MARK in p.name):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -103,3 +138,37 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
                     p.unlink()
             removed.append(p)
     return removed
+
+
+def size_of(path: Path) -> int:
+    """Bytes of a file, or of every file below a folder."""
+    if path.is_dir() and not path.is_symlink():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    with contextlib.suppress(OSError):
+        return path.stat().st_size
+    return 0
+
+
+def check_writable(folder: str | Path) -> None:
+    """Raise a one-line :class:`GymError` unless a file can be created (and removed) in
+    ``folder``: the real test, where ``os.access`` would answer yes for root on a
+    read-only mount."""
+    folder = Path(folder)
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".write-check{TMP_MARK}{os.getpid()}-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise unwritable(folder, exc) from None
+
+
+def unwritable(folder: str | Path, exc: OSError):
+    """The one-line error for a folder gym cannot write in (full, read-only, no
+    permission); other OS errors come back unchanged."""
+    if disk_full(exc):
+        return no_space(folder)
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return GymError(f"cannot write in {folder} ({exc.strerror}): gym writes the run's "
+                        "checkpoints and results there; make it writable or pick another "
+                        "run.root / run.name")
+    return exc

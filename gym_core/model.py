@@ -102,6 +102,9 @@ def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
     kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config}
     if cfg.arch not in kinds:
         raise GymError(f"model.tiny.arch={cfg.arch!r} is not one of {sorted(kinds)}")
+    from gym_core.checks import check_tiny_shape
+
+    check_tiny_shape(cfg)
     config = kinds[cfg.arch](
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -224,14 +227,16 @@ class Policy:
             device=self.device, examples=examples)
 
     def sample(self, prompts: list, *, max_new_tokens: int, sampling, num_samples: int = 1,
-               row_seeds: list[int] | None = None):
+               row_seeds: list[int] | None = None, max_prompt_length: int | None = None):
         """``num_samples`` completions of each prompt from the policy
-        (:func:`gym_core.generation.sample`, prompts rendered with ``system_prompt``)."""
+        (:func:`gym_core.generation.sample`, prompts rendered with ``system_prompt``; over
+        ``max_prompt_length`` tokens they keep their end)."""
         from gym_core.generation import sample
 
         return sample(self.model, self.tokenizer, prompts, system_prompt=self.system_prompt,
                       max_new_tokens=max_new_tokens, sampling=sampling,
-                      num_samples=num_samples, row_seeds=row_seeds)
+                      num_samples=num_samples, row_seeds=row_seeds,
+                      max_prompt_length=max_prompt_length)
 
     def distribute(self, device: torch.device) -> None:
         """Wrap the scorer in DDP: gradients are all-reduced (averaged) across ranks."""
@@ -308,8 +313,9 @@ def describe(cfg) -> str:
 
 
 def save_final(policy: Policy, out_dir: Path) -> None:
-    """The trained adapter (or full model) and tokenizer, in Hugging Face format."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(out_dir)
-    policy.tokenizer.save_pretrained(out_dir)
-    (out_dir / "gym.json").write_text(json.dumps({"lora": policy.lora}))
+    """The trained adapter (or full model) and tokenizer, in Hugging Face format; the
+    folder is replaced whole (gym_core.files.atomic_path), never left half-written."""
+    with atomic_path(out_dir, folder=True) as tmp:
+        policy.model.save_pretrained(tmp)
+        policy.tokenizer.save_pretrained(tmp)
+        (tmp / "gym.json").write_text(json.dumps({"lora": policy.lora}))
