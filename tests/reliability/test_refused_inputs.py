@@ -82,17 +82,19 @@ def test_sampling_keeps_a_long_prompts_end():
     from gym_core.generation import Sampling, sample
     from gym_core.model import load_policy
 
-    policy = load_policy(compose(["model=tiny"]).model, torch.device("cpu"))
-    prompts = ["x" * 5000 + " What is 2 + 2?", "What is 1 + 1?"]
-    out = sample(policy.model, policy.tokenizer, prompts, system_prompt=None, max_new_tokens=2,
-                 sampling=Sampling(do_sample=False), max_prompt_length=40)
-    assert out.prompts_cut == 1 and out.prompt_ids.shape[1] == 40
     from gym_core.data import render_prompts
 
-    full = policy.tokenizer(render_prompts(policy.tokenizer, prompts[:1], None),
-                            add_special_tokens=False).input_ids[0]
-    assert out.prompt_ids[0].tolist() == full[-40:]  # the end: question + assistant turn
-    assert out.prompt_mask[0].all()
+    policy = load_policy(compose(["model=tiny"]).model, torch.device("cpu"))
+    prompts = ["x" * 5000 + " What is 2 + 2?", "What is 1 + 1?"]
+    full = policy.tokenizer(render_prompts(policy.tokenizer, prompts, None),
+                            add_special_tokens=False).input_ids
+    limit = len(full[1])  # the short prompt fits exactly
+    out = sample(policy.model, policy.tokenizer, prompts, system_prompt=None, max_new_tokens=2,
+                 sampling=Sampling(do_sample=False), max_prompt_length=limit)
+    assert out.prompts_cut == 1 and out.prompt_ids.shape[1] == limit
+    assert out.prompt_ids[0].tolist() == full[0][-limit:]  # the end: question, assistant turn
+    assert out.prompt_ids[1].tolist() == full[1]
+    assert out.prompt_mask.all()
 
 
 # ----------------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def test_soup_input_missing_a_tensor(tmp_path, gym_env):
     proc = cli([f"soup.inputs=[{a},{b}]", f"out={tmp_path}/soup"], tmp_path, gym_env,
                app="gym_core.soup")
     assert_one_line_error(proc, str(b), "layer.norm.weight.full")
-    assert not (tmp_path / "soup").exists()
+    assert not (tmp_path / "soup" / "soup.safetensors").exists()
 
 
 def test_soup_input_with_a_nan_scale(tmp_path):

@@ -140,3 +140,44 @@ def test_ctrl_c_while_python_starts_is_one_line(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert gym_lines(err) and gym_lines(err)[-1].startswith("gym: interrupted by SIGINT"), err
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e[5:].decode() for e in env if e.startswith(b"RANK=")), None)
+
+
+def test_under_torchrun_the_ranks_stop_at_the_same_step(tmp_path, gym_env):
+    """SIGTERM to rank 1 alone (as a node's pre-emption may): the ranks agree through
+    the step's stop flag, rank 0 writes the checkpoint and prints the line; no rank is
+    left waiting in a collective."""
+    args = [*TINY, "trainer.max_steps=8", "trainer.save_every=0", "run.name=ddp"]
+    run_dir = tmp_path / "runs" / "ddp"
+    err = tmp_path / "stderr"
+    with open(err, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "gym_core", *args], cwd=tmp_path, env=gym_env, stdout=subprocess.DEVNULL,
+            stderr=fh)
+        wait_for(lambda: rows_logged(run_dir) >= 2, proc, what="two steps")
+        ranks = {rank_of(c): c for c in children(proc.pid)}
+        os.kill(ranks["1"], signal.SIGTERM)
+        proc.wait(timeout=180)
+    text = err.read_text()
+    step = len(metrics(run_dir))
+    assert [s for s, _ in list_checkpoints(run_dir)] == [step], text[-3000:]
+    lines = [ln for ln in gym_lines(text) if ln.startswith("gym: interrupted")]
+    assert len(lines) == 1, text[-3000:]
+    assert lines[0].startswith(f"gym: interrupted by SIGTERM at step {step}; checkpoint saved in")
+    assert "resume with: torchrun --nproc_per_node=2 -m gym_core" in lines[0]
