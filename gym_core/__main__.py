@@ -79,7 +79,7 @@ def print_help(overrides: list[str]) -> None:
 def lock_early(cfg, args: list[str]):
     """Lock the run directory (or a sweep's folder) before Hydra starts, so a second
     process on the same run.name stops here, in a second, with the holder's pid
-    (:mod:`gym_core.runlock`; the job locks it again, reentrantly). A run.name with a
+    (:mod:`gym_core.rundir`; the job locks it again, reentrantly). A run.name with a
     time stamp (the default) names a new folder: nothing to protect yet, and locking it
     here could create a folder the job, a second later, does not use. Returns the folder
     locked, or None."""
@@ -88,7 +88,7 @@ def lock_early(cfg, args: list[str]):
 
     from omegaconf import OmegaConf
 
-    from gym_core.runlock import acquire
+    from gym_core.rundir import acquire
 
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds it for all
         return None

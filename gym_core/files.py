@@ -115,6 +115,11 @@ def is_temporary(name: str) -> bool:
     return (name.startswith(".") and TMP_MARK in name) or name.endswith(".tmp")
 
 
+def is_moved_aside(name: str) -> bool:
+    """A folder moved aside while its replacement was renamed in: ``.<name>.old-...``."""
+    return name.startswith(".") and OLD_MARK in name
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary siblings (files or folders) that killed writers left in
     ``folder``, and return them; a folder that was being replaced when its writer died is
@@ -125,12 +130,12 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         return []
     removed = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") and OLD_MARK in p.name:
+        if is_moved_aside(p.name):
             target = folder / p.name[1:].rpartition(OLD_MARK)[0]
             if not target.exists():  # killed between moving it aside and the new one's rename
                 os.replace(p, target)
                 continue
-        if is_temporary(p.name) or (p.name.startswith(".") and OLD_MARK in p.name):
+        if is_temporary(p.name) or is_moved_aside(p.name):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from gym_core.errors import Interrupted
 
@@ -75,3 +76,41 @@ class StopRequest:
         if dist.enabled:
             mine = max(dist.all_reduce_max([mine]))
         return int(mine) or None
+
+
+def resume_command(cfg, run_dir: Path, dist) -> str:
+    """The command that continues this job: the same overrides (and its run.name)."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():  # run_job called in-process
+        return f"the same job again on {run_dir}"
+    launcher = (f"torchrun --nproc_per_node={dist.world} -m gym_core" if dist.enabled
+                else "python -m gym_core")
+    hc = HydraConfig.get()
+    args = list(hc.overrides.task)
+    if not any(a.startswith("run.name=") for a in args):
+        args.append(f"run.name={cfg.run.name}")
+    if hc.mode == RunMode.MULTIRUN:  # one job of a sweep: run it alone, in its folder
+        args.append(f"hydra.run.dir={hc.runtime.output_dir}")
+    return " ".join([launcher, *(shlex.quote(a) for a in args)])
+
+
+def interrupted_line(cfg, run_dir: Path, signum: int, step: int | None, dist) -> str:
+    """The one line a stopped job prints: what was saved, where, how to resume."""
+    from gym_core.checkpoint import list_checkpoints
+
+    how = signal.Signals(signum).name
+    checkpoints = list_checkpoints(run_dir)
+    command = resume_command(cfg, run_dir, dist)
+    if step is not None:
+        return (f"interrupted by {how} at step {step}; checkpoint saved in "
+                f"{checkpoints[-1][1]}; resume with: {command}")
+    if checkpoints:
+        at, path = checkpoints[-1]
+        return (f"interrupted by {how} outside a training step; the newest checkpoint is "
+                f"{path} (step {at}); resume with: {command}")
+    return (f"interrupted by {how} before the first checkpoint, so there is nothing to "
+            f"resume from; start again with: {command}")

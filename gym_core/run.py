@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from gym_core.checkpoint import checkpoints_dir, list_checkpoints
 from gym_core.checks import preflight
 from gym_core.delta import (
     apply_delta,
@@ -24,20 +22,13 @@ from gym_core.delta import (
 from gym_core.distributed import Dist, setup, teardown
 from gym_core.errors import GymError
 from gym_core.evaluate import evaluate, preference_accuracy
-from gym_core.files import (
-    OLD_MARK,
-    check_writable,
-    is_temporary,
-    remove_stale_temporaries,
-    size_of,
-    write_json,
-)
-from gym_core.interrupt import StopRequest
+from gym_core.files import write_json
+from gym_core.interrupt import StopRequest, interrupted_line
 from gym_core.model import describe, load_base, load_policy, save_final
 from gym_core.resume import check as check_resume
 from gym_core.resume import data_digest
 from gym_core.resume import record as record_run
-from gym_core.runlock import is_run_dir_of_another, run_lock
+from gym_core.rundir import prepare_run_dir, run_lock
 from gym_core.startup import bootstrap
 from gym_core.train import seed_everything, train
 
@@ -54,7 +45,7 @@ def run_dir_for(cfg: DictConfig) -> Path:
 def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one job; under torchrun every rank calls this and rank 0 alone writes.
 
-    Rank 0 holds the run directory's lock (:mod:`gym_core.runlock`) for the whole job;
+    Rank 0 holds the run directory's lock (:mod:`gym_core.rundir`) for the whole job;
     SIGINT / SIGTERM stop it with a checkpoint (:mod:`gym_core.interrupt`)."""
     with config_errors():
         preflight(cfg)
@@ -82,62 +73,6 @@ def config_errors():
     from gym_core.startup import config_errors as errors
 
     return errors(bootstrap())
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    """Before the job writes anything: the run directory and its folders must be
-    writable (checked by writing, not by permission bits, which root ignores), and the
-    temporaries a killed process left are removed (they can hold a whole checkpoint:
-    on a full disk, every retry would fail again)."""
-    check_writable(run_dir)
-    folders = [run_dir, *(p for p in sorted(run_dir.iterdir()) if p.is_dir()
-                          and not is_temporary(p.name) and not is_run_dir_of_another(p))]
-    removed = [(p, size_of(p)) for folder in folders for p in folder.iterdir()
-               if is_temporary(p.name) or OLD_MARK in p.name]
-    for folder in folders:
-        remove_stale_temporaries(folder)
-    if removed:
-        mb = sum(size for _, size in removed) / 2**20
-        print(f"gym: removed {len(removed)} partial writes ({mb:.1f} MB) that an interrupted "
-              f"run left in {run_dir}")
-    for folder in (*folders[1:], checkpoints_dir(run_dir)):
-        if folder.is_dir():
-            check_writable(folder)
-
-
-def resume_command(cfg: DictConfig, dist: Dist) -> str:
-    """The command that continues this job: the same overrides (and its run.name)."""
-    import shlex
-
-    from hydra.core.hydra_config import HydraConfig
-
-    launcher = (f"torchrun --nproc_per_node={dist.world} -m gym_core" if dist.enabled
-                else "python -m gym_core")
-    if not HydraConfig.initialized():
-        return f"{launcher} run.name={shlex.quote(str(cfg.run.name))} (the same overrides)"
-    hc = HydraConfig.get()
-    args = list(hc.overrides.task)
-    if not any(a.startswith("run.name=") for a in args):
-        args.append(f"run.name={cfg.run.name}")
-    if str(hc.mode) == "RunMode.MULTIRUN":  # one job of a sweep: run it alone, in its folder
-        args.append(f"hydra.run.dir={hc.runtime.output_dir}")
-    return " ".join([launcher, *(shlex.quote(a) for a in args)])
-
-
-def interrupted_line(cfg, run_dir: Path, signum: int, step: int | None, dist: Dist) -> str:
-    """The one line a stopped job prints: what was saved, where, how to resume."""
-    how = signal.Signals(signum).name
-    checkpoints = list_checkpoints(run_dir)
-    command = resume_command(cfg, dist)
-    if step is not None:
-        return (f"interrupted by {how} at step {step}; checkpoint saved in "
-                f"{checkpoints[-1][1]}; resume with: {command}")
-    if checkpoints:
-        at, path = checkpoints[-1]
-        return (f"interrupted by {how} outside a training step; the newest checkpoint is "
-                f"{path} (step {at}); resume with: {command}")
-    return (f"interrupted by {how} before the first checkpoint, so there is nothing to "
-            f"resume from; start again with: {command}")
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest) -> dict[str, Any]:

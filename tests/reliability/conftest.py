@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from gym_core.checkpoint import WEIGHTS, list_checkpoints
-from gym_core.files import OLD_MARK, is_temporary
+from gym_core.files import is_moved_aside, is_temporary
 from tests.conftest import REPO, plugin_site
 
 HERE = Path(__file__).resolve().parent
@@ -122,7 +122,7 @@ def tree(folder: Path) -> dict[str, str]:
 
 
 def temporaries(folder: Path) -> list[Path]:
-    return [p for p in Path(folder).rglob("*") if is_temporary(p.name) or OLD_MARK in p.name]
+    return [p for p in Path(folder).rglob("*") if is_temporary(p.name) or is_moved_aside(p.name)]
 
 
 def metrics(run_dir: Path) -> list[dict]:

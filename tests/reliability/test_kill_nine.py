@@ -67,7 +67,7 @@ def test_kill_nine_anywhere_loses_nothing(tmp_path, gym_env, straight):
 
 
 def past_checkpoint(run_dir) -> bool:
-    newest = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*"))
+    newest = max((int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*")), default=0)
     return any(r["step"] > newest for r in metrics(run_dir))
 
 

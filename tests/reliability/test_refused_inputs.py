@@ -79,10 +79,9 @@ def test_a_long_prompt_keeps_its_end_in_online_methods(tmp_path, gym_env):
 
 
 def test_sampling_keeps_a_long_prompts_end():
+    from gym_core.data import render_prompts
     from gym_core.generation import Sampling, sample
     from gym_core.model import load_policy
-
-    from gym_core.data import render_prompts
 
     policy = load_policy(compose(["model=tiny"]).model, torch.device("cpu"))
     prompts = ["x" * 5000 + " What is 2 + 2?", "What is 1 + 1?"]
@@ -339,3 +338,14 @@ def test_soup_input_with_a_nan_scale(tmp_path):
 def test_soup_without_inputs(tmp_path, gym_env, inputs, needles):
     args = [f"out={tmp_path}/soup"] + ([f"soup.inputs={inputs}"] if inputs else [])
     assert_one_line_error(cli(args, tmp_path, gym_env, app="gym_core.soup"), *needles)
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("soup.no_such_knob=1", ["soup.no_such_knob"]),
+    ("soup=nope", ["soup=nope", "median"]),
+    ("soup.clip_norm=abc", ["soup.clip_norm", "'abc'"]),
+])
+def test_soup_app_override_errors_are_one_line(tmp_path, gym_env, override, needles):
+    proc = cli(["soup.inputs=[a,b]", override], tmp_path, gym_env, app="gym_core.soup")
+    assert_one_line_error(proc, *needles)
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from gym_core.errors import GymError
-from gym_core.runlock import RunInUse, acquire, release
+from gym_core.rundir import RunInUse, acquire, release
 from tests.conftest import compose
 from tests.reliability.conftest import (
     TINY,
@@ -26,7 +26,7 @@ from tests.reliability.conftest import (
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from gym_core.runlock import acquire
+    from gym_core.rundir import acquire
     acquire(sys.argv[1])
     print("held", flush=True)
     time.sleep(600)
@@ -44,8 +44,10 @@ def holder(tmp_path):
     proc.wait()
 
 
-def test_a_second_process_is_refused_in_one_line(tmp_path, gym_env, holder):
-    proc = gym(["model=tiny", "run.name=taken"], tmp_path, gym_env, timeout=120)
+@pytest.mark.parametrize("sweep", [[], ["-m", "algorithm.lr=1e-5,2e-5"]])
+def test_a_second_process_is_refused_in_one_line(tmp_path, gym_env, holder, sweep):
+    """A run, or a sweep whose folder is the same (each of its jobs locks its own too)."""
+    proc = gym(["model=tiny", "run.name=taken", *sweep], tmp_path, gym_env, timeout=120)
     line = assert_one_line_error(proc, "is in use by process", str(holder.pid), "run.name")
     assert "runs/taken" in line
     assert sorted(p.name for p in (tmp_path / "runs" / "taken").iterdir()) == [".gym.lock"]

@@ -1,4 +1,5 @@
-"""One process per run directory: an exclusive OS lock on ``<run dir>/.gym.lock``.
+"""The run directory before a job writes in it: one process at a time (an exclusive OS
+lock on ``<run dir>/.gym.lock``), writable, and cleared of what killed writers left.
 
 The lock is ``flock(2)`` on a file in the run directory, taken before anything is
 written there and held for the life of the process: the kernel releases it when the
@@ -26,6 +27,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gym_core.errors import GymError
+from gym_core.files import (
+    check_writable,
+    is_moved_aside,
+    is_temporary,
+    remove_stale_temporaries,
+    size_of,
+    unwritable,
+)
 
 LOCK_NAME = ".gym.lock"
 
@@ -60,9 +69,8 @@ def acquire(run_dir: str | Path) -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise GymError(f"cannot create the run directory's lock file "
-                           f"{run_dir / LOCK_NAME}: {exc.strerror}") from None
+        except OSError as exc:  # a read-only or full disk: nothing can be written there
+            raise unwritable(run_dir, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -113,3 +121,22 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
 def is_run_dir_of_another(folder: Path) -> bool:
     """True for a folder that is a run directory of its own (a sweep's job)."""
     return (folder / LOCK_NAME).exists()
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Before the job writes anything: the run directory and its folders must be
+    writable (checked by writing, not by permission bits, which root ignores), and the
+    temporaries a killed process left are removed (they can hold a whole checkpoint:
+    on a full disk, every retry would fail again)."""
+    check_writable(run_dir)
+    folders = [run_dir, *(p for p in sorted(run_dir.iterdir()) if p.is_dir()
+                          and not is_temporary(p.name) and not is_run_dir_of_another(p))]
+    sizes = {p: size_of(p) for folder in folders for p in folder.iterdir()
+             if is_temporary(p.name) or is_moved_aside(p.name)}
+    removed = [p for folder in folders for p in remove_stale_temporaries(folder)]
+    if removed:
+        mb = sum(sizes.get(p, 0) for p in removed) / 2**20
+        print(f"gym: removed {len(removed)} partial writes ({mb:.1f} MB) that an interrupted "
+              f"run left in {run_dir}")
+    for folder in folders[1:]:
+        check_writable(folder)
