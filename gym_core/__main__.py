@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gym_core.startup import bootstrap
+from gym_core.startup import NO_JOB_FLAGS, bootstrap, check_overrides, overrides_of
 
 
 @hydra.main(version_base=None, config_path="pkg://gym_core.conf", config_name="config")
@@ -76,78 +76,80 @@ def print_help(overrides: list[str]) -> None:
           f"== Config (defaults; override with key=value) ==\n{config}\n{HELP_FOOTER}")
 
 
-#: Hydra's command-line flags that take a value (the value is not an override)
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
-                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+def lock_early(cfg, args: list[str]):
+    """Lock the run directory (or a sweep's folder) before Hydra starts, so a second
+    process on the same run.name stops here, in a second, with the holder's pid
+    (:mod:`gym_core.rundir`; the job locks it again, reentrantly). A run.name with a
+    time stamp (the default) names a new folder: nothing to protect yet, and locking it
+    here could create a folder the job, a second later, does not use. Returns the folder
+    locked, or None."""
+    import os
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from gym_core.rundir import acquire
+
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds it for all
+        return None
+    for o in overrides_of(args):
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        moved = key in ("hydra.run.dir", "hydra.sweep.dir")
+        swept = key in ("run.name", "run.root") and "," in value
+        if moved or swept:  # the job's folder is not run.root/run.name: the job locks it
+            return None
+    if "${now:" in str(OmegaConf.to_container(cfg.run, resolve=False).get("name")):
+        return None
+    folder = Path(cfg.run.root) / cfg.run.name
+    acquire(folder)
+    return folder
 
 
-def overrides_of(args: list[str]) -> list[str]:
-    """The key=value / group=option arguments, without Hydra's flags and their values."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a.startswith("-"):
-            skip = a in _FLAGS_WITH_VALUE
-        else:
-            out.append(a)
-    return out
+def _outside_a_job(signum, step) -> str:
+    import signal
 
-
-def check_overrides(args: list[str]) -> None:
-    """Compose the config the overrides give before Hydra runs, so that a bad override is
-    one line and exit 2 (Hydra's own report is several lines and exit 1). A sweep (-m) is
-    checked with the first value of each swept key."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    from gym_core.startup import compose
-
-    overrides = overrides_of(args)
-    if not overrides:
-        compose([])
-        return
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as exc:
-        from gym_core.errors import GymError
-
-        raise GymError(f"cannot parse the overrides: {str(exc).splitlines()[0]}") from None
-    first = []
-    for o in parsed:
-        if o.is_sweep_override():
-            try:
-                values = list(o.sweep_string_iterator())
-            except Exception:  # an interval (Optuna) has no first value: its sweeper checks
-                continue
-            if values:
-                first.append(f"{o.get_key_element()}={values[0]}")
-        else:
-            first.append(o.input_line)
-    compose(first)
+    return (f"interrupted by {signal.Signals(signum).name} outside a training job; nothing "
+            "was left half-written")
 
 
 def entry() -> None:
-    from gym_core.errors import GymError, exit_on_user_error
+    from gym_core.errors import exit_on_user_error
+    from gym_core.interrupt import StopRequest
 
-    with exit_on_user_error():
-        plugins = bootstrap()
-        args = sys.argv[1:]
-        if "--plugins" in args:
-            if len(args) > 1:
-                raise GymError("--plugins lists the installed plugins and takes no other "
-                               f"arguments; got {' '.join(args)}")
-            # Like pytest's --trace-config / `datasette plugins`: what is installed, from
-            # which distribution, and which config-group options each plugin adds.
-            from gym_core.plugins import format_listing
+    # Ctrl-C while torch loads (seconds) is one line too; the job installs its own handlers
+    with exit_on_user_error(), StopRequest(_outside_a_job):
+        _entry(sys.argv[1:])
 
-            print(format_listing(plugins))
-            return
-        if ("--help" in args or "-h" in args) and "--hydra-help" not in args:
-            print_help(overrides_of(args))
-            return
-        if "--hydra-help" not in args and "--info" not in args:
-            check_overrides(args)
+
+def _entry(args: list[str]) -> None:
+    from gym_core.errors import GymError
+
+    plugins = bootstrap()
+    if "--plugins" in args:
+        if len(args) > 1:
+            raise GymError("--plugins lists the installed plugins and takes no other "
+                           f"arguments; got {' '.join(args)}")
+        # Like pytest's --trace-config / `datasette plugins`: what is installed, from
+        # which distribution, and which config-group options each plugin adds.
+        from gym_core.plugins import format_listing
+
+        print(format_listing(plugins))
+        return
+    if ("--help" in args or "-h" in args) and "--hydra-help" not in args:
+        print_help(overrides_of(args))
+        return
+    if "--hydra-help" not in args and "--info" not in args:
+        cfg = check_overrides(args)
+        if not NO_JOB_FLAGS.intersection(args):
+            from gym_core.checks import preflight
+
+            preflight(cfg)
+            folder = lock_early(cfg, args)
+            if folder is not None and not {"-m", "--multirun"}.intersection(args):
+                from gym_core.resume import check
+
+                check(cfg, folder)  # a refused change costs a second, not a model load
     main()
 
 

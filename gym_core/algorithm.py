@@ -144,10 +144,18 @@ class Updater:
             total += value
             rows.append(metrics)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
-        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's (the schedule then moves on)
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise GymError(f"the optimizer's update overflowed at step {self.step} (learning "
+                           f"rate {lr:g}); lower algorithm.lr (the last checkpoint is "
+                           "kept)") from None
         self.scheduler.step()
         return {"loss": self.dist.all_reduce_sum([total])[0], "grad_norm": grad_norm,
-                "lr": self.scheduler.get_last_lr()[0], **mean_dicts(rows)}
+                "lr": lr, **mean_dicts(rows)}
 
 
 def mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:

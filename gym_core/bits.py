@@ -68,6 +68,13 @@ def packed_sign_bytes(numel: int) -> int:
 
 def unpack_signs(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_signs`: the first ``numel`` bits as a bool tensor (True for
-    positive). The caller checks ``packed`` holds :func:`packed_sign_bytes` bytes."""
+    positive). ``packed`` must be uint8 and hold exactly :func:`packed_sign_bytes` bytes
+    (NumPy would zero-fill a short buffer into a full-size answer)."""
+    if packed.dtype != torch.uint8 or packed.numel() != packed_sign_bytes(numel):
+        from gym_core.errors import GymError
+
+        raise GymError(f"packed signs are {packed.dtype} with {packed.numel()} entries where "
+                       f"{numel} signs need uint8 with {packed_sign_bytes(numel)}: the delta "
+                       "file is damaged")
     bits = np.unpackbits(packed.contiguous().cpu().numpy(), count=numel, bitorder="little")
     return torch.from_numpy(bits).bool()

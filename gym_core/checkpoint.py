@@ -9,6 +9,7 @@ half-written checkpoint where resume would look; the trainer state is read back 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gym_core.errors import GymError
-from gym_core.files import atomic_path
+from gym_core.files import TMP_MARK, atomic_path
 
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.pt"
@@ -91,11 +92,18 @@ def save_checkpoint(
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
             state["scheduler"] = scheduler.state_dict()
-        torch.save(state, tmp / STATE)
+        # through a Python file object, so that a full disk surfaces as the OS error
+        # (torch's own writer reports only "unexpected pos")
+        with open(tmp / STATE, "wb") as fh:
+            torch.save(state, fh)
         (tmp / INFO).write_text(json.dumps({"step": step, **{
             k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}))
     for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed out of the listing first: a kill during the removal leaves a temporary
+        # (cleared at the next start), never a half-deleted checkpoint that looks whole
+        doomed = old.with_name(f".{old.name}{TMP_MARK}{os.getpid()}-pruned")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -132,6 +132,10 @@ class OnlineAlgorithmConfig(AlgorithmConfig):
     """Methods that learn from their own samples; the core's rollout engine reads these."""
 
     num_generations: int = 8  # G completions per prompt (>= 2: groups need a spread)
+    # tokens, the chat template included; a longer prompt keeps its end (the question and
+    # the assistant turn's start), as offline methods' batches do, and the step's metric
+    # prompts_cut counts it. The same limit applies to held-out evaluation.
+    max_prompt_length: int = 512
     max_completion_length: int = 32
     temperature: float = 1.0
     top_p: float = 1.0

@@ -79,11 +79,20 @@ def read_jsonl(path: str | Path, required: list[str], *, with_lines: bool = Fals
     """Rows of a JSONL file; a bad row is an error naming the file, line and field.
     ``with_lines``: (line number, row) pairs, for errors found later."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise GymError(f"data file {str(path)!r} is a directory ({p.resolve()}); name the "
+                       "JSONL file itself")
     if not p.is_file():
         raise GymError(f"data file {str(path)!r} does not exist (looked in {p.resolve()})")
     rows = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is fine
+            except UnicodeDecodeError as exc:
+                raise GymError(f"{p}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                               f"column {exc.start + 1}); JSONL files are UTF-8: re-encode "
+                               "it (e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
             try:

@@ -182,6 +182,10 @@ class MatrixQuantizer(Quantizer):
                 specs = {"full": (torch.float32, math.prod(shape))}
             else:
                 specs = self.part_specs(shape, packed.meta)
+                if not any(f"{key}.{suffix}" in packed.tensors for suffix in specs):
+                    raise GymError(f"the delta has no tensor '{key}.full' (nor "
+                                   f"{self.cfg.name}'s parts of '{key}'), which its metadata "
+                                   "calls for: the file is damaged or incomplete")
             out[key] = (shape, {suffix: _checked(packed, f"{key}.{suffix}", dtype, numel)
                                 for suffix, (dtype, numel) in specs.items()})
             described |= {f"{key}.{suffix}" for suffix in specs}
@@ -199,6 +203,12 @@ class MatrixQuantizer(Quantizer):
                 out[key] = parts["full"].float().reshape(shape)
             else:
                 out[key] = self.dequantize_matrix(key, shape, parts, packed.meta)
+            if tuple(out[key].shape) != shape:
+                raise GymError(f"{self.cfg.name} decoded '{key}' with shape "
+                               f"{tuple(out[key].shape)}, not the recorded {shape}")
+            if not bool(torch.isfinite(out[key]).all()):  # a NaN scale spreads over a matrix
+                raise GymError(f"delta tensor '{key}' decodes to NaN or infinite values (its "
+                               "scale or values are not finite): the file is damaged")
         return out
 
 
@@ -379,10 +389,30 @@ def apply_delta(model: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
         p.copy_((p.float() + d.to(p.device)).to(p.dtype))
 
 
+CHECKSUM = "sha256"  # metadata entry: content_digest() of everything else in the file
+
+
+def content_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over the metadata (but the checksum itself) and every tensor's name, dtype,
+    shape and bytes, in name order: any bit flipped in a delta file changes it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != CHECKSUM},
+                        sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_packed(packed: PackedDelta, path: Path) -> int:
-    """Write atomically as safetensors; returns the file's size in bytes."""
+    """Write atomically as safetensors, with a checksum of the content in the metadata;
+    returns the file's size in bytes."""
     path = Path(path)
     meta = dict(packed.meta, num_params=str(packed.num_params))
+    meta[CHECKSUM] = content_digest(packed.tensors, meta)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in packed.tensors.items()}, str(tmp),
                   metadata=meta)
@@ -400,7 +430,12 @@ def load_packed(path: Path) -> PackedDelta:
             meta = dict(fh.metadata() or {})
         tensors = load_file(str(path))
     except Exception as exc:
-        raise GymError(f"{path} is not a readable safetensors delta file: {exc}") from exc
+        raise GymError(f"{path} is not a readable safetensors delta file: {exc}") from None
+    if CHECKSUM in meta and content_digest(tensors, meta) != meta[CHECKSUM]:
+        raise GymError(f"{path}: its content does not match the checksum written with it (a "
+                       "bit flipped on disk or in transfer, or the file was edited): the "
+                       "file is damaged; copy it again from its source")
+    meta.pop(CHECKSUM, None)
     try:
         num = int(meta.pop("num_params", "0"))
     except ValueError:

@@ -36,6 +36,13 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def all_reduce_mean_dict(self, d: dict[str, float]) -> dict[str, float]:
         """Average metrics over ranks (keys are the same on every rank)."""
         if not self.enabled:

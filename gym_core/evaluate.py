@@ -10,7 +10,8 @@ from gym_core.generation import Sampling, sample
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch_size=64,
-             max_new_tokens=32, desc="eval", dist: Dist | None = None) -> float:
+             max_new_tokens=32, desc="eval", dist: Dist | None = None,
+             max_prompt_length: int | None = None) -> float:
     """Mean of ``metric_fn`` over greedy completions of ``examples`` (one KV-cached
     generation per batch of prompts). Under torchrun each rank scores every world-th
     example and the sums are all-reduced: every rank returns the same mean."""
@@ -24,7 +25,8 @@ def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch
         chunk = examples[start : start + batch_size]
         prompts = [ex["prompt"] for ex in chunk]
         out = sample(model, tokenizer, prompts, system_prompt=system_prompt,
-                     max_new_tokens=max_new_tokens, sampling=Sampling(do_sample=False))
+                     max_new_tokens=max_new_tokens, sampling=Sampling(do_sample=False),
+                     max_prompt_length=max_prompt_length)
         scores.extend(metric_fn(prompts, out.texts, chunk))
     return dist.all_reduce_sum([sum(scores)])[0] / total
 

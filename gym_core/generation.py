@@ -129,20 +129,48 @@ class Samples:
     completion_mask: torch.Tensor  # 1 up to and including the first EOS
     truncated: torch.Tensor  # [B * num_samples] bool: no EOS within max_new_tokens
     texts: list[str]  # decoded completions, special tokens dropped
+    prompts_cut: int = 0  # prompts longer than max_prompt_length (they kept their end)
+
+
+_warned_cut: set[int] = set()  # the limits a prompt-cut warning was printed for
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
            max_new_tokens: int, sampling: Sampling, num_samples: int = 1,
-           row_seeds: list[int] | None = None) -> Samples:
+           row_seeds: list[int] | None = None, max_prompt_length: int | None = None
+           ) -> Samples:
     """The one sampling path (rollouts, evaluation, a policy answering as a chat model):
     render the prompts (strings or chat messages) with the chat template, tokenize,
     generate with the KV cache (each prompt prefilled once for its ``num_samples`` rows),
-    mask after the first EOS and decode."""
+    mask after the first EOS and decode. A prompt longer than ``max_prompt_length``
+    tokens keeps its last ones, as offline batches do (:func:`gym_core.batching.
+    encode_completions`): the end holds the question and the assistant turn's start; a
+    warning says so the first time."""
     texts = render_prompts(tokenizer, prompts, system_prompt)
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = tokenizer(texts, add_special_tokens=False).input_ids
+    cut = 0
+    if max_prompt_length is not None:
+        cut = sum(len(x) > max_prompt_length for x in ids)
+        if cut:
+            longest = max(len(x) for x in ids)
+            ids = [x[-max_prompt_length:] for x in ids]
+            if max_prompt_length not in _warned_cut:
+                _warned_cut.add(max_prompt_length)
+                from gym_core.errors import warn
+
+                warn(f"{cut} of {len(ids)} prompts are longer than algorithm."
+                     f"max_prompt_length={max_prompt_length} tokens (the longest: {longest}); "
+                     "they keep their last tokens (the metric prompts_cut counts them; "
+                     "raise the limit to keep them whole)")
+    width = max(len(x) for x in ids)
+    prompt_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):  # left-padded, so every prompt ends where generation starts
+        prompt_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        prompt_mask[i, width - len(x):] = 1
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     was_training = model.training
     model.eval()
     try:
@@ -155,4 +183,4 @@ def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
     mask, truncated = completion_masks(ids, tokenizer.eos_token_id)
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     return Samples(prompt_ids, prompt_mask, ids, mask, truncated,
-                   tokenizer.batch_decode(ids, skip_special_tokens=True))
+                   tokenizer.batch_decode(ids, skip_special_tokens=True), cut)

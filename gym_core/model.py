@@ -7,6 +7,7 @@ weights (full fine-tuning keeps a frozen copy only when an algorithm asks for on
 
 from __future__ import annotations
 
+import json
 import contextlib
 import copy
 import importlib.util
@@ -101,6 +102,9 @@ def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
     kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config}
     if cfg.arch not in kinds:
         raise GymError(f"model.tiny.arch={cfg.arch!r} is not one of {sorted(kinds)}")
+    from gym_core.checks import check_tiny_shape
+
+    check_tiny_shape(cfg)
     config = kinds[cfg.arch](
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -275,14 +279,16 @@ class Policy:
                                 device=self.device, examples=examples)
 
     def sample(self, prompts: list, *, max_new_tokens: int, sampling, num_samples: int = 1,
-               row_seeds: list[int] | None = None):
+               row_seeds: list[int] | None = None, max_prompt_length: int | None = None):
         """``num_samples`` completions of each prompt from the policy
-        (:func:`gym_core.generation.sample`, prompts rendered with ``system_prompt``)."""
+        (:func:`gym_core.generation.sample`, prompts rendered with ``system_prompt``; over
+        ``max_prompt_length`` tokens they keep their end)."""
         from gym_core.generation import sample
 
         return sample(self.model, self.tokenizer, prompts, system_prompt=self.system_prompt,
                       max_new_tokens=max_new_tokens, sampling=sampling,
-                      num_samples=num_samples, row_seeds=row_seeds)
+                      num_samples=num_samples, row_seeds=row_seeds,
+                      max_prompt_length=max_prompt_length)
 
     def distribute(self, device: torch.device) -> None:
         """Wrap the scorer in DDP: gradients are all-reduced (averaged) across ranks."""
@@ -418,12 +424,11 @@ def describe(cfg) -> str:
 
 def save_final(policy: Policy, out_dir: Path, record: dict | None = None) -> None:
     """The trained adapter (or full model) and tokenizer, in Hugging Face format, and
-    ``gym.json`` (written last, atomically): whether it is an adapter, plus ``record``
-    (the base model, the algorithm and the chain of runs it started from, which
-    ``model.init`` reads back: :mod:`gym_core.stages`)."""
-    from gym_core.files import write_json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(out_dir)
-    policy.tokenizer.save_pretrained(out_dir)
-    write_json(out_dir / "gym.json", {"lora": policy.lora, **(record or {})})
+    ``gym.json``: whether it is an adapter, plus ``record`` (the base model, the algorithm
+    and the chain of runs it started from, which ``model.init`` reads back:
+    :mod:`gym_core.stages`). The folder is replaced whole
+    (:func:`gym_core.files.atomic_path`), never left half-written."""
+    with atomic_path(out_dir, folder=True) as tmp:
+        policy.model.save_pretrained(tmp)
+        policy.tokenizer.save_pretrained(tmp)
+        (tmp / "gym.json").write_text(json.dumps({"lora": policy.lora, **(record or {})}))

@@ -24,6 +24,7 @@ class Rollout:
     examples: list[dict[str, Any]]  # [N] the data row of each completion's prompt
     completions: list[str]
     reward_metrics: dict[str, float] = field(default_factory=dict)
+    prompts_cut: int = 0  # prompts over max_prompt_length tokens (they kept their end)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithms' own tensors
 
     def __len__(self) -> int:
@@ -55,7 +56,7 @@ class RolloutEngine:
         cfg, g = self.cfg, self.cfg.num_generations
         out = self.policy.sample(
             [ex["prompt"] for ex in examples], num_samples=g,
-            max_new_tokens=cfg.max_completion_length,
+            max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
             sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
             row_seeds=None if seeds is None else [s * 1009 + i for s in seeds for i in range(g)],
         )
@@ -84,6 +85,7 @@ class RolloutEngine:
             examples=rows,
             completions=completions,
             reward_metrics=metrics,
+            prompts_cut=out.prompts_cut,
         )
 
 
@@ -96,5 +98,6 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "frac_reward_zero_std": (std.view(-1, rollout.group_size)[:, 0] == 0).float().mean().item(),
         "completion_length": lengths.mean().item(),
         "truncated_fraction": rollout.truncated.float().mean().item(),
+        "prompts_cut": float(rollout.prompts_cut),
         **rollout.reward_metrics,
     }

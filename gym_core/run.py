@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from gym_core.checks import preflight
 from gym_core.delta import (
     apply_delta,
     load_packed,
@@ -21,7 +23,12 @@ from gym_core.distributed import Dist, setup, teardown
 from gym_core.errors import GymError
 from gym_core.evaluate import evaluate, preference_accuracy
 from gym_core.files import write_json
+from gym_core.interrupt import StopRequest, interrupted_line
 from gym_core.model import describe, load_base, load_policy, save_final
+from gym_core.resume import check as check_resume
+from gym_core.resume import data_digest
+from gym_core.resume import record as record_run
+from gym_core.rundir import prepare_run_dir, run_lock
 from gym_core.stages import base_identity, check_init, merged_state
 from gym_core.startup import bootstrap
 from gym_core.train import seed_everything, train
@@ -37,22 +44,45 @@ def run_dir_for(cfg: DictConfig) -> Path:
 
 
 def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run one job; under torchrun every rank calls this and rank 0 alone writes."""
+    """Run one job; under torchrun every rank calls this and rank 0 alone writes.
+
+    Rank 0 holds the run directory's lock (:mod:`gym_core.rundir`) for the whole job;
+    SIGINT / SIGTERM stop it with a checkpoint (:mod:`gym_core.interrupt`)."""
+    with config_errors():
+        preflight(cfg)
+        chain = check_init(cfg.model)  # model.init: refused before anything is written
     dist = setup(cfg.trainer.device)
     try:
-        return _run_job(cfg, run_dir, dist)
+        run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+        # every rank works in rank 0's directory (a default run.name holds a time stamp)
+        run_dir = Path(dist.broadcast(str(run_dir)))
+        with contextlib.ExitStack() as stack:
+            if dist.main:
+                stack.enter_context(run_lock(run_dir))
+            stop = stack.enter_context(StopRequest(
+                lambda signum, step: interrupted_line(cfg, run_dir, signum, step, dist),
+                show=dist.main))
+            with config_errors():
+                return _run_job(cfg, run_dir, dist, stop, chain)
     finally:
         if dist.enabled:
             teardown()
 
 
-def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any]:
+def config_errors():
+    """OmegaConf errors raised while the job reads its config (an interpolation that does
+    not resolve, a missing value) as gym's one-line error."""
+    from gym_core.startup import config_errors as errors
+
+    return errors(bootstrap())
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
+             chain: list[dict[str, Any]] | None) -> dict[str, Any]:
     plugins = bootstrap()
-    chain = check_init(cfg.model)  # model.init: refused before anything is written
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
-    # every rank works in rank 0's directory (a default run.name holds a time stamp)
-    run_dir = Path(dist.broadcast(str(run_dir)))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        prepare_run_dir(run_dir)
+    dist.barrier()
     started = time.perf_counter()
 
     # Resolve every named component before the slow work, so a typo fails in a second.
@@ -73,6 +103,10 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
     quantizer = None
     if cfg.quant.name != "none":
         quantizer = plugins.component("quant", cfg.quant.name).load()(cfg.quant)
+    # an existing run continues only as itself (gym_core.resume)
+    digest = data_digest(task.train, task.test)
+    changed = check_resume(cfg, run_dir, digest)
+    saved_before = read_eval_before(run_dir / "eval_before.json")
 
     seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
     policy = load_policy(cfg.model, dist.device, system_prompt=cfg.data.system_prompt)
@@ -80,6 +114,11 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
     algo.check_data(task.train)
     algo.setup(cfg, run_dir, plugins)
     tcfg = cfg.trainer
+    if dist.main:
+        if changed:
+            print(f"gym: {run_dir} continues with changed settings (applied from here on): "
+                  f"{'; '.join(changed)}")
+        record_run(cfg, run_dir, digest)
     test = task.test[: tcfg.eval_size] if tcfg.eval_size else task.test
 
     def score(model, desc, shared=dist):
@@ -88,7 +127,8 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
             return None
         return evaluate(model, policy.tokenizer, algo.transform_examples(test), metric_fn,
                         system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
-                        max_new_tokens=tcfg.eval_max_new_tokens, desc=desc, dist=shared)
+                        max_new_tokens=tcfg.eval_max_new_tokens, desc=desc, dist=shared,
+                        max_prompt_length=cfg.algorithm.get("max_prompt_length"))
 
     # The starting policy's score is kept in the run directory: a resumed run reuses it.
     def pref_score():
@@ -101,18 +141,24 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
 
     before_file = run_dir / "eval_before.json"
     before = pref_before = None
-    if before_file.is_file():
-        saved = json.loads(before_file.read_text())
+    # the "before" score counts only if taken on the same held-out examples, the same way
+    how = {"eval_size": tcfg.eval_size, "eval_max_new_tokens": tcfg.eval_max_new_tokens}
+    saved = saved_before
+    if saved is not None and saved.get("settings", how) == how:
         before, pref_before = saved["accuracy"], saved.get("preference_accuracy")
     elif tcfg.eval_before:
+        if saved is not None and dist.main:
+            print(f"gym: trainer.eval_* changed since {before_file.name} was written: "
+                  "scoring the starting model again")
         before = score(policy.model, "eval before")
         pref_before = pref_score()
         if dist.main:
-            write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before})
+            write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before,
+                                     "settings": how})
     if dist.main:
         print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
 
-    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist)
+    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop)
     after = score(policy.model, "eval after")
     pref_after = pref_score()
     if not dist.main:
@@ -153,6 +199,22 @@ def _run_job(cfg: DictConfig, run_dir: Path | None, dist: Dist) -> dict[str, Any
     print(summary_table(summary))
     plugins.hook.gym_run_end(summary=summary, run_dir=str(run_dir))
     return summary
+
+
+def read_eval_before(path: Path) -> dict[str, Any] | None:
+    """The starting model's saved score, or None; a damaged file is a one-line error."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or "accuracy" not in saved:
+            raise ValueError("no 'accuracy' entry")
+        if saved["accuracy"] is not None and not isinstance(saved["accuracy"], (int, float)):
+            raise ValueError(f"'accuracy' is {saved['accuracy']!r}, not a number")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GymError(f"{path} is unreadable ({exc}): it holds the starting model's held-out "
+                       "score; delete it to score the starting model again") from None
+    return saved
 
 
 def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):

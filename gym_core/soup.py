@@ -57,6 +57,15 @@ def entry() -> None:
     with exit_on_user_error():
         bootstrap()
         ConfigStore.instance().store(name="soup_schema", node=SoupAppConfig)
+        args = sys.argv[1:]
+        if not {"--hydra-help", "--info", "-i"}.intersection(args):
+            # as python -m gym_core: a bad override or a missing value is one line, exit 2
+            from gym_core.checks import check_missing
+            from gym_core.startup import NO_JOB_FLAGS, check_overrides
+
+            cfg = check_overrides(args, config_name="soup")
+            if not NO_JOB_FLAGS.intersection(args):
+                check_missing(cfg)
         main()
 
 

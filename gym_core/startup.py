@@ -44,10 +44,12 @@ def bootstrap(entry_points=None, *, reload: bool = False):
     return plugins
 
 
-def compose(overrides: list[str] | None = None, *, return_hydra_config: bool = False):
+def compose(overrides: list[str] | None = None, config_name: str = "config", *,
+            return_hydra_config: bool = False):
     """The config ``python -m gym_core OVERRIDES`` would run, composed in-process (for
     notebooks, tests and benchmarks): ``run_job(compose(["model=tiny"]), run_dir=...)``.
     A bad override raises :class:`gym_core.errors.GymError` with gym's one-line message.
+    ``config_name="soup"``: the soup app's config (``python -m gym_core.soup``).
     ``return_hydra_config=True`` keeps Hydra's own node (``cfg.hydra.runtime.choices``:
     the option each config group ended up with, plugin-declared groups included)."""
     from hydra import compose as hydra_compose
@@ -56,7 +58,7 @@ def compose(overrides: list[str] | None = None, *, return_hydra_config: bool = F
     plugins = bootstrap()
     with config_errors(plugins), initialize_config_module(config_module="gym_core.conf",
                                                           version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides or []),
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []),
                              return_hydra_config=return_hydra_config)
 
 
@@ -125,3 +127,63 @@ def explain_config_error(exc: BaseException, plugins) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()
              and not ln.startswith(("Config search path", "\tprovider=", "See https"))]
     return "; ".join(lines[:3]) + (f" ({first})" if cause else "")
+
+
+#: Hydra's command-line flags that take a value (the value is not an override)
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
+                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    """The key=value / group=option arguments, without Hydra's flags and their values."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _FLAGS_WITH_VALUE
+        else:
+            out.append(a)
+    return out
+
+
+def check_overrides(args: list[str], config_name: str = "config"):
+    """Compose the config the overrides give before Hydra runs, so that a bad override is
+    one line and exit 2 (Hydra's own report is several lines and exit 1). A sweep (-m) is
+    checked value by value: each swept value with the first value of the other keys.
+    Returns the config of the first job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    overrides = overrides_of(args)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        from gym_core.errors import GymError
+
+        raise GymError(f"cannot parse the overrides: {str(exc).splitlines()[0]}") from None
+    first, others = [], []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # an interval (Optuna) has no first value: its sweeper checks
+                continue
+            if values:
+                others += [(len(first), f"{o.get_key_element()}={v}")
+                           for v in dict.fromkeys(values[1:])]
+                first.append(f"{o.get_key_element()}={values[0]}")
+        else:
+            first.append(o.input_line)
+    cfg = compose(first, config_name=config_name)
+    for i, line in others:
+        compose([*first[:i], line, *first[i + 1:]], config_name=config_name)
+    with config_errors(bootstrap()):  # interpolations that do not resolve (${nope})
+        OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+#: flags after which Hydra prints or inspects instead of running a job
+NO_JOB_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help",
+                "--shell-completion", "-sc"}

@@ -16,6 +16,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from gym_core.files import atomic_path, write_json
+
 COLUMNS = ["job", "objective", "algorithm", "quant", "steps", "before", "after",
            "after_quant", "train_seconds", "tokens_per_second", "overrides"]
 
@@ -63,8 +65,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = collect(sweep_dir)
-    (sweep_dir / "sweep_summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    with (sweep_dir / "sweep_summary.csv").open("w", newline="") as fh:
+    write_json(sweep_dir / "sweep_summary.json", rows)
+    with atomic_path(sweep_dir / "sweep_summary.csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)

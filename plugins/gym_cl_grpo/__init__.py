@@ -41,6 +41,8 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
     num_generations: int = 5  # G rollouts per question (§8.1: 5)
     temperature: float = 0.7  # rollout temperature (§8.1: 0.7)
     max_completion_length: int = 64
+    # the experience library rides in the prompt (inject_into): room for a large one
+    max_prompt_length: int = 4096
     lessons_per_group: int = 2  # lessons extracted per question (main-branch default 2)
     # lessons are asked to be at most 32 words (§8.2); longer ones are rejected
     max_experience_words: int = 64
