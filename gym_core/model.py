@@ -7,10 +7,10 @@ weights (full fine-tuning keeps a frozen copy only when an algorithm asks for on
 
 from __future__ import annotations
 
-import json
 import contextlib
 import copy
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
