@@ -226,16 +226,19 @@ class Samples:
     completion_mask: torch.Tensor  # 1 up to and including the first EOS
     truncated: torch.Tensor  # [B * num_samples] bool: no EOS within max_new_tokens
     texts: list[str]  # decoded completions, special tokens dropped
+    # [B * num_samples, C] the sampler's log-prob of each token (0 on padding), when asked
+    logprobs: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
            max_new_tokens: int, sampling: Sampling, num_samples: int = 1,
-           row_seeds: list[int] | None = None) -> Samples:
+           row_seeds: list[int] | None = None, with_logprobs: bool = False) -> Samples:
     """The one sampling path (rollouts, evaluation, a policy answering as a chat model):
     render the prompts (strings or chat messages) with the chat template, tokenize,
     generate with the KV cache (each prompt prefilled once for its ``num_samples`` rows),
-    mask after the first EOS and decode."""
+    mask after the first EOS and decode. ``with_logprobs``: also record the sampler's
+    log-prob of each drawn token (:attr:`Samples.logprobs`)."""
     texts = render_prompts(tokenizer, prompts, system_prompt)
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
@@ -246,10 +249,15 @@ def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
         ids = generate(model, prompt_ids, prompt_mask, num_samples=num_samples,
                        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, sampling=sampling,
-                       row_seeds=row_seeds)
+                       row_seeds=row_seeds, with_logprobs=with_logprobs)
     finally:
         model.train(was_training)
+    logprobs = None
+    if with_logprobs:
+        ids, logprobs = ids
     mask, truncated = completion_masks(ids, tokenizer.eos_token_id)
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    if logprobs is not None:
+        logprobs = logprobs.masked_fill(mask == 0, 0.0)
     return Samples(prompt_ids, prompt_mask, ids, mask, truncated,
-                   tokenizer.batch_decode(ids, skip_special_tokens=True))
+                   tokenizer.batch_decode(ids, skip_special_tokens=True), logprobs)

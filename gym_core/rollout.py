@@ -24,6 +24,9 @@ class Rollout:
     examples: list[dict[str, Any]]  # [N] the data row of each completion's prompt
     completions: list[str]
     reward_metrics: dict[str, float] = field(default_factory=dict)
+    # [N, C] the sampler's log-prob of each completion token (0 on padding): the trainer
+    # compares it with its own to measure and correct the mismatch (docs/algorithms.md §3)
+    sampler_logp: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithms' own tensors
 
     def __len__(self) -> int:
@@ -58,6 +61,7 @@ class RolloutEngine:
             max_new_tokens=cfg.max_completion_length,
             sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
             row_seeds=None if seeds is None else [s * 1009 + i for s in seeds for i in range(g)],
+            with_logprobs=True,
         )
         completions = out.texts
         rows = [ex for ex in examples for _ in range(g)]
@@ -84,6 +88,7 @@ class RolloutEngine:
             examples=rows,
             completions=completions,
             reward_metrics=metrics,
+            sampler_logp=out.logprobs,
         )
 
 
