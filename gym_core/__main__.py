@@ -129,6 +129,9 @@ def check_overrides(args: list[str]) -> None:
 
 def entry() -> None:
     from gym_core.errors import GymError, exit_on_user_error
+    from gym_core.threads import prepare_environment
+
+    prepare_environment()  # before anything loads torch's OpenMP runtime
 
     with exit_on_user_error():
         plugins = bootstrap()

@@ -228,6 +228,9 @@ class TrainerConfig:
     eval_max_new_tokens: int = 32
     eval_before: bool = True
     device: str = "auto"  # auto | cpu | cuda
+    # Torch threads; null: the CPUs this process is given (affinity, cgroup quota, torchrun
+    # ranks on the machine), divided among the gym processes sharing them (gym_core/threads.py)
+    threads: int | None = None
     tensorboard: bool = True
     progress: bool = True
 

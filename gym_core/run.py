@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from gym_core import threads
 from gym_core.delta import (
     apply_delta,
     load_packed,
@@ -38,9 +39,11 @@ def run_dir_for(cfg: DictConfig) -> Path:
 def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one job; under torchrun every rank calls this and rank 0 alone writes."""
     dist = setup(cfg.trainer.device)
+    threads.configure(cfg.trainer.threads)
     try:
         return _run_job(cfg, run_dir, dist)
     finally:
+        threads.release()
         if dist.enabled:
             teardown()
 

@@ -20,6 +20,7 @@ from gym_core.distributed import Dist
 from gym_core.errors import GymError
 from gym_core.metrics import MetricsLog
 from gym_core.rollout import RolloutEngine, rollout_metrics
+from gym_core.threads import rebalance
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -129,6 +130,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     step = start_step
     policy.model.train()
     while step < tcfg.max_steps:
+        rebalance()  # another gym process may have started or ended on these CPUs
         t0 = time.perf_counter()
         # 1. batches for the whole step (online: rollouts), so that loss normalisers
         #    that need step-wide counts (dapo, dr_grpo) know them before any backward.
