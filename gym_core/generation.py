@@ -160,6 +160,10 @@ def generate(
     return ids
 
 
+#: the fused loop compacts its batch when at most this share of the rows is still running
+COMPACT_AT = 0.5
+
+
 def _fused_loop(decoder, logits, mask, prompt_len, tokens, logps, sampling, generators,
                 eos_token_id):
     """The decode loop on :class:`gym_core.fused.FusedDecoder`. Its weights are packed for
@@ -192,7 +196,7 @@ def _fused_loop(decoder, logits, mask, prompt_len, tokens, logps, sampling, gene
         live = int(alive.sum())
         if step + 1 == tokens.shape[1] or live == 0:
             break
-        if live <= alive.numel() // 2:  # half the batch finished: the rest move up
+        if live <= alive.numel() * COMPACT_AT:  # enough rows finished: the rest move up
             keep = alive.nonzero().squeeze(1)
             rows, fed, mask, alive = rows[keep], fed[keep], mask[keep], alive[keep]
             if generators is not None:

@@ -48,6 +48,7 @@ def test_shared_prompt_logprobs_equal_full_forward_with_gradients(policy):
     grads_plain = torch.autograd.grad((plain * c_mask).sum(), policy.trainable_parameters())
 
     torch.testing.assert_close(shared * c_mask, plain * c_mask, rtol=1e-4, atol=1e-5)
+    assert (shared[c_mask == 0] == 0).all()  # only the completion's tokens are scored
     for a, b in zip(grads_shared, grads_plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
