@@ -62,9 +62,14 @@ def row_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def _gumbel_argmax(warped: torch.Tensor, generators) -> torch.Tensor:
+    """argmax(warped - log(-log u)), u uniform from each row's generator; computed in
+    place in one buffer (the same numbers: negation is exact and addition commutes)."""
     vocab = warped.shape[-1]
-    u = torch.stack([torch.rand(vocab, generator=g) for g in generators]).to(warped.device)
-    return (warped - torch.log(-torch.log(u))).argmax(dim=-1)
+    u = torch.empty(len(generators), vocab)
+    for row, g in zip(u, generators):
+        torch.rand(vocab, generator=g, out=row)
+    u = u.to(warped.device)
+    return u.log_().neg_().log_().neg_().add_(warped).argmax(dim=-1)
 
 
 def _chosen_logprobs(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
