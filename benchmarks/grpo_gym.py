@@ -17,6 +17,10 @@ import json
 
 from measure import train_gym
 
+from gym_core.threads import prepare_environment
+
+prepare_environment()  # as gym's entry point does, before torch loads OpenMP
+
 
 def run_gym_grpo(
     model_dir: str,
@@ -30,10 +34,10 @@ def run_gym_grpo(
     lora_alpha: int = 32,
     seed: int = 0,
     algorithm: str = "grpo",
+    threads: int | None = None,
 ) -> dict:
     if steps < 2:
         raise ValueError("steps must be >= 2: the first step is an untimed warm-up")
-    import torch
 
     import gym_core
     from gym_core.startup import compose
@@ -49,6 +53,7 @@ def run_gym_grpo(
         f"trainer.max_steps={steps}", f"trainer.batch_size={prompts_per_step}",
         "trainer.warmup_steps=0", "trainer.save_every=0", f"trainer.seed={seed}",
         "trainer.progress=false", "trainer.tensorboard=false",
+        *([f"trainer.threads={threads}"] if threads else []),
     ])
     run = train_gym(cfg, algorithm, ["accuracy"], seed)
     rows = run["rows"]
@@ -67,7 +72,7 @@ def run_gym_grpo(
         "step_secs": [round(r["step_seconds"], 3) for r in rows],
         "generate_secs": [round(r["generate_seconds"], 3) for r in rows],
         "rewards": [r["reward_mean"] for r in rows],
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": run["threads"],
         "other_processes_cpu_sec": run["other_processes_cpu_sec"],
     }
 
@@ -84,12 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithm", default="grpo", help="grpo, or gspo for its step time")
+    parser.add_argument("--threads", type=int, default=None, help="default: gym's choice")
     args = parser.parse_args(argv)
     result = run_gym_grpo(
         args.model_dir or str(smollm2_folder()), beta=args.beta, steps=args.steps,
         prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, seed=args.seed,
-        algorithm=args.algorithm,
+        algorithm=args.algorithm, threads=args.threads,
     )
     print(json.dumps(result, indent=2))
 

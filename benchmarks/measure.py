@@ -99,10 +99,12 @@ def train_gym(cfg, algorithm: str, rewards: list[str], seed: int) -> dict:
 
     import torch
 
+    from gym_core import threads
     from gym_core.model import load_policy
     from gym_core.startup import bootstrap
     from gym_core.train import seed_everything, train
 
+    plan = threads.configure(cfg.trainer.threads)  # as run_job does
     plugins = bootstrap()
     algo_cls = plugins.component("algorithm", algorithm).load()
     task = plugins.component("data", cfg.data.name).load()(cfg.data)
@@ -118,8 +120,9 @@ def train_gym(cfg, algorithm: str, rewards: list[str], seed: int) -> dict:
               Path(run_dir))
         rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().split("\n")
                 if x.strip()]
+    threads.release()
     return {"rows": rows, "peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline,
-            "other_processes_cpu_sec": other.stop()}
+            "other_processes_cpu_sec": other.stop(), "threads": plan.current}
 
 
 def trl_step_timer(steps: list[dict[str, Any]], log_key: str, describe):

@@ -116,6 +116,9 @@ def _outside_a_job(signum, step) -> str:
 def entry() -> None:
     from gym_core.errors import exit_on_user_error
     from gym_core.interrupt import StopRequest
+    from gym_core.threads import prepare_environment
+
+    prepare_environment()  # before anything loads torch's OpenMP runtime
 
     # Ctrl-C while torch loads (seconds) is one line too; the job installs its own handlers
     with exit_on_user_error(), StopRequest(_outside_a_job):

@@ -158,6 +158,15 @@ class GroupPolicyConfig(OnlineAlgorithmConfig):
     # the ratio's denominator pi_old is the sampling policy's, computed once per batch.
     num_iterations: int = 1
     mask_truncated_completions: bool = False  # drop completions that hit the length cap
+    # Sampler/trainer mismatch (docs/algorithms.md §3, TRL's vllm_importance_sampling_*):
+    # the loss is weighted by pi_old / pi_sampler, truncated or masked outside
+    # [clip_min, clip_max]. gym's sampler is the policy up to float32 rounding, so the
+    # weights stay within about 1e-3 of 1; an engine that samples elsewhere needs them.
+    importance_sampling_correction: bool = True
+    # token_truncate | token_mask | sequence_truncate | sequence_mask
+    importance_sampling_mode: str = "sequence_mask"
+    importance_sampling_clip_min: float | None = None
+    importance_sampling_clip_max: float | None = 3.0
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,6 +235,9 @@ class TrainerConfig:
     eval_max_new_tokens: int = 32
     eval_before: bool = True
     device: str = "auto"  # auto | cpu | cuda
+    # Torch threads; null: the CPUs this process is given (affinity, cgroup quota, torchrun
+    # ranks on the machine), divided among the gym processes sharing them (gym_core/threads.py)
+    threads: int | None = None
     tensorboard: bool = True
     progress: bool = True
 

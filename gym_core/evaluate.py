@@ -6,6 +6,7 @@ import torch
 
 from gym_core.distributed import Dist
 from gym_core.generation import Sampling, sample
+from gym_core.threads import rebalance
 
 
 @torch.no_grad()
@@ -24,6 +25,7 @@ def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [ex["prompt"] for ex in chunk]
+        rebalance()
         out = sample(model, tokenizer, prompts, system_prompt=system_prompt,
                      max_new_tokens=max_new_tokens, sampling=Sampling(do_sample=False),
                      max_prompt_length=max_prompt_length)

@@ -49,16 +49,34 @@ def next_tokens(logits: torch.Tensor, s: Sampling, generators=None) -> torch.Ten
     and its resumption, sample the same completions."""
     if not s.do_sample:
         return logits.argmax(dim=-1)
-    warped = warp_logits(logits.float(), s)
+    warped = logits.float()
+    if s.temperature != 1.0 or s.top_k or s.top_p < 1.0:  # x / 1.0 is x: skip the copy
+        warped = warp_logits(warped, s)
     if generators is None:
         return torch.multinomial(warped.softmax(dim=-1), 1).squeeze(-1)
-    vocab = warped.shape[-1]
-    u = torch.stack([torch.rand(vocab, generator=g) for g in generators]).to(warped.device)
-    return (warped - torch.log(-torch.log(u))).argmax(dim=-1)
+    return _gumbel_argmax(warped, generators)
 
 
 def row_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed) % (2**63 - 1)) for seed in seeds]
+
+
+def _gumbel_argmax(warped: torch.Tensor, generators) -> torch.Tensor:
+    """argmax(warped - log(-log u)), u uniform from each row's generator; computed in
+    place in one buffer (the same numbers: negation is exact and addition commutes)."""
+    vocab = warped.shape[-1]
+    u = torch.empty(len(generators), vocab)
+    for row, g in zip(u, generators):
+        torch.rand(vocab, generator=g, out=row)
+    u = u.to(warped.device)
+    return u.log_().neg_().log_().neg_().add_(warped).argmax(dim=-1)
+
+
+def _chosen_logprobs(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tok] in float32: the sampler's log-prob of each drawn token, on
+    the trainer's definition (raw logits, the whole vocabulary)."""
+    logits = logits.float()
+    return logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 @torch.no_grad()
@@ -73,17 +91,37 @@ def generate(
     pad_token_id: int,
     sampling: Sampling,
     row_seeds: list[int] | None = None,
-) -> torch.Tensor:
+    fused: bool | None = None,
+    with_logprobs: bool = False,
+):
     """Completions [B * num_samples, T <= max_new_tokens] for left-padded prompts [B, P];
     rows of one prompt are contiguous. Positions after a row's EOS hold ``pad_token_id``.
-    ``row_seeds`` (one per output row) make each row's sampling independent of the batch."""
+    ``row_seeds`` (one per output row) make each row's sampling independent of the batch.
+
+    Each prompt is prefilled once by the model's forward and its KV cache repeated for its
+    rows; the decode steps then run on :class:`gym_core.fused.FusedDecoder` (adapters
+    merged, a preallocated cache, finished rows out of the batch) when the architecture
+    is one it reproduces, else on the model's own forward. ``fused``: True / False forces
+    one path (True raises for an unsupported model), None picks.
+    ``with_logprobs``: also return the sampler's log-prob of each drawn token [N, T]
+    (0 after a row's end), for the trainer's mismatch correction (docs/algorithms.md §3).
+    """
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                 logits_to_keep=1)
     cache = out.past_key_values
     logits = out.logits[:, -1]
     mask = prompt_mask
+    total = prompt_ids.shape[1] + max_new_tokens
+    decoder = None
+    if fused is not False and max_new_tokens > 1:
+        from gym_core.fused import FusedDecoder
+
+        decoder = FusedDecoder.build(model, total)
+        if decoder is None and fused:
+            raise ValueError(f"{type(model).__name__} has no fused decode path")
     if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
+        if decoder is None:
+            cache.batch_repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
         mask = mask.repeat_interleave(num_samples, dim=0)
     n = logits.shape[0]
@@ -92,21 +130,89 @@ def generate(
         if len(row_seeds) != n:
             raise ValueError(f"{len(row_seeds)} row seeds for {n} rows")
         generators = row_generators(row_seeds)
+    tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long,
+                        device=logits.device)
+    logps = torch.zeros(n, max_new_tokens, device=logits.device) if with_logprobs else None
+    prompt_len = prompt_ids.shape[1]
+    if decoder is not None:
+        decoder.rotary(total, logits.device)
+        decoder.load_cache(cache, num_samples, total)
+        del cache, out
+        full_mask = torch.ones(n, total, dtype=torch.bool, device=mask.device)
+        full_mask[:, :prompt_len] = mask.bool()
+        mask = full_mask
+        return _fused_loop(decoder, logits, mask, prompt_len, tokens, logps, sampling,
+                           generators, eos_token_id)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    ones = torch.ones(n, 1, dtype=mask.dtype, device=mask.device)
-    tokens = []
+    width = 0
     for step in range(max_new_tokens):
         tok = next_tokens(logits, sampling, generators)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
-        tokens.append(tok)
+        tokens[:, step] = tok
+        if logps is not None:
+            logps[:, step] = _chosen_logprobs(logits, tok).masked_fill(done, 0.0)
+        width = step + 1
         done |= tok == eos_token_id
         if step + 1 == max_new_tokens or bool(done.all()):
             break
-        mask = torch.cat([mask, ones], dim=1)
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], 1)
         out = model(input_ids=tok.unsqueeze(1), attention_mask=mask, past_key_values=cache,
                     use_cache=True)
         logits = out.logits[:, -1]
-    return torch.stack(tokens, dim=1)
+    ids = tokens[:, :width]
+    if logps is not None:
+        return ids, logps[:, :width]
+    return ids
+
+
+#: the fused loop compacts its batch when at most this share of the rows is still running
+COMPACT_AT = 0.5
+
+
+def _fused_loop(decoder, logits, mask, prompt_len, tokens, logps, sampling, generators,
+                eos_token_id):
+    """The decode loop on :class:`gym_core.fused.FusedDecoder`. Its weights are packed for
+    one batch size, and a packed product costs about the same for any number of rows
+    up to it (the weights' memory traffic dominates), so a finished row stays in the
+    batch, fed its EOS, without being sampled, until half the batch has finished; then
+    the finished rows leave and the weights are packed for the smaller batch."""
+    n, width = logits.shape[0], 0
+    rows = torch.arange(n, device=logits.device)  # the output row of each batch row
+    alive = torch.ones(n, dtype=torch.bool, device=logits.device)
+    fed = torch.empty(n, dtype=torch.long, device=logits.device)
+    decoder.pack(n)
+    for step in range(tokens.shape[1]):
+        every = bool(alive.all())
+        act = None if every else alive.nonzero().squeeze(1)
+        lg = logits if every else logits.index_select(0, act)
+        gens = generators if every or generators is None else [generators[i] for i in act.tolist()]
+        tok = next_tokens(lg, sampling, gens)
+        out_rows = rows if every else rows[act]
+        tokens[out_rows, step] = tok
+        if logps is not None:
+            logps[out_rows, step] = _chosen_logprobs(lg, tok)
+        width = step + 1
+        if every:
+            fed = tok
+            alive = tok != eos_token_id
+        else:
+            fed[act] = tok
+            alive[act] = tok != eos_token_id
+        live = int(alive.sum())
+        if step + 1 == tokens.shape[1] or live == 0:
+            break
+        if live <= alive.numel() * COMPACT_AT:  # enough rows finished: the rest move up
+            keep = alive.nonzero().squeeze(1)
+            rows, fed, mask, alive = rows[keep], fed[keep], mask[keep], alive[keep]
+            if generators is not None:
+                generators = [generators[i] for i in keep.tolist()]
+            decoder.keep_rows(keep)
+        pos = prompt_len + step
+        logits = decoder.step(fed, pos, mask[:, : pos + 1])
+    ids = tokens[:, :width]
+    if logps is not None:
+        return ids, logps[:, :width]
+    return ids
 
 
 def completion_masks(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +236,8 @@ class Samples:
     truncated: torch.Tensor  # [B * num_samples] bool: no EOS within max_new_tokens
     texts: list[str]  # decoded completions, special tokens dropped
     prompts_cut: int = 0  # prompts longer than max_prompt_length (they kept their end)
+    # [B * num_samples, C] the sampler's log-prob of each token (0 on padding), when asked
+    logprobs: torch.Tensor | None = None
 
 
 _warned_cut: set[int] = set()  # the limits a prompt-cut warning was printed for
@@ -138,15 +246,16 @@ _warned_cut: set[int] = set()  # the limits a prompt-cut warning was printed for
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
            max_new_tokens: int, sampling: Sampling, num_samples: int = 1,
-           row_seeds: list[int] | None = None, max_prompt_length: int | None = None
-           ) -> Samples:
+           row_seeds: list[int] | None = None, max_prompt_length: int | None = None,
+           with_logprobs: bool = False) -> Samples:
     """The one sampling path (rollouts, evaluation, a policy answering as a chat model):
     render the prompts (strings or chat messages) with the chat template, tokenize,
     generate with the KV cache (each prompt prefilled once for its ``num_samples`` rows),
     mask after the first EOS and decode. A prompt longer than ``max_prompt_length``
     tokens keeps its last ones, as offline batches do (:func:`gym_core.batching.
     encode_completions`): the end holds the question and the assistant turn's start; a
-    warning says so the first time."""
+    warning says so the first time. ``with_logprobs``: also record the sampler's
+    log-prob of each drawn token (:attr:`Samples.logprobs`)."""
     texts = render_prompts(tokenizer, prompts, system_prompt)
     ids = tokenizer(texts, add_special_tokens=False).input_ids
     cut = 0
@@ -177,10 +286,15 @@ def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
         ids = generate(model, prompt_ids, prompt_mask, num_samples=num_samples,
                        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, sampling=sampling,
-                       row_seeds=row_seeds)
+                       row_seeds=row_seeds, with_logprobs=with_logprobs)
     finally:
         model.train(was_training)
+    logprobs = None
+    if with_logprobs:
+        ids, logprobs = ids
     mask, truncated = completion_masks(ids, tokenizer.eos_token_id)
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    if logprobs is not None:
+        logprobs = logprobs.masked_fill(mask == 0, 0.0)
     return Samples(prompt_ids, prompt_mask, ids, mask, truncated,
-                   tokenizer.batch_decode(ids, skip_special_tokens=True), cut)
+                   tokenizer.batch_decode(ids, skip_special_tokens=True), cut, logprobs)

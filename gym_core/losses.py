@@ -37,8 +37,9 @@ def completion_logprobs(
 
     Each prompt is run once and its KV cache repeated for its G completions (gradients
     flow back through the repeat), instead of running the prompt G times; only the
-    completion positions go through the LM head. The result equals one forward pass over
-    the concatenated sequences.
+    completion's tokens (``completion_mask``) go through the LM head, and positions
+    after a completion's end hold 0. The result equals one forward pass over the
+    concatenated sequences on the completion's tokens.
 
     ``detached=(ids, mask)``: more completions of the same prompts ([N, C'] in the same
     row layout), scored without gradients from the same prompt pass; returns
@@ -50,9 +51,13 @@ def completion_logprobs(
     """
     _refuse_outside_ddp(model, "completion_logprobs")
     g = completion_ids.shape[0] // prompt_ids.shape[0]
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                logits_to_keep=1)
-    first = out.logits[:, -1:, :]
+    split = _decoder_and_head(model)
+    body = split[0] if split is not None else model
+    kept = {} if split is not None else {"logits_to_keep": 1}
+    out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kept)
+    # the prompt's last position predicts the first completion token: its hidden state
+    # (split) or its logits (the model's own head)
+    first = (out.last_hidden_state if split is not None else out.logits)[:, -1:, :]
     cache = out.past_key_values
     prompt_len = prompt_ids.shape[1]
     if g > 1:
@@ -61,13 +66,22 @@ def completion_logprobs(
         prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
 
     def score(ids, mask):
-        logits = first
+        rest = None
         if ids.shape[1] > 1:
             full_mask = torch.cat([prompt_mask, mask[:, :-1]], dim=1)
-            rest = model(input_ids=ids[:, :-1], attention_mask=full_mask,
-                         past_key_values=cache, use_cache=True).logits
-            logits = torch.cat([first, rest], dim=1)
-        return selective_log_softmax(logits.float(), ids)
+            rest = body(input_ids=ids[:, :-1], attention_mask=full_mask,
+                        past_key_values=cache, use_cache=True)
+            rest = rest.last_hidden_state if split is not None else rest.logits
+        if split is None:
+            logits = first if rest is None else torch.cat([first, rest], dim=1)
+            return selective_log_softmax(logits.float(), ids)
+        # Only the completion's own tokens go through the 49k-wide LM head and its
+        # log-softmax; positions after the end stay 0.
+        hidden = first if rest is None else torch.cat([first, rest], dim=1)
+        on = mask.bool()
+        picked = selective_log_softmax(split[1](hidden[on]).float(), ids[on])
+        return torch.zeros(ids.shape, dtype=picked.dtype, device=picked.device
+                           ).masked_scatter(on, picked)
 
     logp = score(completion_ids, completion_mask)
     if detached is None:
@@ -134,6 +148,23 @@ def _refuse_outside_ddp(model, name: str) -> None:
             "drift apart. Compute log-probs with self.policy.logprobs(batch) (or call this "
             "under torch.no_grad() for values without gradients)."
         )
+
+
+def _decoder_and_head(model):
+    """(decoder, LM head) of a causal LM whose logits are exactly ``head(decoder(x))``
+    (the architectures gym_core.fused reproduces), so the head can run on chosen
+    positions only; None for any other model (its own forward is used)."""
+    from gym_core.fused import ARCHS
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(hf, "config", None)
+    if config is None or config.model_type not in ARCHS:
+        return None
+    decoder = getattr(hf, getattr(hf, "base_model_prefix", "model"), None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if decoder is None or head is None:
+        return None
+    return decoder, head
 
 
 @dataclass(frozen=True)

@@ -279,16 +279,18 @@ class Policy:
                                 device=self.device, examples=examples)
 
     def sample(self, prompts: list, *, max_new_tokens: int, sampling, num_samples: int = 1,
-               row_seeds: list[int] | None = None, max_prompt_length: int | None = None):
+               row_seeds: list[int] | None = None, max_prompt_length: int | None = None,
+               with_logprobs: bool = False):
         """``num_samples`` completions of each prompt from the policy
         (:func:`gym_core.generation.sample`, prompts rendered with ``system_prompt``; over
-        ``max_prompt_length`` tokens they keep their end)."""
+        ``max_prompt_length`` tokens they keep their end); ``with_logprobs``: with the
+        sampler's log-prob of each token."""
         from gym_core.generation import sample
 
         return sample(self.model, self.tokenizer, prompts, system_prompt=self.system_prompt,
                       max_new_tokens=max_new_tokens, sampling=sampling,
                       num_samples=num_samples, row_seeds=row_seeds,
-                      max_prompt_length=max_prompt_length)
+                      max_prompt_length=max_prompt_length, with_logprobs=with_logprobs)
 
     def distribute(self, device: torch.device) -> None:
         """Wrap the scorer in DDP: gradients are all-reduced (averaged) across ranks."""

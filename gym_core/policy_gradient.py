@@ -12,6 +12,40 @@ from gym_core.errors import GymError
 from gym_core.losses import StepTotals
 
 SCALE_REWARDS = ("group", "batch", "none")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       mode: str, clip_min: float | None, clip_max: float | None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The sampler/trainer correction of docs/algorithms.md §3.2 (TRL 1.16's
+    ``vllm_importance_sampling_*``): d = (log pi_old - log pi_smp) on completion tokens;
+    rho = exp(d) per token ([N, T]) or exp(sum_t d) per sequence ([N, 1]); ``*_truncate``
+    clamps rho to [clip_min, clip_max], ``*_mask`` zeroes it outside. Returns rho (no
+    gradient) and TRL's ``sampling/*`` metrics."""
+    with torch.no_grad():
+        mask = mask.to(old_logp.dtype)
+        d = torch.nan_to_num((old_logp - sampler_logp) * mask, nan=0.0)
+        sequence = mode.startswith("sequence")
+        rho = torch.exp(d.sum(-1, keepdim=True) if sequence else d)
+        if mode.endswith("truncate"):
+            rho = rho.clamp(min=clip_min, max=clip_max)
+        else:
+            lo = float("-inf") if clip_min is None else clip_min
+            hi = float("inf") if clip_max is None else clip_max
+            rho = rho.masked_fill((rho < lo) | (rho > hi), 0.0)
+        on = mask.bool()
+        delta = (old_logp - sampler_logp).abs()[on & ~torch.isnan(old_logp - sampler_logp)]
+        flat = rho.flatten() if sequence else rho[on]
+        zero = torch.zeros((), device=rho.device)
+        metrics = {
+            "sampling/sampling_logp_difference/mean": (delta.mean() if delta.numel() else zero).item(),
+            "sampling/sampling_logp_difference/max": (delta.max() if delta.numel() else zero).item(),
+            "sampling/importance_sampling_ratio/min": (flat.min() if flat.numel() else zero).item(),
+            "sampling/importance_sampling_ratio/mean": (flat.mean() if flat.numel() else zero).item(),
+            "sampling/importance_sampling_ratio/max": (flat.max() if flat.numel() else zero).item(),
+        }
+    return rho, metrics
 
 
 def group_advantages(rollout, scale: str, eps: float = 1e-4) -> torch.Tensor:
@@ -34,7 +68,8 @@ class GroupPolicyGradient(Algorithm):
     :class:`gym_core.config.GroupPolicyConfig`. ``prepare`` fills ``batch.extras`` with
     ``advantages`` [N], ``loss_mask`` [N, C] (completion tokens, without truncated
     completions when ``mask_truncated_completions``), ``old_logp`` (when
-    ``num_iterations > 1``) and ``ref_logp`` (when ``beta != 0``)."""
+    ``num_iterations > 1``) and ``ref_logp`` (when ``beta != 0``). A method's ``loss``
+    multiplies its per-token loss by :meth:`sampling_correction`'s weight."""
 
     online = True
 
@@ -47,6 +82,16 @@ class GroupPolicyGradient(Algorithm):
             raise GymError(f"algorithm.num_iterations={cfg.num_iterations} must be at least 1")
         self.eps_low = cfg.epsilon
         self.eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        if cfg.importance_sampling_mode not in IS_MODES:
+            raise GymError(f"algorithm.importance_sampling_mode={cfg.importance_sampling_mode!r} "
+                           f"is not one of {IS_MODES}")
+        lo, hi = cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise GymError(f"algorithm.importance_sampling_clip_min={lo} must be below "
+                           f"algorithm.importance_sampling_clip_max={hi}")
+        if cfg.importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+            raise GymError(f"algorithm.importance_sampling_mode={cfg.importance_sampling_mode} "
+                           "needs algorithm.importance_sampling_clip_max or _clip_min")
 
     @property
     def needs_reference(self) -> bool:
@@ -77,6 +122,23 @@ class GroupPolicyGradient(Algorithm):
     def old_logprobs(self, batch, logp: torch.Tensor) -> torch.Tensor:
         """log pi_old: computed in :meth:`prepare`, or this forward's, detached."""
         return batch.extras.get("old_logp", logp.detach())
+
+    def sampling_correction(self, batch, old_logp: torch.Tensor
+                            ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The weight rho = pi_old / pi_sampler of docs/algorithms.md §3 that a method
+        multiplies into its per-token loss ([N, T] for token modes, [N, 1] for sequence
+        modes; no gradient), and the mismatch metrics. (None, {}) when the batch carries
+        no sampler log-probs (an offline batch); (None, metrics) when
+        ``importance_sampling_correction`` is off."""
+        sampler = getattr(batch, "sampler_logp", None)
+        if sampler is None:
+            return None, {}
+        cfg = self.cfg
+        rho, metrics = importance_weights(
+            old_logp, sampler.to(old_logp.device), batch.completion_mask,
+            cfg.importance_sampling_mode, cfg.importance_sampling_clip_min,
+            cfg.importance_sampling_clip_max)
+        return (rho if cfg.importance_sampling_correction else None), metrics
 
     def step_totals(self, batches) -> StepTotals:
         totals = super().step_totals(batches)

@@ -25,6 +25,9 @@ class Rollout:
     completions: list[str]
     reward_metrics: dict[str, float] = field(default_factory=dict)
     prompts_cut: int = 0  # prompts over max_prompt_length tokens (they kept their end)
+    # [N, C] the sampler's log-prob of each completion token (0 on padding): the trainer
+    # compares it with its own to measure and correct the mismatch (docs/algorithms.md §3)
+    sampler_logp: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithms' own tensors
 
     def __len__(self) -> int:
@@ -59,6 +62,7 @@ class RolloutEngine:
             max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
             sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
             row_seeds=None if seeds is None else [s * 1009 + i for s in seeds for i in range(g)],
+            with_logprobs=True,
         )
         completions = out.texts
         rows = [ex for ex in examples for _ in range(g)]
@@ -86,6 +90,7 @@ class RolloutEngine:
             completions=completions,
             reward_metrics=metrics,
             prompts_cut=out.prompts_cut,
+            sampler_logp=out.logprobs,
         )
 
 

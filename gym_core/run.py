@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from gym_core import threads
 from gym_core.checks import preflight
 from gym_core.delta import (
     apply_delta,
@@ -52,6 +53,7 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         preflight(cfg)
         chain = check_init(cfg.model)  # model.init: refused before anything is written
     dist = setup(cfg.trainer.device)
+    threads.configure(cfg.trainer.threads)
     try:
         run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
         # every rank works in rank 0's directory (a default run.name holds a time stamp)
@@ -65,6 +67,7 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             with config_errors():
                 return _run_job(cfg, run_dir, dist, stop, chain)
     finally:
+        threads.release()
         if dist.enabled:
             teardown()
 

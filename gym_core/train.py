@@ -21,6 +21,7 @@ from gym_core.distributed import Dist
 from gym_core.errors import GymError, Interrupted, warn
 from gym_core.metrics import MetricsLog
 from gym_core.rollout import RolloutEngine, rollout_metrics
+from gym_core.threads import rebalance
 
 
 @dataclass
@@ -199,6 +200,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         stop.deferred = True  # a signal now ends the loop after the step in progress
     try:
         while step < tcfg.max_steps:
+            rebalance()  # another gym process may have started or ended on these CPUs
             t0 = time.perf_counter()
             # 1. batches for the whole step (online: rollouts), so that loss normalisers
             #    that need step-wide counts (dapo, dr_grpo) know them before any backward.

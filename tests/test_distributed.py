@@ -41,11 +41,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, digits_plu
     assert [r["step"] for r in b] == [1, 2, 3]  # rank 0 alone logs: no duplicate rows
     # Tolerance: the same completions are sampled (per-example seeds), so rewards agree up
     # to float32 averaging (1e-6 relative); losses differ only by float reduction order
-    # across 2 ranks (gloo all-reduce, smaller matmuls), well under 1e-4 relative.
+    # across 2 ranks (gloo all-reduce, smaller matmuls), well under 1e-4 relative. The
+    # on-policy loss is 0 up to rounding (advantages sum to 0 in each group), and the
+    # sampler-mismatch weights (1 +- 1e-5, from sampler log-probs computed at another batch
+    # size) move that 0 by ~1e-7: hence the absolute floor.
     for ra, rb in zip(a, b):
         assert ra["reward_mean"] == pytest.approx(rb["reward_mean"], rel=1e-6)
         assert ra["completion_length"] == pytest.approx(rb["completion_length"], rel=1e-6)
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-7)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3)
     assert any(abs(r["loss"]) > 1e-6 for r in a)  # the trajectory is not trivially zero
     sa = json.loads((tmp_path / "runs/one/summary.json").read_text())

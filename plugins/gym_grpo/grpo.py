@@ -17,9 +17,12 @@ def grpo_token_loss(
     epsilon_high: float,
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss -min(w A, clip(w, 1-eps_low, 1+eps_high) A) + beta k3, with
-    w = pi_theta / pi_old per token and A the completion's advantage ([B] -> [B, T]).
+    """Per-token loss -min(w A, clip(w, 1-eps_low, 1+eps_high) A) rho + beta k3, with
+    w = pi_theta / pi_old per token and A the completion's advantage ([B] -> [B, T]);
+    rho (``is_weight``, [B, T] or [B, 1]) corrects a sampler/trainer mismatch and does
+    not touch the KL term (docs/algorithms.md §1.5 steps 4-5, §3).
 
     Returns the [B, T] loss and [B, T] diagnostics (kl, low/high clip indicators).
     """
@@ -27,6 +30,8 @@ def grpo_token_loss(
     adv = advantages.unsqueeze(1)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = -torch.min(ratio * adv, clipped * adv)
+    if is_weight is not None:
+        loss = loss * is_weight
     info = {
         "low_clipped": ((ratio < 1 - epsilon_low) & (adv < 0)).float(),
         "high_clipped": ((ratio > 1 + epsilon_high) & (adv > 0)).float(),
@@ -49,9 +54,11 @@ class GRPO(GroupPolicyGradient):
     def loss(self, batch, totals):
         logp = self.policy.logprobs(batch)
         mask = batch.extras["loss_mask"]
+        old = self.old_logprobs(batch, logp)
+        rho, sampling = self.sampling_correction(batch, old)
         per_token, info = grpo_token_loss(
-            logp, self.old_logprobs(batch, logp), batch.extras["advantages"], self.eps_low,
-            self.eps_high, self.cfg.beta, batch.extras.get("ref_logp"),
+            logp, old, batch.extras["advantages"], self.eps_low,
+            self.eps_high, self.cfg.beta, batch.extras.get("ref_logp"), rho,
         )
         loss = aggregate_token_loss(
             per_token, mask, self.cfg.loss_type, totals, self.cfg.max_completion_length
@@ -64,6 +71,7 @@ class GRPO(GroupPolicyGradient):
             "clip_ratio/low": low.item(),
             "clip_ratio/high": high.item(),
             "advantage_abs_mean": batch.extras["advantages"].abs().mean().item(),
+            **sampling,
         }
         if "kl" in info:
             metrics["kl"] = ((info["kl"] * mask).sum() / denom).item()

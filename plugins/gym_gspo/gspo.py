@@ -52,8 +52,16 @@ class GSPO(GroupPolicyGradient):
         mask = batch.extras["loss_mask"]
         per_seq, clipped = gspo_loss_terms(logp, old, batch.extras["advantages"], mask,
                                            self.eps_low, self.eps_high, self.cfg.variant)
+        rho, sampling = self.sampling_correction(batch, old)
+        if rho is not None:
+            # sampler/trainer mismatch (docs/algorithms.md §3.3): TRL weights the
+            # broadcast per-token loss by rho; per sequence that is rho's mean over the
+            # completion's tokens (rho itself in the sequence modes)
+            per_seq = per_seq * ((rho * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+                                 if rho.shape[-1] > 1 else rho.squeeze(-1))
         metrics = {"clip_fraction": clipped.mean().item(),
-                   "seq_ratio_mean": torch.exp(sequence_log_ratio(logp, old, mask)).mean().item()}
+                   "seq_ratio_mean": torch.exp(sequence_log_ratio(logp, old, mask)).mean().item(),
+                   **sampling}
         if self.needs_reference:
             kl = k3_kl(logp, batch.extras["ref_logp"])
             per_seq = per_seq + self.cfg.beta * (kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)

@@ -1,0 +1,111 @@
+"""gym's thread count: the CPUs it is given, divided among the gym processes sharing them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gym_core import threads
+from gym_core.errors import GymError
+from gym_core.threads import ThreadPlan, cgroup_cpus, cpu_budget, prepare_environment
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpus(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpus(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert cgroup_cpus(v1) == 0.5
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1")
+    assert cgroup_cpus(v1) is None
+
+
+def test_budget_follows_affinity_and_torchrun_ranks(monkeypatch):
+    monkeypatch.setattr(threads, "affinity", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: None)
+    assert cpu_budget({}) == 4
+    assert cpu_budget({"LOCAL_WORLD_SIZE": "2"}) == 2
+    assert cpu_budget({"LOCAL_WORLD_SIZE": "8"}) == 1
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: 1.5)
+    assert cpu_budget({}) == 2  # a quota of 1.5 CPUs: two threads
+
+
+def test_cpus_are_divided_among_live_gym_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads, "affinity", lambda: {0, 1})
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: None)
+    plan = ThreadPlan(None, environ={}, folder=tmp_path)
+    try:
+        assert (tmp_path / str(os.getpid())).read_text() == "0,1"
+        assert plan.threads() == 2
+        # another gym process on the same CPUs: one thread each
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            (tmp_path / str(other.pid)).write_text("1")
+            assert plan.threads() == 1
+            (tmp_path / "999999999").write_text("0,1")  # a process that died: ignored
+            (tmp_path / "elsewhere").write_text("0,1")
+            assert plan.threads() == 1
+            assert not (tmp_path / "999999999").exists()
+        finally:
+            other.kill()
+            other.wait()
+        assert plan.threads() == 2  # it ended: both CPUs again
+        # a process on other CPUs does not count
+        (tmp_path / str(os.getppid())).write_text("5,6")
+        assert plan.threads() == 2
+    finally:
+        plan.close()
+    assert not (tmp_path / str(os.getpid())).exists()
+
+
+def test_a_fixed_number_wins(tmp_path):
+    assert ThreadPlan(3, environ={}, folder=tmp_path).threads() == 3
+    plan = ThreadPlan(None, environ={"OMP_NUM_THREADS": "1"}, folder=tmp_path)
+    assert (plan.threads(), plan.source) == (1, "OMP_NUM_THREADS")  # joblib's workers
+    assert not any(tmp_path.iterdir())  # fixed: not registered
+    with pytest.raises(GymError, match="trainer.threads=0"):
+        ThreadPlan(0, environ={}, folder=tmp_path)
+
+
+def test_openmp_spinning_is_bounded_unless_the_user_chose():
+    env = {}
+    prepare_environment(env)
+    assert env == {"GOMP_SPINCOUNT": threads.SPIN_COUNT}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    prepare_environment(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_a_run_sets_torchs_threads_from_trainer_threads(tmp_path, tiny_overrides):
+    import torch
+
+    from gym_core.run import run_job
+    from gym_core.startup import compose
+
+    before = torch.get_num_threads()
+    seen = []
+    from gym_core import train as train_module
+
+    real = train_module.rebalance
+
+    def spy():
+        seen.append(torch.get_num_threads())
+        return real()
+
+    train_module.rebalance = spy
+    try:
+        cfg = compose([*tiny_overrides, "trainer.max_steps=1", "trainer.threads=1",
+                       "trainer.eval_before=false", "run.name=threads"])
+        run_job(cfg, tmp_path / "run")
+    finally:
+        train_module.rebalance = real
+        torch.set_num_threads(before)
+    assert seen == [1]
+    assert threads._plan is None  # released at the end of the job
