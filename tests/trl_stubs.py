@@ -70,3 +70,104 @@ def trl_kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, labels, *, beta,
               "completion_mask": torch.ones(n, t_len, dtype=torch.long),
               "label": labels, "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
     return float(t._compute_loss(lambda **kw: outputs, inputs, return_outputs=False))
+
+
+class _Accelerator:
+    """What the trainers' loss code asks of accelerate, for one process."""
+
+    num_processes = 1
+    device = torch.device("cpu")
+    sync_gradients = True
+
+    def gather(self, x):
+        return x
+
+    def gather_for_metrics(self, x):
+        return x
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def unwrap_model(self, m):
+        return m
+
+
+def _group_policy_stub(logp, *, beta, eps_low, eps_high, ga):
+    """A trainer object with what GRPO-style ``_compute_loss`` reads; ``logp`` is what the
+    stubbed log-prob pass returns (a leaf with gradients)."""
+    st = SimpleNamespace()
+    st._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.ones_like(logp), None)
+    st.top_entropy_quantile, st.off_policy_mask_threshold = 1.0, None
+    st.beta, st.epsilon_low, st.epsilon_high = beta, eps_low, eps_high
+    st.model = SimpleNamespace(training=True)
+    st.current_gradient_accumulation_steps = ga
+    st.accelerator, st.aux_loss_enabled, st._entropy_bonus_enabled = _Accelerator(), False, False
+    st._metrics = {"train": defaultdict(list)}
+    return st
+
+
+def _inputs(mask, adv, old, ref):
+    b = mask.shape[0]
+    out = {"prompt_ids": torch.zeros(b, 2, dtype=torch.long), "prompt_mask": torch.ones(b, 2),
+           "completion_ids": torch.zeros(mask.shape, dtype=torch.long), "completion_mask": mask,
+           "advantages": adv}
+    if old is not None:
+        out["old_per_token_logps"] = old
+    if ref is not None:
+        out["ref_per_token_logps"] = ref
+    return out
+
+
+def trl_grpo_loss(logp, old, ref, adv, mask, *, loss_type, level="token", beta=0.0,
+                  delta=None, eps=0.2, eps_high=None, bias_correction_kl=True, ga=1,
+                  steps_per_generation=None, num_items=None, max_completion_length=8,
+                  sapo=(1.0, 1.05), vespo=(2.0, 3.0, 3.0, 2.0)):
+    """TRL 1.16's ``GRPOTrainer._compute_loss`` on one micro-batch: (loss, d loss / d logp).
+    ``num_items``: the generation batch's active tokens (dapo, cispo, vespo)."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    lp = logp.detach().clone().requires_grad_(True)
+    st = _group_policy_stub(lp, beta=beta, eps_low=eps,
+                            eps_high=eps if eps_high is None else eps_high, ga=ga)
+    st.importance_sampling_level, st.loss_type, st.use_vllm = level, loss_type, False
+    st.vllm_importance_sampling_correction = False
+    st.max_completion_length = max_completion_length
+    st.args = SimpleNamespace(
+        use_bias_correction_kl=bias_correction_kl, delta=delta, sapo_temperature_pos=sapo[0],
+        sapo_temperature_neg=sapo[1], vespo_k_pos=vespo[0], vespo_lambda_pos=vespo[1],
+        vespo_k_neg=vespo[2], vespo_lambda_neg=vespo[3],
+        steps_per_generation=ga if steps_per_generation is None else steps_per_generation)
+    st.get_gamma_weights = GRPOTrainer.get_gamma_weights
+    inputs = _inputs(mask, adv, old, ref)
+    inputs["num_items_in_batch"] = torch.tensor(
+        float(mask.sum() if num_items is None else num_items))
+    loss = GRPOTrainer._compute_loss(st, None, inputs)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+def trl_gmpo_loss(logp, old, ref, adv, mask, *, beta=0.0, eps=0.4, eps_high=None, ga=1):
+    """TRL 1.16's ``GMPOTrainer._compute_loss`` (trl.experimental.gmpo) on one micro-batch."""
+    from trl.experimental.gmpo.gmpo_trainer import GMPOTrainer
+
+    lp = logp.detach().clone().requires_grad_(True)
+    st = _group_policy_stub(lp, beta=beta, eps_low=eps,
+                            eps_high=eps if eps_high is None else eps_high, ga=ga)
+    loss = GMPOTrainer._compute_loss(st, None, _inputs(mask, adv, old, ref))
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+def trl_rloo_loss(logp, old, adv, mask, *, eps=0.2, eps_high=None):
+    """TRL 1.16's ``RLOOTrainer._compute_loss`` on one micro-batch (``old``: per-token
+    log-probs of the sampling policy, summed over the mask as TRL stores them)."""
+    from trl.trainer.rloo_trainer import RLOOTrainer
+
+    lp = logp.detach().clone().requires_grad_(True)
+    st = _group_policy_stub(lp, beta=0.0, eps_low=eps,
+                            eps_high=eps if eps_high is None else eps_high, ga=1)
+    inputs = _inputs(mask, adv, None, None)
+    inputs["old_logps"] = (old * mask).sum(1)
+    loss = RLOOTrainer._compute_loss(st, None, inputs)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad

@@ -7,6 +7,7 @@ numbers match it to float precision (tests/plugins/test_grpo_losses.py)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -150,9 +151,10 @@ class GRPO(GroupPolicyGradient):
                            "set algorithm.epsilon_high (TRL recommends 5.0), or use "
                            "algorithm=cispo")
         if cfg.delta is not None and cfg.delta <= 1 + self.eps_high:
-            raise GymError(f"algorithm.delta={cfg.delta} must exceed 1 + epsilon_high = "
-                           f"{1 + self.eps_high} (two-sided clipping caps the unclipped "
-                           "ratio of negative advantages above the clip range, §1.8)")
+            # allowed, as in TRL, but then delta also caps ratios inside the clip range
+            warnings.warn(f"algorithm.delta={cfg.delta} is not above 1 + epsilon_high = "
+                          f"{1 + self.eps_high}: two-sided clipping is meant to cap ratios "
+                          "beyond the clip range (docs/algorithms.md §1.8)", stacklevel=2)
 
     def loss(self, batch, totals):
         cfg = self.cfg
