@@ -171,3 +171,48 @@ def trl_rloo_loss(logp, old, adv, mask, *, eps=0.2, eps_high=None):
     loss = RLOOTrainer._compute_loss(st, None, inputs)
     (grad,) = torch.autograd.grad(loss, lp)
     return loss.detach(), grad
+
+
+def trl_dpo_token_loss(lp, ref, mask, *, beta, loss_types, loss_weights=None,
+                       label_smoothing=0.0, f_divergence_type="reverse_kl",
+                       f_alpha_divergence_coef=0.5, discopop_tau=0.05, ld_alpha=None):
+    """TRL 1.16's ``DPOTrainer._compute_loss`` on one micro-batch, from per-token
+    log-probs: ``lp``, ``ref`` and ``mask`` are [2B, T] in TRL's layout (the B chosen
+    rows, then the B rejected rows; ``lp`` is 0 outside the mask, as TRL's fused head
+    leaves it). The reference is scored by a stub reference model inside the loss, as
+    TRL does without precomputed reference log-probs. Returns (loss, d loss / d lp)."""
+    import contextlib
+
+    import trl.trainer.dpo_trainer as dpo_module
+    from trl import DPOTrainer
+
+    lp = lp.detach().clone().requires_grad_(True)
+
+    def out(x):
+        z = torch.zeros_like(x)
+        return SimpleNamespace(log_probs=x, entropy=z, mean_logits=z, is_top1=z.bool(),
+                               aux_loss=None)
+
+    n = mask.shape[0]
+    t = DPOTrainer.__new__(DPOTrainer)
+    t.model, t.accelerator = SimpleNamespace(training=True), _Accelerator()
+    t.args = SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None)
+    t.aux_loss_enabled, t.ld_alpha, t.precompute_ref_logps = False, ld_alpha, False
+    t.f_divergence_type, t.f_alpha_divergence_coef = f_divergence_type, f_alpha_divergence_coef
+    t.loss_types = list(loss_types)
+    t.loss_weights = list(loss_weights or [1.0] * len(loss_types))
+    t.beta, t.label_smoothing, t.use_weighting = beta, label_smoothing, False
+    t._metrics, t._total_train_tokens, t._tp_size = defaultdict(lambda: defaultdict(list)), 0, 1
+    t.ref_model = lambda **kw: out(ref)
+    inputs = {"input_ids": torch.zeros(n, mask.shape[1] + 1, dtype=torch.long),
+              "attention_mask": torch.ones(n, mask.shape[1] + 1, dtype=torch.long),
+              "completion_mask": torch.cat([torch.zeros(n, 1), mask], dim=1).long()}
+    saved = dpo_module.is_peft_model, dpo_module.disable_gradient_checkpointing
+    dpo_module.is_peft_model = lambda m: False
+    dpo_module.disable_gradient_checkpointing = lambda *a, **k: contextlib.nullcontext()
+    try:
+        loss = t._compute_loss(lambda **kw: out(lp), inputs, return_outputs=False)
+    finally:
+        dpo_module.is_peft_model, dpo_module.disable_gradient_checkpointing = saved
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
