@@ -216,3 +216,47 @@ def trl_dpo_token_loss(lp, ref, mask, *, beta, loss_types, loss_weights=None,
         dpo_module.is_peft_model, dpo_module.disable_gradient_checkpointing = saved
     (grad,) = torch.autograd.grad(loss, lp)
     return loss.detach(), grad
+
+
+def trl_rloo_advantages(rewards_per_func, reward_weights, old, ref, lengths, *, k, beta,
+                        reward_clip_range=None, normalize_advantages=False):
+    """The advantages TRL 1.16's ``RLOOTrainer._generate_and_score_completions`` computes
+    for one process: ``rewards_per_func`` [N, F] (NaN where a function returned None), the
+    sampling policy's and the reference's per-token log-probs [N, T] and each
+    completion's length (its tokens come first in the row). Generation, the log-prob
+    passes and the reward functions are stubs returning these tensors."""
+    import contextlib
+
+    import trl.trainer.rloo_trainer as rloo_module
+    from trl.trainer.rloo_trainer import RLOOTrainer
+
+    n, width = old.shape
+    st = SimpleNamespace()
+    st.accelerator = _Accelerator()
+    st.accelerator.process_index = 0
+    st.model = SimpleNamespace(training=True)
+    ref_model = object()
+    st.ref_model = ref_model
+    st._generate = lambda prompts: ([[1, 2]] * n, [[5] * int(m) for m in lengths],
+                                    ["x"] * n)
+    st._tokenizer = SimpleNamespace(pad_token_id=0)
+    st.pad_to_multiple_of, st.mask_truncated_completions = None, False
+    st.args = SimpleNamespace(per_device_train_batch_size=n, gradient_checkpointing_kwargs=None)
+    st._get_per_token_logps_and_entropies = (
+        lambda model, *a, **kw: (ref if model is ref_model else old, None, None))
+    st._calculate_rewards = lambda *a: rewards_per_func
+    st.reward_weights = torch.tensor(reward_weights, dtype=torch.float32)
+    st.reward_func_names = [f"r{i}" for i in range(rewards_per_func.shape[1])]
+    st.num_generations, st.beta = k, beta
+    st.reward_clip_range, st.normalize_advantages = reward_clip_range, normalize_advantages
+    st._metrics = {"train": defaultdict(list)}
+    st._logs = {"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
+                "extra": defaultdict(list), "images": []}
+    st._pending_extra_logs, st._pending_metrics, st.log_multimodal = {}, {}, False
+    saved = rloo_module.disable_gradient_checkpointing
+    rloo_module.disable_gradient_checkpointing = lambda *a, **kw: contextlib.nullcontext()
+    try:
+        out = RLOOTrainer._generate_and_score_completions(st, [{"prompt": "q"}] * n)
+    finally:
+        rloo_module.disable_gradient_checkpointing = saved
+    return out["advantages"]
