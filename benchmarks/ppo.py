@@ -28,8 +28,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[4],
                         help="PPO num_ppo_epochs values to time")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    # the batch; smaller values only to check that the script runs
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=32)
     args = parser.parse_args()
-    common = ["--beta", str(args.kl), "--steps", str(args.steps)]
+    batch = ["--prompts-per-step", str(args.prompts_per_step), "--num-generations",
+             str(args.num_generations), "--max-completion-length", str(args.max_completion_length)]
+    common = ["--beta", str(args.kl), "--steps", str(args.steps), *batch]
     rows = [("grpo", run_half(HERE / "grpo_gym.py", [*common, "--algorithm", "grpo"]))]
     for epochs in args.epochs:
         rows.append((f"ppo, {epochs} epochs", run_half(
@@ -37,8 +43,9 @@ def main() -> None:
                                    f"algorithm.num_ppo_epochs={epochs}"])))
         print(f"{rows[-1][0]}: {rows[-1][1]['sec_per_step']:.2f} s/step", file=sys.stderr)
     grpo = rows[0][1]
-    print("gym step on SmolLM2-135M-Instruct + LoRA r16, 4 prompts x G=8, <=32 completion "
-          f"tokens, KL weight {args.kl}, fp32 CPU, {args.steps - 1} timed steps each")
+    print(f"gym step on SmolLM2-135M-Instruct + LoRA r16, {args.prompts_per_step} prompts x "
+          f"G={args.num_generations}, <={args.max_completion_length} completion tokens, KL "
+          f"weight {args.kl}, fp32 CPU, {args.steps - 1} timed steps each")
     head = f"{'method':<16} | {'s/step':>7} | {'generate s':>10} | {'x GRPO':>6} | {'peak MiB':>8}"
     print(head)
     print("-" * len(head))

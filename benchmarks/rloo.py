@@ -28,17 +28,24 @@ def main() -> None:
     # TRL's RLOO default beta is 0.05 (a reference pass and a KL reward); 0 skips both
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.05])
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    # the batch; smaller values only to check that the script runs
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=32)
     args = parser.parse_args()
+    batch = ["--prompts-per-step", str(args.prompts_per_step), "--num-generations",
+             str(args.num_generations), "--max-completion-length", str(args.max_completion_length)]
     results = []
     for beta in args.betas:
-        common = ["--beta", str(beta), "--steps", str(args.steps)]
+        common = ["--beta", str(beta), "--steps", str(args.steps), *batch]
         gym = run_half(HERE / "grpo_gym.py", [*common, "--algorithm", "rloo"])
         trl = run_half(HERE / "grpo_trl.py", [*common, "--method", "rloo"])
         results.append((gym, trl))
         print(f"beta {beta}: gym {gym['sec_per_step']:.2f} s/step, "
               f"trl {trl['sec_per_step']:.2f} s/step", file=sys.stderr, flush=True)
-    print("RLOO step on SmolLM2-135M-Instruct + LoRA r16, 4 prompts x G=8, <=32 completion "
-          f"tokens, fp32 CPU, {args.steps - 1} timed steps each (ratios vs TRL)")
+    print(f"RLOO step on SmolLM2-135M-Instruct + LoRA r16, {args.prompts_per_step} prompts x "
+          f"G={args.num_generations}, <={args.max_completion_length} completion tokens, fp32 "
+          f"CPU, {args.steps - 1} timed steps each (ratios vs TRL)")
     print(ratio_table(results, ("beta", "beta"), "completion_tokens_per_sec"))
     if args.json:
         args.json.write_text(json.dumps([{"gym": g, "trl": t} for g, t in results], indent=2))
