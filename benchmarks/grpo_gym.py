@@ -1,4 +1,5 @@
-"""gym's half of the GRPO benchmark: time gym's GRPO step on CPU.
+"""gym's half of the GRPO benchmark (and of the RLOO and PPO ones): time gym's GRPO step
+(or RLOO's, PPO's, GSPO's: ``--algorithm``) on CPU.
 
 The same settings as ``grpo_trl.py``: SmolLM2-135M-Instruct in fp32, LoRA r=16/alpha=32
 on all linear layers, ``prompts_per_step`` prompts x ``num_generations`` completions per
@@ -35,6 +36,7 @@ def run_gym_grpo(
     seed: int = 0,
     algorithm: str = "grpo",
     threads: int | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     if steps < 2:
         raise ValueError("steps must be >= 2: the first step is an untimed warm-up")
@@ -42,10 +44,12 @@ def run_gym_grpo(
     import gym_core
     from gym_core.startup import compose
 
+    # PPO's KL weight is its per-token reward penalty kl_coef; the others' is beta
+    kl = "kl_coef" if algorithm == "ppo" else "beta"
     cfg = compose([
         "model=local", f"model.path={model_dir}",
         f"model.lora.r={lora_r}", f"model.lora.alpha={lora_alpha}",
-        f"algorithm={algorithm}", f"algorithm.beta={beta}", "algorithm.lr=1e-5",
+        f"algorithm={algorithm}", f"algorithm.{kl}={beta}", "algorithm.lr=1e-5",
         *(["algorithm.loss_type=dapo"] if algorithm == "grpo" else []),
         "algorithm.temperature=1.0",
         f"algorithm.num_generations={num_generations}",
@@ -53,7 +57,7 @@ def run_gym_grpo(
         f"trainer.max_steps={steps}", f"trainer.batch_size={prompts_per_step}",
         "trainer.warmup_steps=0", "trainer.save_every=0", f"trainer.seed={seed}",
         "trainer.progress=false", "trainer.tensorboard=false",
-        *([f"trainer.threads={threads}"] if threads else []),
+        *([f"trainer.threads={threads}"] if threads else []), *(overrides or []),
     ])
     run = train_gym(cfg, algorithm, ["accuracy"], seed)
     rows = run["rows"]
@@ -88,14 +92,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--algorithm", default="grpo", help="grpo, or gspo for its step time")
+    parser.add_argument("--algorithm", default="grpo",
+                        help="grpo, or rloo, ppo, gspo for their step times")
     parser.add_argument("--threads", type=int, default=None, help="default: gym's choice")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a further gym override, e.g. algorithm.num_ppo_epochs=1")
     args = parser.parse_args(argv)
     result = run_gym_grpo(
         args.model_dir or str(smollm2_folder()), beta=args.beta, steps=args.steps,
         prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, seed=args.seed,
-        algorithm=args.algorithm, threads=args.threads,
+        algorithm=args.algorithm, threads=args.threads, overrides=args.override,
     )
     print(json.dumps(result, indent=2))
 

@@ -1,4 +1,5 @@
-"""TRL's half of the GRPO benchmark: time ``trl.GRPOTrainer`` on CPU.
+"""TRL's half of the GRPO benchmark: time ``trl.GRPOTrainer`` on CPU (or, with
+``--method rloo``, ``trl.RLOOTrainer``: TRL 1.16's RLOO on the same settings).
 
 Trains a LoRA adapter on SmolLM2-135M-Instruct with TRL's ``GRPOTrainer`` on the same
 settings gym's GRPO step uses (fp32 on CPU, LoRA r=16/alpha=32 on all linear layers,
@@ -86,8 +87,10 @@ def run_trl_grpo(
     lora_alpha: int = 32,
     seed: int = 0,
     gradient_checkpointing: bool = False,
+    method: str = "grpo",
 ) -> dict:
-    """Train TRL's GRPOTrainer for ``steps`` optimizer steps on CPU and time it.
+    """Train TRL's GRPOTrainer (``method="rloo"``: RLOOTrainer) for ``steps`` optimizer
+    steps on CPU and time it.
 
     :param model_dir: a plain Hugging Face model folder (SmolLM2-135M-Instruct).
     :param beta: KL coefficient; 0 skips the reference forward pass entirely.
@@ -109,7 +112,17 @@ def run_trl_grpo(
         PrinterCallback,
         ProgressCallback,
     )
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    if method == "grpo":
+        Config, Trainer = GRPOConfig, GRPOTrainer
+        # DAPO aggregation and group-scaled advantages, as gym's GRPO benchmark half
+        method_args = {"loss_type": "dapo", "scale_rewards": "group"}
+    elif method == "rloo":
+        Config, Trainer = RLOOConfig, RLOOTrainer
+        method_args = {}  # leave-one-out baseline, KL in the reward: TRL's defaults
+    else:
+        raise ValueError(f"method {method!r} is not grpo or rloo")
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # TRL pads prompts itself, but this is how it would load the tokenizer on its own.
@@ -134,14 +147,14 @@ def run_trl_grpo(
         task_type="CAUSAL_LM",
     )
 
-    with tempfile.TemporaryDirectory(prefix="trl-grpo-bench-") as output_dir:
-        config = GRPOConfig(
+    with tempfile.TemporaryDirectory(prefix=f"trl-{method}-bench-") as output_dir:
+        config = Config(
             output_dir=output_dir,
             # --- device and precision: CPU, fp32 (TRL defaults bf16=True) ---
             use_cpu=True,
             bf16=False,
             fp16=False,
-            **trl_checkpointing(GRPOConfig, gradient_checkpointing),
+            **trl_checkpointing(Config, gradient_checkpointing),
             # --- batch: TRL counts completions, so one step = prompts_per_step x G ---
             per_device_train_batch_size=prompts_per_step * num_generations,
             gradient_accumulation_steps=1,
@@ -154,14 +167,14 @@ def run_trl_grpo(
             temperature=1.0,
             top_p=1.0,
             top_k=0,
-            # --- GRPO loss ---
+            # --- the loss ---
             beta=beta,
-            loss_type="dapo",
+            **method_args,
             # One optimizer step per rollout batch, so the policy that sampled is the one
-            # being trained: TRL skips the extra "old log-prob" forward pass.
+            # being trained: GRPOTrainer skips the extra "old log-prob" forward pass
+            # (RLOOTrainer always runs it).
             num_iterations=1,
             epsilon=0.2,
-            scale_rewards="group",
             # --- optimizer (matches gym's defaults) ---
             learning_rate=1e-5,
             lr_scheduler_type="constant",
@@ -182,7 +195,7 @@ def run_trl_grpo(
             dataloader_num_workers=0,
         )
         timed: list[dict[str, Any]] = []
-        trainer = GRPOTrainer(
+        trainer = Trainer(
             model=model,
             reward_funcs=accuracy_reward,
             args=config,
@@ -210,7 +223,7 @@ def run_trl_grpo(
     completions_per_step = prompts_per_step * num_generations
     tokens = [s["logs"]["completions/mean_length"] * completions_per_step for s in measured]
     return {
-        "impl": f"trl {trl.__version__}",
+        "impl": f"trl {trl.__version__}" + ("" if method == "grpo" else f" {method}"),
         "beta": beta,
         "sec_per_step": total_sec / len(measured),
         "completion_tokens_per_sec": sum(tokens) / total_sec,
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--method", default="grpo", choices=["grpo", "rloo"])
     args = parser.parse_args(argv)
 
     result = run_trl_grpo(
@@ -274,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         lora_alpha=args.lora_alpha,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        method=args.method,
     )
     print(json.dumps(result, indent=2))
 

@@ -69,6 +69,14 @@ class Algorithm:
         ``batch.completion_mask``."""
         raise NotImplementedError(f"{type(self).__name__} is offline but has no collate()")
 
+    @torch.no_grad()
+    def prepare_step(self, batches: list[Any]) -> None:
+        """Called once per step after every batch was prepared, without gradients, with
+        all of this rank's batches: statistics over the whole step (a batch-wide reward
+        std, advantage whitening) go here; reduce over ranks with
+        ``gym_core.api.sum_over_ranks`` so that N processes compute what one would.
+        Default: nothing."""
+
     def step_totals(self, batches: list[Any]) -> StepTotals:
         """Counts over the whole step for loss normalisers (default: sequences and
         completion tokens)."""

@@ -56,6 +56,7 @@ _LAZY = {
     "aggregate_token_loss": "gym_core.losses",
     "k3_kl": "gym_core.losses",
     "mean_over_ranks": "gym_core.distributed",
+    "sum_over_ranks": "gym_core.distributed",
     # data
     "Task": "gym_core.data",
     "read_jsonl": "gym_core.data",

@@ -69,10 +69,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
+HEADS_PREFIX = "gym_heads."  # the policy's heads (gym_core.model.Policy.add_head)
+
+
+def trainable_params(model: torch.nn.Module, heads: torch.nn.Module | None = None
+                     ) -> dict[str, torch.nn.Parameter]:
+    """The model's trainable parameters by name, and the heads' under ``gym_heads.``."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if heads is not None:
+        named.update({HEADS_PREFIX + n: p for n, p in heads.named_parameters() if p.requires_grad})
+    return named
+
+
+def trainable_state(model: torch.nn.Module, heads: torch.nn.Module | None = None
+                    ) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in trainable_params(model, heads).items()}
 
 
 def save_checkpoint(
@@ -83,11 +94,12 @@ def save_checkpoint(
     scheduler,
     extra: dict[str, Any],
     keep_last: int,
+    heads: torch.nn.Module | None = None,
 ) -> Path:
     final = checkpoints_dir(run_dir) / f"step-{step:06d}"
     # re-saving the same step (the end of a resumed, finished run) replaces it
     with atomic_path(final, folder=True) as tmp:
-        save_file(trainable_state(model), str(tmp / WEIGHTS))
+        save_file(trainable_state(model, heads), str(tmp / WEIGHTS))
         state = {"rng": rng_state(), **extra}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
@@ -107,8 +119,10 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG; returns the saved extras."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
+                    heads: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore weights (the model's and the heads'), optimizer, scheduler and RNG; returns
+    the saved extras."""
     try:
         weights = load_file(str(path / WEIGHTS))
         state = torch.load(path / STATE, weights_only=True, map_location="cpu")
@@ -117,8 +131,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
             f"checkpoint {path} is unreadable ({exc}). Delete that directory to resume from "
             "the one before it, or start a new run with another run.name."
         ) from exc
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
+    params = trainable_params(model, heads)
+    trainable = set(params)
     if set(weights) != trainable:
         missing = sorted(trainable - set(weights))[:3]
         extra = sorted(set(weights) - trainable)[:3]

@@ -85,6 +85,15 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all ranks (elementwise); itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
 def setup(device_name: str) -> Dist:
     """Join the process group ``torchrun`` describes in the environment, if any."""
     from gym_core.errors import GymError

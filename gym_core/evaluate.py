@@ -46,8 +46,11 @@ def preference_accuracy(policy, examples, *, batch_size=32, max_prompt_length=25
     total = len(pairs)
     pairs = pairs[dist.rank :: dist.world]
     model = policy.model
-    was_training = model.training
+    was_training, temperature = model.training, policy.temperature
     model.eval()
+    # the metric compares the model's own log-probs (T = 1), whatever temperature the
+    # trained method samples and scores at
+    policy.temperature = 1.0
     wins = 0.0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -61,4 +64,5 @@ def preference_accuracy(policy, examples, *, batch_size=32, max_prompt_length=25
         sums = (logp * batch.completion_mask).sum(-1).view(-1, 2)
         wins += (sums[:, 0] > sums[:, 1]).float().sum().item()
     model.train(was_training)
+    policy.temperature = temperature
     return dist.all_reduce_sum([wins])[0] / total

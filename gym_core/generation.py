@@ -72,10 +72,13 @@ def _gumbel_argmax(warped: torch.Tensor, generators) -> torch.Tensor:
     return u.log_().neg_().log_().neg_().add_(warped).argmax(dim=-1)
 
 
-def _chosen_logprobs(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tok] in float32: the sampler's log-prob of each drawn token, on
-    the trainer's definition (raw logits, the whole vocabulary)."""
+def _chosen_logprobs(logits: torch.Tensor, tok: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[tok] in float32: the sampler's log-prob of each
+    drawn token, on the trainer's definition (tempered logits, the whole vocabulary, no
+    top-k / top-p: docs/algorithms.md §0.2)."""
     logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -150,7 +153,7 @@ def generate(
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         tokens[:, step] = tok
         if logps is not None:
-            logps[:, step] = _chosen_logprobs(logits, tok).masked_fill(done, 0.0)
+            logps[:, step] = _chosen_logprobs(logits, tok, sampling.temperature).masked_fill(done, 0.0)
         width = step + 1
         done |= tok == eos_token_id
         if step + 1 == max_new_tokens or bool(done.all()):
@@ -190,7 +193,7 @@ def _fused_loop(decoder, logits, mask, prompt_len, tokens, logps, sampling, gene
         out_rows = rows if every else rows[act]
         tokens[out_rows, step] = tok
         if logps is not None:
-            logps[out_rows, step] = _chosen_logprobs(lg, tok)
+            logps[out_rows, step] = _chosen_logprobs(lg, tok, sampling.temperature)
         width = step + 1
         if every:
             fed = tok

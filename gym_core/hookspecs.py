@@ -113,6 +113,9 @@ def gym_add_algorithms(registry: Registry) -> None:
       exactly as rollouts and evaluation do (chat template, ``data.system_prompt``) and
       returns a ``CompletionBatch``. Then ``prepare(batch)`` without gradients
       (advantages, old and reference log-probs).
+    - ``prepare_step(batches)`` once per step, without gradients, with all of this
+      rank's batches: statistics over the whole step (a batch-wide std, advantage
+      whitening), reduced over ranks with ``sum_over_ranks``.
     - ``step_totals(batches)``: counts over the whole step that step-level normalisers
       divide by (the default counts ``len(batch)`` sequences and
       ``batch.completion_mask`` tokens).
@@ -127,7 +130,13 @@ def gym_add_algorithms(registry: Registry) -> None:
     under ``torchrun`` it runs through DDP, so gradients are all-reduced. Calling the
     model or a log-prob function yourself would train each rank on its own gradients; gym
     refuses that with an error (a raw log-prob call with gradients on a distributed
-    run), and checks after every step that the ranks' weights are identical.
+    run), and checks after every step that the ranks' weights are identical. Online
+    methods' log-probs are of the sampling distribution, softmax(logits /
+    ``algorithm.temperature``). A method that needs more than log-probs from the same
+    pass (a value head) adds a trainable module with ``policy.add_head(name, module)``
+    in ``__init__``: it reads the final hidden states, and ``policy.logprobs(batch,
+    heads=True)`` returns ``(logprobs, {name: output})``; its parameters are trained,
+    checkpointed and all-reduced with the policy's.
     """
 
 

@@ -15,7 +15,7 @@ from gym_core.errors import GymError
 # with gradients anywhere else would skip DDP's gradient all-reduce.
 _through_ddp = threading.local()
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -31,9 +31,19 @@ def completion_logprobs(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     detached: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    temperature: float = 1.0,
+    hidden: bool = False,
 ):
     """Per-token log-probs [N, C] of completions [N, C] given left-padded prompts [B, P],
     where N = B * G and the G completions of a prompt are contiguous rows.
+
+    ``temperature``: log-probs of softmax(logits / temperature), the distribution an
+    online method sampled from (docs/algorithms.md §0.2); 1 leaves the logits as they are.
+
+    ``hidden=True``: also the final hidden states [N, C, H] that fed the LM head at the
+    positions predicting each completion token (what a value head reads); returned as
+    ``(logprobs, hidden)``, or ``(logprobs, detached_logprobs, hidden)`` with ``detached``.
 
     Each prompt is run once and its KV cache repeated for its G completions (gradients
     flow back through the repeat), instead of running the prompt G times; only the
@@ -52,45 +62,75 @@ def completion_logprobs(
     _refuse_outside_ddp(model, "completion_logprobs")
     g = completion_ids.shape[0] // prompt_ids.shape[0]
     split = _decoder_and_head(model)
-    body = split[0] if split is not None else model
-    kept = {} if split is not None else {"logits_to_keep": 1}
-    out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kept)
-    # the prompt's last position predicts the first completion token: its hidden state
-    # (split) or its logits (the model's own head)
-    first = (out.last_hidden_state if split is not None else out.logits)[:, -1:, :]
-    cache = out.past_key_values
-    prompt_len = prompt_ids.shape[1]
-    if g > 1:
-        cache.batch_repeat_interleave(g)
-        first = first.repeat_interleave(g, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
+    captured: list[torch.Tensor] = []
+    hook = None
+    if hidden and split is None:
+        # the LM head's input is the final representation, whatever the architecture
+        head = model.get_output_embeddings()
+        if head is None:
+            raise GymError(f"{type(model).__name__} has no output embeddings to read hidden "
+                           "states from")
+        hook = head.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+    try:
+        body = split[0] if split is not None else model
+        kept = {} if split is not None else {"logits_to_keep": 1}
+        out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kept)
+        # the prompt's last position predicts the first completion token: its hidden
+        # state (split) or its logits (the model's own head)
+        first = (out.last_hidden_state if split is not None else out.logits)[:, -1:, :]
+        cache = out.past_key_values
+        prompt_len = prompt_ids.shape[1]
+        if g > 1:
+            cache.batch_repeat_interleave(g)
+            first = first.repeat_interleave(g, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
 
-    def score(ids, mask):
-        rest = None
-        if ids.shape[1] > 1:
-            full_mask = torch.cat([prompt_mask, mask[:, :-1]], dim=1)
-            rest = body(input_ids=ids[:, :-1], attention_mask=full_mask,
-                        past_key_values=cache, use_cache=True)
-            rest = rest.last_hidden_state if split is not None else rest.logits
-        if split is None:
-            logits = first if rest is None else torch.cat([first, rest], dim=1)
-            return selective_log_softmax(logits.float(), ids)
-        # Only the completion's own tokens go through the 49k-wide LM head and its
-        # log-softmax; positions after the end stay 0.
-        hidden = first if rest is None else torch.cat([first, rest], dim=1)
-        on = mask.bool()
-        picked = selective_log_softmax(split[1](hidden[on]).float(), ids[on])
-        return torch.zeros(ids.shape, dtype=picked.dtype, device=picked.device
-                           ).masked_scatter(on, picked)
+        def score(ids, mask, keep_hidden=False):
+            rest = None
+            if ids.shape[1] > 1:
+                full_mask = torch.cat([prompt_mask, mask[:, :-1]], dim=1)
+                rest = body(input_ids=ids[:, :-1], attention_mask=full_mask,
+                            past_key_values=cache, use_cache=True)
+                rest = rest.last_hidden_state if split is not None else rest.logits
+            if split is None:
+                logits = (first if rest is None else torch.cat([first, rest], dim=1)).float()
+                if temperature != 1.0:
+                    logits = logits / temperature
+                return selective_log_softmax(logits, ids), None
+            # Only the completion's own tokens go through the 49k-wide LM head and its
+            # log-softmax; positions after the end stay 0.
+            states = first if rest is None else torch.cat([first, rest], dim=1)
+            on = mask.bool()
+            logits = split[1](states[on]).float()
+            if temperature != 1.0:
+                logits = logits / temperature
+            picked = selective_log_softmax(logits, ids[on])
+            logp = torch.zeros(ids.shape, dtype=picked.dtype, device=picked.device
+                               ).masked_scatter(on, picked)
+            return logp, (states if keep_hidden else None)
 
-    logp = score(completion_ids, completion_mask)
-    if detached is None:
-        return logp
-    extra = cache.get_seq_length() - prompt_len
-    if extra > 0:  # back to the prompt (new views: the graph above stays intact)
-        cache.crop(-extra)
-    with torch.no_grad():
-        return logp, score(*detached)
+        logp, states = score(completion_ids, completion_mask, keep_hidden=hidden)
+    finally:
+        if hook is not None:
+            hook.remove()
+    outputs = [logp]
+    if detached is not None:
+        extra = cache.get_seq_length() - prompt_len
+        if extra > 0:  # back to the prompt (new views: the graph above stays intact)
+            cache.crop(-extra)
+        with torch.no_grad():
+            outputs.append(score(*detached)[0])
+    if hidden:
+        if states is None:
+            # captured: the prompt's last position [B, 1, H] (once per prompt), then the
+            # completion positions [N, C - 1, H]
+            states = captured[0][:, -1:, :]
+            if g > 1:
+                states = states.repeat_interleave(g, dim=0)
+            if len(captured) > 1:
+                states = torch.cat([states, captured[1]], dim=1)
+        outputs.append(states)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -191,6 +231,7 @@ def aggregate_token_loss(
     - bnpo: sum l / active tokens of this micro-batch, averaged over micro-batches
     - dr_grpo: sum l / (sequences * max_completion_length), a constant
     - dapo: sum l / active tokens of the whole step
+    - luspo: mean over sequences of sum_t l (each sequence weighted by its length, §2.5)
     """
     mask = mask.to(per_token.dtype)
     summed = per_token * mask
@@ -203,6 +244,8 @@ def aggregate_token_loss(
         return summed.sum() / (totals.sequences * max_completion_length)
     if loss_type == "dapo":
         return summed.sum() / max(totals.tokens, 1)
+    if loss_type == "luspo":
+        return summed.sum() / totals.sequences
     raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
 
 

@@ -187,19 +187,40 @@ def load_base(cfg) -> tuple[torch.nn.Module, object]:
 class LogprobScorer(torch.nn.Module):
     """One forward call = one micro-batch's log-probs: the unit DDP wraps and
     synchronises (the shared-prompt scoring runs the model twice inside it). ``fn`` is
-    :func:`~gym_core.losses.completion_logprobs` or
-    :func:`~gym_core.losses.sequence_logprobs`, ``args`` its tensors."""
+    :func:`~gym_core.losses.completion_logprobs` (scored with :func:`score_completions`)
+    or :func:`~gym_core.losses.sequence_logprobs`, ``args`` its tensors. ``heads`` are
+    extra trainable modules on the final hidden states (a PPO value head), inside the same
+    unit so that DDP synchronises their gradients too."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.heads = torch.nn.ModuleDict()
 
-    def forward(self, *args, fn=completion_logprobs):
+    def forward(self, *args, fn=completion_logprobs, temperature: float = 1.0,
+                heads: bool = False):
         _through_ddp.active = True
         try:
-            return fn(self.model, *args)
+            if fn is not completion_logprobs:
+                return fn(self.model, *args)
+            return score_completions(self.model, self.heads if heads else None, *args,
+                                     temperature=temperature)
         finally:
             _through_ddp.active = False
+
+
+def score_completions(model, heads, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                      detached=None, temperature: float = 1.0):
+    """:func:`completion_logprobs`, plus ``{name: head(hidden states)}`` when ``heads`` is
+    a ModuleDict (then ``(logprobs, outputs)``; ``detached`` is not allowed with heads)."""
+    if heads is None:
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids,
+                                   completion_mask, detached, temperature=temperature)
+    if detached is not None:
+        raise ValueError("policy.logprobs: heads=True and detached cannot be combined")
+    logp, hidden = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids,
+                                       completion_mask, temperature=temperature, hidden=True)
+    return logp, {name: head(hidden) for name, head in heads.items()}
 
 
 @dataclass
@@ -214,6 +235,9 @@ class Policy:
     tokenizer: object
     lora: bool
     system_prompt: str | None = None  # data.system_prompt: rendered into every prompt
+    # Log-probs are of softmax(logits / temperature): the core sets an online method's
+    # algorithm.temperature, the distribution its rollouts are sampled from (§0.2).
+    temperature: float = 1.0
     _ref_copy: torch.nn.Module | None = field(default=None, repr=False)
     scorer: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -221,7 +245,7 @@ class Policy:
         if self.scorer is None:
             self.scorer = LogprobScorer(self.model)
 
-    def logprobs(self, batch, *, reference: bool = False, detached=None) -> torch.Tensor:
+    def logprobs(self, batch, *, reference: bool = False, detached=None, heads: bool = False):
         """Per-token log-probs [N, C] of ``batch``'s completions (a ``Rollout`` or a
         ``CompletionBatch``: ``prompt_ids``, ``prompt_mask``, ``completion_ids``,
         ``completion_mask``; each prompt is run once for its group) under the policy,
@@ -229,6 +253,8 @@ class Policy:
         ``reference=True``, under the reference policy (without gradients).
         ``detached=(ids, mask)``: more completions of the same prompts scored without
         gradients from the same prompt pass; then ``(logprobs, detached_logprobs)``.
+        ``heads=True``: also the outputs of the heads added with :meth:`add_head` on the
+        final hidden states [N, C, H] of the same pass; then ``(logprobs, {name: output})``.
 
         For a :class:`~gym_core.batching.SequenceBatch` (whole sequences, possibly
         packed): log-probs [R, L] of its tokens, non-zero only where ``target_mask`` is 1
@@ -236,21 +262,43 @@ class Policy:
         from gym_core.batching import SequenceBatch
 
         if isinstance(batch, SequenceBatch):
-            if detached is not None:
-                raise ValueError("detached= applies to completion batches only")
-            fn = sequence_logprobs
+            if detached is not None or heads:
+                raise ValueError("detached= and heads= apply to completion batches only")
             args = (batch.input_ids, batch.position_ids, batch.target_mask,
                     batch.shared_prefix)
-        else:
-            fn = completion_logprobs
-            args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                    batch.completion_mask, detached)
+            if reference:
+                with torch.no_grad(), self.reference() as ref:
+                    return sequence_logprobs(ref, *args)
+            if not torch.is_grad_enabled():  # nothing to synchronise: skip the DDP wrapper
+                return sequence_logprobs(self.model, *args)
+            return self.scorer(*args, fn=sequence_logprobs)
+        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                batch.completion_mask, detached)
         if reference:
+            if heads:
+                raise ValueError("policy.logprobs: the reference policy has no heads")
             with torch.no_grad(), self.reference() as ref:
-                return fn(ref, *args)
+                return completion_logprobs(ref, *args, temperature=self.temperature)
         if not torch.is_grad_enabled():  # nothing to synchronise: skip the DDP wrapper
-            return fn(self.model, *args)
-        return self.scorer(*args, fn=fn)
+            return score_completions(self.model, self.heads if heads else None, *args,
+                                     temperature=self.temperature)
+        return self.scorer(*args, temperature=self.temperature, heads=heads)
+
+    @property
+    def heads(self) -> torch.nn.ModuleDict:
+        """The trainable heads on the policy's hidden states (:meth:`add_head`)."""
+        return getattr(self.scorer, "module", self.scorer).heads
+
+    def add_head(self, name: str, module: torch.nn.Module) -> None:
+        """Add a trainable module that reads the final hidden states [N, C, H] of the
+        positions that predict completion tokens (a PPO value head). Its parameters join
+        the trainable parameters (optimizer, checkpoints, DDP's all-reduce); call it
+        from the algorithm's ``__init__`` or ``setup``, before training starts."""
+        if self.scorer is not getattr(self.scorer, "module", self.scorer):
+            raise RuntimeError("policy.add_head must be called before training starts")
+        if name in self.heads:
+            raise ValueError(f"policy already has a head named {name!r}")
+        self.heads[name] = module.to(self.device)
 
     def encode(self, prompts: list, completions: list[list], *, max_prompt_length: int,
                max_completion_length: int, examples: list | None = None):
@@ -297,9 +345,12 @@ class Policy:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        # buffers (rotary tables) are constants: no per-forward broadcast
+        # buffers (rotary tables) are constants: no per-forward broadcast. A forward that
+        # does not ask for the heads leaves their parameters without gradients: let DDP
+        # look for unused parameters only when there are heads.
         self.scorer = DistributedDataParallel(self.scorer, device_ids=ids,
-                                              broadcast_buffers=False)
+                                              broadcast_buffers=False,
+                                              find_unused_parameters=len(self.heads) > 0)
 
     def no_sync(self):
         """Skip the gradient all-reduce (for all but the last micro-batch of a step)."""
@@ -322,7 +373,9 @@ class Policy:
             self._ref_copy = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def trainable_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """The model's trainable parameters, then the heads'."""
+        return [p for p in (*self.model.parameters(), *self.heads.parameters())
+                if p.requires_grad]
 
     @property
     def device(self) -> torch.device:

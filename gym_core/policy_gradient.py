@@ -1,17 +1,19 @@
-"""The shared base of policy-gradient methods over groups of samples (GRPO, GSPO and
-their kin, docs/algorithms.md §1-2): group-relative advantages, the loss mask, old and
-reference log-probs computed once per batch, and ``num_iterations`` updates per batch.
-A method adds its objective in ``loss``."""
+"""The shared base of policy-gradient methods over groups of samples (GRPO, GSPO, RLOO and
+their kin, docs/algorithms.md §1-2, §6.1): advantages from a baseline and a reward scale,
+the loss mask, old and reference log-probs computed once per batch, and
+``num_iterations`` updates per batch. A method adds its objective in ``loss``."""
 
 from __future__ import annotations
 
 import torch
 
 from gym_core.algorithm import Algorithm
+from gym_core.distributed import sum_over_ranks
 from gym_core.errors import GymError
 from gym_core.losses import StepTotals
 
 SCALE_REWARDS = ("group", "batch", "none")
+ADV_EPS = 1e-4  # added to the std (not a floor): identical rewards give A = 0, not NaN
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
@@ -48,28 +50,51 @@ def importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     return rho, metrics
 
 
-def group_advantages(rollout, scale: str, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rollout, scale: str, eps: float = ADV_EPS) -> torch.Tensor:
     """A_i = r_i - mean(group), divided by the group std ("group"), by the std of the
-    whole batch ("batch", Lite PPO), or not at all ("none", Dr. GRPO); stds are
-    Bessel-corrected as TRL's. docs/algorithms.md §1.1."""
+    whole rollout ("batch", Lite PPO), or not at all ("none", Dr. GRPO); stds are
+    Bessel-corrected as TRL's, over scorable completions only; a completion no reward
+    function scored gets 0. docs/algorithms.md §1.1. (Inside a training step
+    :class:`GroupPolicyGradient` takes the "batch" std over the whole step, every rank.)"""
+    if scale not in SCALE_REWARDS:
+        raise GymError(f"algorithm.scale_rewards={scale!r} is not one of {SCALE_REWARDS}")
     mean, std = rollout.group_stats()
     adv = rollout.rewards - mean
     if scale == "group":
-        return adv / (std + eps)
-    if scale == "batch":
-        return adv / (rollout.rewards.std() + eps)
-    if scale == "none":
-        return adv
-    raise GymError(f"algorithm.scale_rewards={scale!r} is not one of {SCALE_REWARDS}")
+        adv = adv / (std + eps)
+    elif scale == "batch":
+        ok = rollout.scorable_mask()
+        adv = adv / (rollout.rewards[ok].std() + eps)
+    return unscored_to_zero(adv, rollout)
+
+
+def unscored_to_zero(adv: torch.Tensor, rollout) -> torch.Tensor:
+    """Advantage 0 for completions no reward function scored, and wherever a statistic
+    was undefined (NaN: a group with fewer than 2 scorable completions)."""
+    return torch.nan_to_num(torch.where(rollout.scorable_mask(), adv, torch.nan), nan=0.0)
+
+
+def step_std(values: list[torch.Tensor]) -> torch.Tensor:
+    """Bessel-corrected std of the concatenation of ``values`` over every rank (a 0-d
+    tensor; NaN with fewer than 2 values)."""
+    device = values[0].device if values else torch.device("cpu")
+    flat = torch.cat([v.reshape(-1).double() for v in values]) if values else torch.zeros(0)
+    s = sum_over_ranks(torch.stack([flat.new_tensor(float(flat.numel())), flat.sum(),
+                                    (flat ** 2).sum()]).to(device))
+    n, total, sq = s[0], s[1], s[2]
+    var = (sq - total ** 2 / n) / (n - 1)
+    return torch.sqrt(var.clamp(min=0)).float() if n > 1 else torch.tensor(float("nan"))
 
 
 class GroupPolicyGradient(Algorithm):
     """Base of online methods whose config derives from
     :class:`gym_core.config.GroupPolicyConfig`. ``prepare`` fills ``batch.extras`` with
-    ``advantages`` [N], ``loss_mask`` [N, C] (completion tokens, without truncated
-    completions when ``mask_truncated_completions``), ``old_logp`` (when
-    ``num_iterations > 1``) and ``ref_logp`` (when ``beta != 0``). A method's ``loss``
-    multiplies its per-token loss by :meth:`sampling_correction`'s weight."""
+    ``loss_mask`` [N, C] (completion tokens, without truncated completions when
+    ``mask_truncated_completions``), ``old_logp`` (when ``num_iterations > 1`` or
+    :attr:`needs_old_logprobs`), ``ref_logp`` (when ``beta != 0``) and then
+    ``advantages`` [N]: :meth:`advantages` (the reward minus a baseline) scaled as
+    ``scale_rewards`` says. A method's ``loss`` multiplies its per-token loss by
+    :meth:`sampling_correction`'s weight."""
 
     online = True
 
@@ -98,26 +123,51 @@ class GroupPolicyGradient(Algorithm):
         return self.cfg.beta != 0.0
 
     @property
+    def needs_old_logprobs(self) -> bool:
+        """True when ``prepare`` must score the sampling policy even on-policy (RLOO's
+        KL reward reads it). Default: only with ``num_iterations > 1``."""
+        return self.cfg.num_iterations > 1
+
+    @property
     def updates_per_step(self) -> int:
         return self.cfg.num_iterations
 
     def advantages(self, batch) -> torch.Tensor:
-        """[N] one advantage per completion (default: GRPO's group-relative one)."""
-        return group_advantages(batch, self.cfg.scale_rewards)
+        """[N] each completion's reward minus its baseline, before ``scale_rewards``
+        (default: GRPO's group mean over scorable completions). Runs in ``prepare``
+        after ``old_logp`` and ``ref_logp`` are in ``batch.extras``."""
+        mean, _ = batch.group_stats()
+        return batch.rewards - mean
 
     @torch.no_grad()
     def prepare(self, batch) -> None:
-        batch.extras["advantages"] = self.advantages(batch)
         mask = batch.completion_mask.float()
         if self.cfg.mask_truncated_completions:
             mask = mask * (~batch.truncated).float().unsqueeze(1)
         batch.extras["loss_mask"] = mask
         # With one update per rollout, pi_old = pi_theta: the ratio's denominator is the
         # same forward's log-probs, detached (old_logprobs), so no extra pass is needed.
-        if self.cfg.num_iterations > 1:
+        if self.needs_old_logprobs:
             batch.extras["old_logp"] = self.policy.logprobs(batch)
         if self.needs_reference:
             batch.extras["ref_logp"] = self.policy.logprobs(batch, reference=True)
+        adv = self.advantages(batch)
+        if self.cfg.scale_rewards == "group":
+            _, std = batch.group_stats()
+            adv = adv / (std + ADV_EPS)
+        # "batch": divided by the std of the step's rewards in prepare_step
+        batch.extras["advantage_defined"] = ~torch.isnan(adv) & batch.scorable_mask()
+        batch.extras["advantages"] = unscored_to_zero(adv, batch)
+
+    @torch.no_grad()
+    def prepare_step(self, batches) -> None:
+        """``scale_rewards="batch"``: divide by the std of every scorable reward of the
+        step on every rank, TRL's generation batch (§1.1)."""
+        if self.cfg.scale_rewards == "batch":
+            std = step_std([b.rewards[b.scorable_mask()] for b in batches])
+            for b in batches:
+                b.extras["advantages"] = unscored_to_zero(
+                    b.extras["advantages"] / (std.to(b.rewards.device) + ADV_EPS), b)
 
     def old_logprobs(self, batch, logp: torch.Tensor) -> torch.Tensor:
         """log pi_old: computed in :meth:`prepare`, or this forward's, detached."""

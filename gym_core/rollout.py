@@ -29,16 +29,36 @@ class Rollout:
     # compares it with its own to measure and correct the mismatch (docs/algorithms.md §3)
     sampler_logp: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithms' own tensors
+    # [N] bool: False where every reward function returned None. Such a completion is
+    # left out of its group's statistics and gets advantage 0 (TRL's rule, §1.1);
+    # None: all scorable.
+    scorable: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
+    def scorable_mask(self) -> torch.Tensor:
+        """[N] bool, True where at least one reward function scored the completion."""
+        if self.scorable is None:
+            return torch.ones(len(self), dtype=torch.bool, device=self.rewards.device)
+        return self.scorable.to(self.rewards.device)
+
     def group_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group mean and std (Bessel-corrected, as TRL), broadcast to completions."""
-        r = self.rewards.view(-1, self.group_size)
-        mean = r.mean(dim=1)
-        std = r.std(dim=1) if self.group_size > 1 else torch.zeros_like(mean)
+        """Per-group mean and std (Bessel-corrected, as TRL) over the group's scorable
+        completions, broadcast to completions; NaN where a group has too few of them
+        (no scorable row for the mean, fewer than 2 for the std), as TRL's nanmean and
+        nanstd."""
         g = self.group_size
+        r = self.rewards.view(-1, g)
+        if self.scorable is None or bool(self.scorable.all()):
+            mean = r.mean(dim=1)
+            std = r.std(dim=1) if g > 1 else torch.zeros_like(mean)
+        else:
+            ok = self.scorable_mask().view(-1, g).to(r.dtype)
+            n = ok.sum(dim=1)
+            mean = (r * ok).sum(dim=1) / n  # 0 / 0 = NaN for a group with no scorable row
+            std = torch.sqrt(((r - mean.unsqueeze(1)) ** 2 * ok).sum(dim=1) / (n - 1))
+            std = torch.where(n > 1, std, torch.full_like(std, float("nan")))
         return mean.repeat_interleave(g), std.repeat_interleave(g)
 
 
@@ -68,6 +88,7 @@ class RolloutEngine:
         rows = [ex for ex in examples for _ in range(g)]
         prompts = [ex["prompt"] for ex in rows]
         total = torch.zeros(len(rows))
+        scored = torch.zeros(len(rows), dtype=torch.bool)
         metrics = {}
         for name, fn, weight in self.rewards:
             values = fn(prompts, completions, rows)
@@ -78,6 +99,7 @@ class RolloutEngine:
             r = torch.tensor([float("nan") if v is None else v for v in values])
             metrics[f"rewards/{name}"] = r.nanmean().item()
             total += weight * torch.nan_to_num(r, nan=0.0)
+            scored |= ~torch.isnan(r)
         return Rollout(
             prompt_ids=out.prompt_ids,
             prompt_mask=out.prompt_mask,
@@ -91,11 +113,13 @@ class RolloutEngine:
             reward_metrics=metrics,
             prompts_cut=out.prompts_cut,
             sampler_logp=out.logprobs,
+            scorable=scored.to(out.completion_ids.device),
         )
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     _, std = rollout.group_stats()
+    std = torch.nan_to_num(std, nan=0.0)
     lengths = rollout.completion_mask.sum(dim=1).float()
     return {
         "reward_mean": rollout.rewards.mean().item(),

@@ -113,6 +113,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
 
     seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
     policy = load_policy(cfg.model, dist.device, system_prompt=cfg.data.system_prompt)
+    if algo_cls.online:  # score what was sampled: softmax(logits / T) (docs/algorithms.md §0.2)
+        policy.temperature = float(cfg.algorithm.temperature)
     algo = algo_cls(cfg.algorithm, policy)
     algo.check_data(task.train)
     algo.setup(cfg, run_dir, plugins)

@@ -148,7 +148,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         step, path = checkpoints[-1]
-        extra = load_checkpoint(path, policy.model, optimizer, scheduler)
+        extra = load_checkpoint(path, policy.model, optimizer, scheduler, policy.heads)
         algo.load_state_dict(extra.get("algorithm", {}))
         start_step, sampler.position = int(extra["step"]), int(extra["data_position"])
         seconds, tokens = float(extra["train_seconds"]), int(extra["completion_tokens"])
@@ -188,7 +188,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         }
         if dist.main:
             path = save_checkpoint(
-                run_dir, step, policy.model, optimizer, scheduler, extra, tcfg.keep_last
+                run_dir, step, policy.model, optimizer, scheduler, extra, tcfg.keep_last,
+                policy.heads,
             )
             plugins.hook.gym_checkpoint_saved(step=step, path=str(path))
         dist.barrier()  # no rank may read checkpoints before this one is complete
@@ -220,6 +221,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                     batch = algo.collate(examples)
                 algo.prepare(batch)
                 batches.append(batch)
+            algo.prepare_step(batches)
             t_batches = time.perf_counter() - t0
             totals = algo.step_totals(batches)
             if dist.enabled:  # normalisers count the whole step, over every rank

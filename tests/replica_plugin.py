@@ -3,8 +3,10 @@ weights after every step (a float64 checksum per rank, one line per step in
 ``$GYM_TEST_REPLICA_DIR/rank<r>.txt``), so a test can compare the ranks directly; and two
 algorithms that compute their loss outside ``policy.logprobs``, which gym must refuse.
 
-``checked_dpo`` wraps the built-in DPO (an offline method); ``checked_rloo`` wraps the
-example package's RLOO when that package is installed."""
+``checked_dpo`` wraps the built-in DPO (an offline method), ``checked_rloo`` and
+``checked_ppo`` the built-in RLOO and PPO (online; PPO with a value head);
+``checked_reinforce`` wraps the example package's REINFORCE when that package is
+installed."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 
 from gym_core.api import OnlineAlgorithmConfig, hookimpl
 from gym_dpo import DPOConfig
+from gym_ppo import PPOConfig
+from gym_rloo import RLOOConfig
 
 
 def _record(algo) -> None:
@@ -43,14 +47,36 @@ def checked_dpo():
 
 
 def checked_rloo():
-    from gym_example_plugin.rloo import RLOO
+    from gym_rloo.rloo import RLOO
 
     return checked(RLOO)
+
+
+def checked_ppo():
+    from gym_ppo.ppo import PPO
+
+    return checked(PPO)
+
+
+def checked_reinforce():
+    from gym_example_plugin.reinforce import Reinforce
+
+    return checked(Reinforce)
 
 
 @dataclass
 class CheckedDPOConfig(DPOConfig):
     name: str = "checked_dpo"
+
+
+@dataclass
+class CheckedRLOOConfig(RLOOConfig):
+    name: str = "checked_rloo"
+
+
+@dataclass
+class CheckedPPOConfig(PPOConfig):
+    name: str = "checked_ppo"
 
 
 @dataclass
@@ -100,15 +126,17 @@ def bypass_forward():
 @hookimpl
 def gym_add_algorithms(registry):
     registry.add("checked_dpo", CheckedDPOConfig, checked_dpo())
+    registry.add("checked_rloo", CheckedRLOOConfig, checked_rloo())
+    registry.add("checked_ppo", CheckedPPOConfig, checked_ppo())
     registry.add("raw_logprobs", TrapConfig, raw_logprobs())
     registry.add("bypass_forward", BypassConfig, bypass_forward())
     try:
-        from gym_example_plugin import RLOOConfig
+        from gym_example_plugin import ReinforceConfig
     except ImportError:
         return
 
     @dataclass
-    class CheckedRLOOConfig(RLOOConfig):
-        name: str = "checked_rloo"
+    class CheckedReinforceConfig(ReinforceConfig):
+        name: str = "checked_reinforce"
 
-    registry.add("checked_rloo", CheckedRLOOConfig, checked_rloo())
+    registry.add("checked_reinforce", CheckedReinforceConfig, checked_reinforce())

@@ -133,6 +133,32 @@ def test_an_offline_method_keeps_the_ranks_weights_identical_after_every_step(
     assert len(set(rank0)) == 3  # the weights did move from step to step
 
 
+@pytest.mark.parametrize("algorithm,extra", [
+    ("checked_rloo", ["algorithm.beta=0.05", "algorithm.normalize_advantages=true"]),
+    ("checked_ppo", ["algorithm.num_ppo_epochs=2"]),
+])
+def test_rloo_and_ppo_keep_the_ranks_weights_identical_after_every_step(
+        tmp_path, tiny_overrides, algorithm, extra):
+    """The built-in RLOO and PPO under torchrun with 2 processes: each rank records its
+    trainable weights after every step (PPO's include its value head, a separate module
+    that goes through DDP with the policy), and they agree bit for bit. Both reduce
+    step-wide statistics (normalised advantages, whitening) over the ranks."""
+    site = replica_path(tmp_path)
+    plugin_site(tmp_path / "replica-site", "gym-test-digits", "digits", "tests.digits_plugin")
+    (tmp_path / "replicas").mkdir()
+    out = launch([*tiny_overrides, f"algorithm={algorithm}", "algorithm.lr=1e-2",
+                  "algorithm.num_generations=4", "algorithm.rewards=[digit_share]",
+                  "algorithm.reward_weights=[1.0]", "trainer.max_steps=3",
+                  "trainer.batch_size=2", "trainer.eval_before=false", f"run.name={algorithm}",
+                  *extra],
+                 tmp_path, site, nproc=2, env={"GYM_TEST_REPLICA_DIR": str(tmp_path / "replicas")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0 = (tmp_path / "replicas/rank0.txt").read_text().split()
+    rank1 = (tmp_path / "replicas/rank1.txt").read_text().split()
+    assert len(rank0) == 3 and rank0 == rank1
+    assert len(set(rank0)) == 3  # the weights did move from step to step
+
+
 @pytest.mark.parametrize("algorithm,message", [
     ("raw_logprobs", "completion_logprobs was called with gradients on a distributed run"),
     ("bypass_forward", "the ranks' trainable weights differ"),

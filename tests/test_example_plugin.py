@@ -69,22 +69,23 @@ def test_only_the_fresh_environment_has_the_plugin(env_python, tmp_path):
     out = gym(python, ["gym_core", "--plugins"], tmp_path)
     assert out.returncode == 0, out.stderr
     block = out.stdout.split("example  (gym_example_plugin; gym-example-plugin 0.1.0, API 2)\n")[1]
-    assert block.splitlines()[:3] == ["    algorithm: rloo", "    quant: absmax",
+    assert block.splitlines()[:3] == ["    algorithm: reinforce", "    quant: absmax",
                                       "    reward: number_only"]
 
 
 def test_its_algorithm_and_quantizer_run(env_python, tmp_path):
     python, _ = env_python
-    out = gym(python, ["gym_core", "algorithm=rloo", "quant=absmax", "quant.bits=4", *FAST,
+    out = gym(python, ["gym_core", "algorithm=reinforce", "quant=absmax", "quant.bits=4", *FAST,
                        "run.name=example"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "example"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["algorithm"] == "rloo" and summary["quant"] == "absmax"
+    assert summary["algorithm"] == "reinforce" and summary["quant"] == "absmax"
     assert summary["steps"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # both of its rewards were applied, and the KL term (beta 0.05) was computed
-    assert {"rewards/accuracy", "rewards/number_only", "kl", "advantage_abs_mean"} <= set(rows[-1])
+    assert {"rewards/accuracy", "rewards/number_only", "kl", "advantage_abs_mean",
+            "baseline"} <= set(rows[-1])
     stats = summary["quant_stats"]
     assert stats["delta_bytes"] == (run / "delta" / "absmax.safetensors").stat().st_size
     assert 4.0 <= stats["bits_per_weight"] < 4.1  # 4-bit nibbles plus one fp32 scale per matrix
@@ -100,10 +101,12 @@ def test_its_own_tests_pass_with_the_core_contracts(env_python):
 
 
 def test_under_torchrun_its_algorithm_keeps_the_ranks_identical(env_python, tmp_path):
-    """The example's RLOO under torchrun with 2 processes, installed as a user would: each
-    rank records its trainable weights after every step (tests/replica_plugin.py wraps
-    the example's class), and they agree bit for bit. Before plugin API 2 the example
-    scored log-probs on the model outside DDP and the ranks drifted apart silently."""
+    """The example's REINFORCE under torchrun with 2 processes, installed as a user would:
+    each rank records its trainable weights after every step (tests/replica_plugin.py
+    wraps the example's class), and they agree bit for bit. Its baseline is a mean over
+    both ranks (prepare_step), so the ranks' advantages agree too. Before plugin API 2
+    the example scored log-probs on the model outside DDP and the ranks drifted apart
+    silently."""
     python, _ = env_python
     site = plugin_site(tmp_path / "site", "gym-test-replicas", "replicas", "tests.replica_plugin")
     plugin_site(site, "gym-test-digits", "digits", "tests.digits_plugin")  # rewards with spread
@@ -112,7 +115,7 @@ def test_under_torchrun_its_algorithm_keeps_the_ranks_identical(env_python, tmp_
            "GYM_TEST_REPLICA_DIR": str(tmp_path / "replicas")}
     out = subprocess.run(
         [str(python), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "gym_core", "algorithm=checked_rloo", "algorithm.lr=1e-2", *FAST,
+         "-m", "gym_core", "algorithm=checked_reinforce", "algorithm.lr=1e-2", *FAST,
          "algorithm.rewards=[digit_share]", "algorithm.reward_weights=[1.0]",
          "trainer.max_steps=3", "trainer.eval_before=false", "run.name=ddp"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

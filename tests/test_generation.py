@@ -176,3 +176,44 @@ def test_greedy_fused_generation_matches_transformers_generate_qwen2():
                          max_new_tokens=12, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id)[:, p_ids.shape[1]:]
     assert torch.equal(ours, ref[:, : ours.shape[1]])
+
+
+def test_logprobs_are_of_the_tempered_distribution(policy):
+    """Online methods score what they sampled from: softmax(logits / T), for the policy
+    and the reference alike (docs/algorithms.md §0.2)."""
+    from gym_core.rollout import Rollout
+
+    p_ids, p_mask = prompts(policy, ["What is 2 + 3?"])
+    c_ids = torch.tensor([[50, 51, 52], [60, 61, 62]])
+    batch = Rollout(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids,
+                    completion_mask=torch.ones_like(c_ids), truncated=torch.zeros(2, dtype=torch.bool),
+                    rewards=torch.zeros(2), group_size=2, examples=[{}, {}], completions=["", ""])
+    full = torch.cat([p_ids.repeat(2, 1), c_ids], 1)
+    mask = torch.cat([p_mask.repeat(2, 1), torch.ones_like(c_ids)], 1)
+    logits = policy.model(input_ids=full, attention_mask=mask).logits[:, -4:-1].float()
+    with policy.model.disable_adapter():
+        ref_logits = policy.model(input_ids=full, attention_mask=mask).logits[:, -4:-1].float()
+    try:
+        policy.temperature = 0.7
+        tempered = policy.logprobs(batch)
+        ref = policy.logprobs(batch, reference=True)
+    finally:
+        policy.temperature = 1.0
+    torch.testing.assert_close(tempered, selective_log_softmax(logits / 0.7, c_ids),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ref, selective_log_softmax(ref_logits / 0.7, c_ids),
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(tempered, policy.logprobs(batch), atol=1e-3)
+
+
+def test_hidden_states_are_the_lm_heads_inputs_with_left_padded_prompts(policy):
+    """hidden=True returns, for each completion token, the final hidden state that the LM
+    head turned into its logits (the prompt's last position for the first token)."""
+    p_ids, p_mask = prompts(policy, ["What is 2 + 3?", "Hi"])
+    c_ids = torch.randint(0, 250, (4, 4), generator=torch.Generator().manual_seed(1))
+    c_mask = torch.ones_like(c_ids)
+    logp, hidden = completion_logprobs(policy.model, p_ids, p_mask, c_ids, c_mask, hidden=True)
+    head = policy.model.get_output_embeddings()
+    rebuilt = selective_log_softmax(head(hidden).float(), c_ids)
+    torch.testing.assert_close(logp, rebuilt, rtol=1e-5, atol=1e-5)
+    assert hidden.shape == (4, 4, policy.model.config.hidden_size)

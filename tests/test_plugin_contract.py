@@ -177,8 +177,8 @@ def test_an_option_of_a_disabled_plugin_says_which_plugin_and_how_to_load_it(tmp
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "gym: error: algorithm=dpo is not loaded: plugin 'dpo' (gym-core 0.2.0) is disabled by "
-        "GYM_DISABLE_PLUGINS; remove it from that list to load it (options: cl_grpo, dapo, "
-        "dr_grpo, grpo, gspo, kto, orpo, sft)"]
+        "GYM_DISABLE_PLUGINS; remove it from that list to load it (options: cispo, cl_grpo, "
+        "dapo, dr_grpo, gmpo, grpo, gspo, kto, orpo, ppo, rloo, sft)"]
 
 
 def _imports(path) -> set[str]:

@@ -188,7 +188,8 @@ def test_listing_shows_distribution_version_options_and_hooks(tmp_path):
     assert text.startswith("gym-core 0.2.0, plugin API 2;")
     block = text.split("good  (gym_good; gym-good 0.4.0, API 2)\n")[1].split("\n\n")[0]
     assert block.splitlines()[:2] == ["    quant: keep", "    hooks: gym_step_end"]
-    assert "grpo  (gym_grpo; gym-core 0.2.0)\n    algorithm: dapo, dr_grpo, grpo" in text
+    assert ("grpo  (gym_grpo; gym-core 0.2.0)\n    algorithm: cispo, dapo, dr_grpo, gmpo, grpo, gspo"
+            in text)
     assert "gym_core  (built in; gym-core 0.2.0)" in text
 
 

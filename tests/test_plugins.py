@@ -123,7 +123,7 @@ def test_every_hookspec_has_a_docstring():
 def test_help_shows_the_config_the_overrides_give_and_rejects_bad_ones(tmp_path):
     out = run_cli(["algorithm=dpo", "algorithm.beta=0.3", "--help"], cwd=tmp_path)
     assert out.returncode == 0
-    assert "algorithm: cl_grpo, dapo, dpo" in out.stdout  # groups and their options
+    assert "algorithm: cispo, cl_grpo, dapo, dpo" in out.stdout  # groups and their options
     assert "name: dpo" in out.stdout and "beta: 0.3" in out.stdout
     bad = run_cli(["trainer.max_steps=abc", "--help"], cwd=tmp_path)
     assert bad.returncode == 2 and "trainer.max_steps" in bad.stderr

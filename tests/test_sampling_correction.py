@@ -58,13 +58,11 @@ def policy():
 
 
 def _algorithm(name, policy, **overrides):
-    if name == "grpo":
-        from gym_grpo import GRPOConfig as Config
-        from gym_grpo.grpo import GRPO as Algo
-    else:
-        from gym_gspo import GSPOConfig as Config
-        from gym_gspo.gspo import GSPO as Algo
-    return Algo(OmegaConf.structured(Config(num_generations=4, beta=0.04, **overrides)), policy)
+    from gym_grpo import GRPOConfig, GSPOConfig
+    from gym_grpo.grpo import GRPO
+
+    Config = GRPOConfig if name == "grpo" else GSPOConfig
+    return GRPO(OmegaConf.structured(Config(num_generations=4, beta=0.04, **overrides)), policy)
 
 
 def _rollout(policy, algo):

@@ -102,3 +102,27 @@ def test_real_model_orpo_prefers_the_right_answers(tmp_path):
     pref = json.loads((tmp_path / "runs" / "orpo" / "summary.json").read_text())["eval"][
         "preference_accuracy"]
     assert pref["after"] >= pref["before"] and pref["after"] == 1.0
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
+def test_real_model_rloo_and_ppo_short_runs(tmp_path, algorithm):
+    """RLOO (its KL reward: an old and a reference pass) and PPO (a value head on the
+    real model's 576-wide hidden states, tempered log-probs at its default T 0.7) run
+    on SmolLM2 with their defaults, on a small batch."""
+    proc = run_cli(
+        [f"algorithm={algorithm}", "trainer.max_steps=2", "trainer.batch_size=2",
+         "algorithm.num_generations=4", "algorithm.max_completion_length=16",
+         "trainer.eval_size=8", "trainer.eval_before=false", "trainer.progress=false",
+         f"run.name={algorithm}"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / algorithm
+    s = json.loads((run / "summary.json").read_text())
+    assert s["algorithm"] == algorithm and s["steps"] == 2
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # LoRA starts at the reference
+    if algorithm == "ppo":
+        assert rows[0]["value_mean"] == 0.0  # the head starts at zero
+        if rows[0]["reward_mean"] > 0:  # non-zero returns: the value loss moved the head
+            assert rows[1]["value_mean"] != 0.0

@@ -111,3 +111,193 @@ def trl_orpo_loss(logits, input_ids, attention_mask, labels, *, beta) -> tuple[f
     loss, metrics = t.get_batch_loss_metrics(lambda *a, **kw: SimpleNamespace(logits=logits),
                                              batch)
     return float(loss), metrics
+
+
+class _Accelerator:
+    """What the trainers' loss code asks of accelerate, for one process."""
+
+    num_processes = 1
+    device = torch.device("cpu")
+    sync_gradients = True
+
+    def gather(self, x):
+        return x
+
+    def gather_for_metrics(self, x):
+        return x
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def unwrap_model(self, m):
+        return m
+
+
+def _group_policy_stub(logp, *, beta, eps_low, eps_high, ga):
+    """A trainer object with what GRPO-style ``_compute_loss`` reads; ``logp`` is what the
+    stubbed log-prob pass returns (a leaf with gradients)."""
+    st = SimpleNamespace()
+    st._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.ones_like(logp), None)
+    st.top_entropy_quantile, st.off_policy_mask_threshold = 1.0, None
+    st.beta, st.epsilon_low, st.epsilon_high = beta, eps_low, eps_high
+    st.model = SimpleNamespace(training=True)
+    st.current_gradient_accumulation_steps = ga
+    st.accelerator, st.aux_loss_enabled, st._entropy_bonus_enabled = _Accelerator(), False, False
+    st._metrics = {"train": defaultdict(list)}
+    return st
+
+
+def _inputs(mask, adv, old, ref):
+    b = mask.shape[0]
+    out = {"prompt_ids": torch.zeros(b, 2, dtype=torch.long), "prompt_mask": torch.ones(b, 2),
+           "completion_ids": torch.zeros(mask.shape, dtype=torch.long), "completion_mask": mask,
+           "advantages": adv}
+    if old is not None:
+        out["old_per_token_logps"] = old
+    if ref is not None:
+        out["ref_per_token_logps"] = ref
+    return out
+
+
+def trl_grpo_loss(logp, old, ref, adv, mask, *, loss_type, level="token", beta=0.0,
+                  delta=None, eps=0.2, eps_high=None, bias_correction_kl=True, ga=1,
+                  steps_per_generation=None, num_items=None, max_completion_length=8,
+                  sapo=(1.0, 1.05), vespo=(2.0, 3.0, 3.0, 2.0)):
+    """TRL 1.16's ``GRPOTrainer._compute_loss`` on one micro-batch: (loss, d loss / d logp).
+    ``num_items``: the generation batch's active tokens (dapo, cispo, vespo)."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    lp = logp.detach().clone().requires_grad_(True)
+    st = _group_policy_stub(lp, beta=beta, eps_low=eps,
+                            eps_high=eps if eps_high is None else eps_high, ga=ga)
+    st.importance_sampling_level, st.loss_type, st.use_vllm = level, loss_type, False
+    st.vllm_importance_sampling_correction = False
+    st.max_completion_length = max_completion_length
+    st.args = SimpleNamespace(
+        use_bias_correction_kl=bias_correction_kl, delta=delta, sapo_temperature_pos=sapo[0],
+        sapo_temperature_neg=sapo[1], vespo_k_pos=vespo[0], vespo_lambda_pos=vespo[1],
+        vespo_k_neg=vespo[2], vespo_lambda_neg=vespo[3],
+        steps_per_generation=ga if steps_per_generation is None else steps_per_generation)
+    st.get_gamma_weights = GRPOTrainer.get_gamma_weights
+    inputs = _inputs(mask, adv, old, ref)
+    inputs["num_items_in_batch"] = torch.tensor(
+        float(mask.sum() if num_items is None else num_items))
+    loss = GRPOTrainer._compute_loss(st, None, inputs)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+def trl_gmpo_loss(logp, old, ref, adv, mask, *, beta=0.0, eps=0.4, eps_high=None, ga=1):
+    """TRL 1.16's ``GMPOTrainer._compute_loss`` (trl.experimental.gmpo) on one micro-batch."""
+    from trl.experimental.gmpo.gmpo_trainer import GMPOTrainer
+
+    lp = logp.detach().clone().requires_grad_(True)
+    st = _group_policy_stub(lp, beta=beta, eps_low=eps,
+                            eps_high=eps if eps_high is None else eps_high, ga=ga)
+    loss = GMPOTrainer._compute_loss(st, None, _inputs(mask, adv, old, ref))
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+def trl_rloo_loss(logp, old, adv, mask, *, eps=0.2, eps_high=None):
+    """TRL 1.16's ``RLOOTrainer._compute_loss`` on one micro-batch (``old``: per-token
+    log-probs of the sampling policy, summed over the mask as TRL stores them)."""
+    from trl.trainer.rloo_trainer import RLOOTrainer
+
+    lp = logp.detach().clone().requires_grad_(True)
+    st = _group_policy_stub(lp, beta=0.0, eps_low=eps,
+                            eps_high=eps if eps_high is None else eps_high, ga=1)
+    inputs = _inputs(mask, adv, None, None)
+    inputs["old_logps"] = (old * mask).sum(1)
+    loss = RLOOTrainer._compute_loss(st, None, inputs)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+def trl_dpo_token_loss(lp, ref, mask, *, beta, loss_types, loss_weights=None,
+                       label_smoothing=0.0, f_divergence_type="reverse_kl",
+                       f_alpha_divergence_coef=0.5, discopop_tau=0.05, ld_alpha=None):
+    """TRL 1.16's ``DPOTrainer._compute_loss`` on one micro-batch, from per-token
+    log-probs: ``lp``, ``ref`` and ``mask`` are [2B, T] in TRL's layout (the B chosen
+    rows, then the B rejected rows; ``lp`` is 0 outside the mask, as TRL's fused head
+    leaves it). The reference is scored by a stub reference model inside the loss, as
+    TRL does without precomputed reference log-probs. Returns (loss, d loss / d lp)."""
+    import contextlib
+
+    import trl.trainer.dpo_trainer as dpo_module
+    from trl import DPOTrainer
+
+    lp = lp.detach().clone().requires_grad_(True)
+
+    def out(x):
+        z = torch.zeros_like(x)
+        return SimpleNamespace(log_probs=x, entropy=z, mean_logits=z, is_top1=z.bool(),
+                               aux_loss=None)
+
+    n = mask.shape[0]
+    t = DPOTrainer.__new__(DPOTrainer)
+    t.model, t.accelerator = SimpleNamespace(training=True), _Accelerator()
+    t.args = SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None)
+    t.aux_loss_enabled, t.ld_alpha, t.precompute_ref_logps = False, ld_alpha, False
+    t.f_divergence_type, t.f_alpha_divergence_coef = f_divergence_type, f_alpha_divergence_coef
+    t.loss_types = list(loss_types)
+    t.loss_weights = list(loss_weights or [1.0] * len(loss_types))
+    t.beta, t.label_smoothing, t.use_weighting = beta, label_smoothing, False
+    t._metrics, t._total_train_tokens, t._tp_size = defaultdict(lambda: defaultdict(list)), 0, 1
+    t.ref_model = lambda **kw: out(ref)
+    inputs = {"input_ids": torch.zeros(n, mask.shape[1] + 1, dtype=torch.long),
+              "attention_mask": torch.ones(n, mask.shape[1] + 1, dtype=torch.long),
+              "completion_mask": torch.cat([torch.zeros(n, 1), mask], dim=1).long()}
+    saved = dpo_module.is_peft_model, dpo_module.disable_gradient_checkpointing
+    dpo_module.is_peft_model = lambda m: False
+    dpo_module.disable_gradient_checkpointing = lambda *a, **k: contextlib.nullcontext()
+    try:
+        loss = t._compute_loss(lambda **kw: out(lp), inputs, return_outputs=False)
+    finally:
+        dpo_module.is_peft_model, dpo_module.disable_gradient_checkpointing = saved
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+def trl_rloo_advantages(rewards_per_func, reward_weights, old, ref, lengths, *, k, beta,
+                        reward_clip_range=None, normalize_advantages=False):
+    """The advantages TRL 1.16's ``RLOOTrainer._generate_and_score_completions`` computes
+    for one process: ``rewards_per_func`` [N, F] (NaN where a function returned None), the
+    sampling policy's and the reference's per-token log-probs [N, T] and each
+    completion's length (its tokens come first in the row). Generation, the log-prob
+    passes and the reward functions are stubs returning these tensors."""
+    import contextlib
+
+    import trl.trainer.rloo_trainer as rloo_module
+    from trl.trainer.rloo_trainer import RLOOTrainer
+
+    n, width = old.shape
+    st = SimpleNamespace()
+    st.accelerator = _Accelerator()
+    st.accelerator.process_index = 0
+    st.model = SimpleNamespace(training=True)
+    ref_model = object()
+    st.ref_model = ref_model
+    st._generate = lambda prompts: ([[1, 2]] * n, [[5] * int(m) for m in lengths],
+                                    ["x"] * n)
+    st._tokenizer = SimpleNamespace(pad_token_id=0)
+    st.pad_to_multiple_of, st.mask_truncated_completions = None, False
+    st.args = SimpleNamespace(per_device_train_batch_size=n, gradient_checkpointing_kwargs=None)
+    st._get_per_token_logps_and_entropies = (
+        lambda model, *a, **kw: (ref if model is ref_model else old, None, None))
+    st._calculate_rewards = lambda *a: rewards_per_func
+    st.reward_weights = torch.tensor(reward_weights, dtype=torch.float32)
+    st.reward_func_names = [f"r{i}" for i in range(rewards_per_func.shape[1])]
+    st.num_generations, st.beta = k, beta
+    st.reward_clip_range, st.normalize_advantages = reward_clip_range, normalize_advantages
+    st._metrics = {"train": defaultdict(list)}
+    st._logs = {"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
+                "extra": defaultdict(list), "images": []}
+    st._pending_extra_logs, st._pending_metrics, st.log_multimodal = {}, {}, False
+    saved = rloo_module.disable_gradient_checkpointing
+    rloo_module.disable_gradient_checkpointing = lambda *a, **kw: contextlib.nullcontext()
+    try:
+        out = RLOOTrainer._generate_and_score_completions(st, [{"prompt": "q"}] * n)
+    finally:
+        rloo_module.disable_gradient_checkpointing = saved
+    return out["advantages"]

@@ -153,3 +153,36 @@ def test_grpo_gradient_on_tiny_model_moves_towards_rewarded_completion(seed):
         opt.step()
     after = policy.logprobs(batch).sum(1)
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_unscorable_completions_leave_the_statistics_and_get_zero_advantage():
+    """A completion every reward function returned None for (Rollout.scorable False) is
+    left out of its group's mean and std and gets advantage 0, as in TRL (§1.1)."""
+    batch = make_rollout([1.0, 0.0, 0.0, 5.0, 1.0, 0.0, 0.0, 0.0], 4)
+    batch.scorable = torch.tensor([True, True, True, False, True, False, False, False])
+    adv = group_advantages(batch, "group")
+    kept = [1.0, 0.0, 0.0]
+    mean = sum(kept) / 3
+    assert adv[:3].tolist() == pytest.approx([(r - mean) / (hand_std(kept) + 1e-4) for r in kept],
+                                             abs=1e-6)
+    # the unscorable row, and a group with one scorable row (no std): 0
+    assert adv[3:].tolist() == [0.0] * 5
+
+
+def test_batch_scaling_spans_the_whole_step():
+    """scale_rewards=batch divides by the std of every reward of the step (all micro-batches,
+    all ranks), not of one micro-batch."""
+    from omegaconf import OmegaConf
+
+    from gym_grpo import GRPOConfig
+    from gym_grpo.grpo import GRPO
+
+    cfg = OmegaConf.structured(GRPOConfig(num_generations=4, scale_rewards="batch"))
+    algo = GRPO(cfg, policy=None)
+    batches = [make_rollout(REWARDS[:4], 4), make_rollout(REWARDS[4:], 4)]
+    for b in batches:
+        algo.prepare(b)
+    algo.prepare_step(batches)
+    got = torch.cat([b.extras["advantages"] for b in batches])
+    assert got.tolist() == pytest.approx(group_advantages(make_rollout(REWARDS, 4), "batch").tolist(),
+                                         abs=1e-6)

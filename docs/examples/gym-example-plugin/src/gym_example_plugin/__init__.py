@@ -18,16 +18,19 @@ GYM_API_VERSION = "2"
 
 
 @dataclass
-class RLOOConfig(OnlineAlgorithmConfig):
-    """REINFORCE with a leave-one-out baseline (RLOO, arXiv 2402.14740)."""
+class ReinforceConfig(OnlineAlgorithmConfig):
+    """REINFORCE with a moving-average baseline (Williams 1992, "Simple statistical
+    gradient-following algorithms for connectionist reinforcement learning")."""
 
-    name: str = "rloo"
+    name: str = "reinforce"
     lr: float = 5e-5  # LoRA adapters need a larger step than full fine-tuning's 1e-6
-    # k samples per prompt; each baseline averages the other k - 1 (TRL's default is 2,
-    # which leaves a one-sample baseline).
+    # completions per prompt (gym's rollout engine samples at least 2)
     num_generations: int = 4
-    # KL penalty folded into the reward, TRL's k1 form: r - beta * sum_t (log pi_old -
-    # log pi_ref). 0 skips the reference forward pass.
+    # b <- decay * b + (1 - decay) * (the step's mean reward, over every rank); the first
+    # step starts b at its own mean reward
+    baseline_decay: float = 0.9
+    # KL penalty folded into the reward: r - beta * sum_t (log pi - log pi_ref) (k1, as
+    # Ziegler et al. 2019). 0 skips the reference forward pass.
     beta: float = 0.05
     # How per-token losses are averaged (gym_core.api.LOSS_TYPES); "dapo" is the
     # token-level mean over every completion token of the step.
@@ -48,7 +51,7 @@ class AbsmaxConfig(MatrixQuantConfig):
 
 @hookimpl
 def gym_add_algorithms(registry):
-    registry.add("rloo", RLOOConfig, "gym_example_plugin.rloo:RLOO")
+    registry.add("reinforce", ReinforceConfig, "gym_example_plugin.reinforce:Reinforce")
 
 
 @hookimpl
