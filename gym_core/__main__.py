@@ -148,6 +148,9 @@ def _entry(args: list[str]) -> None:
             from gym_core.checks import preflight
 
             preflight(cfg)
+            from gym_core.stages import check_init
+
+            check_init(cfg.model)  # model.init names a finished run of this base model
             folder = lock_early(cfg, args)
             if folder is not None and not {"-m", "--multirun"}.intersection(args):
                 from gym_core.resume import check

@@ -232,6 +232,12 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
         base, _ = load_base(cfg.model)
         delta = state_delta(merged_state(policy), dict(base.named_parameters()))
         del base
+    if not delta:
+        from gym_core.errors import warn
+
+        warn("training left every weight as it was (every advantage or gradient was 0?): "
+             f"the {cfg.quant.name} delta is empty")
+    num = sum(d.numel() for d in delta.values())
     t0 = time.perf_counter()
     packed = quantizer.quantize(delta)
     uncalibrated = packed
@@ -244,10 +250,9 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
     quant_seconds = time.perf_counter() - t0
     after_quant = score(rebuilt, "eval after quant")
     print(f"gym: held-out accuracy after {cfg.quant.name}: {_fmt(after_quant)}")
-    num = sum(d.numel() for d in delta.values())
     stats = {
         "bits_per_weight": round(packed.bits_per_weight, 4),
-        "compression_ratio": round(packed.compression_ratio, 3),
+        "compression_ratio": round(packed.compression_ratio, 3) if num else None,
         "delta_bytes": size,
         "delta_params": num,
         "delta_file": str(path),
@@ -316,7 +321,7 @@ def summary_table(s: dict[str, Any]) -> str:
     if q:
         rows += [
             ("bits per weight", q["bits_per_weight"]),
-            ("compression vs bf16", f"{q['compression_ratio']}x"),
+            ("compression vs bf16", f"{q['compression_ratio']}x" if q['compression_ratio'] else "-"),
             ("delta file bytes", q["delta_bytes"]),
         ]
     width = max(len(k) for k, _ in rows)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gym_core.errors import GymError
+
+if TYPE_CHECKING:
+    import torch
 
 RECORD = "gym.json"  # in <run>/final/, written last by gym_core.model.save_final
 

@@ -182,7 +182,7 @@ def _summary_items(run) -> list[tuple[str, str]]:
     if q:
         items += [("delta size", fmt_bytes(q.get("delta_bytes"))),
                   ("bits / weight", str(q.get("bits_per_weight", ""))),
-                  ("vs bf16", f"{q.get('compression_ratio', '')}x")]
+                  ("vs bf16", f"{q['compression_ratio']}x" if q.get('compression_ratio') else "-")]
     if s:
         items += [("train seconds", str(s.get("train_seconds", ""))),
                   ("tokens / second", str(s.get("tokens_per_second", "")))]
