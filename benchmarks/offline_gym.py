@@ -1,14 +1,13 @@
-"""gym's half of the DPO / KTO benchmark: time gym's DPO or KTO step on CPU.
+"""gym's half of the offline-methods benchmark: time gym's DPO, KTO, SFT or ORPO step on CPU.
 
-The same settings as ``preference_trl.py`` (see ``preference_data.py``): SmolLM2-135M-Instruct
-in fp32, LoRA r=16/alpha=32 on all seven projections, 8 preference pairs (DPO) or 16
-labelled rows (KTO) of the arithmetic task per optimizer step, lr 5e-5 constant, beta 0.1,
-a reference pass every step. Measured like TRL's half, excluding the first (warm-up) step:
-seconds per optimizer step (tokenising + reference pass + loss + backward + AdamW), prompt
-+ completion tokens per second (the count both halves share) and the process's peak
-resident memory.
+The same settings as ``offline_trl.py`` (see ``offline_data.py``): SmolLM2-135M-Instruct
+in fp32, LoRA r=16/alpha=32 on all seven projections, the arithmetic task, a constant
+learning rate; DPO and KTO with a reference pass every step. Measured like TRL's half,
+excluding the first (warm-up) step: seconds per optimizer step (tokenising + reference
+pass + loss + backward + AdamW), prompt + completion tokens per second (the count both
+halves share) and the process's peak resident memory.
 
-    python benchmarks/preference_gym.py --algorithm dpo --steps 3
+    python benchmarks/offline_gym.py --algorithm dpo --steps 3
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ import argparse
 import json
 
 from measure import train_gym
-from preference_data import ALGORITHMS, BATCH, SEED, default_model_dir, gym_overrides
+from offline_data import ALGORITHMS, BATCH, SEED, default_model_dir, gym_overrides
 
 
-def run_gym_preference(model_dir: str, *, algorithm: str, steps: int,
-                       tokens_per_step: list[int]) -> dict:
+def run_gym(model_dir: str, *, algorithm: str, steps: int, tokens_per_step: list[int]) -> dict:
     if steps < 2:
         raise ValueError("steps must be >= 2: the first step is an untimed warm-up")
     import torch
@@ -62,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.model_dir or default_model_dir()
     tokens = args.tokens_per_step
     if tokens is None:
-        from preference_data import tokens_per_step
+        from offline_data import tokens_per_step
 
         tokens = tokens_per_step(args.algorithm, model_dir, args.steps)
-    result = run_gym_preference(model_dir, algorithm=args.algorithm, steps=args.steps,
-                                tokens_per_step=tokens)
+    result = run_gym(model_dir, algorithm=args.algorithm, steps=args.steps,
+                     tokens_per_step=tokens)
     print(json.dumps(result, indent=2))
 
 

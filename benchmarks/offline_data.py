@@ -1,27 +1,36 @@
-"""What both halves of the DPO / KTO benchmark share: the settings, the exact examples of
-every step (in gym's sampling order, which TRL is then fed sequentially, so both train on
-identical batches) and the token count per step that tokens per second divide.
+"""What both halves of the offline-methods benchmark (DPO, KTO, SFT, ORPO) share: the
+settings, the exact examples of every step (in gym's sampling order, which TRL is then fed
+sequentially, so both train on identical batches) and the token count per step that tokens
+per second divide.
 
-Tokens counted per step: for DPO, each pair's prompt + chosen + rejected tokens (as if
-chosen and rejected were two whole sequences, prompt counted twice); for KTO, each row's
-prompt + completion tokens (the mismatched KL sequences are not counted). Prompts are
-rendered with the model's chat template as one user turn, completions as the assistant
-turn that follows (end-of-turn tokens included), exactly as gym renders them."""
+Data: the arithmetic task. DPO and ORPO train on each example's (chosen, rejected) pair,
+KTO on labelled rows (``arithmetic_labels``), SFT on each prompt and its ``chosen`` answer
+("3 + 4 = 7", gym's SFT default on this task) with the loss on the answer only. Prompts
+are rendered with the model's chat template as one user turn, completions as the
+assistant turn that follows (end-of-turn tokens included), exactly as gym renders them;
+TRL is given the same conversations.
+
+Tokens counted per step: DPO and ORPO, each pair's prompt + chosen + prompt + rejected
+tokens (as if chosen and rejected were two whole sequences); KTO, each row's prompt +
+completion tokens (the mismatched KL sequences are not counted); SFT, each row's prompt +
+answer tokens."""
 
 from __future__ import annotations
 
 from typing import Any
 
-ALGORITHMS = ("dpo", "kto")
-DATA = {"dpo": "arithmetic", "kto": "arithmetic_labels"}
-BATCH = {"dpo": 8, "kto": 16}  # pairs per step (DPO), labelled rows per step (KTO)
-LR = 5e-5
-BETA = 0.1
+ALGORITHMS = ("dpo", "kto", "sft", "orpo")
+DATA = {"dpo": "arithmetic", "kto": "arithmetic_labels", "sft": "arithmetic", "orpo": "arithmetic"}
+# pairs (DPO, ORPO), labelled rows (KTO) or rows (SFT) per optimizer step
+BATCH = {"dpo": 8, "kto": 16, "sft": 8, "orpo": 8}
+# gym's defaults with LoRA (speed does not depend on them)
+LR = {"dpo": 5e-5, "kto": 5e-5, "sft": 2e-4, "orpo": 2e-4}
+BETA = 0.1  # DPO's and KTO's beta, ORPO's lambda
 LORA_R, LORA_ALPHA = 16, 32
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED = 0
 # Longer than any rendered prompt / completion of the arithmetic task: nothing is cut.
-MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS = 256, 64
+MAX_PROMPT_TOKENS, MAX_COMPLETION_TOKENS, MAX_LENGTH = 256, 64, 1024
 
 
 def gym_overrides(algorithm: str, model_dir: str, steps: int) -> list[str]:
@@ -29,7 +38,7 @@ def gym_overrides(algorithm: str, model_dir: str, steps: int) -> list[str]:
     overrides = [
         "model=local", f"model.path={model_dir}",
         f"model.lora.r={LORA_R}", f"model.lora.alpha={LORA_ALPHA}",
-        f"algorithm={algorithm}", f"algorithm.lr={LR}", f"algorithm.beta={BETA}",
+        f"algorithm={algorithm}", f"algorithm.lr={LR[algorithm]}",
         f"algorithm.max_prompt_length={MAX_PROMPT_TOKENS}",
         f"algorithm.max_completion_length={MAX_COMPLETION_TOKENS}",
         f"data={DATA[algorithm]}",
@@ -38,6 +47,10 @@ def gym_overrides(algorithm: str, model_dir: str, steps: int) -> list[str]:
         "trainer.save_every=0", f"trainer.seed={SEED}",
         "trainer.progress=false", "trainer.tensorboard=false",
     ]
+    if algorithm == "sft":
+        overrides.append(f"algorithm.max_length={MAX_LENGTH}")
+    else:
+        overrides.append(f"algorithm.beta={BETA}")
     if algorithm == "dpo":
         # a reference pass every step, as TRL does without precompute_ref_log_probs
         overrides += ["algorithm.loss_type=sigmoid", "algorithm.cache_ref_logprobs=false"]
@@ -64,6 +77,13 @@ def step_examples(algorithm: str, model_dir: str, steps: int) -> list[list[dict[
     return out
 
 
+def answers(algorithm: str, ex: dict[str, Any]) -> list[str]:
+    """The completions of one example that its method trains on."""
+    if algorithm in ("dpo", "orpo"):
+        return [ex["chosen"], ex["rejected"]]
+    return [ex["completion"] if algorithm == "kto" else ex["chosen"]]
+
+
 def tokens_per_step(algorithm: str, model_dir: str, steps: int) -> list[int]:
     """Prompt + completion tokens of each step's examples (see the module docstring)."""
     from transformers import AutoTokenizer
@@ -80,9 +100,8 @@ def tokens_per_step(algorithm: str, model_dir: str, steps: int) -> list[int]:
         total = 0
         for ex in batch:
             prompt = n(render_prompts(tok, [ex["prompt"]], None)[0])
-            answers = [ex["chosen"], ex["rejected"]] if algorithm == "dpo" else [ex["completion"]]
             total += sum(prompt + n(render_completion(tok, ex["prompt"], a, None))
-                         for a in answers)
+                         for a in answers(algorithm, ex))
         counts.append(total)
     return counts
 

@@ -1,20 +1,23 @@
-"""TRL's half of the DPO / KTO benchmark: time ``trl.DPOTrainer`` or ``trl.KTOTrainer`` on CPU.
+"""TRL's half of the offline-methods benchmark: time ``trl.DPOTrainer``, ``trl.KTOTrainer``,
+``trl.SFTTrainer`` or ``trl.experimental.orpo.ORPOTrainer`` on CPU.
 
 Trains a LoRA adapter on SmolLM2-135M-Instruct on the same settings as gym's half (see
-``preference_data.py``: fp32 on CPU, LoRA r=16/alpha=32 on all seven projections, 8
-preference pairs (DPO) or 16 labelled rows (KTO) per optimizer step, lr 5e-5 constant,
-beta 0.1, sigmoid DPO loss, the reference log-probs computed every step, gradient
-checkpointing off) on exactly the examples gym trains on, step for step: TRL reads them in
-order (``train_sampling_strategy="sequential"``). Prompts and completions are
-conversational (one user turn, one assistant turn), so TRL renders them with the same chat
-template gym uses. Measures, excluding the first (warm-up) step, seconds per optimizer step,
-prompt + completion tokens per second (the count both halves share) and peak resident
-memory. Run it in a fresh process: the peak is the process's high-water mark.
+``offline_data.py``: fp32 on CPU, LoRA r=16/alpha=32 on all seven projections, the same
+batch sizes and learning rates, beta 0.1, sigmoid DPO loss, the reference log-probs
+computed every step, gradient checkpointing off) on exactly the examples gym trains on,
+step for step: TRL reads them in order (``train_sampling_strategy="sequential"``). Rows
+are conversational (one user turn, one assistant turn), so TRL renders them with the same
+chat template gym uses; SFT's loss is on the completion only (TRL's default for
+prompt-completion rows). TRL's ORPO appends an EOS token to each answer that does not end
+with one (the rendered turn ends with a newline after it): one token more per answer than
+gym scores, not counted in tok/s. Measures, excluding the first (warm-up) step, seconds per
+optimizer step, prompt + completion tokens per second (the count both halves share) and
+peak resident memory. Run it in a fresh process: the peak is the process's high-water mark.
 
 TRL 1.16 has promoted KTO to its stable API: ``from trl import KTOTrainer`` (the
 ``trl.experimental.kto`` path is the same class behind a deprecation warning).
 
-    python benchmarks/preference_trl.py --algorithm kto --steps 3
+    python benchmarks/offline_trl.py --algorithm kto --steps 3
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from measure import (
     trl_checkpointing,
     trl_step_timer,
 )
-from preference_data import (
+from offline_data import (
     ALGORITHMS,
     BATCH,
     BETA,
@@ -41,6 +44,7 @@ from preference_data import (
     LORA_R,
     LORA_TARGETS,
     LR,
+    MAX_LENGTH,
     SEED,
     default_model_dir,
     step_examples,
@@ -60,19 +64,42 @@ def trl_dataset(algorithm: str, model_dir: str, steps: int):
     rows = []
     for batch in step_examples(algorithm, model_dir, steps):
         for ex in batch:
-            if algorithm == "dpo":
+            if algorithm in ("dpo", "orpo"):
                 rows.append({"prompt": user(ex["prompt"]), "chosen": assistant(ex["chosen"]),
                              "rejected": assistant(ex["rejected"])})
-            else:
+            elif algorithm == "kto":
                 rows.append({"prompt": user(ex["prompt"]),
                              "completion": assistant(ex["completion"]),
                              "label": bool(ex["label"])})
+            else:
+                rows.append({"prompt": user(ex["prompt"]), "completion": assistant(ex["chosen"])})
     return Dataset.from_list(rows)
 
 
-def run_trl_preference(model_dir: str, *, algorithm: str, steps: int,
-                       tokens_per_step: list[int], gradient_checkpointing: bool = False) -> dict:
-    """Train TRL's DPOTrainer / KTOTrainer for ``steps`` optimizer steps on CPU and time it."""
+def trainer_and_settings(algorithm: str):
+    """TRL's config and trainer classes for ``algorithm`` and the settings only it takes."""
+    import warnings
+
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    if algorithm == "dpo":
+        return DPOConfig, DPOTrainer, {"loss_type": ["sigmoid"], "beta": BETA,
+                                       "precompute_ref_log_probs": False}
+    if algorithm == "kto":
+        return KTOConfig, KTOTrainer, {"loss_type": "kto", "beta": BETA,
+                                       "desirable_weight": 1.0, "undesirable_weight": 1.0,
+                                       "precompute_ref_log_probs": False}
+    if algorithm == "sft":
+        return SFTConfig, SFTTrainer, {"packing": False, "completion_only_loss": None}
+    with warnings.catch_warnings():  # "experimental" notice
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer, {"beta": BETA}
+
+
+def run_trl(model_dir: str, *, algorithm: str, steps: int, tokens_per_step: list[int],
+            gradient_checkpointing: bool = False) -> dict:
+    """Train TRL's trainer for ``algorithm`` for ``steps`` optimizer steps on CPU and time it."""
     if steps < 2:
         raise ValueError("steps must be >= 2: the first step is an untimed warm-up")
     import torch
@@ -84,7 +111,6 @@ def run_trl_preference(model_dir: str, *, algorithm: str, steps: int,
         PrinterCallback,
         ProgressCallback,
     )
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     dataset = trl_dataset(algorithm, model_dir, steps)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -94,9 +120,7 @@ def run_trl_preference(model_dir: str, *, algorithm: str, steps: int,
 
     peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    Config, Trainer = (DPOConfig, DPOTrainer) if algorithm == "dpo" else (KTOConfig, KTOTrainer)
-    method = ({"loss_type": ["sigmoid"]} if algorithm == "dpo"
-              else {"loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0})
+    Config, Trainer, method = trainer_and_settings(algorithm)
 
     with tempfile.TemporaryDirectory(prefix=f"trl-{algorithm}-bench-") as output_dir:
         config = Config(
@@ -108,10 +132,9 @@ def run_trl_preference(model_dir: str, *, algorithm: str, steps: int,
             max_steps=steps,
             # gym's batches in gym's order (KTO requires sequential sampling anyway)
             train_sampling_strategy="sequential",
-            max_length=1024,  # far above any sequence here: nothing is truncated
-            precompute_ref_log_probs=False,  # a reference pass every step, as gym's
-            beta=BETA, **method,
-            learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+            max_length=MAX_LENGTH,  # far above any sequence here: nothing is truncated
+            **method,
+            learning_rate=LR[algorithm], lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, optim="adamw_torch",
             max_grad_norm=1.0,
             logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
@@ -163,12 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.model_dir or default_model_dir()
     tokens = args.tokens_per_step
     if tokens is None:
-        from preference_data import tokens_per_step
+        from offline_data import tokens_per_step
 
         tokens = tokens_per_step(args.algorithm, model_dir, args.steps)
-    result = run_trl_preference(model_dir, algorithm=args.algorithm, steps=args.steps,
-                                tokens_per_step=tokens,
-                                gradient_checkpointing=args.gradient_checkpointing)
+    result = run_trl(model_dir, algorithm=args.algorithm, steps=args.steps,
+                     tokens_per_step=tokens,
+                     gradient_checkpointing=args.gradient_checkpointing)
     print(json.dumps(result, indent=2))
 
 
