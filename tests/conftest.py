@@ -67,3 +67,23 @@ def digits_plugin_path(tmp_path):
     a PYTHONPATH value that makes it visible."""
     site = plugin_site(tmp_path / "site", "gym-test-digits", "digits", "tests.digits_plugin")
     return f"{REPO}{os.pathsep}{site}"
+
+
+def tiny_lora_policy(arch: str = "llama"):
+    """A tiny random model of ``arch`` with its LoRA adapter, the adapter's B matrices given
+    values (seed 0) so that it is not a no-op."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from gym_core.config import ModelConfig
+    from gym_core.model import load_policy
+
+    cfg = ModelConfig(source="tiny")
+    cfg.tiny.arch = arch
+    torch.manual_seed(0)
+    p = load_policy(OmegaConf.structured(cfg), torch.device("cpu"))
+    with torch.no_grad():
+        for n, prm in p.model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.05)
+    return p

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from gym_core.config import ModelConfig
 from gym_core.generation import Sampling, completion_masks, generate, warp_logits
 from gym_core.losses import completion_logprobs, selective_log_softmax
-from gym_core.model import load_policy
+from tests.conftest import tiny_lora_policy
 
 
 @pytest.fixture(scope="module")
 def policy():
-    torch.manual_seed(0)
-    p = load_policy(OmegaConf.structured(ModelConfig(source="tiny")), torch.device("cpu"))
-    # give the LoRA B matrices values so the adapter is not a no-op
-    with torch.no_grad():
-        for n, prm in p.model.named_parameters():
-            if "lora_B" in n:
-                prm.normal_(0, 0.05)
-    return p
+    return tiny_lora_policy()
 
 
 def prompts(policy, texts):
@@ -51,18 +42,6 @@ def test_shared_prompt_logprobs_equal_full_forward_with_gradients(policy):
     assert (shared[c_mask == 0] == 0).all()  # only the completion's tokens are scored
     for a, b in zip(grads_shared, grads_plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_greedy_generation_matches_transformers_generate(policy):
-    model, tok = policy.model, policy.tokenizer
-    p_ids, p_mask = prompts(policy, ["What is 2 + 3?", "Hello there, how are"])
-    ours = generate(model, p_ids, p_mask, num_samples=1, max_new_tokens=12,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                    sampling=Sampling(do_sample=False))
-    ref = model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=False,
-                         max_new_tokens=12, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)[:, p_ids.shape[1]:]
-    assert torch.equal(ours, ref[:, : ours.shape[1]])
 
 
 def test_sampled_groups_are_contiguous_and_stop_at_eos(policy):
@@ -107,18 +86,6 @@ def test_detached_completions_share_the_prompt_and_leave_gradients_intact(policy
         torch.testing.assert_close(a, b)
 
 
-def _tiny_policy(arch):
-    cfg = ModelConfig(source="tiny")
-    cfg.tiny.arch = arch
-    torch.manual_seed(0)
-    p = load_policy(OmegaConf.structured(cfg), torch.device("cpu"))
-    with torch.no_grad():
-        for n, prm in p.model.named_parameters():
-            if "lora_B" in n:
-                prm.normal_(0, 0.05)
-    return p
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fused_decoding_samples_what_the_models_own_forward_samples(arch, monkeypatch):
     """The fused decode step (LoRA merged, packed weights, preallocated cache, finished
@@ -126,7 +93,7 @@ def test_fused_decoding_samples_what_the_models_own_forward_samples(arch, monkey
     same row seeds, and its log-probs agree to float32 rounding."""
     from gym_core.fused import FusedDecoder
 
-    policy = _tiny_policy(arch)
+    policy = tiny_lora_policy(arch)
     model, tok = policy.model, policy.tokenizer
     assert FusedDecoder.build(model, 64) is not None
     p_ids, p_mask = prompts(policy, ["What is 2 + 3?", "Hello there, how are", "x"])
@@ -165,11 +132,13 @@ def test_sampler_logprobs_are_the_trainers_logprobs(policy):
     torch.testing.assert_close(lp * mask, trainer * mask, rtol=0, atol=1e-4)
 
 
-def test_greedy_fused_generation_matches_transformers_generate_qwen2():
-    policy = _tiny_policy("qwen2")
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_generation_matches_transformers_generate(arch, fused):
+    policy = tiny_lora_policy(arch)
     model, tok = policy.model, policy.tokenizer
     p_ids, p_mask = prompts(policy, ["What is 2 + 3?", "Hello there, how are"])
-    ours = generate(model, p_ids, p_mask, num_samples=1, max_new_tokens=12, fused=True,
+    ours = generate(model, p_ids, p_mask, num_samples=1, max_new_tokens=12, fused=fused,
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                     sampling=Sampling(do_sample=False))
     ref = model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=False,

@@ -10,12 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gym_core.config import ModelConfig
 from gym_core.errors import GymError
 from gym_core.generation import Sampling
-from gym_core.model import load_policy
 from gym_core.policy_gradient import importance_weights
 from gym_core.rollout import RolloutEngine
+from tests.conftest import tiny_lora_policy
 
 OLD = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -3.0]])
 SMP = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, -0.9, -9.0]])
@@ -48,13 +47,7 @@ def test_sequence_modes_use_the_product_of_token_ratios():
 
 @pytest.fixture(scope="module")
 def policy():
-    torch.manual_seed(0)
-    p = load_policy(OmegaConf.structured(ModelConfig(source="tiny")), torch.device("cpu"))
-    with torch.no_grad():
-        for n, prm in p.model.named_parameters():
-            if "lora_B" in n:
-                prm.normal_(0, 0.05)
-    return p
+    return tiny_lora_policy()
 
 
 def _algorithm(name, policy, **overrides):
