@@ -117,6 +117,12 @@ def setup(device_name: str) -> Dist:
     return Dist(rank, world, device)
 
 
-def teardown() -> None:
+def teardown(synchronize: bool = False) -> None:
+    """Destroy the process group. ``synchronize`` (a job that ended normally on every rank):
+    wait for every rank first, so that no rank shuts gloo down while another still has
+    work in flight (seen as a SIGABRT, "terminate called without an active exception", on
+    a loaded machine). Not after an error: the other ranks may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -54,6 +54,7 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         chain = check_init(cfg.model)  # model.init: refused before anything is written
     dist = setup(cfg.trainer.device)
     threads.configure(cfg.trainer.threads)
+    finished = False
     try:
         run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
         # every rank works in rank 0's directory (a default run.name holds a time stamp)
@@ -65,11 +66,13 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
                 lambda signum, step: interrupted_line(cfg, run_dir, signum, step, dist),
                 show=dist.main))
             with config_errors():
-                return _run_job(cfg, run_dir, dist, stop, chain)
+                summary = _run_job(cfg, run_dir, dist, stop, chain)
+            finished = True
+            return summary
     finally:
         threads.release()
         if dist.enabled:
-            teardown()
+            teardown(synchronize=finished)
 
 
 def config_errors():
