@@ -16,7 +16,9 @@ the sampler's log-probs so the trainer can measure the mismatch and correct for 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,12 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+def _padded(length: int) -> int:
+    """Key buffers are stored transposed ([.., d, T]) with T a whole number of 16-float
+    vectors, so the kernel's last vector of positions stays inside the buffer."""
+    return -(-length // 16) * 16
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
@@ -114,6 +122,7 @@ class FusedDecoder:
         self.embed = hf.get_input_embeddings().weight
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.ops = kernels() if self.embed.device.type == "cpu" else TorchOps
 
     @classmethod
     def build(cls, model, total_length: int) -> FusedDecoder | None:
@@ -170,16 +179,26 @@ class FusedDecoder:
         # rotate_half(x) * sin == roll(x, half) * cat(-sin[:half], sin[half:]) exactly
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
-    def load_cache(self, prefill_cache, repeats: int, total_length: int) -> None:
-        """Copy the prompts' KV cache into preallocated buffers, each prompt's rows
-        repeated ``repeats`` times, room for ``total_length`` positions."""
-        self.keys, self.values = [], []
+    def load_cache(self, prefill_cache, prompt_mask: torch.Tensor, repeats: int,
+                   max_new_tokens: int) -> None:
+        """Keep the prompts' KV cache once per prompt (its ``repeats`` rows share it, and
+        read it from the CPU's cache one after another) and preallocate each row's own
+        cache for ``max_new_tokens`` positions. Keys are stored transposed, [.., d, T]."""
+        self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
+        b, _, plen, _ = prefill_cache.layers[0].keys.shape
+        self.prompt_len = plen
+        self.prompt_bias = torch.zeros(prompt_mask.shape, device=prompt_mask.device).masked_fill(
+            prompt_mask == 0, float("-inf"))
+        self.group = torch.arange(b, device=prompt_mask.device).repeat_interleave(repeats)
+        n, width = b * repeats, _padded(max_new_tokens)
         for layer in prefill_cache.layers:
-            for src, out in ((layer.keys, self.keys), (layer.values, self.values)):
-                b, h, p, d = src.shape
-                buf = src.new_empty(b * repeats, h, total_length, d)
-                buf[:, :, :p] = src.repeat_interleave(repeats, dim=0) if repeats > 1 else src
-                out.append(buf)
+            k, v = layer.keys, layer.values
+            keys = k.new_zeros(b, k.shape[1], k.shape[3], _padded(plen))
+            keys[..., :plen] = k.transpose(2, 3)
+            self.prompt_keys.append(keys)
+            self.prompt_values.append(v.contiguous())
+            self.keys.append(k.new_zeros(n, k.shape[1], k.shape[3], width))
+            self.values.append(v.new_zeros(n, v.shape[1], width, v.shape[3]))
 
     def pack(self, rows: int) -> None:
         """Pack every weight for decode steps of ``rows`` rows."""
@@ -193,37 +212,89 @@ class FusedDecoder:
         re-pack the weights for the smaller batch."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+        self.group = self.group.index_select(0, index)
         self.pack(index.numel())
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, pos: int, mask: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [n, V] for the next position, given each row's token [n] at position
-        ``pos`` (the same for all rows: prompts are left-padded) and the attention mask
-        [n, pos + 1] over the cache (False on padding)."""
-        n = tokens.shape[0]
-        h, kv, d = self.n_heads, self.n_kv, self.head_dim
-        rep = h // kv
+        ``pos`` (the same for all rows: prompts are left-padded)."""
+        ops = self.ops
         x = F.embedding(tokens, self.embed)
         cos, sin = self.cos[pos], self.sin[pos]
-        attn_mask = mask.view(n, 1, 1, pos + 1)
-        half = d // 2
+        slot = pos - self.prompt_len
+        delta = None
         for i, layer in enumerate(self.layers):
-            y = F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
-            qkv = layer.qkv(y)
-            qk = qkv[:, : (h + kv) * d].view(n, h + kv, d)
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
-            key_buf, value_buf = self.keys[i], self.values[i]
-            key_buf[:, :, pos] = qk[:, h:]
-            value_buf[:, :, pos] = qkv[:, (h + kv) * d:].view(n, kv, d)
-            # one query token: its heads grouped under their key/value head (as
-            # transformers' SDPA path does for decoding)
-            q = qk[:, :h].reshape(n, kv, rep, d)
-            out = F.scaled_dot_product_attention(
-                q, key_buf[:, :, : pos + 1], value_buf[:, :, : pos + 1],
-                attn_mask=attn_mask, scale=self.scaling)
-            x = x + layer.o(out.reshape(n, h * d))
-            y = F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
-            gate, up = layer.gate_up(y).split(self.inter, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
-        return self.lm_head(x)
+            y = ops.rms_norm(x, delta, layer.ln1, self.eps)  # x += delta first
+            out = ops.attend(layer.qkv(y), self.prompt_keys[i], self.prompt_values[i],
+                             self.prompt_bias, self.group, self.keys[i], self.values[i], slot,
+                             cos, sin, self.n_heads, self.scaling)
+            y = ops.rms_norm(x, layer.o(out), layer.ln2, self.eps)
+            delta = layer.down(ops.silu_mul(layer.gate_up(y)))
+        return self.lm_head(ops.rms_norm(x, delta, self.norm, self.eps))
+
+
+class TorchOps:
+    """The decode step's small operations in torch (what decode.cpp computes in one call
+    each): the reference the kernels are tested against, and the path where they cannot
+    be compiled."""
+
+    @staticmethod
+    def rms_norm(x, delta, weight, eps):
+        if delta is not None:
+            x.add_(delta)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    @staticmethod
+    def attend(qkv, prompt_keys, prompt_values, prompt_bias, group, keys, values, slot, cos,
+               sin, heads, scale):
+        n, kv, d, _ = keys.shape
+        half = d // 2
+        qk = qkv[:, : (heads + kv) * d].view(n, heads + kv, d)
+        qk = qk * cos + qk.roll(half, dims=-1) * sin
+        keys[:, :, :, slot] = qk[:, heads:]
+        values[:, :, slot] = qkv[:, (heads + kv) * d:].view(n, kv, d)
+        # one query token: its heads grouped under their key/value head
+        q = qk[:, :heads].reshape(n, kv, heads // kv, d)
+        plen = prompt_bias.shape[1]
+        scores = torch.cat([q @ prompt_keys[group][..., :plen], q @ keys[..., : slot + 1]], -1)
+        bias = torch.cat([prompt_bias[group], prompt_bias.new_zeros(n, slot + 1)], -1)
+        probs = (scores * scale + bias[:, None, None]).softmax(-1)
+        out = probs[..., :plen] @ prompt_values[group] + probs[..., plen:] @ values[:, :, : slot + 1]
+        return out.reshape(n, heads * d)
+
+    @staticmethod
+    def silu_mul(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def sample(probs, u):
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        # u * total rounded up to the total: the last token with probability
+        last = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+        return torch.where(pick < probs.shape[1], pick, last)
+
+
+SOURCE = Path(__file__).with_name("decode.cpp")
+
+
+@functools.cache
+def kernels():
+    """decode.cpp's operators (compiled once per machine, :mod:`gym_core.native`), or
+    :class:`TorchOps` when this machine cannot compile them (a warning says so once)."""
+    from gym_core.errors import GymError, warn
+    from gym_core.native import isa_flags, load_ops
+
+    isa, _ = isa_flags()
+    vec = {"avx512": ("-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"),
+           "avx2": ("-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2")}.get(
+               isa, ("-DCPU_CAPABILITY=DEFAULT",))
+    vec += ("-fopenmp",)
+    try:
+        load_ops("gym_decode", str(SOURCE), vec)
+    except GymError as exc:
+        warn(f"sampling without gym's decode kernels, at about half the speed: {exc}")
+        return TorchOps
+    return torch.ops.gym_decode

@@ -43,10 +43,11 @@ def warp_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 def next_tokens(logits: torch.Tensor, s: Sampling, generators=None) -> torch.Tensor:
     """Greedy, or a draw from softmax(warped logits). With one generator per row the draw
-    is Gumbel-max (argmax of logits + Gumbel noise, an exact sample of the same
-    distribution) using only that row's generator, so a row's tokens do not depend on
-    which other rows share the batch: 1 process and N data-parallel processes, or a run
-    and its resumption, sample the same completions."""
+    is by inverse CDF (the first token whose cumulative probability, summed in float64,
+    exceeds u x the total, for one uniform u from that row's generator: an exact sample
+    of the same distribution) using only that row's generator, so a row's tokens do not
+    depend on which other rows share the batch: 1 process and N data-parallel processes,
+    or a run and its resumption, sample the same completions."""
     if not s.do_sample:
         return logits.argmax(dim=-1)
     warped = logits.float()
@@ -54,22 +55,23 @@ def next_tokens(logits: torch.Tensor, s: Sampling, generators=None) -> torch.Ten
         warped = warp_logits(warped, s)
     if generators is None:
         return torch.multinomial(warped.softmax(dim=-1), 1).squeeze(-1)
-    return _gumbel_argmax(warped, generators)
+    return _inverse_cdf(warped, generators)
 
 
 def row_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed) % (2**63 - 1)) for seed in seeds]
 
 
-def _gumbel_argmax(warped: torch.Tensor, generators) -> torch.Tensor:
-    """argmax(warped - log(-log u)), u uniform from each row's generator; computed in
-    place in one buffer (the same numbers: negation is exact and addition commutes)."""
-    vocab = warped.shape[-1]
-    u = torch.empty(len(generators), vocab)
-    for row, g in zip(u, generators):
-        torch.rand(vocab, generator=g, out=row)
-    u = u.to(warped.device)
-    return u.log_().neg_().log_().neg_().add_(warped).argmax(dim=-1)
+def _inverse_cdf(warped: torch.Tensor, generators) -> torch.Tensor:
+    """One float64 uniform per row from the row's generator; the sampled token is where
+    the row's cumulative probability first exceeds it (gym_core/decode.cpp's ``sample``,
+    or the same in torch)."""
+    from gym_core.fused import TorchOps, kernels
+
+    probs = warped.softmax(dim=-1).contiguous()
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    ops = kernels() if probs.device.type == "cpu" else TorchOps
+    return ops.sample(probs, u.to(probs.device))
 
 
 def _chosen_logprobs(logits: torch.Tensor, tok: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -139,13 +141,10 @@ def generate(
     prompt_len = prompt_ids.shape[1]
     if decoder is not None:
         decoder.rotary(total, logits.device)
-        decoder.load_cache(cache, num_samples, total)
+        decoder.load_cache(cache, prompt_mask, num_samples, max_new_tokens)
         del cache, out
-        full_mask = torch.ones(n, total, dtype=torch.bool, device=mask.device)
-        full_mask[:, :prompt_len] = mask.bool()
-        mask = full_mask
-        return _fused_loop(decoder, logits, mask, prompt_len, tokens, logps, sampling,
-                           generators, eos_token_id)
+        return _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
+                           eos_token_id)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     width = 0
     for step in range(max_new_tokens):
@@ -172,7 +171,7 @@ def generate(
 COMPACT_AT = 0.5
 
 
-def _fused_loop(decoder, logits, mask, prompt_len, tokens, logps, sampling, generators,
+def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
                 eos_token_id):
     """The decode loop on :class:`gym_core.fused.FusedDecoder`. Its weights are packed for
     one batch size, and a packed product costs about the same for any number of rows
@@ -206,12 +205,12 @@ def _fused_loop(decoder, logits, mask, prompt_len, tokens, logps, sampling, gene
             break
         if live <= alive.numel() * COMPACT_AT:  # enough rows finished: the rest move up
             keep = alive.nonzero().squeeze(1)
-            rows, fed, mask, alive = rows[keep], fed[keep], mask[keep], alive[keep]
+            rows, fed, alive = rows[keep], fed[keep], alive[keep]
             if generators is not None:
                 generators = [generators[i] for i in keep.tolist()]
             decoder.keep_rows(keep)
         pos = prompt_len + step
-        logits = decoder.step(fed, pos, mask[:, : pos + 1])
+        logits = decoder.step(fed, pos)
     ids = tokens[:, :width]
     if logps is not None:
         return ids, logps[:, :width]

@@ -97,7 +97,7 @@ def test_fused_decoding_samples_what_the_models_own_forward_samples(arch, monkey
     model, tok = policy.model, policy.tokenizer
     assert FusedDecoder.build(model, 64) is not None
     p_ids, p_mask = prompts(policy, ["What is 2 + 3?", "Hello there, how are", "x"])
-    seeds = list(range(100, 124))
+    seeds = list(range(300, 324))
     kw = dict(num_samples=8, max_new_tokens=100, pad_token_id=tok.pad_token_id,
               sampling=Sampling(temperature=0.3), row_seeds=seeds, with_logprobs=True)
     eos = tok.eos_token_id
@@ -109,7 +109,7 @@ def test_fused_decoding_samples_what_the_models_own_forward_samples(arch, monkey
     ids_f, lp_f = generate(model, p_ids, p_mask, eos_token_id=eos, fused=True, **kw)
     ended = (ids == eos).any(1)
     assert 0 < ended.sum() < len(ended)
-    if arch == "llama":  # (seeded: 13 of the 24 rows end, so the batch shrinks once)
+    if arch == "llama":  # (seeded: 12 of the 24 rows end, so the batch shrinks once)
         assert kept, "no finished rows left the batch"
     assert torch.equal(ids, ids_f)
     torch.testing.assert_close(lp_f, lp, rtol=0, atol=1e-4)

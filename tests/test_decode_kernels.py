@@ -1,0 +1,130 @@
+"""gym_core/decode.cpp computes what its torch reference (gym_core.fused.TorchOps)
+computes, and the inverse-CDF sampler draws from the right distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gym_core import fused
+from gym_core.fused import TorchOps, kernels
+
+
+@pytest.fixture(scope="module")
+def ops():
+    k = kernels()
+    if k is TorchOps:
+        pytest.fail("gym's decode kernels did not compile on this machine")
+    return k
+
+
+def attend_inputs(b, g, kv, rep, d, plen, width, slot, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    heads, n = kv * rep, b * g
+    qkv = torch.randn(n, (heads + 2 * kv) * d, generator=gen)
+    prompt_keys = torch.randn(b, kv, d, fused._padded(plen), generator=gen)
+    prompt_values = torch.randn(b, kv, plen, d, generator=gen)
+    bias = torch.zeros(b, plen)
+    bias[0, : plen // 3] = float("-inf")  # left padding of a shorter prompt
+    if b > 1:
+        bias[1, :1] = float("-inf")
+    group = torch.arange(b).repeat_interleave(g)
+    group = group[torch.randperm(n, generator=gen)]  # rows after compaction: any order
+    keys = torch.randn(n, kv, d, fused._padded(width), generator=gen)
+    values = torch.randn(n, kv, fused._padded(width), d, generator=gen)
+    angle = torch.rand(d, generator=gen)
+    return [qkv, prompt_keys, prompt_values, bias, group, keys, values, slot,
+            angle.cos(), angle.sin(), heads, d ** -0.5]
+
+
+@pytest.mark.parametrize("kv,rep,d,plen,slot", [
+    (3, 3, 64, 70, 20),  # SmolLM2's shape
+    (1, 1, 16, 5, 0),  # first decode step, one head
+    (2, 4, 24, 33, 31),  # head size not a whole vector, the cache's last slot
+    (1, 10, 32, 17, 3),  # more query heads per group than the unrolled kernels
+])
+def test_attend_matches_torch(ops, kv, rep, d, plen, slot):
+    args = attend_inputs(3, 4, kv, rep, d, plen, 32, slot)
+    ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out = ops.attend(*args)
+    expected = TorchOps.attend(*ref)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the new key (rotated) and value were written into the rows' own cache at slot
+    torch.testing.assert_close(args[5], ref[5], rtol=0, atol=1e-6)
+    assert torch.equal(args[6], ref[6])
+
+
+def test_attend_ignores_what_padding_and_other_prompts_hold(ops):
+    """Keys under a prompt's padding, other prompts' caches and the rows' positions after
+    slot do not change a row's output."""
+    args = attend_inputs(2, 2, 3, 3, 64, 40, 16, 5)
+    base = ops.attend(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    noisy = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    noisy[1][0, ..., : 40 // 3] += 100.0  # prompt 0's padding
+    noisy[2][0, :, : 40 // 3] += 100.0
+    noisy[5][..., 6:] = 1e4  # positions after slot 5
+    noisy[6][:, :, 6:] = 1e4
+    torch.testing.assert_close(ops.attend(*noisy), base, rtol=0, atol=0)
+
+
+def test_rms_norm_adds_the_residual_in_place(ops):
+    x = torch.randn(5, 96)
+    delta, w = torch.randn(5, 96), torch.randn(96)
+    x_ref = x.clone()
+    y = ops.rms_norm(x, delta, w, 1e-5)
+    y_ref = TorchOps.rms_norm(x_ref, delta, w, 1e-5)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    by_hand = w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(y, by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.rms_norm(x, None, w, 1e-5), y, rtol=0, atol=0)
+
+
+def test_silu_mul(ops):
+    gu = torch.randn(7, 2 * 40) * 4
+    torch.testing.assert_close(ops.silu_mul(gu), TorchOps.silu_mul(gu), rtol=1e-5, atol=1e-6)
+
+
+def test_sample_is_the_inverse_cdf(ops):
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 1000, generator=gen)
+    probs[probs < 0.7] = 0  # top-k / top-p filtered tokens have probability 0
+    probs /= probs.sum(-1, keepdim=True)
+    u = torch.rand(64, generator=gen, dtype=torch.float64)
+    u[0], u[1] = 0.0, 1 - 2**-53  # the ends of [0, 1)
+    picks = ops.sample(probs, u)
+    assert torch.equal(picks, TorchOps.sample(probs, u))
+    assert (probs.gather(1, picks[:, None]) > 0).all()  # never a filtered token
+    cdf = probs.double().cumsum(-1)
+    for row, i in enumerate(picks.tolist()):  # the first token whose cumulative mass > u
+        assert cdf[row, i] > u[row] * cdf[row, -1]
+        assert i == 0 or cdf[row, i - 1] <= u[row] * cdf[row, -1]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_sampled_frequencies_follow_the_distribution(ops, impl):
+    p = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    n = 40_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    picks = (ops if impl == "kernel" else TorchOps).sample(p.expand(n, 5).contiguous(), u)
+    freq = torch.bincount(picks, minlength=5).double() / n
+    assert freq[1] == 0
+    # 5 standard errors of a binomial proportion
+    tol = 5 * (p.double() * (1 - p.double()) / n).sqrt() + 1e-12
+    assert ((freq - p.double()).abs() <= tol).all(), freq
+
+
+def test_a_machine_that_cannot_compile_samples_with_torch(monkeypatch, capsys):
+    from gym_core import native
+    from gym_core.errors import GymError
+
+    def refuse(*args, **kwargs):
+        raise GymError("compiling gym's gym_decode kernel needs g++")
+
+    monkeypatch.setattr(native, "load_ops", refuse)
+    fused.kernels.cache_clear()
+    try:
+        assert fused.kernels() is TorchOps
+        assert "without gym's decode kernels" in capsys.readouterr().err
+    finally:
+        fused.kernels.cache_clear()
