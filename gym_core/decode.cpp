@@ -18,8 +18,10 @@
 //                                 Keys are stored transposed ([.., d, T]): a query's
 //                                 scores are then d vector updates, no horizontal sums
 //   silu_mul(gate_up)             silu(gate) * up, gate_up = [gate | up] along the last dim
-//   sample(probs, u)              per row the first index i with cumsum(p)[i] > u * sum(p),
-//                                 sums in float64 (inverse-CDF sampling, one uniform per row)
+//   draw(logits, u, temperature)  per row a token of softmax(logits / temperature) by inverse
+//                                 CDF (the first whose cumulative mass, in float64, exceeds
+//                                 u x the total) and its log-prob: one pass, no probability
+//                                 tensor
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -33,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -252,37 +255,65 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& prompt_keys, const at
   return out;
 }
 
-at::Tensor sample(const at::Tensor& probs, const at::Tensor& u) {
-  check_float(probs, "probs", 2);
+// Per row: z = logits / temperature, e = exp(z - max z); the token is where the running
+// sum of e, in float64 over blocks of 64 and then within the block, first exceeds
+// u * sum(e); its log-prob is z - max z - log(sum(e)).
+std::tuple<at::Tensor, at::Tensor> draw(const at::Tensor& logits, const at::Tensor& u,
+                                        double temperature) {
+  check_float(logits, "logits", 2);
   TORCH_CHECK(u.scalar_type() == at::kDouble && u.is_contiguous() && u.dim() == 1 &&
-                  u.size(0) == probs.size(0), "u must be float64 [n]");
-  const int64_t n = probs.size(0), v = probs.size(1);
-  TORCH_CHECK(v > 0, "probs must have at least one column");
-  at::Tensor out = at::empty({n}, probs.options().dtype(at::kLong));
-  const float* p = probs.data_ptr<float>();
+                  u.size(0) == logits.size(0), "u must be float64 [n]");
+  TORCH_CHECK(temperature > 0, "temperature must be positive");
+  const int64_t n = logits.size(0), v = logits.size(1);
+  TORCH_CHECK(v > 0, "logits must have at least one column");
+  constexpr int64_t block = 64;
+  const int64_t blocks = (v + block - 1) / block;
+  at::Tensor tokens = at::empty({n}, logits.options().dtype(at::kLong));
+  at::Tensor logps = at::empty({n}, logits.options());
+  const float* lp = logits.data_ptr<float>();
   const double* up = u.data_ptr<double>();
-  int64_t* o = out.data_ptr<int64_t>();
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  float* op = logps.data_ptr<float>();
+  const float temp = float(temperature);
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e(v);
+    std::vector<double> sums(blocks);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* pr = p + r * v;
+      const float* x = lp + r * v;
+      at::vec::map<float>([temp](Vec a) { return a / Vec(temp); }, e.data(), x, v);
+      const float mx = at::vec::reduce_all<float>(
+          [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, e.data(), v);
+      at::vec::map<float>([mx](Vec a) { return (a - Vec(mx)).exp(); }, e.data(), e.data(), v);
       double total = 0.0;
-      for (int64_t i = 0; i < v; ++i) total += pr[i];
+      for (int64_t k = 0; k < blocks; ++k) {
+        double b0 = 0.0, b1 = 0.0, b2 = 0.0, b3 = 0.0;
+        const int64_t lo = k * block, hi = std::min(v, lo + block);
+        int64_t i = lo;
+        for (; i + 4 <= hi; i += 4) b0 += e[i], b1 += e[i + 1], b2 += e[i + 2], b3 += e[i + 3];
+        for (; i < hi; ++i) b0 += e[i];
+        sums[k] = (b0 + b1) + (b2 + b3);
+        total += sums[k];
+      }
       const double target = up[r] * total;
       double acc = 0.0;
-      int64_t pick = -1, last = -1;
-      for (int64_t i = 0; i < v; ++i) {
-        if (pr[i] > 0.f) last = i;
-        acc += pr[i];
-        if (acc > target) {
-          pick = i;
-          break;
-        }
+      int64_t k = 0;
+      while (k < blocks - 1 && acc + sums[k] <= target) acc += sums[k++];
+      const int64_t lo = k * block, hi = std::min(v, lo + block);
+      int64_t pick = -1;
+      for (int64_t i = lo; i < hi; ++i) {
+        if (e[i] > 0.f) pick = i;  // at worst the block's last token with mass
+        acc += e[i];
+        if (acc > target && e[i] > 0.f) break;
       }
-      if (pick < 0) pick = last >= 0 ? last : v - 1;  // target rounded up to the total
-      o[r] = pick;
+      if (pick < 0)  // the block has no mass (target rounded past the others): the last that has
+        for (int64_t i = v - 1; i >= 0 && pick < 0; --i)
+          if (e[i] > 0.f) pick = i;
+      tp[r] = pick;
+      op[r] = (e[pick] > 0.f ? x[pick] / temp - mx : -std::numeric_limits<float>::infinity()) -
+              float(std::log(total));
     }
   });
-  return out;
+  return {tokens, logps};
 }
 
 }  // namespace
@@ -292,12 +323,12 @@ TORCH_LIBRARY(gym_decode, m) {
   m.def("attend(Tensor qkv, Tensor prompt_keys, Tensor prompt_values, Tensor prompt_bias, Tensor group, "
         "Tensor(a!) keys, Tensor(b!) values, int slot, Tensor cos, Tensor sin, int heads, float scale) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
-  m.def("sample(Tensor probs, Tensor u) -> Tensor");
+  m.def("draw(Tensor logits, Tensor u, float temperature) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gym_decode, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("attend", attend);
   m.impl("silu_mul", silu_mul);
-  m.impl("sample", sample);
+  m.impl("draw", draw);
 }

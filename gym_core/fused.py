@@ -35,36 +35,51 @@ def _lora_layer_type():
     return LoraLayer
 
 
-def merged_linear(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of a linear layer as it acts now, adapters merged in; None for a
-    layer this path cannot reproduce (a LoRA variant such as DoRA, a quantized layer)."""
+def _parts(module):
+    """(base weight, bias, [(A, B, scaling) of each active LoRA adapter]) of a linear
+    layer as it acts now; None for a layer this path cannot reproduce (a LoRA variant
+    such as DoRA, a quantized layer)."""
     lora = _lora_layer_type()
     if lora is not None and isinstance(module, lora):
         base = module.get_base_layer()
-        if type(base) is not torch.nn.Linear:
+        if type(base) is not torch.nn.Linear or getattr(module, "fan_in_fan_out", False):
             return None
-        weight = base.weight
+        factors = []
         if not module.disable_adapters and not module.merged:
-            deltas = [module.get_delta_weight(a) for a in module.active_adapters
-                      if a in module.lora_A]
-            if any(a in module.lora_variant for a in module.active_adapters):
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if any(a in module.lora_variant for a in active):
                 return None
-            if deltas:
-                weight = weight + sum(deltas)
-        return weight, base.bias
+            factors = [(module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a])
+                       for a in active]
+        return base.weight, base.bias, factors
     if type(module) is torch.nn.Linear:
-        return module.weight, module.bias
+        return module.weight, module.bias, []
     return None
 
 
-def _stack(parts):
-    weights = [w for w, _ in parts]
-    biases = [b for _, b in parts]
-    weight = torch.cat(weights, 0)
-    if all(b is None for b in biases):
+@torch.no_grad()
+def merged_linear(*modules) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of linear layers stacked along their outputs, as they act now:
+    ``W + scaling B A`` for each active adapter, written once into one new matrix;
+    None when a layer is not one this path reproduces."""
+    parts = [_parts(m) for m in modules]
+    if any(p is None for p in parts):
+        return None
+    if len(parts) == 1 and not parts[0][2]:  # nothing to merge or stack: the layer's own
+        return parts[0][0], parts[0][1]
+    weight = parts[0][0].new_empty(sum(p[0].shape[0] for p in parts), parts[0][0].shape[1])
+    row = 0
+    for w, _, factors in parts:
+        out = weight[row: row + w.shape[0]]
+        if not factors:
+            out.copy_(w)
+        for i, (a, b, scaling) in enumerate(factors):
+            torch.addmm(w if i == 0 else out, b, a, alpha=scaling, out=out)
+        row += w.shape[0]
+    if all(p[1] is None for p in parts):
         return weight, None
-    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                              for w, b in parts])
+    return weight, torch.cat([p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0])
+                              for p in parts])
 
 
 def _mkl_packing() -> bool:
@@ -91,6 +106,9 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.shape[0] == self.rows:
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        return self.plain(x)
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
@@ -150,18 +168,15 @@ class FusedDecoder:
         with torch.no_grad():
             for layer in inner.layers:
                 att, mlp = layer.self_attn, layer.mlp
-                parts = [merged_linear(m) for m in (att.q_proj, att.k_proj, att.v_proj,
-                                                    att.o_proj, mlp.gate_proj, mlp.up_proj,
-                                                    mlp.down_proj)]
-                if any(p is None for p in parts):
+                parts = [merged_linear(att.q_proj, att.k_proj, att.v_proj),
+                         merged_linear(att.o_proj), merged_linear(mlp.gate_proj, mlp.up_proj),
+                         merged_linear(mlp.down_proj)]
+                if any(p is None for p in parts) or parts[2][1] is not None \
+                        or parts[3][1] is not None:
                     return None
-                if parts[4][1] is not None or parts[5][1] is not None or parts[6][1] is not None:
-                    return None
-                layers.append(_Layer(
-                    layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                    _Linear(*_stack(parts[:3])), _Linear(*parts[3]),
-                    _Linear(torch.cat([parts[4][0], parts[5][0]], 0), None),
-                    _Linear(parts[6][0], None)))
+                layers.append(_Layer(layer.input_layernorm.weight,
+                                     layer.post_attention_layernorm.weight,
+                                     *(_Linear(*p) for p in parts)))
         att = inner.layers[0].self_attn
         head_dim = att.head_dim
         return cls(hf, layers, _Linear(*head), inner.norm.weight, inner.norm.variance_epsilon,
@@ -179,26 +194,52 @@ class FusedDecoder:
         # rotate_half(x) * sin == roll(x, half) * cat(-sin[:half], sin[half:]) exactly
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
-    def load_cache(self, prefill_cache, prompt_mask: torch.Tensor, repeats: int,
-                   max_new_tokens: int) -> None:
-        """Keep the prompts' KV cache once per prompt (its ``repeats`` rows share it, and
-        read it from the CPU's cache one after another) and preallocate each row's own
-        cache for ``max_new_tokens`` positions. Keys are stored transposed, [.., d, T]."""
-        self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
-        b, _, plen, _ = prefill_cache.layers[0].keys.shape
-        self.prompt_len = plen
-        self.prompt_bias = torch.zeros(prompt_mask.shape, device=prompt_mask.device).masked_fill(
-            prompt_mask == 0, float("-inf"))
-        self.group = torch.arange(b, device=prompt_mask.device).repeat_interleave(repeats)
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int,
+                max_new_tokens: int) -> torch.Tensor:
+        """Run the left-padded prompts [B, P] once (positions 0..P-1, as the model's own
+        forward numbers them; padding hidden from every real token), keep their KV cache
+        once per prompt for its ``repeats`` rows (read one after another, so from the
+        CPU's cache) with room for each row's own ``max_new_tokens`` positions, and return
+        the logits [B, V] that predict each prompt's first new token. Keys are stored
+        transposed, [.., d, T]."""
+        ops = self.ops
+        b, plen = ids.shape
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
         n, width = b * repeats, _padded(max_new_tokens)
-        for layer in prefill_cache.layers:
-            k, v = layer.keys, layer.values
-            keys = k.new_zeros(b, k.shape[1], k.shape[3], _padded(plen))
+        valid = mask.bool()
+        self.prompt_len = plen
+        self.prompt_bias = torch.zeros(b, plen, device=ids.device).masked_fill(~valid, float("-inf"))
+        self.group = torch.arange(b, device=ids.device).repeat_interleave(repeats)
+        # causal, padding keys hidden; a padding query sees itself (its row stays finite)
+        eye = torch.eye(plen, dtype=torch.bool, device=ids.device)
+        allowed = (valid[:, None, :] | eye) & torch.ones_like(eye).tril()
+        cos, sin = self.cos[:plen, None], self.sin[:plen, None]
+        half = d // 2
+        self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
+        x = F.embedding(ids, self.embed).reshape(b * plen, -1)
+        delta = None
+        for layer in self.layers:
+            y = ops.rms_norm(x, delta, layer.ln1, self.eps)
+            qkv = layer.qkv.plain(y).view(b, plen, h + 2 * kv, d)
+            qk = qkv[:, :, : h + kv]
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
+            v = qkv[:, :, h + kv:].transpose(1, 2)
+            keys = k.new_zeros(b, kv, d, _padded(plen))
             keys[..., :plen] = k.transpose(2, 3)
             self.prompt_keys.append(keys)
             self.prompt_values.append(v.contiguous())
-            self.keys.append(k.new_zeros(n, k.shape[1], k.shape[3], width))
-            self.values.append(v.new_zeros(n, v.shape[1], width, v.shape[3]))
+            self.keys.append(k.new_zeros(n, kv, d, width))
+            self.values.append(v.new_zeros(n, kv, width, d))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
+                                                 scale=self.scaling, enable_gqa=True)
+            out = out.transpose(1, 2).reshape(b * plen, h * d)
+            y = ops.rms_norm(x, layer.o.plain(out), layer.ln2, self.eps)
+            delta = layer.down.plain(ops.silu_mul(layer.gate_up.plain(y)))
+        last = torch.arange(1, b + 1, device=ids.device) * plen - 1
+        x = x.index_select(0, last) + delta.index_select(0, last)
+        return self.lm_head.plain(ops.rms_norm(x, None, self.norm, self.eps))
 
     def pack(self, rows: int) -> None:
         """Pack every weight for decode steps of ``rows`` rows."""
@@ -269,12 +310,18 @@ class TorchOps:
         return F.silu(gate) * up
 
     @staticmethod
-    def sample(probs, u):
-        cdf = probs.cumsum(-1, dtype=torch.float64)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-        # u * total rounded up to the total: the last token with probability
-        last = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
-        return torch.where(pick < probs.shape[1], pick, last)
+    def draw(logits, u, temperature):
+        z = logits / temperature
+        top = z.amax(-1, keepdim=True)
+        e = (z - top).exp()
+        cdf = e.cumsum(-1, dtype=torch.float64)
+        total = cdf[:, -1]
+        pick = torch.searchsorted(cdf, (u * total).unsqueeze(1), right=True).squeeze(1)
+        # u * total rounded up to the total: the last token with mass
+        last = e.shape[1] - 1 - (e > 0).flip(-1).int().argmax(-1)
+        pick = torch.where(pick < e.shape[1], pick, last)
+        logp = (z.gather(1, pick[:, None]) - top).squeeze(1) - total.log().float()
+        return pick, logp
 
 
 SOURCE = Path(__file__).with_name("decode.cpp")

@@ -42,36 +42,42 @@ def warp_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, s: Sampling, generators=None) -> torch.Tensor:
-    """Greedy, or a draw from softmax(warped logits). With one generator per row the draw
-    is by inverse CDF (the first token whose cumulative probability, summed in float64,
-    exceeds u x the total, for one uniform u from that row's generator: an exact sample
-    of the same distribution) using only that row's generator, so a row's tokens do not
-    depend on which other rows share the batch: 1 process and N data-parallel processes,
-    or a run and its resumption, sample the same completions."""
-    if not s.do_sample:
-        return logits.argmax(dim=-1)
-    warped = logits.float()
-    if s.temperature != 1.0 or s.top_k or s.top_p < 1.0:  # x / 1.0 is x: skip the copy
-        warped = warp_logits(warped, s)
-    if generators is None:
-        return torch.multinomial(warped.softmax(dim=-1), 1).squeeze(-1)
-    return _inverse_cdf(warped, generators)
+    """Greedy, or a draw from softmax(warped logits): :func:`draw` without the log-probs."""
+    return draw(logits, s, generators, with_logprobs=False)[0]
+
+
+def draw(logits: torch.Tensor, s: Sampling, generators=None, *, with_logprobs: bool = True):
+    """(tokens [n], log-probs [n] or None): greedy, or a draw from softmax(warped logits),
+    and each token's log-prob on the trainer's definition (log softmax(logits /
+    temperature), the whole vocabulary, no top-k / top-p: docs/algorithms.md §0.2).
+
+    With one generator per row the draw is by inverse CDF: one float64 uniform u from the
+    row's generator, and the token where the row's cumulative probability (summed in
+    float64) first exceeds u x the total, an exact sample of the same distribution that
+    uses only that row's generator, so a row's tokens do not depend on which other rows
+    share the batch: 1 process and N data-parallel processes, or a run and its
+    resumption, sample the same completions. gym_core/decode.cpp draws the token and its
+    log-prob in one pass over the logits."""
+    warp = s.temperature != 1.0 or s.top_k or s.top_p < 1.0
+    if s.do_sample and generators is not None:
+        from gym_core.fused import TorchOps, kernels
+
+        logits = logits.float().contiguous()
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+        ops = kernels() if logits.device.type == "cpu" else TorchOps
+        if not (s.top_k or s.top_p < 1.0):
+            return ops.draw(logits, u.to(logits.device), float(s.temperature))
+        tok, _ = ops.draw(warp_logits(logits, s).contiguous(), u.to(logits.device), 1.0)
+    elif not s.do_sample:
+        tok = logits.argmax(dim=-1)
+    else:
+        warped = warp_logits(logits.float(), s) if warp else logits.float()
+        tok = torch.multinomial(warped.softmax(dim=-1), 1).squeeze(-1)
+    return tok, (_chosen_logprobs(logits, tok, s.temperature) if with_logprobs else None)
 
 
 def row_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed) % (2**63 - 1)) for seed in seeds]
-
-
-def _inverse_cdf(warped: torch.Tensor, generators) -> torch.Tensor:
-    """One float64 uniform per row from the row's generator; the sampled token is where
-    the row's cumulative probability first exceeds it (gym_core/decode.cpp's ``sample``,
-    or the same in torch)."""
-    from gym_core.fused import TorchOps, kernels
-
-    probs = warped.softmax(dim=-1).contiguous()
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-    ops = kernels() if probs.device.type == "cpu" else TorchOps
-    return ops.sample(probs, u.to(probs.device))
 
 
 def _chosen_logprobs(logits: torch.Tensor, tok: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,19 +109,14 @@ def generate(
     rows of one prompt are contiguous. Positions after a row's EOS hold ``pad_token_id``.
     ``row_seeds`` (one per output row) make each row's sampling independent of the batch.
 
-    Each prompt is prefilled once by the model's forward and its KV cache repeated for its
-    rows; the decode steps then run on :class:`gym_core.fused.FusedDecoder` (adapters
-    merged, a preallocated cache, finished rows out of the batch) when the architecture
-    is one it reproduces, else on the model's own forward. ``fused``: True / False forces
+    Each prompt is prefilled once and its KV cache shared by its rows; prefill and decode
+    steps run on :class:`gym_core.fused.FusedDecoder` (adapters merged, a preallocated
+    cache, finished rows out of the batch) when the architecture is one it reproduces,
+    else on the model's own forward (the prompt's cache then repeated for its rows). ``fused``: True / False forces
     one path (True raises for an unsupported model), None picks.
     ``with_logprobs``: also return the sampler's log-prob of each drawn token [N, T]
     (0 after a row's end), for the trainer's mismatch correction (docs/algorithms.md §3).
     """
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                logits_to_keep=1)
-    cache = out.past_key_values
-    logits = out.logits[:, -1]
-    mask = prompt_mask
     total = prompt_ids.shape[1] + max_new_tokens
     decoder = None
     if fused is not False and max_new_tokens > 1:
@@ -124,6 +125,16 @@ def generate(
         decoder = FusedDecoder.build(model, total)
         if decoder is None and fused:
             raise ValueError(f"{type(model).__name__} has no fused decode path")
+    if decoder is not None:
+        decoder.rotary(total, prompt_ids.device)
+        logits = decoder.prefill(prompt_ids, prompt_mask, num_samples, max_new_tokens)
+    else:
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                    logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+        del out
+    mask = prompt_mask
     if num_samples > 1:
         if decoder is None:
             cache.batch_repeat_interleave(num_samples)
@@ -140,19 +151,16 @@ def generate(
     logps = torch.zeros(n, max_new_tokens, device=logits.device) if with_logprobs else None
     prompt_len = prompt_ids.shape[1]
     if decoder is not None:
-        decoder.rotary(total, logits.device)
-        decoder.load_cache(cache, prompt_mask, num_samples, max_new_tokens)
-        del cache, out
         return _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
                            eos_token_id)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     width = 0
     for step in range(max_new_tokens):
-        tok = next_tokens(logits, sampling, generators)
+        tok, lp = draw(logits, sampling, generators, with_logprobs=logps is not None)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         tokens[:, step] = tok
         if logps is not None:
-            logps[:, step] = _chosen_logprobs(logits, tok, sampling.temperature).masked_fill(done, 0.0)
+            logps[:, step] = lp.masked_fill(done, 0.0)
         width = step + 1
         done |= tok == eos_token_id
         if step + 1 == max_new_tokens or bool(done.all()):
@@ -188,11 +196,11 @@ def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators
         act = None if every else alive.nonzero().squeeze(1)
         lg = logits if every else logits.index_select(0, act)
         gens = generators if every or generators is None else [generators[i] for i in act.tolist()]
-        tok = next_tokens(lg, sampling, gens)
+        tok, lp = draw(lg, sampling, gens, with_logprobs=logps is not None)
         out_rows = rows if every else rows[act]
         tokens[out_rows, step] = tok
         if logps is not None:
-            logps[out_rows, step] = _chosen_logprobs(lg, tok, sampling.temperature)
+            logps[out_rows, step] = lp
         width = step + 1
         if every:
             fed = tok

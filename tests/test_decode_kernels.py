@@ -85,20 +85,27 @@ def test_silu_mul(ops):
     torch.testing.assert_close(ops.silu_mul(gu), TorchOps.silu_mul(gu), rtol=1e-5, atol=1e-6)
 
 
-def test_sample_is_the_inverse_cdf(ops):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_draw_is_the_inverse_cdf_with_the_trainers_logprob(ops, temperature):
     gen = torch.Generator().manual_seed(0)
-    probs = torch.rand(64, 1000, generator=gen)
-    probs[probs < 0.7] = 0  # top-k / top-p filtered tokens have probability 0
-    probs /= probs.sum(-1, keepdim=True)
+    logits = torch.randn(64, 1000, generator=gen) * 4
+    logits[logits < -2] = float("-inf")  # top-k / top-p filtered tokens
     u = torch.rand(64, generator=gen, dtype=torch.float64)
     u[0], u[1] = 0.0, 1 - 2**-53  # the ends of [0, 1)
-    picks = ops.sample(probs, u)
-    assert torch.equal(picks, TorchOps.sample(probs, u))
+    picks, logp = ops.draw(logits, u, temperature)
+    ref_picks, ref_logp = TorchOps.draw(logits, u, temperature)
+    probs = torch.softmax(logits.double() / temperature, -1)
     assert (probs.gather(1, picks[:, None]) > 0).all()  # never a filtered token
-    cdf = probs.double().cumsum(-1)
-    for row, i in enumerate(picks.tolist()):  # the first token whose cumulative mass > u
-        assert cdf[row, i] > u[row] * cdf[row, -1]
-        assert i == 0 or cdf[row, i - 1] <= u[row] * cdf[row, -1]
+    cdf = probs.cumsum(-1)
+    lo = torch.where(picks > 0, cdf.gather(1, (picks - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    hi = cdf.gather(1, picks[:, None]).squeeze(1)
+    # the first token whose cumulative mass exceeds u (up to float64 rounding of the sums)
+    assert ((lo <= u + 1e-9) & (u <= hi + 1e-9)).all()
+    assert picks[0] == (probs[0] > 0).int().argmax() and picks[1] == 999 - (probs[1] > 0).flip(0).int().argmax()
+    assert torch.equal(picks, ref_picks)
+    expected = torch.log_softmax(logits / temperature, -1).gather(1, picks[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref_logp, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["kernel", "torch"])
@@ -106,7 +113,7 @@ def test_sampled_frequencies_follow_the_distribution(ops, impl):
     p = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
     n = 40_000
     u = torch.rand(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    picks = (ops if impl == "kernel" else TorchOps).sample(p.expand(n, 5).contiguous(), u)
+    picks, _ = (ops if impl == "kernel" else TorchOps).draw(p.log().expand(n, 5).contiguous(), u, 1.0)
     freq = torch.bincount(picks, minlength=5).double() / n
     assert freq[1] == 0
     # 5 standard errors of a binomial proportion
