@@ -294,6 +294,19 @@ std::tuple<at::Tensor, at::Tensor> draw(const at::Tensor& logits, const at::Tens
         sums[k] = (b0 + b1) + (b2 + b3);
         total += sums[k];
       }
+      if (!std::isfinite(total) || total <= 0.0) {  // NaN or infinite logits: what argmax
+        int64_t best = 0;                             // picks (a NaN first), so the step goes on
+        for (int64_t i = 0; i < v; ++i) {             // and the loss reports the NaN
+          if (std::isnan(x[i])) {
+            best = i;
+            break;
+          }
+          if (x[i] > x[best]) best = i;
+        }
+        tp[r] = best;
+        op[r] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       const double target = up[r] * total;
       double acc = 0.0;
       int64_t k = 0;

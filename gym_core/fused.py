@@ -321,7 +321,11 @@ class TorchOps:
         last = e.shape[1] - 1 - (e > 0).flip(-1).int().argmax(-1)
         pick = torch.where(pick < e.shape[1], pick, last)
         logp = (z.gather(1, pick[:, None]) - top).squeeze(1) - total.log().float()
-        return pick, logp
+        # NaN or infinite logits: what argmax picks (a NaN first), so the step goes on and
+        # the loss reports the NaN
+        bad = ~torch.isfinite(total) | (total <= 0)
+        pick = torch.where(bad, logits.argmax(-1), pick)
+        return pick, logp.masked_fill(bad, float("nan"))
 
 
 SOURCE = Path(__file__).with_name("decode.cpp")

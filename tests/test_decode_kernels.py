@@ -121,6 +121,21 @@ def test_sampled_frequencies_follow_the_distribution(ops, impl):
     assert ((freq - p.double()).abs() <= tol).all(), freq
 
 
+def test_logits_that_overflowed_still_give_a_token(ops):
+    """Weights blown up by a huge learning rate give NaN or infinite logits; the draw
+    returns argmax's token (a NaN first) and a NaN log-prob, so the step reaches the loss,
+    which reports the NaN in one line (tests/reliability)."""
+    logits = torch.randn(3, 50)
+    logits[0, 7] = float("nan")
+    logits[1, 11] = float("inf")
+    logits[2] = float("-inf")
+    u = torch.full((3,), 0.5, dtype=torch.float64)
+    for impl in (ops, TorchOps):
+        picks, logp = impl.draw(logits, u, 1.0)
+        assert picks.tolist() == [7, 11, 0]
+        assert logp.isnan().all()
+
+
 def test_a_machine_that_cannot_compile_samples_with_torch(monkeypatch, capsys):
     from gym_core import native
     from gym_core.errors import GymError
