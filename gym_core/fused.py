@@ -1,12 +1,14 @@
-"""A lean decode step for Llama-family models (Llama, Qwen2, Mistral): the sampler's fast path.
+"""A lean prefill and decode step for Llama-family models (Llama, Qwen2, Mistral): the
+sampler's fast path.
 
 Each decode step of a Hugging Face model with a peft adapter runs about 70 Python-level
 operations per layer (three matmuls per adapted linear layer, a cache that grows by
 concatenation, masks rebuilt every step). Here, once per :func:`gym_core.generation.
-generate` call, the adapter is merged into copies of the weights (``W + scale B A``), the
-q/k/v and gate/up projections are stacked into one matrix each, and the KV cache is a
-preallocated buffer written in place: a layer is about 17 operations, and the matmuls see
-the whole batch of rows still running (finished rows leave the batch).
+generate` call, the adapter is merged into copies of the weights (``W + scale B A``) with
+the q/k/v and gate/up projections stacked into one matrix each; the prompts run once and
+their KV cache is kept once per prompt, shared by its rows, beside a preallocated cache per
+row; everything but the matmuls is one call each to the C++ kernels of decode.cpp
+(:class:`TorchOps` is the same in torch), and the matmuls see only the rows still running.
 
 Merging changes rounding (``(W + BA) x`` is not bit for bit ``W x + B(A x)``), so the
 sampler is the trained policy up to float32 rounding; :mod:`gym_core.generation` records
@@ -112,6 +114,12 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding over the last dimension; ``sin`` carries rotate_half's sign
+    (:meth:`FusedDecoder.rotary`)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
 def _padded(length: int) -> int:
     """Key buffers are stored transposed ([.., d, T]) with T a whole number of 16-float
     vectors, so the kernel's last vector of positions stays inside the buffer."""
@@ -132,11 +140,10 @@ class FusedDecoder:
     """The model's decode step over a preallocated KV cache, for rows that may leave."""
 
     def __init__(self, hf, layers: list[_Layer], lm_head: _Linear, norm, eps, scaling,
-                 n_heads, n_kv, head_dim, inter):
+                 n_heads, n_kv, head_dim):
         self.hf, self.layers = hf, layers
         self.lm_head, self.norm, self.eps = lm_head, norm, eps
         self.scaling, self.n_heads, self.n_kv, self.head_dim = scaling, n_heads, n_kv, head_dim
-        self.inter = inter
         self.embed = hf.get_input_embeddings().weight
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -181,7 +188,7 @@ class FusedDecoder:
         head_dim = att.head_dim
         return cls(hf, layers, _Linear(*head), inner.norm.weight, inner.norm.variance_epsilon,
                    att.scaling, config.num_attention_heads, config.num_key_value_heads,
-                   head_dim, config.intermediate_size)
+                   head_dim)
 
     def rotary(self, length: int, device) -> None:
         """cos and sin for positions 0..length-1, from the model's own rotary module (so
@@ -215,15 +222,13 @@ class FusedDecoder:
         eye = torch.eye(plen, dtype=torch.bool, device=ids.device)
         allowed = (valid[:, None, :] | eye) & torch.ones_like(eye).tril()
         cos, sin = self.cos[:plen, None], self.sin[:plen, None]
-        half = d // 2
         self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
         x = F.embedding(ids, self.embed).reshape(b * plen, -1)
         delta = None
         for layer in self.layers:
             y = ops.rms_norm(x, delta, layer.ln1, self.eps)
             qkv = layer.qkv.plain(y).view(b, plen, h + 2 * kv, d)
-            qk = qkv[:, :, : h + kv]
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            qk = _rotate(qkv[:, :, : h + kv], cos, sin)
             q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
             v = qkv[:, :, h + kv:].transpose(1, 2)
             keys = k.new_zeros(b, kv, d, _padded(plen))
@@ -290,9 +295,7 @@ class TorchOps:
     def attend(qkv, prompt_keys, prompt_values, prompt_bias, group, keys, values, slot, cos,
                sin, heads, scale):
         n, kv, d, _ = keys.shape
-        half = d // 2
-        qk = qkv[:, : (heads + kv) * d].view(n, heads + kv, d)
-        qk = qk * cos + qk.roll(half, dims=-1) * sin
+        qk = _rotate(qkv[:, : (heads + kv) * d].view(n, heads + kv, d), cos, sin)
         keys[:, :, :, slot] = qk[:, heads:]
         values[:, :, slot] = qkv[:, (heads + kv) * d:].view(n, kv, d)
         # one query token: its heads grouped under their key/value head

@@ -58,21 +58,22 @@ def draw(logits: torch.Tensor, s: Sampling, generators=None, *, with_logprobs: b
     share the batch: 1 process and N data-parallel processes, or a run and its
     resumption, sample the same completions. gym_core/decode.cpp draws the token and its
     log-prob in one pass over the logits."""
-    warp = s.temperature != 1.0 or s.top_k or s.top_p < 1.0
-    if s.do_sample and generators is not None:
+    filtered = bool(s.top_k) or s.top_p < 1.0
+    if not s.do_sample:
+        tok = logits.argmax(dim=-1)
+    elif generators is None:
+        warped = warp_logits(logits.float(), s) if filtered or s.temperature != 1.0 \
+            else logits.float()
+        tok = torch.multinomial(warped.softmax(dim=-1), 1).squeeze(-1)
+    else:
         from gym_core.fused import TorchOps, kernels
 
-        logits = logits.float().contiguous()
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
         ops = kernels() if logits.device.type == "cpu" else TorchOps
-        if not (s.top_k or s.top_p < 1.0):
-            return ops.draw(logits, u.to(logits.device), float(s.temperature))
-        tok, _ = ops.draw(warp_logits(logits, s).contiguous(), u.to(logits.device), 1.0)
-    elif not s.do_sample:
-        tok = logits.argmax(dim=-1)
-    else:
-        warped = warp_logits(logits.float(), s) if warp else logits.float()
-        tok = torch.multinomial(warped.softmax(dim=-1), 1).squeeze(-1)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+        u = u.to(logits.device)
+        if not filtered:  # the token and its log-prob in one pass
+            return ops.draw(logits.float().contiguous(), u, float(s.temperature))
+        tok, _ = ops.draw(warp_logits(logits.float(), s).contiguous(), u, 1.0)
     return tok, (_chosen_logprobs(logits, tok, s.temperature) if with_logprobs else None)
 
 
@@ -112,8 +113,9 @@ def generate(
     Each prompt is prefilled once and its KV cache shared by its rows; prefill and decode
     steps run on :class:`gym_core.fused.FusedDecoder` (adapters merged, a preallocated
     cache, finished rows out of the batch) when the architecture is one it reproduces,
-    else on the model's own forward (the prompt's cache then repeated for its rows). ``fused``: True / False forces
-    one path (True raises for an unsupported model), None picks.
+    else on the model's own forward (the prompt's cache then repeated for its rows).
+    ``fused``: True / False forces one path (True raises for an unsupported model), None
+    picks.
     ``with_logprobs``: also return the sampler's log-prob of each drawn token [N, T]
     (0 after a row's end), for the trainer's mismatch correction (docs/algorithms.md §3).
     """
