@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from gym_core.threads import prepare_environment
+from gym_core.base.threads import prepare_environment
 
 prepare_environment()  # as gym's entry point does, before torch loads OpenMP
 
@@ -76,11 +76,11 @@ def main() -> None:
 
     import torch
 
-    from gym_core import threads
-    from gym_core.generation import Sampling, completion_masks, generate
-    from gym_core.losses import completion_logprobs
-    from gym_core.model import load_policy
-    from gym_core.startup import bootstrap, compose
+    from gym_core.base import threads
+    from gym_core.model.policy import load_policy
+    from gym_core.plugin.startup import bootstrap, compose
+    from gym_core.sampling.generation import Sampling, completion_masks, generate
+    from gym_core.train.losses import completion_logprobs
 
     plan = threads.configure(args.threads)
     plugins = bootstrap()
@@ -91,7 +91,7 @@ def main() -> None:
     model, tok = policy.model, policy.tokenizer
     g, t_max = args.generations, args.max_new_tokens
     prompts = [ex["prompt"] for ex in task.train[: args.prompts]]
-    from gym_core.data import render_prompts
+    from gym_core.data.tasks import render_prompts
 
     enc = tok(render_prompts(tok, prompts, None), return_tensors="pt", padding=True,
               add_special_tokens=False)

@@ -18,7 +18,7 @@ import json
 
 from measure import train_gym
 
-from gym_core.threads import prepare_environment
+from gym_core.base.threads import prepare_environment
 
 prepare_environment()  # as gym's entry point does, before torch loads OpenMP
 
@@ -42,7 +42,7 @@ def run_gym_grpo(
         raise ValueError("steps must be >= 2: the first step is an untimed warm-up")
 
     import gym_core
-    from gym_core.startup import compose
+    from gym_core.plugin.startup import compose
 
     # PPO's KL weight is its per-token reward penalty kl_coef; the others' is beta
     kl = "kl_coef" if algorithm == "ppo" else "beta"
@@ -82,7 +82,7 @@ def run_gym_grpo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gym_core.model import smollm2_folder
+    from gym_core.model.policy import smollm2_folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default=None, help="HF folder; default: gym's SmolLM2")

@@ -254,7 +254,7 @@ def run_trl_grpo(
 def default_model_dir() -> str:
     """gym's converted SmolLM2 folder, or the pre-converted copy in /tmp/smol."""
     try:
-        from gym_core.model import smollm2_folder
+        from gym_core.model.policy import smollm2_folder
     except ImportError:
         if Path(DEFAULT_FALLBACK_MODEL_DIR, "config.json").is_file():
             return DEFAULT_FALLBACK_MODEL_DIR

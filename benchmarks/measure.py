@@ -99,10 +99,10 @@ def train_gym(cfg, algorithm: str, rewards: list[str], seed: int) -> dict:
 
     import torch
 
-    from gym_core import threads
-    from gym_core.model import load_policy
-    from gym_core.startup import bootstrap
-    from gym_core.train import seed_everything, train
+    from gym_core.base import threads
+    from gym_core.model.policy import load_policy
+    from gym_core.plugin.startup import bootstrap
+    from gym_core.train.loop import seed_everything, train
 
     plan = threads.configure(cfg.trainer.threads)  # as run_job does
     plugins = bootstrap()

@@ -62,8 +62,8 @@ def step_examples(algorithm: str, model_dir: str, steps: int) -> list[list[dict[
     rows are put desirable first, as gym's KTO orders a batch before it pairs each prompt
     with the previous row's completion: TRL's collator pairs the same way, so both
     estimate z0 from the same mismatched pairs."""
-    from gym_core.data import Sampler
-    from gym_core.startup import bootstrap, compose
+    from gym_core.data.tasks import Sampler
+    from gym_core.plugin.startup import bootstrap, compose
 
     cfg = compose(gym_overrides(algorithm, model_dir, steps))
     task = bootstrap().component("data", cfg.data.name).load()(cfg.data)
@@ -88,7 +88,7 @@ def tokens_per_step(algorithm: str, model_dir: str, steps: int) -> list[int]:
     """Prompt + completion tokens of each step's examples (see the module docstring)."""
     from transformers import AutoTokenizer
 
-    from gym_core.data import render_completion, render_prompts
+    from gym_core.data.tasks import render_completion, render_prompts
 
     tok = AutoTokenizer.from_pretrained(model_dir)
 
@@ -107,6 +107,6 @@ def tokens_per_step(algorithm: str, model_dir: str, steps: int) -> list[int]:
 
 
 def default_model_dir() -> str:
-    from gym_core.model import smollm2_folder
+    from gym_core.model.policy import smollm2_folder
 
     return str(smollm2_folder())

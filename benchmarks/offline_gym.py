@@ -25,7 +25,7 @@ def run_gym(model_dir: str, *, algorithm: str, steps: int, tokens_per_step: list
     import torch
 
     import gym_core
-    from gym_core.startup import compose
+    from gym_core.plugin.startup import compose
 
     cfg = compose(gym_overrides(algorithm, model_dir, steps))
     run = train_gym(cfg, algorithm, [], SEED)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from gym_bitdelta import BitDeltaConfig
 from gym_bitdelta.bitdelta import BitDeltaQuantizer
-from gym_core.model import smollm2_folder
+from gym_core.model.policy import smollm2_folder
 from gym_deltaquant import DeltaQuantConfig
 from gym_deltaquant.deltaquant import DeltaQuantizer
 

@@ -64,8 +64,8 @@ def make_variants(folder: Path, count: int) -> None:
 
     from gym_bitdelta import BitDeltaConfig
     from gym_bitdelta.bitdelta import BitDeltaQuantizer
-    from gym_core.delta import save_packed
-    from gym_core.model import smollm2_folder
+    from gym_core.deltas.delta import save_packed
+    from gym_core.model.policy import smollm2_folder
 
     with safe_open(str(smollm2_folder() / "model.safetensors"), "pt") as fh:
         shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()  # noqa: SIM118
@@ -150,12 +150,12 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from gym_core.config import MODEL_OPTIONS
-    from gym_core.delta import apply_delta, load_packed, read_delta
-    from gym_core.model import load_base
+    from gym_core.config.schema import MODEL_OPTIONS
+    from gym_core.deltas.delta import apply_delta, load_packed, read_delta
+    from gym_core.model.policy import load_base
+    from gym_core.plugin.startup import bootstrap
     from gym_core.serve.engine import Engine
     from gym_core.serve.variants import Base, load_variant
-    from gym_core.startup import bootstrap
 
     torch.set_grad_enabled(False)
     plugins = bootstrap()

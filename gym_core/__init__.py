@@ -3,9 +3,9 @@
 The public names a plugin needs are importable from here without importing torch.
 """
 
-from gym_core.hookspecs import hookimpl, hookspec
+from gym_core.plugin.hookspecs import hookimpl, hookspec
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 #: The plugin API version; plugins may declare which one they need.
 API_VERSION = "2"
 

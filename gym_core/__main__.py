@@ -12,13 +12,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gym_core.startup import NO_JOB_FLAGS, bootstrap, check_overrides, overrides_of
+from gym_core.plugin.startup import NO_JOB_FLAGS, bootstrap, check_overrides, overrides_of
 
 
 @hydra.main(version_base=None, config_path="pkg://gym_core.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from gym_core.errors import exit_on_user_error
-    from gym_core.run import run_job
+    from gym_core.base.errors import exit_on_user_error
+    from gym_core.train.job import run_job
 
     with exit_on_user_error():
         summary = run_job(cfg)
@@ -68,7 +68,7 @@ def print_help(overrides: list[str]) -> None:
     second with every plugin installed); this reads the store once."""
     from omegaconf import OmegaConf
 
-    from gym_core.startup import compose
+    from gym_core.plugin.startup import compose
 
     groups = "\n".join(f"{g}: {', '.join(opts)}" for g, opts in config_groups().items())
     config = OmegaConf.to_yaml(compose(overrides))
@@ -79,7 +79,7 @@ def print_help(overrides: list[str]) -> None:
 def lock_early(cfg, args: list[str]):
     """Lock the run directory (or a sweep's folder) before Hydra starts, so a second
     process on the same run.name stops here, in a second, with the holder's pid
-    (:mod:`gym_core.rundir`; the job locks it again, reentrantly). A run.name with a
+    (:mod:`gym_core.train.rundir`; the job locks it again, reentrantly). A run.name with a
     time stamp (the default) names a new folder: nothing to protect yet, and locking it
     here could create a folder the job, a second later, does not use. Returns the folder
     locked, or None."""
@@ -88,7 +88,7 @@ def lock_early(cfg, args: list[str]):
 
     from omegaconf import OmegaConf
 
-    from gym_core.rundir import acquire
+    from gym_core.train.rundir import acquire
 
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds it for all
         return None
@@ -114,9 +114,9 @@ def _outside_a_job(signum, step) -> str:
 
 
 def entry() -> None:
-    from gym_core.errors import exit_on_user_error
-    from gym_core.interrupt import StopRequest
-    from gym_core.threads import prepare_environment
+    from gym_core.base.errors import exit_on_user_error
+    from gym_core.base.threads import prepare_environment
+    from gym_core.train.interrupt import StopRequest
 
     prepare_environment()  # before anything loads torch's OpenMP runtime
 
@@ -126,7 +126,7 @@ def entry() -> None:
 
 
 def _entry(args: list[str]) -> None:
-    from gym_core.errors import GymError
+    from gym_core.base.errors import GymError
 
     plugins = bootstrap()
     if "--plugins" in args:
@@ -135,7 +135,7 @@ def _entry(args: list[str]) -> None:
                            f"arguments; got {' '.join(args)}")
         # Like pytest's --trace-config / `datasette plugins`: what is installed, from
         # which distribution, and which config-group options each plugin adds.
-        from gym_core.plugins import format_listing
+        from gym_core.plugin.manager import format_listing
 
         print(format_listing(plugins))
         return
@@ -145,15 +145,15 @@ def _entry(args: list[str]) -> None:
     if "--hydra-help" not in args and "--info" not in args:
         cfg = check_overrides(args)
         if not NO_JOB_FLAGS.intersection(args):
-            from gym_core.checks import preflight
+            from gym_core.config.checks import preflight
 
             preflight(cfg)
-            from gym_core.stages import check_init
+            from gym_core.model.stages import check_init
 
             check_init(cfg.model)  # model.init names a finished run of this base model
             folder = lock_early(cfg, args)
             if folder is not None and not {"-m", "--multirun"}.intersection(args):
-                from gym_core.resume import check
+                from gym_core.train.resume import check
 
                 check(cfg, folder)  # a refused change costs a second, not a model load
     main()

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gym_core import API_VERSION
-from gym_core.config import (
+from gym_core.base.errors import GymError
+from gym_core.base.files import atomic_path, write_json, write_text
+from gym_core.config.schema import (
     AlgorithmConfig,
     DataConfig,
     GroupPolicyConfig,
@@ -29,11 +31,9 @@ from gym_core.config import (
     QuantConfig,
     SoupConfig,
 )
-from gym_core.errors import GymError
-from gym_core.files import atomic_path, write_json, write_text
-from gym_core.hookspecs import hookimpl, hookspec
-from gym_core.plugins import Families, Plugins
-from gym_core.registry import Registry
+from gym_core.plugin.hookspecs import hookimpl, hookspec
+from gym_core.plugin.manager import Families, Plugins
+from gym_core.plugin.registry import Registry
 
 #: A reward function: ``reward(prompts, completions, examples) -> list[float | None]``
 #: (``None``: the function does not apply to that completion).
@@ -42,47 +42,47 @@ Reward = Callable[[list[str], list[str], list[dict[str, Any]]], list]
 # name -> module; loaded on first access (these import torch)
 _LAZY = {
     # algorithms
-    "Algorithm": "gym_core.algorithm",
-    "Updater": "gym_core.algorithm",
-    "GroupPolicyGradient": "gym_core.policy_gradient",
-    "group_advantages": "gym_core.policy_gradient",
-    "SCALE_REWARDS": "gym_core.policy_gradient",
-    "Policy": "gym_core.model",
-    "Rollout": "gym_core.rollout",
-    "CompletionBatch": "gym_core.batching",
-    "SequenceBatch": "gym_core.batching",
-    "StepTotals": "gym_core.losses",
-    "LOSS_TYPES": "gym_core.losses",
-    "aggregate_token_loss": "gym_core.losses",
-    "k3_kl": "gym_core.losses",
-    "mean_over_ranks": "gym_core.distributed",
-    "sum_over_ranks": "gym_core.distributed",
+    "Algorithm": "gym_core.train.algorithm",
+    "Updater": "gym_core.train.algorithm",
+    "GroupPolicyGradient": "gym_core.train.policy_gradient",
+    "group_advantages": "gym_core.train.policy_gradient",
+    "SCALE_REWARDS": "gym_core.train.policy_gradient",
+    "Policy": "gym_core.model.policy",
+    "Rollout": "gym_core.sampling.rollout",
+    "CompletionBatch": "gym_core.data.batching",
+    "SequenceBatch": "gym_core.data.batching",
+    "StepTotals": "gym_core.train.losses",
+    "LOSS_TYPES": "gym_core.train.losses",
+    "aggregate_token_loss": "gym_core.train.losses",
+    "k3_kl": "gym_core.train.losses",
+    "mean_over_ranks": "gym_core.train.distributed",
+    "sum_over_ranks": "gym_core.train.distributed",
     # data
-    "Task": "gym_core.data",
-    "read_jsonl": "gym_core.data",
-    "unpair": "gym_core.data",
-    "chat_messages": "gym_core.data",
-    "render_turns": "gym_core.data",
-    "extract_answer": "gym_core.rewards",
+    "Task": "gym_core.data.tasks",
+    "read_jsonl": "gym_core.data.tasks",
+    "unpair": "gym_core.data.tasks",
+    "chat_messages": "gym_core.data.tasks",
+    "render_turns": "gym_core.data.tasks",
+    "extract_answer": "gym_core.data.rewards",
     # quantizers
-    "Quantizer": "gym_core.delta",
-    "MatrixQuantizer": "gym_core.delta",
-    "PackedDelta": "gym_core.delta",
-    "CalibrationContext": "gym_core.delta",
-    "map_tensors": "gym_core.delta",
-    "DeltaOperator": "gym_core.delta",
-    "DenseOperator": "gym_core.delta",
-    "RowGroups": "gym_core.delta",
-    "save_packed": "gym_core.delta",
-    "load_packed": "gym_core.delta",
-    "pack_signs": "gym_core.bits",
-    "unpack_signs": "gym_core.bits",
+    "Quantizer": "gym_core.deltas.delta",
+    "MatrixQuantizer": "gym_core.deltas.delta",
+    "PackedDelta": "gym_core.deltas.delta",
+    "CalibrationContext": "gym_core.deltas.delta",
+    "map_tensors": "gym_core.deltas.delta",
+    "DeltaOperator": "gym_core.deltas.delta",
+    "DenseOperator": "gym_core.deltas.delta",
+    "RowGroups": "gym_core.deltas.delta",
+    "save_packed": "gym_core.deltas.delta",
+    "load_packed": "gym_core.deltas.delta",
+    "pack_signs": "gym_core.deltas.bits",
+    "unpack_signs": "gym_core.deltas.bits",
     # aggregators
-    "Aggregator": "gym_core.aggregate",
-    "Aggregate": "gym_core.aggregate",
+    "Aggregator": "gym_core.deltas.aggregate",
+    "Aggregate": "gym_core.deltas.aggregate",
     # running gym from a test or a notebook
-    "compose": "gym_core.startup",
-    "run_job": "gym_core.run",
+    "compose": "gym_core.plugin.startup",
+    "run_job": "gym_core.train.job",
 }
 
 __all__ = [

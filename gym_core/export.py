@@ -34,7 +34,7 @@ from typing import Any
 import hydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from gym_core.files import atomic_path, write_json
+from gym_core.base.files import atomic_path, write_json
 
 FORMATS = ("hf", "gguf", "lora", "delta")
 # Written into folder exports (hf, lora): what the folder holds and where it came from;
@@ -88,8 +88,8 @@ class ExportResult:
 
 
 def _check_options(cfg) -> None:
-    from gym_core.errors import GymError
-    from gym_core.merge import SOURCES
+    from gym_core.base.errors import GymError
+    from gym_core.deltas.merge import SOURCES
 
     if OmegaConf.is_missing(cfg, "run"):
         raise GymError("run= is required: the run directory to export, e.g. run=runs/first")
@@ -100,7 +100,7 @@ def _check_options(cfg) -> None:
                        "adapter or model in final/; delta: base + the run's quantized delta)")
     if cfg.hf.dtype not in HF_DTYPES:
         raise GymError(f"hf.dtype={cfg.hf.dtype!r} is not one of {', '.join(HF_DTYPES)}")
-    from gym_core.gguf_file import OUTTYPES
+    from gym_core.deltas.gguf_file import OUTTYPES
 
     if cfg.gguf.outtype not in OUTTYPES:
         raise GymError(f"gguf.outtype={cfg.gguf.outtype!r} is not one of "
@@ -122,7 +122,7 @@ def default_out(run, fmt: str, source: str, outtype: str) -> Path:
 def _check_out(out: Path, run, is_dir: bool) -> None:
     """Refuse outputs that would replace the run's own files or something that is not an
     earlier export of the same kind."""
-    from gym_core.errors import GymError
+    from gym_core.base.errors import GymError
 
     target, run_dir = out.resolve(), run.path.resolve()
     protected = [run_dir / p for p in ("final", "delta", "checkpoints", ".hydra")]
@@ -149,8 +149,8 @@ def _folder_files(folder: Path, final: Path) -> list[Written]:
 
 def export(cfg: Any, plugins) -> ExportResult:
     """Run one export (``cfg``: an :class:`ExportAppConfig`); returns what it wrote."""
-    from gym_core.errors import GymError
-    from gym_core.merge import TrainedRun, describe
+    from gym_core.base.errors import GymError
+    from gym_core.deltas.merge import TrainedRun, describe
 
     _check_options(cfg)
     run = TrainedRun.open(cfg.run)
@@ -172,7 +172,7 @@ def export(cfg: Any, plugins) -> ExportResult:
               "delta": _export_delta}[fmt]
     new_parent = not out.parent.exists()
     try:
-        # written beside the target and renamed into place (gym_core.files): a failed
+        # written beside the target and renamed into place (gym_core.base.files): a failed
         # export leaves nothing, an earlier one stays until the new one is complete
         with atomic_path(out, folder=is_dir) as tmp:
             what, notes = writer(cfg, run, source, tmp, out, plugins)
@@ -191,7 +191,7 @@ def export(cfg: Any, plugins) -> ExportResult:
 
 
 def _describe_source(run, source: str) -> str:
-    from gym_core.merge import describe
+    from gym_core.deltas.merge import describe
 
     base = describe(run)
     if source == "delta":
@@ -204,7 +204,7 @@ def _describe_source(run, source: str) -> str:
 def _export_hf(cfg, run, source, tmp: Path, out: Path, plugins):
     import torch
 
-    from gym_core.merge import load_merged
+    from gym_core.deltas.merge import load_merged
 
     model, tok = load_merged(run, source, plugins)
     model.to(getattr(torch, cfg.hf.dtype))
@@ -214,8 +214,8 @@ def _export_hf(cfg, run, source, tmp: Path, out: Path, plugins):
 
 
 def _export_gguf(cfg, run, source, tmp: Path, out: Path, plugins):
-    from gym_core.gguf_file import tensor_types, write_gguf
-    from gym_core.merge import describe, load_merged
+    from gym_core.deltas.gguf_file import tensor_types, write_gguf
+    from gym_core.deltas.merge import describe, load_merged
 
     model, tok = load_merged(run, source, plugins)
     write_gguf(model, tok, tmp, cfg.gguf.outtype, name=run.name, base_name=describe(run))
@@ -227,7 +227,7 @@ def _export_gguf(cfg, run, source, tmp: Path, out: Path, plugins):
 
 
 def _export_lora(cfg, run, source, tmp: Path, out: Path, plugins):
-    from gym_core.merge import base_model, describe
+    from gym_core.deltas.merge import base_model, describe
 
     for p in run.final.iterdir():
         if p.is_file() and p.name != "gym.json":
@@ -250,8 +250,8 @@ def _export_lora(cfg, run, source, tmp: Path, out: Path, plugins):
 
 
 def _export_delta(cfg, run, source, tmp: Path, out: Path, plugins):
-    from gym_core.delta import FullPrecision, load_packed, save_packed
-    from gym_core.merge import exact_delta, read_run_delta
+    from gym_core.deltas.delta import FullPrecision, load_packed, save_packed
+    from gym_core.deltas.merge import exact_delta, read_run_delta
 
     if source == "delta":
         src = run.delta_file()
@@ -289,8 +289,8 @@ def report(result: ExportResult) -> str:
 def main(cfg: DictConfig) -> None:
     import warnings
 
-    from gym_core.errors import exit_on_user_error
-    from gym_core.startup import bootstrap
+    from gym_core.base.errors import exit_on_user_error
+    from gym_core.plugin.startup import bootstrap
 
     # raised inside peft/transformers on every LoRA model; not ours to fix
     warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
@@ -305,8 +305,8 @@ def main(cfg: DictConfig) -> None:
 def entry() -> None:
     from hydra.core.config_store import ConfigStore
 
-    from gym_core.errors import exit_on_user_error
-    from gym_core.startup import bootstrap
+    from gym_core.base.errors import exit_on_user_error
+    from gym_core.plugin.startup import bootstrap
 
     with exit_on_user_error():
         bootstrap()

@@ -6,7 +6,7 @@ A Hydra app of its own (conf/soup.yaml), so ``-m`` sweeps rules and their knobs:
     python -m gym_core.soup -m soup=mean,median,krum soup.inputs=[a.safetensors,b.safetensors,c.safetensors]
 
 Each job writes ``soup.safetensors`` (a full-precision delta: apply it with
-``gym_core.delta.apply_delta(model, read_delta(path))``) and ``report.json`` into its
+``gym_core.deltas.delta.apply_delta(model, read_delta(path))``) and ``report.json`` into its
 directory (``out``, default ``soups/<rule>-<time>``). Start-up imports no torch.
 """
 
@@ -30,9 +30,9 @@ class SoupAppConfig:
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from gym_core.aggregate import make_soup
-    from gym_core.errors import exit_on_user_error
-    from gym_core.startup import bootstrap
+    from gym_core.base.errors import exit_on_user_error
+    from gym_core.deltas.aggregate import make_soup
+    from gym_core.plugin.startup import bootstrap
 
     with exit_on_user_error():
         report = make_soup(cfg.soup, HydraConfig.get().runtime.output_dir, bootstrap())
@@ -51,8 +51,8 @@ def main(cfg: DictConfig) -> float | None:
 def entry() -> None:
     from hydra.core.config_store import ConfigStore
 
-    from gym_core.errors import exit_on_user_error
-    from gym_core.startup import bootstrap
+    from gym_core.base.errors import exit_on_user_error
+    from gym_core.plugin.startup import bootstrap
 
     with exit_on_user_error():
         bootstrap()
@@ -60,8 +60,8 @@ def entry() -> None:
         args = sys.argv[1:]
         if not {"--hydra-help", "--info", "-i"}.intersection(args):
             # as python -m gym_core: a bad override or a missing value is one line, exit 2
-            from gym_core.checks import check_missing
-            from gym_core.startup import NO_JOB_FLAGS, check_overrides
+            from gym_core.config.checks import check_missing
+            from gym_core.plugin.startup import NO_JOB_FLAGS, check_overrides
 
             cfg = check_overrides(args, config_name="soup")
             if not NO_JOB_FLAGS.intersection(args):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gym_core.startup import compose  # noqa: F401  (re-exported for the tests)
+from gym_core.plugin.startup import compose  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def tiny_overrides():
 def with_digit_reward():
     """Register tests/digits_plugin.py (a reward with spread even on a random model, so
     groups contrast and deltas are not zero) through an entry point, in this process."""
-    from gym_core.startup import bootstrap
+    from gym_core.plugin.startup import bootstrap
 
     eps = [*metadata.entry_points(group="gym_core"),
            metadata.EntryPoint("digits", "tests.digits_plugin", "gym_core")]
@@ -75,8 +75,8 @@ def tiny_lora_policy(arch: str = "llama"):
     import torch
     from omegaconf import OmegaConf
 
-    from gym_core.config import ModelConfig
-    from gym_core.model import load_policy
+    from gym_core.config.schema import ModelConfig
+    from gym_core.model.policy import load_policy
 
     cfg = ModelConfig(source="tiny")
     cfg.tiny.arch = arch

@@ -94,7 +94,7 @@ def raw_logprobs():
     """Log-probs with gradients from the raw function on the model: what the example's
     RLOO did before plugin API 2."""
     from gym_core.api import Algorithm
-    from gym_core.losses import completion_logprobs
+    from gym_core.train.losses import completion_logprobs
 
     class RawLogprobs(Algorithm):
         online = True

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gym_core.config import ALL_LINEAR
-from gym_core.delta import apply_delta, read_delta, save_packed
-from gym_core.generation import Sampling, generate
-from gym_core.model import load_base
-from gym_core.startup import bootstrap
+from gym_core.config.schema import ALL_LINEAR
+from gym_core.deltas.delta import apply_delta, read_delta, save_packed
+from gym_core.model.policy import load_base
+from gym_core.plugin.startup import bootstrap
+from gym_core.sampling.generation import Sampling, generate
 from tests.conftest import REPO, compose
 
 PROMPTS = ["What is 2 + 3?", "Name a colour.", "Write one word about the sea, please."]

@@ -9,9 +9,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from gym_core.config import ModelConfig
-from gym_core.data import read_jsonl
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
+from gym_core.config.schema import ModelConfig
+from gym_core.data.tasks import read_jsonl
 from tests.conftest import run_cli
 
 
@@ -65,7 +65,7 @@ def test_model_path_without_model(tmp_path):
 def test_missing_model_package_prints_install_command(tmp_path, monkeypatch):
     import importlib.util
 
-    from gym_core import model
+    from gym_core.model import policy as model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

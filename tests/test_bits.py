@@ -1,4 +1,4 @@
-"""The core's 1-bit kernel (gym_core.bits): sign bits packed 8 per byte with sum|x| per
+"""The core's 1-bit kernel (gym_core.deltas.bits): sign bits packed 8 per byte with sum|x| per
 unit from the same pass, as BitDelta (one unit per matrix) and DeltaQuant's binary mode
 (one unit per channel or group) use it."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gym_core.bits import pack_signs, unpack_signs
+from gym_core.deltas.bits import pack_signs, unpack_signs
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 64, 1000, 4099])

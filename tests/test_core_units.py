@@ -6,13 +6,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gym_core.config import ArithmeticConfig, TrainerConfig
-from gym_core.data import Sampler, arithmetic_task
-from gym_core.delta import map_tensors
-from gym_core.errors import GymError
-from gym_core.generation import completion_masks
-from gym_core.rewards import accuracy, extract_answer
-from gym_core.train import lr_lambda
+from gym_core.base.errors import GymError
+from gym_core.config.schema import ArithmeticConfig, TrainerConfig
+from gym_core.data.rewards import accuracy, extract_answer
+from gym_core.data.tasks import Sampler, arithmetic_task
+from gym_core.deltas.delta import map_tensors
+from gym_core.sampling.generation import completion_masks
+from gym_core.train.loop import lr_lambda
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from gym_core.config import JsonlConfig
-from gym_core.data import jsonl_task, render_completion
-from gym_core.errors import GymError
-from gym_core.model import tiny_tokenizer
+from gym_core.base.errors import GymError
+from gym_core.config.schema import JsonlConfig
+from gym_core.data.tasks import jsonl_task, render_completion
+from gym_core.model.policy import tiny_tokenizer
 
 
 def task(tmp_path, rows, **kw):

@@ -1,4 +1,4 @@
-"""gym_core/decode.cpp computes what its torch reference (gym_core.fused.TorchOps)
+"""gym_core/sampling/decode.cpp computes what its torch reference (gym_core.sampling.fused.TorchOps)
 computes, and the inverse-CDF sampler draws from the right distribution."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gym_core import fused
-from gym_core.fused import TorchOps, kernels
+from gym_core.sampling import fused
+from gym_core.sampling.fused import TorchOps, kernels
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,8 @@ def test_logits_that_overflowed_still_give_a_token(ops):
 
 
 def test_a_machine_that_cannot_compile_samples_with_torch(monkeypatch, capsys):
-    from gym_core import native
-    from gym_core.errors import GymError
+    from gym_core.base import native
+    from gym_core.base.errors import GymError
 
     def refuse(*args, **kwargs):
         raise GymError("compiling gym's gym_decode kernel needs g++")

@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 from gym_core.export import ExportAppConfig, report
 from gym_core.export import export as export_with
-from gym_core.startup import bootstrap
+from gym_core.plugin.startup import bootstrap
 from tests.conftest import compose
 
 QUICK = ["algorithm=dpo", "trainer.batch_size=2", "trainer.eval_size=2",
@@ -36,7 +36,7 @@ TINY = ["model=tiny", "algorithm.lr=1e-2", "trainer.max_steps=2", *QUICK]
 def train(root, name, overrides, preset=TINY):
     """A finished run directory as `python -m gym_core` leaves it (its composed config in
     .hydra/config.yaml, as Hydra writes it)."""
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     cfg = compose([*preset, *overrides])
     run_dir = root / name
@@ -73,7 +73,7 @@ def run_export(args, cwd):
 
 
 def base_and_tokenizer(run_dir):
-    from gym_core.model import load_base
+    from gym_core.model.policy import load_base
 
     return load_base(OmegaConf.load(run_dir / ".hydra" / "config.yaml").model)
 
@@ -183,7 +183,7 @@ def test_hf_bfloat16_stores_the_fp32_merge_rounded_once(runs, tmp_path):
 
 
 def test_hf_from_the_delta_is_base_plus_the_dequantized_delta(runs):
-    from gym_core.delta import read_delta
+    from gym_core.deltas.delta import read_delta
 
     run = runs["lora"]
     result = export(options(run, source="delta"))
@@ -325,8 +325,8 @@ def test_gguf_refuses_tokenizers_llama_cpp_would_split_differently():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from gym_core.gguf_file import _bpe_json, pre_tokenizer
-    from gym_core.model import tiny_tokenizer
+    from gym_core.deltas.gguf_file import _bpe_json, pre_tokenizer
+    from gym_core.model.policy import tiny_tokenizer
 
     assert pre_tokenizer(tiny_tokenizer(), []) == "default"  # bytes only: any split is exact
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -347,7 +347,7 @@ def test_gguf_refuses_tokenizers_llama_cpp_would_split_differently():
 def test_gguf_permutation_matches_llama_cpp():
     """Q/K rows per head go [first half | second half] -> interleaved (LlamaModel.permute
     in llama.cpp's convert_hf_to_gguf.py), worked out for 2 heads of dimension 4."""
-    from gym_core.gguf_file import _permute
+    from gym_core.deltas.gguf_file import _permute
 
     w = torch.arange(8.0).unsqueeze(1)  # rows 0..7: head 0 = 0..3, head 1 = 4..7
     assert _permute(w, 2).squeeze(1).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
@@ -389,7 +389,7 @@ def test_lora_adapter_loads_with_peft_alone(runs, tmp_path):
 
 
 def test_delta_export_copies_the_packed_file_and_final_gives_the_exact_delta(runs):
-    from gym_core.delta import lora_delta, read_delta
+    from gym_core.deltas.delta import lora_delta, read_delta
 
     run = runs["lora"]
     result = export(options(run, format="delta"))
@@ -504,7 +504,7 @@ def test_a_sweep_directory_names_its_jobs(runs, tmp_path):
 
 
 def test_failed_export_keeps_the_earlier_one_and_leaves_no_temporary_files(runs, monkeypatch):
-    import gym_core.gguf_file
+    import gym_core.deltas.gguf_file
 
     run = runs["lora"]
     first = export(options(run, format="gguf", out=str(run / "export" / "keep.gguf")))
@@ -514,7 +514,7 @@ def test_failed_export_keeps_the_earlier_one_and_leaves_no_temporary_files(runs,
         path.write_bytes(b"GGUF" + b"\0" * 100)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(gym_core.gguf_file, "write_gguf", half_written)
+    monkeypatch.setattr(gym_core.deltas.gguf_file, "write_gguf", half_written)
     with pytest.raises(RuntimeError, match="disk full"):
         export(options(run, format="gguf", out=str(first.out)))
     assert first.out.read_bytes() == kept
@@ -589,7 +589,7 @@ def test_smollm2_run_to_gguf_q8_0_and_back(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gym_core.model import load_base
+    from gym_core.model.policy import load_base
 
     cfg = compose(["model=smollm2"])
     base, run_tok = load_base(cfg.model)

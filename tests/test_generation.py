@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gym_core.generation import Sampling, completion_masks, generate, warp_logits
-from gym_core.losses import completion_logprobs, selective_log_softmax
+from gym_core.sampling.generation import Sampling, completion_masks, generate, warp_logits
+from gym_core.train.losses import completion_logprobs, selective_log_softmax
 from tests.conftest import tiny_lora_policy
 
 
@@ -91,7 +91,7 @@ def test_fused_decoding_samples_what_the_models_own_forward_samples(arch, monkey
     """The fused decode step (LoRA merged, packed weights, preallocated cache, finished
     rows leaving the batch) draws the same tokens as the model's own forward for the
     same row seeds, and its log-probs agree to float32 rounding."""
-    from gym_core.fused import FusedDecoder
+    from gym_core.sampling.fused import FusedDecoder
 
     policy = tiny_lora_policy(arch)
     model, tok = policy.model, policy.tokenizer
@@ -150,7 +150,7 @@ def test_greedy_generation_matches_transformers_generate(arch, fused):
 def test_logprobs_are_of_the_tempered_distribution(policy):
     """Online methods score what they sampled from: softmax(logits / T), for the policy
     and the reference alike (docs/algorithms.md §0.2)."""
-    from gym_core.rollout import Rollout
+    from gym_core.sampling.rollout import Rollout
 
     p_ids, p_mask = prompts(policy, ["What is 2 + 3?"])
     c_ids = torch.tensor([[50, 51, 52], [60, 61, 62]])

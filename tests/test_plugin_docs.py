@@ -1,13 +1,13 @@
 """docs/plugins.md is the plugin contract's guide: its hook reference is generated from the
-hook specs' docstrings (python -m gym_core.hookdocs) and must be current; plugins are
+hook specs' docstrings (python -m gym_core.plugin.hookdocs) and must be current; plugins are
 shown importing only the public API module."""
 
 from __future__ import annotations
 
 import re
 
-from gym_core import hookdocs, hookspecs
-from gym_core.plugins import CORE_FAMILIES
+from gym_core.plugin import hookdocs, hookspecs
+from gym_core.plugin.manager import CORE_FAMILIES
 from tests.conftest import REPO
 
 PAGE = REPO / "docs" / "plugins.md"
@@ -17,7 +17,7 @@ EXAMPLE = REPO / "docs" / "examples" / "gym-example-plugin"
 def test_hook_reference_is_generated_from_the_docstrings():
     assert hookdocs.current_block(PAGE) == hookdocs.reference(), (
         "docs/plugins.md's hook reference differs from the hook specs' docstrings: run "
-        "python -m gym_core.hookdocs")
+        "python -m gym_core.plugin.hookdocs")
 
 
 def test_every_hook_spec_says_when_what_and_how_results_combine():

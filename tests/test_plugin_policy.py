@@ -13,7 +13,7 @@ from importlib import metadata
 
 import pytest
 
-from gym_core.plugins import PluginError, load_plugins
+from gym_core.plugin.manager import PluginError, load_plugins
 from tests.conftest import run_cli
 
 GOOD = """

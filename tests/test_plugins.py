@@ -9,15 +9,15 @@ from importlib import metadata
 
 import pytest
 
-from gym_core import hookspecs
-from gym_core.plugins import load_plugins
+from gym_core.plugin import hookspecs
+from gym_core.plugin.manager import load_plugins
 from tests.conftest import run_cli
 
 PLUGIN = textwrap.dedent(
     """
     from dataclasses import dataclass
     from gym_core import hookimpl
-    from gym_core.config import OnlineAlgorithmConfig
+    from gym_core.config.schema import OnlineAlgorithmConfig
 
     @dataclass
     class MyAlgoConfig(OnlineAlgorithmConfig):
@@ -84,7 +84,7 @@ def test_disabled_plugin_is_not_loaded(tmp_path):
 
 
 def test_duplicate_name_names_both_plugins(fake_distribution, monkeypatch):
-    from gym_core.registry import Registry, RegistryError
+    from gym_core.plugin.registry import Registry, RegistryError
 
     reg = Registry("algorithm")
     reg._plugin = "first"

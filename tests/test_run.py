@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gym_core.checkpoint import list_checkpoints
+from gym_core.train.checkpoint import list_checkpoints
 from tests.conftest import compose, run_cli
 
 
@@ -46,7 +46,7 @@ def test_cli_tiny_run_writes_outputs_and_resumes(tmp_path, tiny_overrides):
 
 
 def test_resumed_run_matches_uninterrupted_one(tmp_path, tiny_overrides, with_digit_reward):
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     base = [*tiny_overrides, "algorithm.rewards=[digit_share]", "algorithm.lr=1e-2",
             "trainer.save_every=2", "trainer.eval_before=false"]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gym_core.errors import GymError
-from gym_core.generation import Sampling
-from gym_core.policy_gradient import importance_weights
-from gym_core.rollout import RolloutEngine
+from gym_core.base.errors import GymError
+from gym_core.sampling.generation import Sampling
+from gym_core.sampling.rollout import RolloutEngine
+from gym_core.train.policy_gradient import importance_weights
 from tests.conftest import tiny_lora_policy
 
 OLD = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -3.0]])

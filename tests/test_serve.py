@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(runs):
     """Greedy answers of every merged variant (and the base) to every prompt."""
-    from gym_core.model import load_base
+    from gym_core.model.policy import load_base
     from tests.serve_helpers import model_cfg
 
     out = {}

@@ -8,11 +8,11 @@ import queue
 import pytest
 import torch
 
-from gym_core.delta import DenseOperator, RowGroups, read_delta
-from gym_core.model import load_base
+from gym_core.deltas.delta import DenseOperator, RowGroups, read_delta
+from gym_core.model.policy import load_base
+from gym_core.plugin.startup import bootstrap
 from gym_core.serve.engine import Engine, Params, Request
 from gym_core.serve.variants import Base, LoraOperator, load_variant
-from gym_core.startup import bootstrap
 from tests.serve_helpers import chat_ids, greedy, make_run, merged_model, model_cfg
 
 PROMPTS = ["hi", "What is 2 + 3?", "Tell me about the sea and the sky, at length please."]
@@ -96,7 +96,7 @@ def test_operators_of_every_kind_agree_with_their_dense_delta(setup):
 
 def test_variant_memory_is_its_packed_size(setup):
     _, _, variants, _ = setup
-    from gym_core.delta import load_packed
+    from gym_core.deltas.delta import load_packed
 
     packed = load_packed(variants["bd"].source)
     assert variants["bd"].nbytes == packed.nbytes  # signs + scales, nothing unpacked

@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gym_core.config import ALL_LINEAR
-from gym_core.delta import apply_delta, read_delta, save_packed
-from gym_core.model import load_base
-from gym_core.startup import bootstrap
+from gym_core.config.schema import ALL_LINEAR
+from gym_core.deltas.delta import apply_delta, read_delta, save_packed
+from gym_core.model.policy import load_base
+from gym_core.plugin.startup import bootstrap
 from tests.conftest import compose
 from tests.serve_helpers import ServerProcess, greedy_text
 

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from gym_core.delta import FullPrecision
-from gym_core.model import load_base, load_policy
-from gym_core.run import quantize_and_score, run_job
+from gym_core.deltas.delta import FullPrecision
+from gym_core.model.policy import load_base, load_policy
+from gym_core.train.job import quantize_and_score, run_job
 from tests.conftest import compose, run_cli
 
 FAST = ["model=tiny", "trainer.eval_size=8", "trainer.batch_size=2",
@@ -140,10 +140,10 @@ def test_export_rebuilds_a_later_stage_on_the_stages_before_it(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from gym_core.delta import apply_delta
+    from gym_core.deltas.delta import apply_delta
+    from gym_core.deltas.merge import TrainedRun, exact_delta
     from gym_core.export import ExportAppConfig, export
-    from gym_core.merge import TrainedRun, exact_delta
-    from gym_core.startup import bootstrap
+    from gym_core.plugin.startup import bootstrap
 
     first, _ = stage_one(tmp_path)
     cfg = compose([*FAST, "algorithm=sft", "algorithm.lr=5e-2", "trainer.max_steps=2",

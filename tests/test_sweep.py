@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from gym_core.sweep import collect, table
+from gym_core.train.sweep import collect, table
 from tests.conftest import run_cli
 
 FAST = ["model=tiny", "trainer.max_steps=1", "trainer.eval_size=8",

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from gym_core import threads
-from gym_core.errors import GymError
-from gym_core.threads import ThreadPlan, cgroup_cpus, cpu_budget, prepare_environment
+from gym_core.base import threads
+from gym_core.base.errors import GymError
+from gym_core.base.threads import ThreadPlan, cgroup_cpus, cpu_budget, prepare_environment
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):
@@ -86,12 +86,12 @@ def test_openmp_spinning_is_bounded_unless_the_user_chose():
 def test_a_run_sets_torchs_threads_from_trainer_threads(tmp_path, tiny_overrides):
     import torch
 
-    from gym_core.run import run_job
-    from gym_core.startup import compose
+    from gym_core.plugin.startup import compose
+    from gym_core.train.job import run_job
 
     before = torch.get_num_threads()
     seen = []
-    from gym_core import train as train_module
+    from gym_core.train import loop as train_module
 
     real = train_module.rebalance
 

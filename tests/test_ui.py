@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 from gym_core.ui import configs
 from gym_core.ui.launcher import Launcher
 from gym_core.ui.runs import MetricsTail, lock_holder, metric_names, scan
@@ -159,7 +159,7 @@ def test_values_are_checked_and_become_overrides_hydra_reads_back():
 
 
 def test_a_third_party_plugins_options_appear_in_the_form(tmp_path):
-    from gym_core.startup import bootstrap
+    from gym_core.plugin.startup import bootstrap
 
     eps = [*metadata.entry_points(group="gym_core"),
            metadata.EntryPoint("digits", "tests.digits_plugin", "gym_core")]
@@ -237,8 +237,8 @@ def test_resume_reuses_the_recorded_overrides(tmp_path):
 
 
 def test_data_view_shows_what_each_method_trains_on():
-    from gym_core.data import render_completion, render_prompts
-    from gym_core.model import tiny_tokenizer
+    from gym_core.data.tasks import render_completion, render_prompts
+    from gym_core.model.policy import tiny_tokenizer
     from gym_core.ui.data_view import view
 
     tok = tiny_tokenizer()

@@ -7,8 +7,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from gym_core.checkpoint import list_checkpoints
-from gym_core.run import run_job
+from gym_core.train.checkpoint import list_checkpoints
+from gym_core.train.job import run_job
 from tests.conftest import compose
 
 

@@ -66,8 +66,8 @@ def base_config(base: str):
     """--base -> gym's ModelConfig (smollm2, tiny, or model=local at a folder)."""
     from omegaconf import OmegaConf
 
-    from gym_core.config import MODEL_OPTIONS, ModelConfig
-    from gym_core.errors import GymError
+    from gym_core.base.errors import GymError
+    from gym_core.config.schema import MODEL_OPTIONS, ModelConfig
 
     if base in ("smollm2", "tiny"):
         return OmegaConf.structured(MODEL_OPTIONS[base])
@@ -80,12 +80,12 @@ def build(args: argparse.Namespace):
     """Load the base and the variants; return the ASGI app and its engine."""
     import torch
 
-    from gym_core.errors import GymError
-    from gym_core.model import describe, load_base
+    from gym_core.base.errors import GymError
+    from gym_core.model.policy import describe, load_base
+    from gym_core.plugin.startup import bootstrap
     from gym_core.serve.app import Server, create_app
     from gym_core.serve.engine import Engine
     from gym_core.serve.variants import Base, Registry, expand, load_variant
-    from gym_core.startup import bootstrap
 
     torch.set_grad_enabled(False)
     plugins = bootstrap()
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     import importlib.util
 
-    from gym_core.errors import exit_on_user_error
+    from gym_core.base.errors import exit_on_user_error
 
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:

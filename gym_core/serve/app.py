@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 from gym_core.serve.engine import Engine, Event, Params
 from gym_core.serve.engine import Request as EngineRequest
 from gym_core.serve.variants import Base, Registry, Variant, load_variant

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from gym_core.delta import RowGroups
-from gym_core.generation import Sampling, next_tokens, row_generators
+from gym_core.deltas.delta import RowGroups
+from gym_core.sampling.generation import Sampling, next_tokens, row_generators
 from gym_core.serve.variants import Variant
 
 log = logging.getLogger("gym.serve")
@@ -43,7 +43,7 @@ log = logging.getLogger("gym.serve")
 class VariantLayers:
     """Forward hooks on every linear layer of the base: after ``y = x W^T + b`` for the
     whole batch, each group of rows sharing a variant gets ``x_rows @ D^T`` added, one
-    :meth:`~gym_core.delta.DeltaOperator.add_to` call per operator class. Rows of the base
+    :meth:`~gym_core.deltas.delta.DeltaOperator.add_to` call per operator class. Rows of the base
     model are in no group and cost nothing."""
 
     def __init__(self, model: torch.nn.Module):
@@ -545,7 +545,7 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token with its own parameters: greedy rows by argmax, sampled
         rows grouped by (temperature, top_p), each drawing from its own generator
-        (gym_core.generation's sampler), so a row's tokens never depend on its batch."""
+        (gym_core.sampling.generation's sampler), so a row's tokens never depend on its batch."""
         out = logits.argmax(dim=-1)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(rows):

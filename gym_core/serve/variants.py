@@ -1,7 +1,7 @@
 """Variants of one base model, held in their compact form: a run's packed delta (BitDelta,
-DeltaQuant, any quantizer: :meth:`gym_core.delta.Quantizer.operators`) or its LoRA adapter.
+DeltaQuant, any quantizer: :meth:`gym_core.deltas.delta.Quantizer.operators`) or its LoRA adapter.
 
-A variant is a set of :class:`~gym_core.delta.DeltaOperator`, one per linear layer it
+A variant is a set of :class:`~gym_core.deltas.delta.DeltaOperator`, one per linear layer it
 changes; the server adds each one's ``x @ D^T`` to the base layer's output for the rows
 that asked for that variant. Loading checks that the variant was made for the base being
 served: every matrix's shape, and the run's recorded ``model`` config when there is one.
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from gym_core.delta import DeltaOperator, load_packed
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
+from gym_core.deltas.delta import DeltaOperator, load_packed
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 SOURCE = Path(__file__).with_name("lora.cpp")
 
 
 def lora_kernels():
-    from gym_core.native import load_ops
+    from gym_core.base.native import load_ops
 
     load_ops("gym_lora_serving", str(SOURCE), ("-fopenmp-simd",))
     return torch.ops.gym_lora

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 
 
 class ServeError(GymError):

@@ -30,7 +30,7 @@ from omegaconf.nodes import (
     StringNode,
 )
 
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 
 #: the core's groups, in the order the form shows them; plugin-declared groups follow
 CORE_ORDER = ["model", "data", "algorithm", "quant", "trainer", "run"]
@@ -70,7 +70,7 @@ class Composed:
 def groups() -> dict[str, list[str]]:
     """Every config group and its installed options (what ``--help`` lists)."""
     from gym_core.__main__ import config_groups
-    from gym_core.startup import bootstrap
+    from gym_core.plugin.startup import bootstrap
 
     bootstrap()
     return config_groups()
@@ -82,7 +82,7 @@ _compose_lock = threading.Lock()  # Hydra's global state serves one composition 
 def compose(overrides: list[str]) -> Composed:
     """Compose like ``python -m gym_core OVERRIDES``; a bad override raises GymError.
     Safe to call from several threads (the pages compose off the event loop)."""
-    from gym_core.startup import compose as startup_compose
+    from gym_core.plugin.startup import compose as startup_compose
 
     with _compose_lock:
         cfg = startup_compose(list(overrides), return_hydra_config=True)

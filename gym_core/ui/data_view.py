@@ -5,9 +5,9 @@ the task a run trains on) and are rendered by the same code training uses, with 
 model's own tokenizer and chat template and ``data.system_prompt``:
 
 - online methods (GRPO and kin) sample from the rendered prompt
-  (:func:`gym_core.data.render_prompts`) and reward the answer field;
+  (:func:`gym_core.data.tasks.render_prompts`) and reward the answer field;
 - offline methods (DPO, KTO, ...) train on the batch their own ``collate`` builds
-  through :meth:`gym_core.model.Policy.encode`: the page decodes that batch, so what it
+  through :meth:`gym_core.model.policy.Policy.encode`: the page decodes that batch, so what it
   shows is the tokens the loss sees, cut where the method's length limits cut them.
 
 The method's own ``check_data`` runs on the training split first: data a method cannot
@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 
 
 @dataclass
@@ -61,9 +61,9 @@ def view(overrides: list[str], split: str = "train", start: int = 0, count: int 
     """Rows ``start .. start+count`` of ``split`` for the config ``overrides`` give."""
     import torch
 
-    from gym_core.data import render_prompts
-    from gym_core.model import Policy, describe, load_tokenizer
-    from gym_core.startup import bootstrap
+    from gym_core.data.tasks import render_prompts
+    from gym_core.model.policy import Policy, describe, load_tokenizer
+    from gym_core.plugin.startup import bootstrap
     from gym_core.ui.configs import checked
 
     if split not in ("train", "test"):
@@ -153,7 +153,7 @@ def completion_labels(ex: dict[str, Any], g: int) -> list[str]:
 
 def _longer(tok, ex, label, cfg, limit: int) -> bool:
     """True when the completion ``label`` names was longer than ``limit`` tokens."""
-    from gym_core.data import render_completion
+    from gym_core.data.tasks import render_completion
 
     key = label.split(" ")[0]
     if key not in ex:

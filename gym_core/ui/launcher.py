@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 from gym_core.ui.runs import lock_holder
 
 OUTPUT_LINES = 400  # lines of a job's output the page shows (the end of its log)

@@ -1,6 +1,6 @@
 """What the Runs page shows, read from a runs folder without changing it: every run
 (``summary.json``, ``metrics.jsonl``, ``checkpoints/``, ``.hydra/``) and every sweep
-(a folder of job folders, ranked by :func:`gym_core.sweep.objective`).
+(a folder of job folders, ranked by :func:`gym_core.train.sweep.objective`).
 
 Nothing here writes; a file that cannot be read (a half-written or damaged summary, a
 metrics line still being written) becomes a message on the run's row, never an
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gym_core.errors import GymError
-from gym_core.sweep import objective
+from gym_core.base.errors import GymError
+from gym_core.train.sweep import objective
 
 #: the run directory's lock file (gym_core.runlock): held (flock) while a job runs in it
 LOCK_NAME = ".gym.lock"

@@ -140,7 +140,7 @@ class ExperienceStore:
     database; created on the first write, never truncated by a failed run), ``writer``
     names the process's run so that several runs can share one library and each keeps
     its own per-step versions. Opening an existing library that is not one (bad JSON,
-    a foreign database) raises :class:`~gym_core.errors.GymError` naming the path.
+    a foreign database) raises :class:`~gym_core.base.errors.GymError` naming the path.
     """
 
     Config: ClassVar[type]
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="the run directory whose steps --step counts (shared libraries)")
     args = parser.parse_args(argv)
     try:
-        from gym_core.startup import bootstrap
+        from gym_core.plugin.startup import bootstrap
 
         store = store_for(args.path, bootstrap())
         if args.writer is not None:

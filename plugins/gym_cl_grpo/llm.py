@@ -22,7 +22,7 @@ class LLMError(GymError):
 
 
 class ChatLLM:
-    """``impl(cfg, policy)``; ``policy`` is the run's :class:`~gym_core.model.Policy`
+    """``impl(cfg, policy)``; ``policy`` is the run's :class:`~gym_core.model.policy.Policy`
     (back-ends that call a remote model ignore it)."""
 
     def __init__(self, cfg: Any, policy=None) -> None:
@@ -46,7 +46,7 @@ class LocalLLM(ChatLLM):
         super().__init__(cfg, policy)
 
     def chat(self, conversations: list[list[Message]]) -> list[str]:
-        from gym_core.generation import Sampling, sample
+        from gym_core.sampling.generation import Sampling, sample
 
         greedy = self.cfg.temperature <= 0
         sampling = Sampling(do_sample=not greedy, temperature=1.0 if greedy

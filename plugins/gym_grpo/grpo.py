@@ -14,7 +14,7 @@ import torch
 from gym_core.api import GroupPolicyGradient, GymError, aggregate_token_loss, k3_kl
 from gym_grpo import GRPO_LOSS_TYPES, IS_LEVELS, GRPOConfig
 
-#: the core normaliser (gym_core.losses.aggregate_token_loss) of each loss type (§1.4)
+#: the core normaliser (gym_core.train.losses.aggregate_token_loss) of each loss type (§1.4)
 NORMALISER = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo",
               "cispo": "dapo", "vespo": "dapo", "sapo": "grpo", "luspo": "luspo"}
 #: loss types whose unclipped branch two-sided clipping caps (§1.8)

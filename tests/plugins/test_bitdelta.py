@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from gym_bitdelta import BitDeltaConfig
 from gym_bitdelta.bitdelta import BitDeltaQuantizer
-from gym_core.delta import apply_delta, load_packed, save_packed
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
+from gym_core.deltas.delta import apply_delta, load_packed, save_packed
 
 
 def quantizer(**kw):

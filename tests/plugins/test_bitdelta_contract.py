@@ -7,9 +7,9 @@ from omegaconf import OmegaConf
 
 from gym_bitdelta import BitDeltaConfig
 from gym_bitdelta.bitdelta import BitDeltaQuantizer
-from gym_core.config import QuantConfig
+from gym_core.config.schema import QuantConfig
 from gym_core.contracts.quantizer import QuantizerContract
-from gym_core.delta import FullPrecision
+from gym_core.deltas.delta import FullPrecision
 
 
 class TestBitDeltaContract(QuantizerContract):

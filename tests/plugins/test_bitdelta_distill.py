@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 from gym_bitdelta import BitDeltaConfig
 from gym_bitdelta.bitdelta import BitDeltaQuantizer
-from gym_core.config import TinyModelConfig
-from gym_core.delta import CalibrationContext, apply_delta
-from gym_core.model import CHATML_TEMPLATE, tiny_model, tiny_tokenizer
-from gym_core.run import run_job
+from gym_core.config.schema import TinyModelConfig
+from gym_core.deltas.delta import CalibrationContext, apply_delta
+from gym_core.model.policy import CHATML_TEMPLATE, tiny_model, tiny_tokenizer
+from gym_core.train.job import run_job
 from tests.conftest import compose
 
 

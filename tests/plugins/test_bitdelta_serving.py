@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from gym_bitdelta import BitDeltaConfig
 from gym_bitdelta.bitdelta import BitDeltaQuantizer
 from gym_bitdelta.serving import SignOperator
-from gym_core.delta import DenseOperator, RowGroups
+from gym_core.deltas.delta import DenseOperator, RowGroups
 from tests.conftest import REPO
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (50, 70), (17, 33), (1, 5)]
@@ -81,7 +81,7 @@ def test_the_portable_path_gives_the_same_numbers(tmp_path):
         import torch
         from omegaconf import OmegaConf
         import gym_bitdelta.serving as serving
-        from gym_core.native import load_ops
+        from gym_core.base.native import load_ops
         from gym_bitdelta import BitDeltaConfig
         from gym_bitdelta.bitdelta import BitDeltaQuantizer
         load_ops("gym_bitdelta_serving_portable", str(serving.SOURCE), ("-DGYM_PORTABLE",))

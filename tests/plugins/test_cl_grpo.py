@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gym_core.run as run_mod
+import gym_core.train.job as run_mod
 from gym_cl_grpo.experience import Experience, Operation, apply_operations, as_library, labels
 from gym_cl_grpo.prompts import INJECTION_HEADER, inject
 from gym_cl_grpo.replies import json_payload, parse_lessons, parse_operations
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 from tests.conftest import compose
 from tests.plugins.fake_chat_server import FakeChatServer
 
@@ -225,7 +225,7 @@ def test_resume_rewinds_the_library_to_the_checkpoint(
         straight = run_mod.run_job(compose(base), run_dir=tmp_path / "straight")
         run_mod.run_job(compose(base), run_dir=tmp_path / "split")
         # a crash after step 3 wrote the library but before its checkpoint
-        from gym_core.checkpoint import list_checkpoints
+        from gym_core.train.checkpoint import list_checkpoints
         shutil.rmtree(list_checkpoints(tmp_path / "split")[-1][1])
         resumed = run_mod.run_job(compose(base), run_dir=tmp_path / "split")
     assert straight["steps"] == resumed["steps"] == 3

@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from gym_core.base.errors import GymError
 from gym_core.contracts.quantizer import QuantizerContract, data_bytes_on_disk
-from gym_core.delta import load_packed, read_delta, reconstruction_error, save_packed
-from gym_core.errors import GymError
-from gym_core.startup import bootstrap
+from gym_core.deltas.delta import load_packed, read_delta, reconstruction_error, save_packed
+from gym_core.plugin.startup import bootstrap
 from gym_deltaquant import DeltaQuantConfig
 from gym_deltaquant.deltaquant import (
     DeltaQuantizer,
@@ -241,8 +241,8 @@ def test_bad_settings_are_named(kw, match):
 def test_grpo_then_deltaquant_int4_end_to_end(tmp_path, tiny_overrides):
     import json
 
-    from gym_core.run import run_job
-    from gym_core.startup import compose
+    from gym_core.plugin.startup import compose
+    from gym_core.train.job import run_job
 
     cfg = compose([*tiny_overrides, "trainer.max_steps=2", "quant=deltaquant", "quant.bits=4",
                    "run.name=dq"])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gym_core.run import run_job
+from gym_core.train.job import run_job
 from gym_dpo.dpo import dpo_loss
 from tests.conftest import compose
 
@@ -94,7 +94,7 @@ def test_dpo_end_to_end_on_tiny_model(tmp_path, tiny_overrides):
 
 
 def test_dpo_rejects_data_without_pairs(tmp_path, tiny_overrides):
-    from gym_core.errors import GymError
+    from gym_core.base.errors import GymError
 
     train = tmp_path / "t.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"{i}?", "answer": i}) + "\n" for i in range(20)))
@@ -111,10 +111,10 @@ def test_offline_batches_render_the_system_prompt_as_evaluation_does(algorithm):
     import torch
 
     from gym_core.api import compose
-    from gym_core.data import arithmetic_task, render_prompts
-    from gym_core.generation import Sampling
-    from gym_core.model import load_policy
-    from gym_core.startup import bootstrap
+    from gym_core.data.tasks import arithmetic_task, render_prompts
+    from gym_core.model.policy import load_policy
+    from gym_core.plugin.startup import bootstrap
+    from gym_core.sampling.generation import Sampling
 
     system = "You are a careful calculator."
     cfg = compose(["model=tiny", f"algorithm={algorithm}", f"data.system_prompt={system}"])
@@ -330,7 +330,7 @@ def test_ld_alpha_by_hand():
     (["algorithm.f_divergence_type=kl"], "is not one of"),
 ])
 def test_bad_loss_settings_are_one_line_errors(tmp_path, tiny_overrides, overrides, message):
-    from gym_core.errors import GymError
+    from gym_core.base.errors import GymError
 
     with pytest.raises(GymError, match=message):
         run_job(compose([*offline(tiny_overrides), "algorithm=dpo", *overrides]),

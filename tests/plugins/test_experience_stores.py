@@ -16,7 +16,7 @@ from gym_cl_grpo.contracts import ExperienceStoreContract
 from gym_cl_grpo.experience import Operation
 from gym_cl_grpo.stores.json_store import JsonStore
 from gym_cl_grpo.stores.sqlite_store import SqliteStore
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 
 
 class TestJsonStoreContract(ExperienceStoreContract):
@@ -56,9 +56,9 @@ def test_json_store_failed_write_leaves_the_old_library(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    import gym_core.files
+    import gym_core.base.files
 
-    monkeypatch.setattr(gym_core.files, "_fsync_file", crash)  # the write fails mid-way
+    monkeypatch.setattr(gym_core.base.files, "_fsync_file", crash)  # the write fails mid-way
     with pytest.raises(OSError):
         store.apply([Operation("ADD", text="two")], 2)
     assert path.read_bytes() == before

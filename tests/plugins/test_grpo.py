@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from gym_core.losses import StepTotals, aggregate_token_loss, k3_kl
-from gym_core.policy_gradient import group_advantages
-from gym_core.rollout import Rollout
+from gym_core.sampling.rollout import Rollout
+from gym_core.train.losses import StepTotals, aggregate_token_loss, k3_kl
+from gym_core.train.policy_gradient import group_advantages
 from gym_grpo.grpo import grpo_token_loss
 
 
@@ -127,8 +127,8 @@ def test_grpo_gradient_on_tiny_model_moves_towards_rewarded_completion(seed):
     """Small GRPO steps raise the log-prob of the rewarded completion and lower the other."""
     from omegaconf import OmegaConf
 
-    from gym_core.config import ModelConfig
-    from gym_core.model import load_policy
+    from gym_core.config.schema import ModelConfig
+    from gym_core.model.policy import load_policy
     from gym_grpo import GRPOConfig
     from gym_grpo.grpo import GRPO
 

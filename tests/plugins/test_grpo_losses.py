@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from gym_core.losses import StepTotals, aggregate_token_loss, k3_kl
-from gym_core.run import run_job
+from gym_core.train.job import run_job
+from gym_core.train.losses import StepTotals, aggregate_token_loss, k3_kl
 from gym_grpo.grpo import NORMALISER, gmpo_loss, grpo_token_loss
 from tests.conftest import compose
 
@@ -227,7 +227,7 @@ def test_loss_types_train_on_the_tiny_model(tmp_path, tiny_overrides, with_digit
     (["algorithm.importance_sampling_level=seq"], "importance_sampling_level='seq'"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, tiny_overrides, overrides, message):
-    from gym_core.errors import GymError
+    from gym_core.base.errors import GymError
 
     with pytest.raises(GymError, match=message):
         run_job(compose([*tiny_overrides, "trainer.max_steps=1", *overrides]), run_dir=tmp_path)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gym_core.run import run_job
+from gym_core.train.job import run_job
 from gym_grpo.grpo import grpo_token_loss, log_importance_weights
 from tests.conftest import compose
 

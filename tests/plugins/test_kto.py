@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from gym_core.errors import GymError
-from gym_core.run import run_job
+from gym_core.base.errors import GymError
+from gym_core.train.job import run_job
 from gym_kto.kto import kl_reference_point, kto_loss, rows_of
 from tests.conftest import compose
 
@@ -77,10 +77,10 @@ def test_two_pass_step_equals_separate_passes():
     must equal separate passes over (x_i, y_i) and (x_i, y_{i-1}) as TRL does them."""
     from omegaconf import OmegaConf
 
-    from gym_core.batching import encode_completions
-    from gym_core.config import ModelConfig
-    from gym_core.losses import StepTotals, completion_logprobs
-    from gym_core.model import load_policy
+    from gym_core.config.schema import ModelConfig
+    from gym_core.data.batching import encode_completions
+    from gym_core.model.policy import load_policy
+    from gym_core.train.losses import StepTotals, completion_logprobs
     from gym_kto import KTOConfig
     from gym_kto.kto import KTO
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gym_core.api import GymError
-from gym_core.batching import CompletionBatch
-from gym_core.run import run_job
+from gym_core.data.batching import CompletionBatch
+from gym_core.train.job import run_job
 from gym_orpo import ORPOConfig
 from gym_orpo.orpo import ORPO, ORPOTotals, log1mexp, orpo_losses
 from tests.conftest import compose

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from gym_core.api import compose
-from gym_core.checkpoint import list_checkpoints
-from gym_core.run import run_job
+from gym_core.train.checkpoint import list_checkpoints
+from gym_core.train.job import run_job
 from gym_ppo.ppo import gae, ppo_losses, token_rewards, whiten
 
 
@@ -105,9 +105,9 @@ def test_the_value_head_reads_the_models_final_hidden_states():
     forward over prompt + completion."""
     from omegaconf import OmegaConf
 
-    from gym_core.config import ModelConfig
-    from gym_core.model import load_policy
-    from gym_core.rollout import Rollout
+    from gym_core.config.schema import ModelConfig
+    from gym_core.model.policy import load_policy
+    from gym_core.sampling.rollout import Rollout
     from gym_ppo.ppo import ValueHead
 
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_ppo_updates_per_step_and_options(tmp_path, tiny_overrides, with_digit_r
 
 
 def test_mini_batches_must_divide_the_micro_batches(tmp_path, tiny_overrides):
-    from gym_core.errors import GymError
+    from gym_core.base.errors import GymError
 
     with pytest.raises(GymError, match="num_mini_batches=2 must divide trainer.grad_accum=1"):
         run_job(compose([*tiny_overrides, "algorithm=ppo", "algorithm.num_mini_batches=2"]),

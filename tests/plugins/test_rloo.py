@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gym_core.api import Rollout, StepTotals, compose
-from gym_core.run import run_job
+from gym_core.train.job import run_job
 from gym_rloo.rloo import RLOO, leave_one_out_advantages, rloo_sequence_loss, sequence_kl
 
 N, T, K = 8, 5, 4

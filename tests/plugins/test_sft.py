@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from gym_core.api import GymError, StepTotals
-from gym_core.batching import encode_sequences
-from gym_core.data import arithmetic_task, render_completion, render_prompts, render_turns
-from gym_core.model import load_policy, tiny_tokenizer
-from gym_core.run import run_job
+from gym_core.data.batching import encode_sequences
+from gym_core.data.tasks import arithmetic_task, render_completion, render_prompts, render_turns
+from gym_core.model.policy import load_policy, tiny_tokenizer
+from gym_core.train.job import run_job
 from gym_sft.sft import SFT, sft_loss
 from tests.conftest import compose
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gym_core.aggregate import dp_epsilon, make_soup
-from gym_core.delta import FullPrecision, apply_delta, read_delta, save_packed
-from gym_core.errors import GymError
-from gym_core.startup import bootstrap
+from gym_core.base.errors import GymError
+from gym_core.deltas.aggregate import dp_epsilon, make_soup
+from gym_core.deltas.delta import FullPrecision, apply_delta, read_delta, save_packed
+from gym_core.plugin.startup import bootstrap
 from gym_soup import RULES
 
 KEYS = {"model.layers.0.self_attn.q_proj.weight": (16, 32), "model.norm.weight": (32,)}
@@ -219,8 +219,8 @@ def test_soup_of_a_three_run_multirun_applied_to_the_base(tmp_path, tiny_overrid
     assert set(merged) == set(deltas[0]) and merged
     norms = [sum(float(d[k].norm() ** 2) for k in d) ** 0.5 for d in deltas]
     assert min(norms) > 0  # the runs really trained
-    from gym_core.config import TinyModelConfig
-    from gym_core.model import tiny_model, tiny_tokenizer
+    from gym_core.config.schema import TinyModelConfig
+    from gym_core.model.policy import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     base = tiny_model(TinyModelConfig(), len(tok), tok.pad_token_id, tok.eos_token_id)

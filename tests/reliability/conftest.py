@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gym_core.checkpoint import WEIGHTS, list_checkpoints
-from gym_core.files import is_moved_aside, is_temporary
+from gym_core.base.files import is_moved_aside, is_temporary
+from gym_core.train.checkpoint import WEIGHTS, list_checkpoints
 from tests.conftest import REPO, plugin_site
 
 HERE = Path(__file__).resolve().parent

@@ -1,7 +1,7 @@
 """Fuzzing every delta reader (run by test_delta_fuzz.py in a subprocess, so that a crash
 fails that test instead of killing pytest; not collected on its own).
 
-Files written by gym carry a checksum (gym_core.delta.content_digest): any damage to a
+Files written by gym carry a checksum (gym_core.deltas.delta.content_digest): any damage to a
 file (truncated, extended, bits flipped in the header or the data, garbage) must be
 refused by :func:`read_delta` with a GymError naming the file. Damage that keeps the
 file well-formed (a damaged writer: the checksum matches what it wrote) is fuzzed on the
@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from gym_core.aggregate import make_soup
+from gym_core.base.errors import GymError
 from gym_core.contracts.quantizer import model_like_delta
-from gym_core.delta import FullPrecision, PackedDelta, load_packed, read_delta, save_packed
-from gym_core.errors import GymError
-from gym_core.startup import bootstrap
+from gym_core.deltas.aggregate import make_soup
+from gym_core.deltas.delta import FullPrecision, PackedDelta, load_packed, read_delta, save_packed
+from gym_core.plugin.startup import bootstrap
 
 PLUGINS = bootstrap()
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,

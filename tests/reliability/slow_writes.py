@@ -1,7 +1,7 @@
 """``python slow_writes.py OVERRIDES``: ``python -m gym_core OVERRIDES`` whose atomic writes
 are slow and announced, so a test can kill or signal gym in the middle of one.
 
-Every file of an atomic write (gym_core.files.atomic_path: checkpoints, metrics.jsonl's
+Every file of an atomic write (gym_core.base.files.atomic_path: checkpoints, metrics.jsonl's
 rewrite, final/, summary.json...) prints ``TEST: writing <path>`` on stdout and waits
 ``$GYM_TEST_WRITE_DELAY`` seconds before its fsync; the temporary then exists, whole or
 not, where a kill leaves it. Nothing else changes."""
@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-import gym_core.files as files
+import gym_core.base.files as files
 
 _delay = float(os.environ.get("GYM_TEST_WRITE_DELAY", "0"))
 _fsync = files._fsync_file

@@ -11,7 +11,7 @@ import shutil
 import signal
 import time
 
-from gym_core.files import remove_stale_temporaries
+from gym_core.base.files import remove_stale_temporaries
 from tests.reliability.conftest import (
     TINY,
     assert_same_rows,

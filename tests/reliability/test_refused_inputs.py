@@ -13,8 +13,8 @@ import uuid
 import pytest
 import torch
 
-from gym_core.checkpoint import list_checkpoints
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
+from gym_core.train.checkpoint import list_checkpoints
 from tests.conftest import compose
 from tests.reliability.conftest import (
     TINY,
@@ -79,9 +79,9 @@ def test_a_long_prompt_keeps_its_end_in_online_methods(tmp_path, gym_env):
 
 
 def test_sampling_keeps_a_long_prompts_end():
-    from gym_core.data import render_prompts
-    from gym_core.generation import Sampling, sample
-    from gym_core.model import load_policy
+    from gym_core.data.tasks import render_prompts
+    from gym_core.model.policy import load_policy
+    from gym_core.sampling.generation import Sampling, sample
 
     policy = load_policy(compose(["model=tiny"]).model, torch.device("cpu"))
     prompts = ["x" * 5000 + " What is 2 + 2?", "What is 1 + 1?"]
@@ -165,7 +165,7 @@ def test_a_nan_loss_stops_in_one_line_and_keeps_the_checkpoint(run_copy, gym_env
 def test_exploding_weights_warn_once(tmp_path, with_digit_reward, capsys):
     """A learning rate that blows the weights up without a NaN (lr 100: 500 times their
     norm after one step) is a metric and one warning."""
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     run_job(compose([*TINY, "algorithm.lr=100", "trainer.max_steps=3"]), run_dir=tmp_path)
     rows = metrics(tmp_path)
@@ -177,7 +177,7 @@ def test_exploding_weights_warn_once(tmp_path, with_digit_reward, capsys):
 
 
 def test_weight_norm_ratio_stays_near_one_in_a_sound_run(tmp_path, with_digit_reward, capsys):
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     run_job(compose([*TINY, "trainer.max_steps=3"]), run_dir=tmp_path)
     assert all(1.0 <= r["weight_norm_ratio"] < 1.1 for r in metrics(tmp_path))
@@ -288,7 +288,7 @@ def test_hydra_errors_are_one_line(tmp_path, gym_env, args, needles):
 
 
 def _delta_files(folder, n=2):
-    from gym_core.delta import FullPrecision, save_packed
+    from gym_core.deltas.delta import FullPrecision, save_packed
 
     paths = []
     for i in range(n):
@@ -301,7 +301,7 @@ def _delta_files(folder, n=2):
 
 
 def test_soup_input_missing_a_tensor(tmp_path, gym_env):
-    from gym_core.delta import PackedDelta, load_packed, save_packed
+    from gym_core.deltas.delta import PackedDelta, load_packed, save_packed
 
     a, b = _delta_files(tmp_path)
     packed = load_packed(b)
@@ -318,9 +318,9 @@ def test_soup_input_with_a_nan_scale(tmp_path):
     into the soup: refused naming the file and the tensor."""
     from omegaconf import OmegaConf
 
-    from gym_core.aggregate import make_soup
-    from gym_core.delta import PackedDelta, load_packed, save_packed
-    from gym_core.startup import bootstrap
+    from gym_core.deltas.aggregate import make_soup
+    from gym_core.deltas.delta import PackedDelta, load_packed, save_packed
+    from gym_core.plugin.startup import bootstrap
     from gym_soup import MeanConfig
 
     a, b = _delta_files(tmp_path)

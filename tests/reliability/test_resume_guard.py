@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gym_core.errors import GymError
+from gym_core.base.errors import GymError
 from tests.conftest import compose
 from tests.reliability.conftest import (
     TINY,
@@ -58,7 +58,7 @@ def test_changing_what_a_run_is_is_refused(finished, gym_env, change, needles):
 def test_a_changed_data_file_is_refused(tmp_path, with_digit_reward):
     """Same data config, other rows: the checkpoint's data position would point into
     different examples."""
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{a} + 1?", "answer": str(a + 1)}) + "\n"
@@ -73,7 +73,7 @@ def test_a_changed_data_file_is_refused(tmp_path, with_digit_reward):
 
 
 def test_a_new_learning_rate_is_applied_and_said(tmp_path, with_digit_reward, capsys):
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     base = [*QUICK, "trainer.warmup_steps=0", "trainer.save_every=1"]
     run_job(compose([*base, "trainer.max_steps=2"]), run_dir=tmp_path / "run")
@@ -108,7 +108,7 @@ def test_extending_a_finished_run_continues_the_schedule_smoothly(tmp_path, with
     """5 steps, then extended to 10: steps 1-5 followed the 5-step schedule (down to
     near 0); steps 6-7 climb linearly from there (no jump); from step 8 on the rate is
     exactly the 10-step schedule's, as in a run of 10 from the start."""
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     lr = 0.01
     base = [*QUICK, f"trainer.lr_scheduler={kind}", "trainer.warmup_steps=2",
@@ -130,7 +130,7 @@ def test_extending_a_finished_run_continues_the_schedule_smoothly(tmp_path, with
 
 
 def test_an_interrupted_cosine_run_resumes_as_if_uninterrupted(tmp_path, with_digit_reward):
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     base = [*QUICK, "trainer.lr_scheduler=cosine", "trainer.save_every=3",
             "trainer.max_steps=6"]

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from gym_core.errors import GymError
-from gym_core.rundir import RunInUse, acquire, release
+from gym_core.base.errors import GymError
+from gym_core.train.rundir import RunInUse, acquire, release
 from tests.conftest import compose
 from tests.reliability.conftest import (
     TINY,
@@ -26,7 +26,7 @@ from tests.reliability.conftest import (
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from gym_core.rundir import acquire
+    from gym_core.train.rundir import acquire
     acquire(sys.argv[1])
     print("held", flush=True)
     time.sleep(600)
@@ -55,7 +55,7 @@ def test_a_second_process_is_refused_in_one_line(tmp_path, gym_env, holder, swee
 
 def test_in_process_callers_get_the_same_error(tmp_path, holder):
     """run_job (notebooks, a UI launching runs) raises RunInUse, a GymError with the pid."""
-    from gym_core.run import run_job
+    from gym_core.train.job import run_job
 
     with pytest.raises(RunInUse) as info:
         run_job(compose(["model=tiny"]), run_dir=tmp_path / "runs" / "taken")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gym_core.checkpoint import list_checkpoints
+from gym_core.train.checkpoint import list_checkpoints
 from tests.conftest import REPO
 from tests.reliability.conftest import (
     TINY,

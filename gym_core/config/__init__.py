@@ -1,0 +1,1 @@
+"""Config schemas (what each option may hold) and the checks of a composed config."""

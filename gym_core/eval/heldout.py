@@ -1,0 +1,68 @@
+"""Held-out evaluation: greedy answers to the task's test prompts, scored by its metric."""
+
+from __future__ import annotations
+
+import torch
+
+from gym_core.base.threads import rebalance
+from gym_core.sampling.generation import Sampling, sample
+from gym_core.train.distributed import Dist
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch_size=64,
+             max_new_tokens=32, desc="eval", dist: Dist | None = None,
+             max_prompt_length: int | None = None) -> float:
+    """Mean of ``metric_fn`` over greedy completions of ``examples`` (one KV-cached
+    generation per batch of prompts). Under torchrun each rank scores every world-th
+    example and the sums are all-reduced: every rank returns the same mean."""
+    dist = dist or Dist()
+    if not examples:
+        return float("nan")
+    total = len(examples)
+    examples = examples[dist.rank :: dist.world]
+    scores: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [ex["prompt"] for ex in chunk]
+        rebalance()
+        out = sample(model, tokenizer, prompts, system_prompt=system_prompt,
+                     max_new_tokens=max_new_tokens, sampling=Sampling(do_sample=False),
+                     max_prompt_length=max_prompt_length)
+        scores.extend(metric_fn(prompts, out.texts, chunk))
+    return dist.all_reduce_sum([sum(scores)])[0] / total
+
+
+@torch.no_grad()
+def preference_accuracy(policy, examples, *, batch_size=32, max_prompt_length=256,
+                        max_completion_length=64, dist: Dist | None = None) -> float | None:
+    """Share of held-out pairs whose chosen completion has the higher log-probability
+    under the policy (summed over its tokens), prompts rendered as in training. None when
+    the examples hold no pairs."""
+    dist = dist or Dist()
+    pairs = [ex for ex in examples if "chosen" in ex and "rejected" in ex]
+    if not pairs:
+        return None
+    total = len(pairs)
+    pairs = pairs[dist.rank :: dist.world]
+    model = policy.model
+    was_training, temperature = model.training, policy.temperature
+    model.eval()
+    # the metric compares the model's own log-probs (T = 1), whatever temperature the
+    # trained method samples and scores at
+    policy.temperature = 1.0
+    wins = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = policy.encode([ex["prompt"] for ex in chunk],
+                              [[ex["chosen"], ex["rejected"]] for ex in chunk],
+                              max_prompt_length=max_prompt_length,
+                              max_completion_length=max_completion_length)
+        # without gradients: ranks may hold different numbers of batches, and no DDP
+        # synchronisation is needed
+        logp = policy.logprobs(batch)
+        sums = (logp * batch.completion_mask).sum(-1).view(-1, 2)
+        wins += (sums[:, 0] > sums[:, 1]).float().sum().item()
+    model.train(was_training)
+    policy.temperature = temperature
+    return dist.all_reduce_sum([wins])[0] / total

@@ -1,0 +1,1 @@
+"""The policy: model loading, LoRA, the training forward, pipelines of runs (model.init)."""

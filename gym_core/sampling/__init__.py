@@ -1,0 +1,1 @@
+"""Sampling: the fused decode engine, batched KV-cached generation, rollouts."""

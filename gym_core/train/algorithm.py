@@ -1,0 +1,172 @@
+"""The base class every algorithm plugin derives from (the method's math), and the
+:class:`Updater` through which it changes the weights.
+
+The core loop owns the optimizer, schedule, accumulation, clipping, DDP, checkpoints and
+logging. Each step it hands the algorithm the step's batches (online methods: a
+:class:`~gym_core.sampling.rollout.Rollout` each, from the core's rollout engine; offline methods:
+whatever ``collate`` built) and calls :meth:`Algorithm.step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from gym_core.base.errors import GymError
+from gym_core.train.losses import StepTotals
+
+
+class Algorithm:
+    #: the config dataclass (set by subclasses; also registered as the config schema)
+    Config: ClassVar[type]
+    #: online methods learn from their own samples: the core generates rollouts for them
+    online: ClassVar[bool] = False
+    #: False for training-free methods: the core creates no optimizer and the method
+    #: overrides :meth:`step` (its ``updater`` is None)
+    trains_weights: ClassVar[bool] = True
+
+    def __init__(self, cfg: Any, policy) -> None:
+        self.cfg = cfg
+        self.policy = policy  # gym_core.model.policy.Policy: the only road to log-probs
+
+    def setup(self, cfg: Any, run_dir, plugins) -> None:
+        """Called once after construction, before the starting policy is evaluated, with
+        the whole composed config, the run directory and the loaded plugins: open what
+        the method needs from other config groups here (e.g.
+        ``plugins.component("experience_store", cfg.experience_store.name)``). Default:
+        nothing."""
+
+    def transform_examples(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The examples as the policy is to see them, applied to every rollout batch and to
+        the held-out evaluation: a training-free method puts what it learned (an
+        experience library) into ``example["prompt"]`` here. Default: unchanged."""
+        return examples
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when the loss uses reference log-probs (the core then keeps a frozen
+        reference for full fine-tuning; LoRA just disables the adapter)."""
+        return False
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per step on the step's batches (the learning-rate schedule
+        counts them). Default 1; GRPO's ``num_iterations``."""
+        return 1
+
+    def check_data(self, train: list[dict[str, Any]]) -> None:
+        """Called once with the training examples before the slow work: raise a
+        :class:`~gym_core.base.errors.GymError` when they cannot serve this method."""
+
+    def collate(self, examples: list[dict[str, Any]]) -> Any:
+        """Offline methods: turn data rows into a batch, usually with
+        ``self.policy.encode(prompts, completions, ...)`` (a
+        :class:`~gym_core.data.batching.CompletionBatch`, prompts rendered as everywhere else).
+        The default :meth:`step_totals` needs ``len(batch)`` and
+        ``batch.completion_mask``."""
+        raise NotImplementedError(f"{type(self).__name__} is offline but has no collate()")
+
+    @torch.no_grad()
+    def prepare_step(self, batches: list[Any]) -> None:
+        """Called once per step after every batch was prepared, without gradients, with
+        all of this rank's batches: statistics over the whole step (a batch-wide reward
+        std, advantage whitening) go here; reduce over ranks with
+        ``gym_core.api.sum_over_ranks`` so that N processes compute what one would.
+        Default: nothing."""
+
+    def step_totals(self, batches: list[Any]) -> StepTotals:
+        """Counts over the whole step for loss normalisers (default: sequences and
+        completion tokens)."""
+        return StepTotals(
+            sequences=sum(len(b) for b in batches),
+            tokens=sum(int(b.completion_mask.sum()) for b in batches),
+            micro_batches=len(batches),
+        )
+
+    @torch.no_grad()
+    def prepare(self, batch: Any) -> None:
+        """Called once per batch before its updates, without gradients: compute what
+        stays fixed across updates (advantages, old / reference log-probs) into the
+        batch (``batch.extras``)."""
+
+    def loss(self, batch: Any, totals: StepTotals) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step's loss, and metrics (plain floats)."""
+        raise NotImplementedError
+
+    def step(self, batches: list[Any], totals: StepTotals, updater: Updater | None
+             ) -> dict[str, float]:
+        """One training step on the step's batches; returns its metrics. The default
+        takes :attr:`updates_per_step` optimizer updates, each over every micro-batch's
+        :meth:`loss`. Training-free methods override it (``updater`` is then None)."""
+        metrics: dict[str, float] = {}
+        for _ in range(self.updates_per_step):
+            metrics = updater.update(batches, lambda batch: self.loss(batch, totals))
+        return metrics
+
+    def report(self) -> dict[str, Any]:
+        """Facts about what the method learned for ``summary.json`` (its
+        ``algorithm_stats``), e.g. the size of an experience library. Default: none."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state saved in each checkpoint (tensors, numbers, strings, lists, dicts:
+        checkpoints are read back without unpickling arbitrary objects)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when a run resumes."""
+
+
+class Updater:
+    """One optimizer update over a step's micro-batches, as :meth:`Algorithm.step` asks:
+    zero the gradients, backward each micro-batch's loss (DDP all-reduces after the last
+    one only), clip, step the optimizer and the schedule."""
+
+    def __init__(self, policy, optimizer, scheduler, params, max_grad_norm: float, dist,
+                 step: int = 0) -> None:
+        self.policy, self.optimizer, self.scheduler = policy, optimizer, scheduler
+        self.params, self.max_grad_norm, self.dist = params, max_grad_norm, dist
+        self.step = step  # the step being taken, for messages
+
+    def update(self, batches: list[Any], loss_fn) -> dict[str, float]:
+        """``loss_fn(batch) -> (loss, metrics)`` for each micro-batch; returns the step's
+        ``loss`` (summed shares, over all ranks), ``grad_norm``, ``lr`` and the mean of
+        the micro-batches' metrics."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, rows = 0.0, []
+        for i, batch in enumerate(batches):
+            # DDP averages gradients over ranks while the shares add up to the step's
+            # loss: scale by the world size; all-reduce only after the last micro-batch
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.policy.no_sync():
+                loss, metrics = loss_fn(batch)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise GymError(
+                        f"the loss became {value} at step {self.step}; lower algorithm.lr or "
+                        "check the rewards and data (the last checkpoint is kept)")
+                (loss * self.dist.world).backward()
+            total += value
+            rows.append(metrics)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's (the schedule then moves on)
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise GymError(f"the optimizer's update overflowed at step {self.step} (learning "
+                           f"rate {lr:g}); lower algorithm.lr (the last checkpoint is "
+                           "kept)") from None
+        self.scheduler.step()
+        return {"loss": self.dist.all_reduce_sum([total])[0], "grad_norm": grad_norm,
+                "lr": lr, **mean_dicts(rows)}
+
+
+def mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise means over the rows that have each key."""
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}

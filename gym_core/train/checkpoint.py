@@ -1,0 +1,151 @@
+"""Checkpoints: ``<run_dir>/checkpoints/step-<N>/`` holding the trainable weights
+(safetensors) and the trainer state (optimizer, scheduler, RNG, step, data position).
+
+Written into a temporary directory and renamed into place, so a crash never leaves a
+half-written checkpoint where resume would look; the trainer state is read back with
+``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from gym_core.base.errors import GymError
+from gym_core.base.files import TMP_MARK, atomic_path
+
+WEIGHTS = "trainable.safetensors"
+STATE = "trainer_state.pt"
+INFO = "checkpoint.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / INFO).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+HEADS_PREFIX = "gym_heads."  # the policy's heads (gym_core.model.policy.Policy.add_head)
+
+
+def trainable_params(model: torch.nn.Module, heads: torch.nn.Module | None = None
+                     ) -> dict[str, torch.nn.Parameter]:
+    """The model's trainable parameters by name, and the heads' under ``gym_heads.``."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if heads is not None:
+        named.update({HEADS_PREFIX + n: p for n, p in heads.named_parameters() if p.requires_grad})
+    return named
+
+
+def trainable_state(model: torch.nn.Module, heads: torch.nn.Module | None = None
+                    ) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in trainable_params(model, heads).items()}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler,
+    extra: dict[str, Any],
+    keep_last: int,
+    heads: torch.nn.Module | None = None,
+) -> Path:
+    final = checkpoints_dir(run_dir) / f"step-{step:06d}"
+    # re-saving the same step (the end of a resumed, finished run) replaces it
+    with atomic_path(final, folder=True) as tmp:
+        save_file(trainable_state(model, heads), str(tmp / WEIGHTS))
+        state = {"rng": rng_state(), **extra}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+            state["scheduler"] = scheduler.state_dict()
+        # through a Python file object, so that a full disk surfaces as the OS error
+        # (torch's own writer reports only "unexpected pos")
+        with open(tmp / STATE, "wb") as fh:
+            torch.save(state, fh)
+        (tmp / INFO).write_text(json.dumps({"step": step, **{
+            k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}))
+    for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        # renamed out of the listing first: a kill during the removal leaves a temporary
+        # (cleared at the next start), never a half-deleted checkpoint that looks whole
+        doomed = old.with_name(f".{old.name}{TMP_MARK}{os.getpid()}-pruned")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
+                    heads: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore weights (the model's and the heads'), optimizer, scheduler and RNG; returns
+    the saved extras."""
+    try:
+        weights = load_file(str(path / WEIGHTS))
+        state = torch.load(path / STATE, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise GymError(
+            f"checkpoint {path} is unreadable ({exc}). Delete that directory to resume from "
+            "the one before it, or start a new run with another run.name."
+        ) from exc
+    params = trainable_params(model, heads)
+    trainable = set(params)
+    if set(weights) != trainable:
+        missing = sorted(trainable - set(weights))[:3]
+        extra = sorted(set(weights) - trainable)[:3]
+        raise GymError(
+            f"checkpoint {path} does not match this run's trainable parameters (missing "
+            f"{missing}, unexpected {extra}): was it written with another model or "
+            "model.lora settings? Use a new run.name for a different setup."
+        )
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device))
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}

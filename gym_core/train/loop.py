@@ -1,0 +1,325 @@
+"""The one training loop, in plain PyTorch: AdamW, warmup + schedule, gradient
+accumulation, clipping, checkpoints and resume. Every algorithm runs through it; the
+algorithm only turns a batch into a loss."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gym_core.base.errors import GymError, Interrupted, warn
+from gym_core.base.threads import rebalance
+from gym_core.config.checks import SCHEDULES
+from gym_core.data.tasks import Sampler
+from gym_core.sampling.rollout import RolloutEngine, rollout_metrics
+from gym_core.train.algorithm import Updater, mean_dicts
+from gym_core.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from gym_core.train.distributed import Dist
+from gym_core.train.metrics import MetricsLog
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float  # wall time spent in training steps (all sessions of a resumed run)
+    completion_tokens: int  # tokens generated (online) or trained on (offline)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def lr_lambda(tcfg, total_updates: int):
+    """Linear warmup, then constant / linear decay / cosine decay to 0 at
+    ``total_updates``: the learning-rate factor of update ``u`` (0-based)."""
+    if tcfg.lr_scheduler not in SCHEDULES:
+        raise GymError(f"trainer.lr_scheduler={tcfg.lr_scheduler!r} is not one of {SCHEDULES}")
+    return schedule_fn(schedule_spec(tcfg, total_updates))
+
+
+def schedule_spec(tcfg, total_updates: int) -> dict:
+    """The schedule as plain data (saved in checkpoints): kind, warmup and total updates,
+    and the bridge of an extended run (:func:`continue_schedule`)."""
+    return {"kind": str(tcfg.lr_scheduler), "warmup": max(0, int(tcfg.warmup_steps)),
+            "updates": int(total_updates), "bridge": None}
+
+
+def schedule_fn(spec: dict):
+    kind, warmup, total = spec["kind"], spec["warmup"], spec["updates"]
+
+    def f(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (update - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    if not spec.get("bridge"):
+        return f
+    start, begin, length = spec["bridge"]
+    end = f(start + length)
+
+    def bridged(update: int) -> float:
+        if start <= update < start + length:  # linear from `begin` (update start-1) to `end`
+            return begin + (end - begin) * (update - start + 1) / (length + 1)
+        return f(update)
+
+    return bridged
+
+
+def continue_schedule(saved: dict | None, spec: dict, done: int) -> dict:
+    """The schedule a resumed run follows after ``done`` updates. The same schedule as the
+    checkpoint's (an interrupted run): unchanged, so the run equals an uninterrupted one.
+    A changed one (``trainer.max_steps`` raised to extend a finished run, another kind or
+    warmup): the new schedule, reached from the factor of the last update taken through
+    a linear bridge of ``max(1, warmup)`` updates, so the rate does not jump (a finished
+    cosine run ends near 0, and the longer schedule is higher there); from then on it is
+    the new schedule's, as in a run started with it (docs/guide.md, Resume)."""
+    if saved is None:  # a checkpoint from before schedules were saved
+        return spec
+    if all(saved.get(k) == spec[k] for k in ("kind", "warmup", "updates")):
+        return {**spec, "bridge": saved.get("bridge")}
+    old, new = schedule_fn(saved), schedule_fn(spec)
+    if done == 0 or abs(old(done - 1) - new(done - 1)) < 1e-12:
+        return spec  # they agree here (warmup, constant): the new one continues smoothly
+    return {**spec, "bridge": [done, old(done - 1), max(1, spec["warmup"])]}
+
+
+def apply_optimizer_settings(optimizer, scheduler, acfg, spec: dict) -> None:
+    """Set the config's learning rate, betas and weight decay, and the schedule ``spec``,
+    on an optimizer restored from a checkpoint (which brought back its own): a resumed
+    run trains with the values its config records. Unchanged values give the same
+    numbers the checkpoint held."""
+    fn = schedule_fn(spec)
+    scheduler.lr_lambdas = [fn for _ in optimizer.param_groups]
+    scheduler.base_lrs = [float(acfg.lr) for _ in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(scheduler.last_epoch)
+        group["weight_decay"] = float(acfg.weight_decay)
+        group["betas"] = tuple(float(b) for b in acfg.adam_betas)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist | None = None,
+          stop=None) -> TrainResult:
+    """Train ``algo`` for ``trainer.max_steps`` steps, resuming from the newest checkpoint
+    in ``run_dir``. Under torchrun each rank takes its share of every step's prompts;
+    rank 0 alone writes. ``trainer.batch_size`` counts prompts (examples) per process.
+    ``stop`` (a :class:`gym_core.train.interrupt.StopRequest`): a signal ends the loop after
+    the current step, with a checkpoint, by raising :class:`Interrupted`."""
+    dist = dist or Dist()
+    tcfg, acfg = cfg.trainer, cfg.algorithm
+    if tcfg.batch_size < 1 or tcfg.grad_accum < 1:
+        raise GymError("trainer.batch_size and trainer.grad_accum must be at least 1")
+    if tcfg.max_steps < 1:
+        raise GymError(f"trainer.max_steps={tcfg.max_steps} must be at least 1")
+
+    params = policy.trainable_parameters() if algo.trains_weights else []
+    optimizer = scheduler = updater = None
+    spec = schedule_spec(tcfg, tcfg.max_steps * algo.updates_per_step)
+    if algo.trains_weights:
+        optimizer = torch.optim.AdamW(
+            params, lr=acfg.lr, betas=tuple(acfg.adam_betas), weight_decay=acfg.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, spec["updates"]))
+        if dist.enabled and params:
+            policy.distribute(dist.device)
+        updater = Updater(policy, optimizer, scheduler, params, tcfg.max_grad_norm, dist)
+    sampler = Sampler(len(task.train), tcfg.seed)
+    start_step, seconds, tokens = 0, 0.0, 0
+    start_norm = None  # the trainable weights' norm when the run started
+
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        step, path = checkpoints[-1]
+        extra = load_checkpoint(path, policy.model, optimizer, scheduler, policy.heads)
+        algo.load_state_dict(extra.get("algorithm", {}))
+        start_step, sampler.position = int(extra["step"]), int(extra["data_position"])
+        seconds, tokens = float(extra["train_seconds"]), int(extra["completion_tokens"])
+        start_norm = extra.get("start_weight_norm")
+        if optimizer is not None:
+            spec = continue_schedule(extra.get("schedule"), spec, scheduler.last_epoch)
+            apply_optimizer_settings(optimizer, scheduler, acfg, spec)
+        if dist.main:
+            print(f"gym: resuming {run_dir} from step {start_step} ({path.name})")
+    else:
+        seed_everything(tcfg.seed)
+    if updater is not None and start_norm is None:
+        start_norm = weight_norm(params)
+    log = MetricsLog(run_dir, tcfg.tensorboard, start_step) if dist.main else None
+
+    if algo.needs_reference:
+        policy.keep_reference()
+    engine = RolloutEngine(policy, acfg, rewards) if algo.online else None
+    if dist.main:
+        plugins.hook.gym_run_start(cfg=cfg, run_dir=str(run_dir), start_step=start_step)
+
+    progress = None
+    if tcfg.progress and dist.main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=tcfg.max_steps, initial=start_step, desc="train", unit="step")
+
+    def checkpoint(step: int) -> None:
+        extra = {
+            "step": step,
+            "data_position": sampler.position,
+            "train_seconds": seconds,
+            "completion_tokens": tokens,
+            "algorithm": algo.state_dict(),
+            "schedule": spec,
+            "start_weight_norm": start_norm,
+        }
+        if dist.main:
+            path = save_checkpoint(
+                run_dir, step, policy.model, optimizer, scheduler, extra, tcfg.keep_last,
+                policy.heads,
+            )
+            plugins.hook.gym_checkpoint_saved(step=step, path=str(path))
+        dist.barrier()  # no rank may read checkpoints before this one is complete
+
+    step = saved = start_step
+    exploded = False
+    policy.model.train()
+    if stop is not None:
+        stop.deferred = True  # a signal now ends the loop after the step in progress
+    try:
+        while step < tcfg.max_steps:
+            rebalance()  # another gym process may have started or ended on these CPUs
+            t0 = time.perf_counter()
+            # 1. batches for the whole step (online: rollouts), so that loss normalisers
+            #    that need step-wide counts (dapo, dr_grpo) know them before any backward.
+            batches, batch_metrics = [], []
+            for _ in range(tcfg.grad_accum):
+                # every rank draws the same global batch and keeps its own slice; the
+                # sampling seed of an example is its position in the data stream
+                first = sampler.position
+                chosen = sampler.take(tcfg.batch_size * dist.world)
+                mine = slice(dist.rank * tcfg.batch_size, (dist.rank + 1) * tcfg.batch_size)
+                examples = [task.train[i] for i in chosen[mine]]
+                seeds = [tcfg.seed * 1_000_003 + p for p in range(first, first + len(chosen))][mine]
+                if engine is not None:
+                    batch = engine.generate(algo.transform_examples(examples), seeds)
+                    batch_metrics.append(rollout_metrics(batch))
+                else:
+                    batch = algo.collate(examples)
+                algo.prepare(batch)
+                batches.append(batch)
+            algo.prepare_step(batches)
+            t_batches = time.perf_counter() - t0
+            totals = algo.step_totals(batches)
+            if dist.enabled:  # normalisers count the whole step, over every rank
+                totals = type(totals)(*map(int, dist.all_reduce_sum(list(astuple(totals)))))
+
+            # 2. the algorithm's step: optimizer updates (or its own way of learning)
+            if updater is not None:
+                updater.step = step + 1
+            step_metrics = algo.step(batches, totals, updater)
+            if dist.enabled and params:
+                check_replicas(params, dist, step + 1)
+
+            step += 1
+            dt = time.perf_counter() - t0
+            seconds += dt
+            step_tokens = totals.tokens
+            tokens += step_tokens
+            own = ("loss", "grad_norm", "lr")
+            reported = {k: v for k, v in step_metrics.items() if k not in own}
+            metrics = {
+                **{k: v for k, v in step_metrics.items() if k in own},
+                **dist.all_reduce_mean_dict({**reported, **mean_dicts(batch_metrics)}),
+                "step_seconds": dt,
+                # online: sampling the rollouts; offline: building the batches
+                ("generate_seconds" if engine is not None else "collate_seconds"): t_batches,
+                "tokens_per_second": step_tokens / dt,
+            }
+            if updater is not None:
+                # how far the weights moved from where the run started: a learning rate
+                # that blows them up without a NaN shows here first
+                ratio = weight_norm(params) / max(start_norm, 1e-12)
+                metrics["weight_norm_ratio"] = ratio
+                if not math.isfinite(ratio) and not all(bool(p.isfinite().all()) for p in params):
+                    raise GymError(
+                        f"at step {step} the trainable weights became infinite or NaN; lower "
+                        f"algorithm.lr (now {acfg.lr:g}); "
+                        + (f"the last checkpoint (step {saved}) is kept" if saved else
+                           "no checkpoint was written yet"))
+                if not ratio <= EXPLODED_RATIO and not exploded and dist.main:
+                    exploded = True
+                    size = (f"{ratio:.3g} times what it was" if math.isfinite(ratio) else
+                            "beyond float32's range, from a finite one")
+                    warn(f"at step {step} the trainable weights' norm is {size} at the start: "
+                         f"the updates are exploding; lower algorithm.lr (now {acfg.lr:g})")
+            if dist.main:
+                log.log(step, metrics)
+                plugins.hook.gym_step_end(step=step, metrics=metrics, run_dir=str(run_dir))
+            if progress is not None:
+                progress.update(1)
+                shown = ("loss", "reward_mean", "kl", "tokens_per_second")
+                progress.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics})
+            if (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps:
+                checkpoint(step)
+                saved = step
+            signum = stop.agreed(dist) if stop is not None else None
+            if signum:
+                if saved != step:
+                    checkpoint(step)
+                raise Interrupted(signum, stop.describe(signum, step), show=dist.main)
+    finally:
+        if stop is not None:
+            stop.deferred = False
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
+    return TrainResult(steps=step, seconds=seconds, completion_tokens=tokens)
+
+
+#: the trainable weights' norm, as a multiple of the run's starting one, past which the
+#: updates count as exploding (a sound LoRA run on SmolLM2 stays within a few times)
+EXPLODED_RATIO = 100.0
+
+
+def weight_norm(params) -> float:
+    """The L2 norm of all the trainable weights (one fused pass)."""
+    if not params:
+        return 0.0
+    with torch.no_grad():
+        return float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
+
+
+def check_replicas(params, dist: Dist, step: int) -> None:
+    """After a distributed step every rank must hold the same weights (DDP averaged the
+    same gradients into the same optimizer state). They differ when a loss was computed
+    outside ``policy.logprobs`` (no gradient all-reduce): stop, instead of training
+    replicas that silently drift apart. Two float64 sums per rank, gathered once."""
+    with torch.no_grad():
+        flat = [p.detach().double().reshape(-1) for p in params]
+        index = [torch.arange(1, f.numel() + 1, dtype=torch.float64, device=f.device)
+                 for f in flat]
+        local = [sum(float(f.sum()) for f in flat),
+                 sum(float((f * i).sum()) for f, i in zip(flat, index))]
+    gathered = dist.all_gather(local)
+    if any(g != gathered[0] for g in gathered[1:]):
+        raise GymError(
+            f"after step {step} the ranks' trainable weights differ (checksums "
+            f"{[round(g[0], 6) for g in gathered]}): gradients were not synchronised. An "
+            "algorithm computed a loss outside policy.logprobs(batch), the only road that "
+            "goes through DDP (docs/plugins.md, gym_add_algorithms)."
+        )

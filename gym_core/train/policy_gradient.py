@@ -1,0 +1,196 @@
+"""The shared base of policy-gradient methods over groups of samples (GRPO, GSPO, RLOO and
+their kin, docs/algorithms.md §1-2, §6.1): advantages from a baseline and a reward scale,
+the loss mask, old and reference log-probs computed once per batch, and
+``num_iterations`` updates per batch. A method adds its objective in ``loss``."""
+
+from __future__ import annotations
+
+import torch
+
+from gym_core.base.errors import GymError
+from gym_core.train.algorithm import Algorithm
+from gym_core.train.distributed import sum_over_ranks
+from gym_core.train.losses import StepTotals
+
+SCALE_REWARDS = ("group", "batch", "none")
+ADV_EPS = 1e-4  # added to the std (not a floor): identical rewards give A = 0, not NaN
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       mode: str, clip_min: float | None, clip_max: float | None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The sampler/trainer correction of docs/algorithms.md §3.2 (TRL 1.16's
+    ``vllm_importance_sampling_*``): d = (log pi_old - log pi_smp) on completion tokens;
+    rho = exp(d) per token ([N, T]) or exp(sum_t d) per sequence ([N, 1]); ``*_truncate``
+    clamps rho to [clip_min, clip_max], ``*_mask`` zeroes it outside. Returns rho (no
+    gradient) and TRL's ``sampling/*`` metrics."""
+    with torch.no_grad():
+        mask = mask.to(old_logp.dtype)
+        d = torch.nan_to_num((old_logp - sampler_logp) * mask, nan=0.0)
+        sequence = mode.startswith("sequence")
+        rho = torch.exp(d.sum(-1, keepdim=True) if sequence else d)
+        if mode.endswith("truncate"):
+            rho = rho.clamp(min=clip_min, max=clip_max)
+        else:
+            lo = float("-inf") if clip_min is None else clip_min
+            hi = float("inf") if clip_max is None else clip_max
+            rho = rho.masked_fill((rho < lo) | (rho > hi), 0.0)
+        on = mask.bool()
+        delta = (old_logp - sampler_logp).abs()[on & ~torch.isnan(old_logp - sampler_logp)]
+        flat = rho.flatten() if sequence else rho[on]
+        zero = torch.zeros((), device=rho.device)
+        metrics = {
+            "sampling/sampling_logp_difference/mean": (delta.mean() if delta.numel() else zero).item(),
+            "sampling/sampling_logp_difference/max": (delta.max() if delta.numel() else zero).item(),
+            "sampling/importance_sampling_ratio/min": (flat.min() if flat.numel() else zero).item(),
+            "sampling/importance_sampling_ratio/mean": (flat.mean() if flat.numel() else zero).item(),
+            "sampling/importance_sampling_ratio/max": (flat.max() if flat.numel() else zero).item(),
+        }
+    return rho, metrics
+
+
+def group_advantages(rollout, scale: str, eps: float = ADV_EPS) -> torch.Tensor:
+    """A_i = r_i - mean(group), divided by the group std ("group"), by the std of the
+    whole rollout ("batch", Lite PPO), or not at all ("none", Dr. GRPO); stds are
+    Bessel-corrected as TRL's, over scorable completions only; a completion no reward
+    function scored gets 0. docs/algorithms.md §1.1. (Inside a training step
+    :class:`GroupPolicyGradient` takes the "batch" std over the whole step, every rank.)"""
+    if scale not in SCALE_REWARDS:
+        raise GymError(f"algorithm.scale_rewards={scale!r} is not one of {SCALE_REWARDS}")
+    mean, std = rollout.group_stats()
+    adv = rollout.rewards - mean
+    if scale == "group":
+        adv = adv / (std + eps)
+    elif scale == "batch":
+        ok = rollout.scorable_mask()
+        adv = adv / (rollout.rewards[ok].std() + eps)
+    return unscored_to_zero(adv, rollout)
+
+
+def unscored_to_zero(adv: torch.Tensor, rollout) -> torch.Tensor:
+    """Advantage 0 for completions no reward function scored, and wherever a statistic
+    was undefined (NaN: a group with fewer than 2 scorable completions)."""
+    return torch.nan_to_num(torch.where(rollout.scorable_mask(), adv, torch.nan), nan=0.0)
+
+
+def step_std(values: list[torch.Tensor]) -> torch.Tensor:
+    """Bessel-corrected std of the concatenation of ``values`` over every rank (a 0-d
+    tensor; NaN with fewer than 2 values)."""
+    device = values[0].device if values else torch.device("cpu")
+    flat = torch.cat([v.reshape(-1).double() for v in values]) if values else torch.zeros(0)
+    s = sum_over_ranks(torch.stack([flat.new_tensor(float(flat.numel())), flat.sum(),
+                                    (flat ** 2).sum()]).to(device))
+    n, total, sq = s[0], s[1], s[2]
+    var = (sq - total ** 2 / n) / (n - 1)
+    return torch.sqrt(var.clamp(min=0)).float() if n > 1 else torch.tensor(float("nan"))
+
+
+class GroupPolicyGradient(Algorithm):
+    """Base of online methods whose config derives from
+    :class:`gym_core.config.schema.GroupPolicyConfig`. ``prepare`` fills ``batch.extras`` with
+    ``loss_mask`` [N, C] (completion tokens, without truncated completions when
+    ``mask_truncated_completions``), ``old_logp`` (when ``num_iterations > 1`` or
+    :attr:`needs_old_logprobs`), ``ref_logp`` (when ``beta != 0``) and then
+    ``advantages`` [N]: :meth:`advantages` (the reward minus a baseline) scaled as
+    ``scale_rewards`` says. A method's ``loss`` multiplies its per-token loss by
+    :meth:`sampling_correction`'s weight."""
+
+    online = True
+
+    def __init__(self, cfg, policy):
+        super().__init__(cfg, policy)
+        if cfg.scale_rewards not in SCALE_REWARDS:
+            raise GymError(f"algorithm.scale_rewards={cfg.scale_rewards!r} is not one of "
+                           f"{SCALE_REWARDS}")
+        if cfg.num_iterations < 1:
+            raise GymError(f"algorithm.num_iterations={cfg.num_iterations} must be at least 1")
+        self.eps_low = cfg.epsilon
+        self.eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        if cfg.importance_sampling_mode not in IS_MODES:
+            raise GymError(f"algorithm.importance_sampling_mode={cfg.importance_sampling_mode!r} "
+                           f"is not one of {IS_MODES}")
+        lo, hi = cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise GymError(f"algorithm.importance_sampling_clip_min={lo} must be below "
+                           f"algorithm.importance_sampling_clip_max={hi}")
+        if cfg.importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+            raise GymError(f"algorithm.importance_sampling_mode={cfg.importance_sampling_mode} "
+                           "needs algorithm.importance_sampling_clip_max or _clip_min")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.beta != 0.0
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """True when ``prepare`` must score the sampling policy even on-policy (RLOO's
+        KL reward reads it). Default: only with ``num_iterations > 1``."""
+        return self.cfg.num_iterations > 1
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.cfg.num_iterations
+
+    def advantages(self, batch) -> torch.Tensor:
+        """[N] each completion's reward minus its baseline, before ``scale_rewards``
+        (default: GRPO's group mean over scorable completions). Runs in ``prepare``
+        after ``old_logp`` and ``ref_logp`` are in ``batch.extras``."""
+        mean, _ = batch.group_stats()
+        return batch.rewards - mean
+
+    @torch.no_grad()
+    def prepare(self, batch) -> None:
+        mask = batch.completion_mask.float()
+        if self.cfg.mask_truncated_completions:
+            mask = mask * (~batch.truncated).float().unsqueeze(1)
+        batch.extras["loss_mask"] = mask
+        # With one update per rollout, pi_old = pi_theta: the ratio's denominator is the
+        # same forward's log-probs, detached (old_logprobs), so no extra pass is needed.
+        if self.needs_old_logprobs:
+            batch.extras["old_logp"] = self.policy.logprobs(batch)
+        if self.needs_reference:
+            batch.extras["ref_logp"] = self.policy.logprobs(batch, reference=True)
+        adv = self.advantages(batch)
+        if self.cfg.scale_rewards == "group":
+            _, std = batch.group_stats()
+            adv = adv / (std + ADV_EPS)
+        # "batch": divided by the std of the step's rewards in prepare_step
+        batch.extras["advantage_defined"] = ~torch.isnan(adv) & batch.scorable_mask()
+        batch.extras["advantages"] = unscored_to_zero(adv, batch)
+
+    @torch.no_grad()
+    def prepare_step(self, batches) -> None:
+        """``scale_rewards="batch"``: divide by the std of every scorable reward of the
+        step on every rank, TRL's generation batch (§1.1)."""
+        if self.cfg.scale_rewards == "batch":
+            std = step_std([b.rewards[b.scorable_mask()] for b in batches])
+            for b in batches:
+                b.extras["advantages"] = unscored_to_zero(
+                    b.extras["advantages"] / (std.to(b.rewards.device) + ADV_EPS), b)
+
+    def old_logprobs(self, batch, logp: torch.Tensor) -> torch.Tensor:
+        """log pi_old: computed in :meth:`prepare`, or this forward's, detached."""
+        return batch.extras.get("old_logp", logp.detach())
+
+    def sampling_correction(self, batch, old_logp: torch.Tensor
+                            ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The weight rho = pi_old / pi_sampler of docs/algorithms.md §3 that a method
+        multiplies into its per-token loss ([N, T] for token modes, [N, 1] for sequence
+        modes; no gradient), and the mismatch metrics. (None, {}) when the batch carries
+        no sampler log-probs (an offline batch); (None, metrics) when
+        ``importance_sampling_correction`` is off."""
+        sampler = getattr(batch, "sampler_logp", None)
+        if sampler is None:
+            return None, {}
+        cfg = self.cfg
+        rho, metrics = importance_weights(
+            old_logp, sampler.to(old_logp.device), batch.completion_mask,
+            cfg.importance_sampling_mode, cfg.importance_sampling_clip_min,
+            cfg.importance_sampling_clip_max)
+        return (rho if cfg.importance_sampling_correction else None), metrics
+
+    def step_totals(self, batches) -> StepTotals:
+        totals = super().step_totals(batches)
+        tokens = sum(int(b.extras["loss_mask"].sum()) for b in batches)
+        return StepTotals(totals.sequences, tokens, totals.micro_batches)

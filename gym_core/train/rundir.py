@@ -1,0 +1,142 @@
+"""The run directory before a job writes in it: one process at a time (an exclusive OS
+lock on ``<run dir>/.gym.lock``), writable, and cleared of what killed writers left.
+
+The lock is ``flock(2)`` on a file in the run directory, taken before anything is
+written there and held for the life of the process: the kernel releases it when the
+process ends, however it ends (``kill -9``, a crash, power loss), so a stale lock never
+blocks a resume. The holder writes its process id, host and command line into the file,
+for the message the next process gets. Under torchrun only rank 0 locks (the other ranks
+work in rank 0's directory); a Hydra sweep locks its sweep folder and each job its own.
+
+Reentrant within a process: ``python -m gym_core`` locks the run directory before Hydra
+writes its ``.hydra/`` record, and :func:`gym_core.train.job.run_job` (which in-process callers
+use directly) locks the same directory again; the second lock is the first one, counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from gym_core.base.errors import GymError
+from gym_core.base.files import (
+    check_writable,
+    is_moved_aside,
+    is_temporary,
+    remove_stale_temporaries,
+    size_of,
+    unwritable,
+)
+
+LOCK_NAME = ".gym.lock"
+
+_held: dict[Path, list] = {}  # resolved run dir -> [fd, count]
+_guard = threading.Lock()
+
+
+class RunInUse(GymError):
+    """Another live process holds the run directory (``pid`` names it, when known)."""
+
+    def __init__(self, message: str, run_dir: Path, pid: int | None) -> None:
+        super().__init__(message)
+        self.run_dir, self.pid = run_dir, pid
+
+
+def holder(run_dir: str | Path) -> dict | None:
+    """What the lock file of ``run_dir`` says about its holder (pid, host, command), or
+    None; says nothing about whether that process still holds it."""
+    try:
+        return json.loads((Path(run_dir) / LOCK_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def acquire(run_dir: str | Path) -> None:
+    """Lock ``run_dir`` for this process (created if needed) or raise :class:`RunInUse`."""
+    run_dir = Path(run_dir).resolve()
+    with _guard:
+        if run_dir in _held:
+            _held[run_dir][1] += 1
+            return
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only or full disk: nothing can be written there
+            raise unwritable(run_dir, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise GymError(f"cannot lock {run_dir / LOCK_NAME}: {exc.strerror}") from None
+            info = holder(run_dir) or {}
+            pid = info.get("pid")
+            who = f"process {pid}" if pid else "another process"
+            if info.get("host") and info["host"] != socket.gethostname():
+                who += f" on {info['host']}"
+            raise RunInUse(
+                f"run directory {run_dir} is in use by {who} "
+                f"({info.get('command') or 'command unknown'}); wait for it to end, stop it, "
+                "or pick another run.name", run_dir, pid) from None
+        # the holder's record is for the next process's message only, so a plain write
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps({
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+            }) + "\n").encode(), 0)
+        _held[run_dir] = [fd, 1]
+
+
+def release(run_dir: str | Path) -> None:
+    """Undo one :func:`acquire`; the last one unlocks."""
+    run_dir = Path(run_dir).resolve()
+    with _guard:
+        entry = _held.get(run_dir)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[run_dir]
+            os.close(entry[0])  # closing the only descriptor releases the flock
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    acquire(run_dir)
+    try:
+        yield
+    finally:
+        release(run_dir)
+
+
+def is_run_dir_of_another(folder: Path) -> bool:
+    """True for a folder that is a run directory of its own (a sweep's job)."""
+    return (folder / LOCK_NAME).exists()
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Before the job writes anything: the run directory and its folders must be
+    writable (checked by writing, not by permission bits, which root ignores), and the
+    temporaries a killed process left are removed (they can hold a whole checkpoint:
+    on a full disk, every retry would fail again)."""
+    check_writable(run_dir)
+    folders = [run_dir, *(p for p in sorted(run_dir.iterdir()) if p.is_dir()
+                          and not is_temporary(p.name) and not is_run_dir_of_another(p))]
+    sizes = {p: size_of(p) for folder in folders for p in folder.iterdir()
+             if is_temporary(p.name) or is_moved_aside(p.name)}
+    removed = [p for folder in folders for p in remove_stale_temporaries(folder)]
+    if removed:
+        mb = sum(sizes.get(p, 0) for p in removed) / 2**20
+        print(f"gym: removed {len(removed)} partial writes ({mb:.1f} MB) that an interrupted "
+              f"run left in {run_dir}")
+    for folder in folders[1:]:
+        check_writable(folder)
