@@ -149,12 +149,17 @@ def _entry(args: list[str]) -> None:
 
             preflight(cfg)
             from gym_core.model.stages import check_init
+            from gym_core.plugin.startup import check_named_components
+            from gym_core.train.rundir import check_run_name, check_run_state
 
+            check_run_name(cfg)  # one folder inside run.root, before anything is created
+            check_named_components(cfg)  # a disabled plugin's reward: refused here too
             check_init(cfg.model)  # model.init names a finished run of this base model
             folder = lock_early(cfg, args)
             if folder is not None and not {"-m", "--multirun"}.intersection(args):
                 from gym_core.train.resume import check
 
+                check_run_state(folder)
                 check(cfg, folder)  # a refused change costs a second, not a model load
     main()
 

@@ -23,6 +23,8 @@ Start-up imports no torch.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -63,6 +65,7 @@ class ExportAppConfig:
     # delta: base + the run's quantized delta. null: final (delta for format=delta)
     source: str | None = None
     out: str | None = None  # null: <run>/export/<format...>
+    overwrite: bool = False  # replace an existing out= (an earlier export); else refused
     hf: HfExportConfig = field(default_factory=HfExportConfig)
     gguf: GgufExportConfig = field(default_factory=GgufExportConfig)
 
@@ -119,7 +122,7 @@ def default_out(run, fmt: str, source: str, outtype: str) -> Path:
     return root / ("delta-none.safetensors" if source == "final" else f"delta-{run.quant}.safetensors")
 
 
-def _check_out(out: Path, run, is_dir: bool) -> None:
+def _check_out(out: Path, run, is_dir: bool, overwrite: bool = False) -> None:
     """Refuse outputs that would replace the run's own files or something that is not an
     earlier export of the same kind."""
     from gym_core.base.errors import GymError
@@ -140,6 +143,35 @@ def _check_out(out: Path, run, is_dir: bool) -> None:
     elif out.is_dir():
         raise GymError(f"out={out} is a directory; format needs a file name here, e.g. "
                        f"out={out / 'model.gguf'}")
+    if not overwrite:
+        raise GymError(f"out={out} already exists: add overwrite=true to replace it, or "
+                       "pick another out=")
+
+
+@contextlib.contextmanager
+def _writing(out: Path, run):
+    """One line for what fails while an export reads the run and writes ``out``: a folder
+    it cannot write in, a damaged (truncated) weights file in the run."""
+    from gym_core.base.errors import GymError, disk_full, no_space
+
+    try:
+        yield
+    except OSError as exc:
+        if disk_full(exc):
+            raise no_space(out.parent) from None
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                             errno.EISDIR, errno.EEXIST):
+            raise
+        raise GymError(f"cannot write out={out} ({exc.strerror}): pick another out= or make "
+                       f"{out.parent} writable") from None
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if not isinstance(exc, SafetensorError) and "safetensors" not in type(exc).__module__:
+            raise
+        raise GymError(f"the run {run.path} holds a damaged weights file ({exc}): it was "
+                       "cut short or edited; export another run, or train this one again "
+                       "under a new run.name") from None
 
 
 def _folder_files(folder: Path, final: Path) -> list[Written]:
@@ -167,14 +199,17 @@ def export(cfg: Any, plugins) -> ExportResult:
         run.delta_file()  # a missing delta fails before any model loads
     out = Path(cfg.out).expanduser() if cfg.out else default_out(run, fmt, source, cfg.gguf.outtype)
     is_dir = fmt in ("hf", "lora")
-    _check_out(out, run, is_dir)
+    _check_out(out, run, is_dir, bool(cfg.get("overwrite", False)))
+    from gym_core.base.files import check_can_create
+
+    check_can_create(out, "out=")  # before any model loads
     writer = {"hf": _export_hf, "gguf": _export_gguf, "lora": _export_lora,
               "delta": _export_delta}[fmt]
     new_parent = not out.parent.exists()
     try:
         # written beside the target and renamed into place (gym_core.base.files): a failed
         # export leaves nothing, an earlier one stays until the new one is complete
-        with atomic_path(out, folder=is_dir) as tmp:
+        with _writing(out, run), atomic_path(out, folder=is_dir) as tmp:
             what, notes = writer(cfg, run, source, tmp, out, plugins)
             if is_dir:
                 record = {"format": fmt, "source": source, "run": str(run.path.resolve()),

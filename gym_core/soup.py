@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -48,6 +49,28 @@ def main(cfg: DictConfig) -> float | None:
     return report["aggregate_norm"]
 
 
+#: what marks a folder as a training run's (gym_core/train/rundir.py, resume.py)
+RUN_MARKS = (".gym.lock", "run.json", "checkpoints", "final", "metrics.jsonl")
+
+
+def check_out(out: Path) -> None:
+    """``out`` must be a folder the soup may write in: not a file, not a training run's
+    folder (a soup there overwrote the run's ``.hydra/`` record), and writable (checked
+    by writing a probe in it or in its nearest existing parent). Before Hydra creates it."""
+    from gym_core.base.errors import GymError
+    from gym_core.base.files import check_can_create
+
+    if out.exists() and not out.is_dir():
+        raise GymError(f"out={out} is a file: a soup writes a folder (soup.safetensors and "
+                       "report.json); pick another out=")
+    marks = [m for m in RUN_MARKS if (out / m).exists()] if out.is_dir() else []
+    if marks:
+        raise GymError(f"out={out} holds a training run ({', '.join(marks)}): a soup there "
+                       "would overwrite the run's record; pick another out=, e.g. "
+                       "out=soups/<name>")
+    check_can_create(out / "soup.safetensors", "out=")
+
+
 def entry() -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -66,6 +89,7 @@ def entry() -> None:
             cfg = check_overrides(args, config_name="soup")
             if not NO_JOB_FLAGS.intersection(args):
                 check_missing(cfg)
+                check_out(Path(str(cfg.out)))
         main()
 
 

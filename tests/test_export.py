@@ -129,7 +129,10 @@ def test_hf_folder_loads_without_gym_and_equals_base_plus_adapter(runs, tmp_path
     assert record["format"] == "hf" and record["source"] == "final"
     assert record["run"] == str(run.resolve()) and record["base"] == "tiny-llama"
     (out / "stale.txt").write_text("from an earlier export")
-    export(options(run))  # again: replaces the earlier export as a whole
+    with pytest.raises(GymError, match="already exists: add overwrite=true"):
+        export(options(run))  # again: refused, the earlier export kept
+    assert (out / "stale.txt").exists()
+    export(options(run, overwrite=True))  # replaces the earlier export as a whole
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
 
     base, tok = base_and_tokenizer(run)
@@ -516,7 +519,7 @@ def test_failed_export_keeps_the_earlier_one_and_leaves_no_temporary_files(runs,
 
     monkeypatch.setattr(gym_core.deltas.gguf_file, "write_gguf", half_written)
     with pytest.raises(RuntimeError, match="disk full"):
-        export(options(run, format="gguf", out=str(first.out)))
+        export(options(run, format="gguf", out=str(first.out), overwrite=True))
     assert first.out.read_bytes() == kept
     assert not [p for p in first.out.parent.iterdir() if ".tmp-" in p.name]
 

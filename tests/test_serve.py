@@ -50,8 +50,15 @@ def expected(runs):
 
 
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    srv = ServerProcess(["--base", "tiny", "--variants", str(runs)],
+def uploads(tmp_path_factory):
+    """The second folder the server may load variants from (--variant-dirs)."""
+    return tmp_path_factory.mktemp("uploads")
+
+
+@pytest.fixture(scope="module")
+def server(runs, uploads, tmp_path_factory):
+    srv = ServerProcess(["--base", "tiny", "--variants", str(runs),
+                         "--variant-dirs", str(runs), str(uploads)],
                         cwd=tmp_path_factory.mktemp("cwd"))
     assert srv.url, srv.output
     yield srv
@@ -197,11 +204,11 @@ def test_memory_stays_bounded(client, server):
     assert grew < 32 * 2**20, f"RSS grew by {grew / 2**20:.1f} MiB over 96 requests"
 
 
-def test_variants_are_added_and_removed_while_serving(client, server, runs, tmp_path):
+def test_variants_are_added_and_removed_while_serving(client, server, runs, uploads):
     from tests.serve_helpers import greedy_text
 
     api = f"{server.url}/v1/variants"
-    new = make_run(tmp_path, "fresh", "bitdelta", 99)
+    new = make_run(uploads, "fresh", "bitdelta", 99)
     model, tok = merged_model(new)
     status, r = http("POST", api, {"name": "fresh", "path": str(new)})
     assert status == 201, r
@@ -235,9 +242,11 @@ def test_variants_are_added_and_removed_while_serving(client, server, runs, tmp_
     assert http("DELETE", f"{api}/fresh")[0] == 404
 
 
-def test_bad_variants_are_refused_by_name_and_the_server_goes_on(client, server, tmp_path,
+def test_bad_variants_are_refused_by_name_and_the_server_goes_on(client, server, uploads,
                                                                  expected):
     api = f"{server.url}/v1/variants"
+    tmp_path = uploads / "bad"
+    tmp_path.mkdir()
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     status, r = http("POST", api, {"name": "corrupt", "path": str(corrupt)})
@@ -264,3 +273,124 @@ def test_startup_refuses_a_bad_variant_with_exit_2(tmp_path):
     assert srv.proc.wait(60) == 2 and srv.url is None
     errors = [ln for ln in srv.lines if ln.startswith("gym: error:")]
     assert len(errors) == 1 and str(corrupt) in errors[0], srv.output
+
+
+# ----------------------------------------------------------------------------------------
+# facing a network (issue 28): each attack through the real server
+# ----------------------------------------------------------------------------------------
+
+
+def test_variants_load_only_from_the_folders_named_at_start(server, uploads, tmp_path):
+    """Outside --variant-dirs every path gets the same answer, whether it exists, is a
+    file, a folder, a symbolic link out of an allowed folder or a ../ escape."""
+    api = f"{server.url}/v1/variants"
+    elsewhere = make_run(tmp_path, "elsewhere", "bitdelta", 7)  # a real variant, elsewhere
+    (uploads / "link").symlink_to(elsewhere)
+    answers = [http("POST", api, {"name": "x", "path": path}) for path in (
+        "/etc/passwd", "/etc", "/no/such/file.safetensors", str(elsewhere),
+        str(uploads / "link"), str(uploads / ".." / ".." / "etc" / "passwd"),
+        "../../../../../etc/passwd")]
+    assert {a[0] for a in answers} == {403}
+    assert len({json.dumps(a[1]) for a in answers}) == 1, answers  # reveals nothing
+    assert answers[0][1]["error"]["code"] == "path_not_allowed"
+    assert "x" not in http("GET", f"{server.url}/v1/models")[1]["data"]
+    (uploads / "link").unlink()
+
+
+def test_a_crafted_delta_is_refused_even_with_a_recomputed_checksum(server, uploads):
+    from safetensors.torch import save_file
+
+    from gym_core.deltas.delta import PackedDelta, load_packed, save_packed
+
+    api = f"{server.url}/v1/variants"
+    run = make_run(uploads, "crafted", "bitdelta", 11)
+    path = run / "delta" / "bitdelta.safetensors"
+    packed = load_packed(path)
+    huge = {k: v * 1e30 if v.is_floating_point() else v for k, v in packed.tensors.items()}
+    save_packed(PackedDelta(huge, packed.meta, packed.num_params), path)  # checksum matches
+    status, r = http("POST", api, {"name": "crafted", "path": str(run)})
+    assert status == 400 and "more than 100 times" in r["error"]["message"], r
+    # no checksum at all: refused too
+    save_file(dict(packed.tensors), str(path), metadata={**packed.meta,
+                                                          "num_params": str(packed.num_params)})
+    status, r = http("POST", api, {"name": "crafted", "path": str(run)})
+    assert status == 400 and "no checksum" in r["error"]["message"], r
+    assert "crafted" not in [m["id"] for m in http("GET", f"{server.url}/v1/models")[1]["data"]]
+
+
+def test_a_non_streamed_client_that_leaves_frees_its_row(client, server, expected):
+    import socket
+    from urllib.parse import urlparse
+
+    before = wait_idle(server)["tokens"]
+    body = json.dumps({"model": "bd2", "max_tokens": 1000, "ignore_eos": True,
+                       "temperature": 0.8, "messages": [{"role": "user", "content": "Go on."}]})
+    u = urlparse(server.url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  f"{body}").encode())
+    deadline = time.monotonic() + 60
+    while http("GET", f"{server.url}/health")[1]["running"] == 0:
+        assert time.monotonic() < deadline, "the request never started"
+    sock.close()  # the client gives up before the answer
+    h = wait_idle(server)
+    assert h["tokens"] - before < 500, h  # stopped long before its 1000 tokens
+    assert ask(client, "bd2", PROMPTS[0]) == expected["bd2"][PROMPTS[0]]
+
+
+def test_request_bodies_are_capped_and_long_prompts_do_not_stall_health(server):
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 10485760\r\n\r\n"
+                      ).encode())  # a 10 MB prompt announced: refused before it is sent
+        head = sock.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413") and "request_too_large" in head, head
+    # a 3 MB prompt (under the cap) is tokenised off the event loop: /health answers
+    # while it is in flight
+    result = {}
+
+    def big():
+        result["answer"] = http("POST", f"{server.url}/v1/completions",
+                                {"model": "tiny", "prompt": "x" * (3 * 2**20), "max_tokens": 1})
+
+    t = threading.Thread(target=big)
+    t.start()
+    slowest = 0.0
+    while t.is_alive():
+        asked = time.monotonic()
+        assert http("GET", f"{server.url}/health", timeout=30)[1]["status"] == "ok"
+        slowest = max(slowest, time.monotonic() - asked)
+    t.join()
+    status, r = result["answer"]
+    assert status == 400 and r["error"]["code"] == "context_length_exceeded", r
+    assert slowest < 5, slowest
+
+
+def test_a_server_facing_the_network_needs_a_key_and_hides_its_docs(tmp_path):
+    open_ = ServerProcess(["--base", "tiny", "--host", "0.0.0.0"], cwd=tmp_path)
+    assert open_.proc.wait(60) == 2 and open_.url is None
+    errors = [ln for ln in open_.lines if ln.startswith("gym: error:")]
+    assert len(errors) == 1 and "--host 0.0.0.0" in errors[0] and "--api-key" in errors[0]
+    assert "Traceback" not in open_.output
+
+    keyed = ServerProcess(["--base", "tiny", "--host", "0.0.0.0", "--api-key", "s3cret"],
+                          cwd=tmp_path)
+    try:
+        url = keyed.url.replace("0.0.0.0", "127.0.0.1")
+        for path in ("/docs", "/openapi.json", "/v1/models"):
+            status, r = http("GET", url + path)
+            assert status == 401 and r["error"]["code"] == "invalid_api_key", (path, r)
+        import urllib.request
+
+        req = urllib.request.Request(url + "/openapi.json",
+                                     headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(req, timeout=30) as got:
+            assert got.status == 200 and "/v1/chat/completions" in json.loads(got.read())["paths"]
+        assert http("GET", url + "/health")[0] == 200
+    finally:
+        assert keyed.stop() == 0, keyed.output

@@ -223,6 +223,12 @@ def test_ui_help_and_a_missing_library_message():
     out = subprocess.run([sys.executable, "-m", "gym_core.ui", "--port", "70000"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--port 70000 is not a port number" in out.stderr
+    # other machines may reach it: its token stays on
+    out = subprocess.run([sys.executable, "-m", "gym_core.ui", "--host", "0.0.0.0", "--token",
+                          ""], capture_output=True, text=True, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("gym: error: --host 0.0.0.0") and "token" in lines[0]
 
 
 def test_resume_reuses_the_recorded_overrides(tmp_path):

@@ -76,9 +76,20 @@ class Program:
             return self.proc.wait()
 
 
-def start_ui(cwd: Path, runs: Path, serve_url: str = "http://127.0.0.1:9") -> Program:
-    return Program(["-m", "gym_core.ui", "--port", "0", "--runs", str(runs),
-                    "--serve-url", serve_url], cwd, r"gym ui: (http://\S+)")
+def start_ui(page, cwd: Path, runs: Path, serve_url: str = "http://127.0.0.1:9") -> Program:
+    """The UI with the token it prints; ``page`` (if given) holds its cookie, as after a
+    first visit to the printed address. ``ui.url`` is the address without the token."""
+    ui = Program(["-m", "gym_core.ui", "--port", "0", "--runs", str(runs),
+                  "--serve-url", serve_url], cwd, r"gym ui: (http://\S+)")
+    printed = ui.url
+    m = re.fullmatch(r"(http://[^/]+)/\?token=(\S+)", printed)
+    assert m, f"the UI printed {printed!r}, not its address with ?token="
+    ui.url, ui.token, ui.printed = m.group(1), m.group(2), printed
+    if page is not None:
+        port = ui.url.rsplit(":", 1)[1]
+        page.context.add_cookies([{"name": f"gym_ui_token_{port}", "value": ui.token,
+                                   "url": ui.url}])
+    return ui
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +166,7 @@ def test_runs_page_shows_a_finished_runs_numbers_and_curves(finished, page, tmp_
     runs = finished / "runs"
     summary = json.loads((runs / "done" / "summary.json").read_text())
     rows = (runs / "done" / "metrics.jsonl").read_text().splitlines()
-    ui = start_ui(finished, runs)
+    ui = start_ui(page, finished, runs)
     try:
         page.goto(ui.url)
         row = page.get_by_test_id("runs-table").locator("tr", has_text="done")
@@ -185,7 +196,7 @@ def test_sweeps_are_ranked_by_their_objective_with_curves_overlaid(finished, pag
         s["eval"]["after_quant"] = after
         s["overrides"] = [f"algorithm.lr={job}e-5", "model=tiny"]
         (runs / "sweep" / job / "summary.json").write_text(json.dumps(s))
-    ui = start_ui(tmp_path, runs)
+    ui = start_ui(page, tmp_path, runs)
     try:
         page.goto(ui.url)
         page.get_by_test_id("sweeps-table").get_by_role("link", name="sweep").click()
@@ -210,7 +221,7 @@ def test_bad_runs_folders_give_a_message_and_change_nothing(finished, page, tmp_
     text = (runs / "half" / "summary.json").read_text()
     (runs / "half" / "summary.json").write_text(text[: len(text) // 2])  # half-written
     before = snapshot(tmp_path)
-    ui = start_ui(tmp_path, runs)
+    ui = start_ui(page, tmp_path, runs)
     try:
         page.goto(ui.url)
         page.get_by_test_id("runs-table").locator("tr", has_text="half").wait_for()
@@ -260,7 +271,7 @@ def fill_tiny_run(page, name: str, steps: int) -> None:
 def test_launch_from_the_page_watch_the_curve_stop_and_resume(page, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
-    ui = start_ui(tmp_path, runs)
+    ui = start_ui(page, tmp_path, runs)
     page.ui_url = ui.url
     try:
         fill_tiny_run(page, "live", 400)
@@ -316,7 +327,7 @@ def test_a_value_of_the_wrong_type_is_refused_before_launch(page, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     before = snapshot(tmp_path)
-    ui = start_ui(tmp_path, runs)
+    ui = start_ui(page, tmp_path, runs)
     page.ui_url = ui.url
     try:
         fill_tiny_run(page, "typo", 2)
@@ -344,7 +355,7 @@ def test_a_run_another_process_trains_is_not_launched_again(page, tmp_path):
         str(runs / "busy" / ".gym.lock")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     before = snapshot(tmp_path)
-    ui = start_ui(tmp_path, runs)
+    ui = start_ui(page, tmp_path, runs)
     page.ui_url = ui.url
     try:
         fill_tiny_run(page, "busy", 2)
@@ -359,7 +370,7 @@ def test_a_run_another_process_trains_is_not_launched_again(page, tmp_path):
 
 
 def test_data_page_renders_rows_as_the_method_sees_them(page, tmp_path):
-    ui = start_ui(tmp_path, tmp_path / "runs")
+    ui = start_ui(page, tmp_path, tmp_path / "runs")
     try:
         page.goto(ui.url + "/data")
         pick(page, "data-model", "tiny")
@@ -398,8 +409,10 @@ def served(finished):
     variants = finished / "variants"
     make_run(variants, "bd1", "bitdelta", 1)
     make_run(variants, "bd2", "bitdelta", 2)
+    (finished / "to-serve").mkdir()  # where the Variants page's runs are (--variant-dirs)
     server = Program(["-m", "gym_core.serve", "--base", "tiny", "--port", "0", "--variants",
-                      str(variants / "bd1"), str(variants / "bd2")], finished,
+                      str(variants / "bd1"), str(variants / "bd2"), "--variant-dirs",
+                      str(finished / "to-serve")], finished,
                      r"listening on (http://\S+)/v1", timeout=600)
     yield server
     assert server.stop() == 0, server.output
@@ -417,7 +430,7 @@ def api_chat(url: str, model: str, prompt: str, max_tokens: int) -> str:
 
 def test_playground_chat_matches_the_api_and_a_removed_variant_is_a_message(
         finished, served, page, tmp_path):
-    ui = start_ui(tmp_path, finished / "runs", served.url)
+    ui = start_ui(page, tmp_path, finished / "runs", served.url)
     variant_files = snapshot(finished / "variants")
     try:
         page.goto(ui.url + "/playground?models=tiny,bd1")
@@ -450,7 +463,7 @@ def test_a_playground_request_for_a_removed_variant_is_a_message(finished, serve
                                                                  tmp_path):
     import httpx
 
-    ui = start_ui(tmp_path, finished / "runs", served.url)
+    ui = start_ui(page, tmp_path, finished / "runs", served.url)
     before = snapshot(finished)
     try:
         page.goto(ui.url + "/playground?models=tiny,bd2")
@@ -473,9 +486,9 @@ def test_a_playground_request_for_a_removed_variant_is_a_message(finished, serve
 def test_variants_page_exports_a_run_and_serves_it(finished, served, page, tmp_path):
     import httpx
 
-    runs = tmp_path / "runs"
+    runs = finished / "to-serve" / tmp_path.name  # inside the server's --variant-dirs
     shutil.copytree(finished / "runs" / "done", runs / "done")
-    ui = start_ui(tmp_path, runs, served.url)
+    ui = start_ui(page, tmp_path, runs, served.url)
     try:
         page.goto(ui.url + "/variants")
         page.get_by_test_id("var-run-done").wait_for()
@@ -498,3 +511,56 @@ def test_variants_page_exports_a_run_and_serves_it(finished, served, page, tmp_p
         httpx.delete(f"{served.url}/v1/variants/mine", timeout=30)
     finally:
         assert ui.stop() == 0, ui.output
+
+
+def ws_handshake(url: str, cookie: str | None = None) -> str:
+    """The first line of the answer to a websocket handshake on NiceGUI's socket.io."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall((f"GET /_nicegui_ws/socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
+                      f"Host: {u.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n"
+                      + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n").encode())
+        return sock.recv(4096).decode("latin-1").split("\r\n")[0]
+
+
+def test_every_page_and_websocket_needs_the_token(finished, browser, tmp_path):
+    """The UI launches processes: without its token a page, an asset and the websocket
+    are refused; the printed address (?token=) sets the cookie, then every page works."""
+    import httpx
+
+    ui = start_ui(None, tmp_path, finished / "runs")
+    context = browser.new_context()
+    try:
+        pg = context.new_page()
+        for path in ("/", "/new", "/variants", f"/run?root={finished / 'runs'}&name=done"):
+            r = httpx.get(ui.url + path, timeout=30)
+            assert r.status_code == 401 and "needs the UI's token" in r.text, path
+            assert "done" not in r.text
+        wrong = httpx.get(ui.url + "/?token=not-it", timeout=30)
+        assert wrong.status_code == 401
+        # the websocket (socket.io) without the cookie is refused too
+        sio = httpx.get(ui.url + "/_nicegui_ws/socket.io/?EIO=4&transport=polling", timeout=30)
+        assert sio.status_code == 401
+        assert not ws_handshake(ui.url).startswith("HTTP/1.1 101")
+        assert ws_handshake(ui.url, f"gym_ui_token_{ui.url.rsplit(':', 1)[1]}={ui.token}"
+                            ).startswith("HTTP/1.1 101")  # with the cookie it opens
+        # a script may send the token as a header
+        assert httpx.get(ui.url + "/", timeout=30, headers={
+            "Authorization": f"Bearer {ui.token}"}).status_code == 200
+        # the browser: the printed address, then pages without the token in it
+        pg.goto(ui.printed)
+        assert "token=" not in pg.url
+        pg.get_by_text("gym", exact=True).first.wait_for()
+        pg.goto(ui.url + f"/run?root={finished / 'runs'}&name=done")
+        pg.get_by_text("done").first.wait_for()
+        cookie = [c for c in context.cookies() if c["name"].startswith("gym_ui_token_")]
+        assert cookie and cookie[0]["httpOnly"] and cookie[0]["sameSite"] == "Strict"
+    finally:
+        context.close()
+        assert ui.stop() == 0, ui.output
+

@@ -169,3 +169,26 @@ def unwritable(folder: str | Path, exc: OSError):
                         "checkpoints and results there; make it writable or pick another "
                         "run.root / run.name")
     return exc
+
+
+def check_can_create(target: str | Path, option: str) -> None:
+    """Raise a one-line :class:`GymError` (naming ``option``, e.g. ``out=``) unless
+    ``target`` can be created: its nearest existing parent is a folder gym can write in
+    (checked by writing a probe, which root's permission bits would not tell)."""
+    target = Path(target)
+    probe = target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise GymError(f"{option}{target} is inside {probe}, which is a file; pick another "
+                       f"{option}")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=f".write-check{TMP_MARK}{os.getpid()}-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        if disk_full(exc):
+            raise no_space(probe) from None
+        raise GymError(f"cannot write {option}{target} ({exc.strerror} in {probe}): pick "
+                       f"another {option} or make that folder writable") from None
+

@@ -419,7 +419,9 @@ def save_packed(packed: PackedDelta, path: Path) -> int:
     return path.stat().st_size
 
 
-def load_packed(path: Path) -> PackedDelta:
+def load_packed(path: Path, *, require_checksum: bool = True) -> PackedDelta:
+    """Read a delta file written by :func:`save_packed`; its checksum must be there and
+    match (``require_checksum=False`` reads a file without one, e.g. to re-save it)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -431,6 +433,10 @@ def load_packed(path: Path) -> PackedDelta:
         tensors = load_file(str(path))
     except Exception as exc:
         raise GymError(f"{path} is not a readable safetensors delta file: {exc}") from None
+    if CHECKSUM not in meta and require_checksum:
+        raise GymError(f"{path} has no checksum in its metadata: gym writes one with every "
+                       "delta file (save_packed), so this file was written by another tool "
+                       "or edited; write it with gym_core.deltas.delta.save_packed")
     if CHECKSUM in meta and content_digest(tensors, meta) != meta[CHECKSUM]:
         raise GymError(f"{path}: its content does not match the checksum written with it (a "
                        "bit flipped on disk or in transfer, or the file was edited): the "

@@ -129,7 +129,13 @@ class Plugins:
             ) from None
 
     def component(self, family: str, name: str):
-        return self.registry(family).get(name)
+        registry = self.registry(family)
+        if name not in registry.names():
+            why = self.why_missing(family, name)
+            if why:  # the message a config group's disabled option gets (plugin/startup.py)
+                raise RegistryError(f"{family}={name} is not loaded: {why} (options: "
+                                    f"{', '.join(registry.names()) or 'none'})")
+        return registry.get(name)
 
     @property
     def hook(self):

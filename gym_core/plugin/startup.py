@@ -187,3 +187,15 @@ def check_overrides(args: list[str], config_name: str = "config"):
 #: flags after which Hydra prints or inspects instead of running a job
 NO_JOB_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help",
                 "--shell-completion", "-sc"}
+
+
+def check_named_components(cfg) -> None:
+    """Names given as values rather than config groups (``algorithm.rewards``) must be
+    installed and loaded: checked with the config, before a run directory is created, and
+    answered like a config group's option (a disabled plugin's reward and a disabled
+    plugin's algorithm get the same line)."""
+    plugins = bootstrap()
+    rewards = cfg.algorithm.get("rewards") if "algorithm" in cfg else None
+    for name in list(rewards or []):
+        plugins.component("reward", str(name))
+

@@ -52,14 +52,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("GYM_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes "
                         "(default: $GYM_SERVE_API_KEY; unset: no key)")
+    p.add_argument("--variant-dirs", nargs="+", default=["runs"], metavar="FOLDER",
+                   help="POST /v1/variants loads only from inside these folders (default: "
+                        "runs, the runs folder); any other path is refused")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="largest request body accepted (default 4 MiB); larger gets 413")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
+    if not 0 <= args.port < 65536:
+        refuse(f"--port {args.port} is not a port number (0..65535; 0 picks a free one)")
+    if args.max_body_bytes < 1024:
+        refuse(f"--max-body-bytes {args.max_body_bytes} is too small: at least 1024")
+    if not is_loopback(args.host) and not args.api_key:
+        refuse(f"--host {args.host} lets other machines in, and the server has no API key: "
+               "give one with --api-key (or $GYM_SERVE_API_KEY), or listen on 127.0.0.1")
     if args.max_num_seqs < 1:
         p.error("--max-num-seqs must be at least 1")
     if args.max_model_len is not None and args.max_model_len < 2:
         p.error("--max-model-len must be at least 2")
     return args
+
+
+def refuse(message: str):
+    """gym's one line for a bad command-line option, exit status 2."""
+    print(f"gym: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def base_config(base: str):
@@ -107,8 +137,12 @@ def build(args: argparse.Namespace):
         print(f"gym serve: variant {vname}: {variant.kind} from {variant.source} "
               f"({variant.nbytes / 2**20:.1f} MiB)", flush=True)
     engine = Engine(model, tok, max_rows=args.max_num_seqs, max_len=max_len)
+    from pathlib import Path
+
     server = Server(engine=engine, registry=registry, base=base, tokenizer=tok, base_name=name,
-                    plugins=plugins, api_key=args.api_key)
+                    plugins=plugins, api_key=args.api_key,
+                    variant_dirs=[Path(d).expanduser() for d in args.variant_dirs],
+                    max_body_bytes=args.max_body_bytes)
     return create_app(server), engine
 
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gym_core.base.errors import GymError
 from gym_core.serve.engine import Engine, Event, Params
 from gym_core.serve.engine import Request as EngineRequest
-from gym_core.serve.variants import Base, Registry, Variant, load_variant
+from gym_core.serve.variants import Base, Registry, Variant, confine, load_variant
 
 log = logging.getLogger("gym.serve")
 
@@ -40,6 +40,9 @@ class Server:
     base_name: str
     plugins: Any = None
     api_key: str | None = None
+    # POST /v1/variants loads only from inside these folders (--variant-dirs)
+    variant_dirs: list[Path] = field(default_factory=lambda: [Path("runs")])
+    max_body_bytes: int = 4 * 2**20  # larger request bodies get 413, unread
     created: int = field(default_factory=lambda: int(time.time()))
     # one variant loads at a time: loading is CPU-heavy and checks the name is free
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -148,14 +151,7 @@ def create_app(server: Server) -> FastAPI:
     async def http_error(_, exc: StarletteHTTPException):
         return APIError(exc.status_code, str(exc.detail)).response()
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                return APIError(401, "missing or wrong API key (send 'Authorization: Bearer "
-                                "KEY', the key given to --api-key)", code="invalid_api_key").response()
-        return await call_next(request)
+    app.add_middleware(Guard, server=server)
 
     @app.get("/health")
     async def health():
@@ -194,8 +190,13 @@ def create_app(server: Server) -> FastAPI:
                 raise APIError(409, f"a model named '{body.name}' is already being served "
                                "(send \"replace\": true to load it again)", param="name",
                                code="variant_exists")
+            path = confine(body.path, server.variant_dirs)
+            if path is None:  # the same answer whether or not the path exists
+                raise APIError(403, "the server loads variants only from inside the folders "
+                               "named at its start (--variant-dirs); this path is not in one",
+                               param="path", code="path_not_allowed")
             try:
-                variant = await run_in_threadpool(load_variant, body.name, Path(body.path),
+                variant = await run_in_threadpool(load_variant, body.name, path,
                                                   server.base, server.plugins)
                 server.registry.add(variant, replace=body.replace)
             except GymError as exc:
@@ -217,13 +218,17 @@ def create_app(server: Server) -> FastAPI:
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str)
                      else "".join(p.text for p in m.content)} for m in body.messages]
-        try:
-            text = server.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                        add_generation_prompt=True)
-        except Exception as exc:  # a template that refuses these messages
-            raise APIError(400, f"the chat template rejected the messages: {exc}",
-                           param="messages") from None
-        ids = server.tokenizer(text, add_special_tokens=False).input_ids
+
+        def tokenize():  # off the event loop: a long prompt must not stall other requests
+            try:
+                text = server.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                            add_generation_prompt=True)
+            except Exception as exc:  # a template that refuses these messages
+                raise APIError(400, f"the chat template rejected the messages: {exc}",
+                               param="messages") from None
+            return server.tokenizer(text, add_special_tokens=False).input_ids
+
+        ids = await run_in_threadpool(tokenize)
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await _complete(server, request, body, variant, [ids], max_tokens, chat=True)
 
@@ -242,17 +247,88 @@ def create_app(server: Server) -> FastAPI:
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
         vocab = len(server.tokenizer)
-        ids = []
-        for one in prompts:
-            if isinstance(one, str):
-                ids.append(server.tokenizer(one, add_special_tokens=False).input_ids)
-            else:
-                if any(t < 0 or t >= vocab for t in one):
-                    raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-                ids.append(list(one))
+
+        def tokenize():  # off the event loop, like the chat route's
+            ids = []
+            for one in prompts:
+                if isinstance(one, str):
+                    ids.append(server.tokenizer(one, add_special_tokens=False).input_ids)
+                else:
+                    if any(t < 0 or t >= vocab for t in one):
+                        raise APIError(400, f"prompt token ids must be in [0, {vocab})",
+                                       param="prompt")
+                    ids.append(list(one))
+            return ids
+
+        ids = await run_in_threadpool(tokenize)
         return await _complete(server, request, body, variant, ids, body.max_tokens, chat=False)
 
     return app
+
+
+class Guard:
+    """ASGI middleware in front of every route (HTTP and websocket alike): the API key on
+    ``/v1``, ``/docs`` and ``/openapi.json`` when the server has one, and the request
+    body's size (a larger body is refused with 413 before it is read in full)."""
+
+    PROTECTED = ("/v1", "/docs", "/openapi.json", "/redoc")
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        server = self.server
+        path = scope.get("path", "")
+        if server.api_key and path.startswith(self.PROTECTED):
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {server.api_key}".encode()):
+                return await _send(send, APIError(
+                    401, "missing or wrong API key (send 'Authorization: Bearer KEY', the key "
+                    "given to --api-key)", code="invalid_api_key"), scope)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = server.max_body_bytes
+        too_big = APIError(413, f"the request body is larger than the server's limit of "
+                           f"{limit} bytes (--max-body-bytes)", code="request_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _send(send, too_big, scope)
+        # read the body here, up to the limit (a body sent without its length is counted)
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body was complete
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await _send(send, too_big, scope)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the disconnect, when the client leaves
+
+        await self.app(scope, replay, send)
+
+
+async def _send(send, error: APIError, scope) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+
+    async def nothing():
+        return {"type": "http.disconnect"}
+
+    await error.response()(scope, nothing, send)
 
 
 def _unknown_model(name: str) -> APIError:
@@ -333,13 +409,19 @@ async def _complete(server: Server, http: Request, body: _Sampling, variant, pro
 
     texts = [""] * len(reqs)
     finals: dict[int, Event] = {}
+    checked = time.monotonic()
     try:
         while len(finals) < len(reqs):
             try:
-                index, ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+                index, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
             except asyncio.TimeoutError:
+                index = ev = None
+            # a client that left frees its rows: checked while tokens keep coming too
+            if time.monotonic() - checked >= 0.25 or ev is None:
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     return JSONResponse(status_code=499, content={})
+            if ev is None:
                 continue
             if ev.kind == "text":
                 texts[index] += ev.text

@@ -76,12 +76,61 @@ class Base:
     model_cfg: object  # the gym ModelConfig the base was loaded from
     linear: dict[str, tuple[int, int]]  # module name -> (out, in)
     description: str
+    norms: dict[str, float] = field(default_factory=dict)  # module name -> ||W||_F
 
     @classmethod
     def of(cls, model: torch.nn.Module, model_cfg, description: str) -> Base:
         linear = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear)}
-        return cls(model_cfg, linear, description)
+        with torch.no_grad():
+            norms = {name: float(m.weight.float().norm()) for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear)}
+        return cls(model_cfg, linear, description, norms)
+
+
+#: a served variant may change a layer by at most this many times the base weight's
+#: Frobenius norm: a fine-tune moves weights by a fraction of their size, so a delta far
+#: larger is a damaged or crafted file (a scale of 1e30 with a recomputed checksum)
+MAX_DELTA_RATIO = 100.0
+_PROBES = 4
+
+
+def check_magnitude(target: Path, ops: dict[str, DeltaOperator], base: Base) -> None:
+    """Refuse a variant whose change to any layer is not finite or larger than
+    :data:`MAX_DELTA_RATIO` times the base weight's norm. ``||D||_F`` is estimated from
+    ``_PROBES`` Gaussian probes (``E ||G D^T||^2 = k ||D||_F^2``), whatever the operator:
+    packed sign matrices, quantized groups and LoRA factors alike."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, op in ops.items():
+            norm = base.norms.get(key)
+            if norm is None:
+                continue
+            probes = torch.randn(_PROBES, op.in_features, generator=g)
+            size = float(op.apply(probes).float().norm()) / _PROBES ** 0.5
+            if not math.isfinite(size) or size > MAX_DELTA_RATIO * max(norm, 1e-12):
+                raise GymError(
+                    f"variant {target} changes '{key}' by about {size:.3g} (Frobenius norm), "
+                    f"where the base weight's norm is {norm:.3g}: more than "
+                    f"{MAX_DELTA_RATIO:g} times the base is not a fine-tune of it (a damaged "
+                    "or crafted file); refused")
+
+
+def confine(raw: str, folders: list[Path]) -> Path | None:
+    """The variant path ``raw`` (absolute, or relative to one of ``folders``) if it lies
+    inside one of ``folders`` once symbolic links and ``..`` are resolved; None otherwise.
+    Nothing about the file system outside ``folders`` shows in the answer."""
+    import os
+
+    path = Path(raw).expanduser()
+    roots = [Path(os.path.realpath(f)) for f in folders]
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, *(r / path for r in roots)]
+    inside = []
+    for c in candidates:
+        real = Path(os.path.realpath(c))
+        if any(real == r or real.is_relative_to(r) for r in roots):
+            inside.append(real)
+    return next((c for c in inside if c.exists()), inside[0] if inside else None)
 
 
 @dataclass
@@ -209,6 +258,7 @@ def load_variant(name: str, path: Path, base: Base, plugins) -> Variant:
                 f"'{key}', where {base.description} has [{shape[0]}, {shape[1]}]: it was "
                 "made for another model"
             )
+    check_magnitude(target, ops, base)
     return Variant(name, kind, str(target), ops)
 
 

@@ -108,8 +108,11 @@ def save_checkpoint(
         # (torch's own writer reports only "unexpected pos")
         with open(tmp / STATE, "wb") as fh:
             torch.save(state, fh)
+        # the checksums of both files, checked before a resume reads them (a flipped bit
+        # in the weights would otherwise train on silently)
         (tmp / INFO).write_text(json.dumps({"step": step, **{
-            k: v for k, v in extra.items() if isinstance(v, (int, float, str))}}))
+            k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
+            "sha256": {n: file_sha256(tmp / n) for n in (WEIGHTS, STATE)}}))
     for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         # renamed out of the listing first: a kill during the removal leaves a temporary
         # (cleared at the next start), never a half-deleted checkpoint that looks whole
@@ -119,10 +122,44 @@ def save_checkpoint(
     return final
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> None:
+    """The checkpoint's files match the checksums written with them (checkpoints from
+    before gym 0.3 have none and are read as they are)."""
+    try:
+        info = json.loads((path / INFO).read_text(encoding="utf-8"))
+        sums = info.get("sha256") if isinstance(info, dict) else None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise GymError(f"checkpoint {path} is unreadable ({path / INFO}: {exc}). Delete that "
+                       "directory to resume from the one before it, or start a new run with "
+                       "another run.name.") from None
+    for name, want in (sums or {}).items():
+        try:
+            got = file_sha256(path / name)
+        except OSError as exc:
+            got = f"unreadable ({exc.strerror})"
+        if got != want:
+            raise GymError(
+                f"checkpoint {path} is damaged: {name} does not match the checksum written "
+                "with it (a bit flipped on disk, or the file was edited). Delete that "
+                "directory to resume from the one before it, or start a new run with "
+                "another run.name.")
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
                     heads: torch.nn.Module | None = None) -> dict[str, Any]:
     """Restore weights (the model's and the heads'), optimizer, scheduler and RNG; returns
     the saved extras."""
+    verify(path)
     try:
         weights = load_file(str(path / WEIGHTS))
         state = torch.load(path / STATE, weights_only=True, map_location="cpu")
@@ -141,6 +178,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
             f"{missing}, unexpected {extra}): was it written with another model or "
             "model.lora settings? Use a new run.name for a different setup."
         )
+    wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in weights.items()
+             if tuple(t.shape) != tuple(params[n].shape)]
+    if wrong:
+        n, theirs, ours = wrong[0]
+        raise GymError(
+            f"checkpoint {path} holds '{n}' of shape {list(theirs)} where this run's model "
+            f"has {list(ours)}{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}: "
+            "it was written for a model of another shape; use a new run.name for a "
+            "different model")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device))

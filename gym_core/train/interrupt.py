@@ -4,8 +4,9 @@ While the training loop runs, a signal is a request: the step in progress finish
 checkpoint is written, and the job ends with one line saying where it was saved and how
 to resume (exit status 130 for SIGINT, 143 for SIGTERM). Outside the loop (loading,
 evaluating, quantizing) there is no step to finish, so the job stops at once, with the
-same line. A second signal (after a second's grace: torchrun forwards the terminal's
-Ctrl-C to its workers, which then see it twice) exits at once without a checkpoint;
+same line. A second signal exits at once without a checkpoint (under torchrun, one
+within a second of the first is taken for the same one: torchrun forwards the terminal's
+Ctrl-C to its workers, which then see it twice);
 writes in progress are abandoned whole (gym_core.base.files), so the previous checkpoint
 stays the newest.
 
@@ -26,7 +27,17 @@ from pathlib import Path
 from gym_core.base.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_GRACE_SECONDS = 1.0  # repeats within this are the same request (torchrun's forwarding)
+_GRACE_SECONDS = 1.0  # under torchrun, repeats within this are its forwarded copy
+
+
+def _grace() -> float:
+    """Seconds after a first signal in which a second is the same request: only under
+    torchrun (its environment), whose forwarding doubles a Ctrl-C; otherwise none, so a
+    second Ctrl-C always exits at once."""
+    import os
+
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    return _GRACE_SECONDS if under_torchrun else 0.0
 
 
 class StopRequest:
@@ -40,6 +51,7 @@ class StopRequest:
         self.signum: int | None = None
         self.deferred = False  # inside the training loop: stop at the next step's end
         self._at = 0.0
+        self._grace = _grace()
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -55,7 +67,7 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            if time.monotonic() - self._at < _GRACE_SECONDS:
+            if time.monotonic() - self._at < self._grace:
                 return
             if self.show:
                 print(f"\ngym: {signal.Signals(signum).name} again: exiting at once, without a "

@@ -25,14 +25,14 @@ from gym_core.deltas.delta import (
 from gym_core.eval.heldout import evaluate, preference_accuracy
 from gym_core.model.policy import describe, load_base, load_policy, save_final
 from gym_core.model.stages import base_identity, check_init, merged_state
-from gym_core.plugin.startup import bootstrap
+from gym_core.plugin.startup import bootstrap, check_named_components
 from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
 from gym_core.train.loop import seed_everything, train
 from gym_core.train.resume import check as check_resume
 from gym_core.train.resume import data_digest
 from gym_core.train.resume import record as record_run
-from gym_core.train.rundir import prepare_run_dir, run_lock
+from gym_core.train.rundir import check_run_name, check_run_state, prepare_run_dir, run_lock
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -51,6 +51,9 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     SIGINT / SIGTERM stop it with a checkpoint (:mod:`gym_core.train.interrupt`)."""
     with config_errors():
         preflight(cfg)
+        if run_dir is None:
+            check_run_name(cfg)
+        check_named_components(cfg)
         chain = check_init(cfg.model)  # model.init: refused before anything is written
     dist = setup(cfg.trainer.device)
     threads.configure(cfg.trainer.threads)
@@ -88,6 +91,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     plugins = bootstrap()
     if dist.main:
         prepare_run_dir(run_dir)
+        check_run_state(run_dir)
     dist.barrier()
     started = time.perf_counter()
 

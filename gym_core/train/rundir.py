@@ -66,6 +66,12 @@ def acquire(run_dir: str | Path) -> None:
         if run_dir in _held:
             _held[run_dir][1] += 1
             return
+        if (run_dir / LOCK_NAME).is_dir():
+            raise GymError(f"{run_dir / LOCK_NAME} is a folder, where gym keeps the run's "
+                           "lock file: remove that folder (gym creates the file again)")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise GymError(f"the run directory {run_dir} is a file: pick another run.name "
+                           "(or move the file away)")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -140,3 +146,38 @@ def prepare_run_dir(run_dir: Path) -> None:
               f"run left in {run_dir}")
     for folder in folders[1:]:
         check_writable(folder)
+
+
+def check_run_name(cfg) -> None:
+    """``run.name`` is one folder name inside ``run.root``: not empty, not ``.`` or
+    ``..``, no path separator. Checked before anything is created (an empty name made
+    ``runs/`` itself a run; ``../../x`` wrote outside run.root)."""
+    name = cfg.run.name
+    text = "" if name is None else str(name)
+    if not text.strip() or text in (".", "..") or "/" in text or "\\" in text \
+            or "\0" in text:
+        raise GymError(
+            f"run.name={text!r} is not a folder name: a run's name is one path component "
+            f"inside run.root ({cfg.run.root}), without '/', '\\' or '..'; e.g. "
+            "run.name=first (to put runs elsewhere, set run.root)")
+
+
+def check_run_state(run_dir: Path) -> None:
+    """What a start needs of an existing run directory: ``checkpoints`` a folder, and a
+    finished run still holding its checkpoints (without them the same command would
+    train again from step 0 and overwrite ``final/``)."""
+    from gym_core.train.checkpoint import checkpoints_dir, list_checkpoints
+
+    run_dir = Path(run_dir)
+    ckpts = checkpoints_dir(run_dir)
+    if ckpts.exists() and not ckpts.is_dir():
+        raise GymError(f"{ckpts} is a file, where gym keeps the run's checkpoints: move it "
+                       "away (or pick another run.name)")
+    finished = (run_dir / "final").exists() or (run_dir / "summary.json").exists()
+    if finished and not list_checkpoints(run_dir):
+        raise GymError(
+            f"{run_dir} is a finished run whose checkpoints/ are gone, so it cannot "
+            "continue, and training it again from step 0 would overwrite its final/: start "
+            f"a new run with another run.name, or one from its weights with "
+            f"model.init={run_dir}")
+

@@ -33,9 +33,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: $GYM_SERVE_URL or http://127.0.0.1:8000)")
     p.add_argument("--api-key", default=os.environ.get("GYM_SERVE_API_KEY"),
                    help="the server's API key, if it has one (default: $GYM_SERVE_API_KEY)")
+    p.add_argument("--token", default=os.environ.get("GYM_UI_TOKEN"),
+                   help="the token every page and websocket needs (default: $GYM_UI_TOKEN, "
+                        "else a new random one, printed in the address at start); '' turns "
+                        "it off, on 127.0.0.1 only")
     args = p.parse_args(argv)
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port} is not a port number (0..65535)")
+    if args.token is None:
+        import secrets
+
+        args.token = secrets.token_urlsafe(24)
+    from gym_core.serve.__main__ import is_loopback
+
+    if not args.token and not is_loopback(args.host):
+        print(f"gym: error: --host {args.host} lets other machines in, and the UI launches "
+              "processes: keep its token (leave --token out, or give one), or listen on "
+              "127.0.0.1", file=sys.stderr)
+        raise SystemExit(2)
     return args
 
 
@@ -58,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from gym_core.ui.app import start
 
     try:
-        start(args.host, port, Path(args.runs), args.serve_url, args.api_key)
+        start(args.host, port, Path(args.runs), args.serve_url, args.api_key, args.token or None)
     except OSError as exc:  # the port is taken
         print(f"gym: error: cannot listen on {args.host}:{port}: {exc.strerror}",
               file=sys.stderr)

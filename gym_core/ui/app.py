@@ -19,8 +19,15 @@ import gym_core.ui.pages  # noqa: F401  (registers every page)
 from gym_core.ui.layout import settings
 
 
-def start(host: str, port: int, runs: Path, serve_url: str, api_key: str | None) -> None:
-    """Serve the pages (blocks until Ctrl-C / SIGTERM)."""
+def start(host: str, port: int, runs: Path, serve_url: str, api_key: str | None,
+          token: str | None = None) -> None:
+    """Serve the pages (blocks until Ctrl-C / SIGTERM); with ``token``, every request
+    needs it (:mod:`gym_core.ui.auth`)."""
+    if token:
+        from gym_core.ui.auth import TokenGuard
+
+        app.add_middleware(TokenGuard, token=token, port=port)
+    address = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
     settings.runs = runs
     settings.serve_url = serve_url
     settings.api_key = api_key
@@ -35,8 +42,7 @@ def start(host: str, port: int, runs: Path, serve_url: str, api_key: str | None)
                 break
             except OSError:
                 await asyncio.sleep(0.05)
-        print(f"gym ui: http://{host}:{port}  (runs folder {runs}, server {serve_url})",
-              flush=True)
+        print(f"gym ui: {address}  (runs folder {runs}, server {serve_url})", flush=True)
 
     def farewell() -> None:
         for job in settings.launcher.still_running():

@@ -130,20 +130,24 @@ def test_garbage_files(tmp_path_factory, junk):
     refused(path)
 
 
-def test_files_without_a_checksum_still_load(files, tmp_path):
-    """Files from before the checksum: read as before (their sizes still checked)."""
+def test_files_without_a_checksum_are_refused(files, tmp_path):
+    """A file without the checksum gym writes with every delta was written by another
+    tool or edited: refused by name (its content may be anything)."""
     from safetensors.torch import save_file
 
     packed = PACKED["bitdelta"]
     path = tmp_path / "old.safetensors"
     save_file(dict(packed.tensors), str(path), metadata=dict(
         packed.meta, num_params=str(packed.num_params)))
-    out = read_delta(path, PLUGINS)
-    assert set(out) == set(DELTA)
+    assert "no checksum" in refused(path)
+    # read on purpose (to re-save it), its tensors are still checked against its metadata
+    assert set(READERS["bitdelta"].dequantize(
+        load_packed(path, require_checksum=False))) == set(DELTA)
     cut = dict(packed.tensors)
     cut["model.layers.0.self_attn.q_proj.weight.signs"] = torch.zeros(1, dtype=torch.uint8)
     save_file(cut, str(path), metadata=dict(packed.meta, num_params=str(packed.num_params)))
-    assert "q_proj.weight.signs" in refused(path)
+    with pytest.raises(GymError, match="q_proj.weight.signs"):
+        READERS["bitdelta"].dequantize(load_packed(path, require_checksum=False))
 
 
 # ----------------------------------------------------------------------------------------
