@@ -319,11 +319,12 @@ def test_a_crafted_delta_is_refused_even_with_a_recomputed_checksum(server, uplo
 
 
 def test_a_non_streamed_client_that_leaves_frees_its_row(client, server, expected):
+    import select
     import socket
     from urllib.parse import urlparse
 
     before = wait_idle(server)["tokens"]
-    body = json.dumps({"model": "bd2", "max_tokens": 1000, "ignore_eos": True,
+    body = json.dumps({"model": "bd2", "max_tokens": 900, "ignore_eos": True,
                        "temperature": 0.8, "messages": [{"role": "user", "content": "Go on."}]})
     u = urlparse(server.url)
     sock = socket.create_connection((u.hostname, u.port), timeout=30)
@@ -332,10 +333,12 @@ def test_a_non_streamed_client_that_leaves_frees_its_row(client, server, expecte
                   f"{body}").encode())
     deadline = time.monotonic() + 60
     while http("GET", f"{server.url}/health")[1]["running"] == 0:
+        if select.select([sock], [], [], 0)[0]:
+            raise AssertionError(sock.recv(65536).decode())  # answered at once: why
         assert time.monotonic() < deadline, "the request never started"
     sock.close()  # the client gives up before the answer
     h = wait_idle(server)
-    assert h["tokens"] - before < 500, h  # stopped long before its 1000 tokens
+    assert h["tokens"] - before < 450, h  # stopped long before its 900 tokens
     assert ask(client, "bd2", PROMPTS[0]) == expected["bd2"][PROMPTS[0]]
 
 

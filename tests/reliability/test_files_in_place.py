@@ -131,8 +131,8 @@ def test_a_finished_run_without_its_checkpoints_is_not_trained_again(run, gym_en
     before = tree(run)
     proc = cli([*TINY, "trainer.max_steps=2", "trainer.save_every=1", "quant=bitdelta",
                 "run.name=r"], run.parents[1], gym_env)
-    assert_one_line_error(proc, f"{run} is a finished run", "checkpoints/ are gone",
-                          "another run.name", f"model.init={run}")
+    assert_one_line_error(proc, "runs/r is a finished run", "checkpoints/ are gone",
+                          "another run.name", "model.init=runs/r")
     assert tree(run) == before  # final/ untouched
 
 
@@ -164,7 +164,7 @@ def test_checkpoints_that_is_a_file_and_a_lock_that_is_a_folder(run, gym_env):
     shutil.rmtree(run / "final")
     (run / "summary.json").unlink()
     proc = cli([*TINY, "trainer.max_steps=3", "run.name=r"], run.parents[1], gym_env)
-    assert_one_line_error(proc, f"{run / 'checkpoints'} is a file")
+    assert_one_line_error(proc, "runs/r/checkpoints is a file")
     (run / "checkpoints").unlink()
     (run / ".gym.lock").unlink()
     (run / ".gym.lock").mkdir()
