@@ -277,3 +277,59 @@ def test_data_view_shows_what_each_method_trains_on():
     assert wrong.problem.startswith("algorithm=dpo needs preference pairs")
     with pytest.raises(GymError, match=r"data=jsonl needs data\.train_file"):
         view(["model=tiny", "data=jsonl"])
+
+
+def ws_handshake(url: str, cookie: str | None = None) -> str:
+    """The first line of the answer to a websocket handshake on NiceGUI's socket.io."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall((f"GET /_nicegui_ws/socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
+                      f"Host: {u.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n"
+                      + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n").encode())
+        return sock.recv(4096).decode("latin-1").split("\r\n")[0]
+
+
+def test_every_page_asset_and_websocket_needs_the_token(tmp_path):
+    """The UI launches processes: without its token a page, an asset and the websocket
+    are refused, whatever the page; the printed address (?token=) sets an HttpOnly,
+    SameSite=Strict cookie and drops the token from the address; then pages open. (The
+    browser tests log in with that cookie: tests/test_ui_browser.py start_ui.)"""
+    import httpx
+
+    from tests.test_ui_browser import start_ui
+
+    runs = tmp_path / "runs"
+    write_run(runs, "secret-run", after=0.5)
+    ui = start_ui(None, tmp_path, runs)
+    try:
+        cookie_name = f"gym_ui_token_{ui.url.rsplit(':', 1)[1]}"
+        for path in ("/", "/new", "/variants", f"/run?root={runs}&name=secret-run",
+                     "/_nicegui_ws/socket.io/?EIO=4&transport=polling"):
+            for token in (None, "not-it"):
+                r = httpx.get(ui.url + path, timeout=30,
+                              params={"token": token} if token else None)
+                assert r.status_code == 401 and "needs the UI's token" in r.text, (path, token)
+                assert "secret-run" not in r.text
+        assert not ws_handshake(ui.url).startswith("HTTP/1.1 101")
+        assert not ws_handshake(ui.url, f"{cookie_name}=not-it").startswith("HTTP/1.1 101")
+        assert ws_handshake(ui.url, f"{cookie_name}={ui.token}").startswith("HTTP/1.1 101")
+        # the printed address: a cookie, and the same page without the token
+        first = httpx.get(ui.printed, timeout=30)
+        assert first.status_code == 303 and first.headers["location"] == "/"
+        set_cookie = first.headers["set-cookie"]
+        assert set_cookie.startswith(f"{cookie_name}={ui.token};")
+        assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+        with httpx.Client(cookies={cookie_name: ui.token}, timeout=30) as browser:
+            page = browser.get(ui.url + f"/run?root={runs}&name=secret-run")
+            assert page.status_code == 200 and "<title>" in page.text
+        # a script may send it as a header
+        assert httpx.get(ui.url + "/", timeout=30, headers={
+            "Authorization": f"Bearer {ui.token}"}).status_code == 200
+    finally:
+        assert ui.stop() == 0, ui.output
+

@@ -60,7 +60,7 @@ def build_root() -> Path:
     env = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     tag = f"gym-{__version__}-torch-{torch.__version__}-py{py}-{env}".replace("+", "_")
-    return Path(get_default_build_root()) / tag
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / tag
 
 
 def _timeout() -> float:

@@ -15,14 +15,14 @@ from tests.conftest import REPO
 
 KERNEL = r"""
 #include <torch/library.h>
-at::Tensor twice(const at::Tensor& x) { return x * 2; }
-TORCH_LIBRARY(gym_build_test, m) { m.def("twice", &twice); }
+at::Tensor same(const at::Tensor& x) { return x; }
+TORCH_LIBRARY(gym_build_test, m) { m.def("same", &same); }
 """
 
 LOAD = ("import sys, torch; from gym_core.base.native import build_root, load_ops; "
         "print('root', build_root(), flush=True); "
         "load_ops('gym_build_test', sys.argv[1]); "
-        "print('ok', float(torch.ops.gym_build_test.twice(torch.ones(1))), flush=True)")
+        "print('ok', float(torch.ops.gym_build_test.same(torch.full((1,), 2.0))), flush=True)")
 
 
 def env_for(cache: Path, **extra) -> dict:
