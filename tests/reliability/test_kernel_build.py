@@ -65,12 +65,10 @@ def test_a_build_another_process_holds_is_waited_for_then_refused_in_one_line(tm
     source.write_text(KERNEL)
     cache = tmp_path / "cache"
     env = env_for(cache, GYM_BUILD_TIMEOUT="1")
-    root = subprocess.run([sys.executable, "-c", "from gym_core.base.native import build_root;"
-                           " print(build_root())"], env=env, capture_output=True, text=True,
-                          timeout=120).stdout.strip()
-    isa = subprocess.run([sys.executable, "-c", "from gym_core.base.native import isa_flags;"
-                          " print(isa_flags()[0])"], env=env, capture_output=True, text=True,
-                         timeout=120).stdout.strip()
+    root, isa = subprocess.run([sys.executable, "-c", "from gym_core.base.native import "
+                                "build_root, isa_flags; print(build_root()); print(isa_flags()[0])"],
+                               env=env, capture_output=True, text=True, timeout=120
+                               ).stdout.split()
     lock = Path(root) / f"gym_build_test_{isa}.lock"
     lock.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", (
