@@ -176,7 +176,7 @@ def test_an_option_of_a_disabled_plugin_says_which_plugin_and_how_to_load_it(tmp
     out = run_cli(["algorithm=dpo"], cwd=tmp_path, env={"GYM_DISABLE_PLUGINS": "dpo"})
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "gym: error: algorithm=dpo is not loaded: plugin 'dpo' (gym-core 0.2.0) is disabled by "
+        "gym: error: algorithm=dpo is not loaded: plugin 'dpo' (gym-core 0.3.0) is disabled by "
         "GYM_DISABLE_PLUGINS; remove it from that list to load it (options: cispo, cl_grpo, "
         "dapo, dr_grpo, gmpo, grpo, gspo, kto, orpo, ppo, rloo, sft)"]
 

@@ -54,7 +54,7 @@ BROKEN = {
         "data 'arithmetic' is registered by both plugin 'gym_core' and plugin 'broken'",
     ),
     "api": ('GYM_API_VERSION = "1"\n',
-            "needs gym plugin API 1, but the installed gym-core 0.2.0 provides plugin API 2"),
+            "needs gym plugin API 1, but the installed gym-core 0.3.0 provides plugin API 2"),
     "typo": (
         "from gym_core.api import hookimpl\n\n"
         "@hookimpl\ndef gym_add_algorithm(registry):\n    pass\n",
@@ -185,12 +185,12 @@ def test_listing_shows_distribution_version_options_and_hooks(tmp_path):
     out = run_cli(["--plugins"], cwd=tmp_path, env={"PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert text.startswith("gym-core 0.2.0, plugin API 2;")
+    assert text.startswith("gym-core 0.3.0, plugin API 2;")
     block = text.split("good  (gym_good; gym-good 0.4.0, API 2)\n")[1].split("\n\n")[0]
     assert block.splitlines()[:2] == ["    quant: keep", "    hooks: gym_step_end"]
-    assert ("grpo  (gym_grpo; gym-core 0.2.0)\n    algorithm: cispo, dapo, dr_grpo, gmpo, grpo, gspo"
+    assert ("grpo  (gym_grpo; gym-core 0.3.0)\n    algorithm: cispo, dapo, dr_grpo, gmpo, grpo, gspo"
             in text)
-    assert "gym_core  (built in; gym-core 0.2.0)" in text
+    assert "gym_core  (built in; gym-core 0.3.0)" in text
 
 
 def test_disabled_plugin_is_listed_as_disabled_and_its_options_are_gone(tmp_path):
@@ -201,7 +201,7 @@ def test_disabled_plugin_is_listed_as_disabled_and_its_options_are_gone(tmp_path
     active, disabled = out.stdout.split("disabled by GYM_DISABLE_PLUGINS (installed, not loaded):")
     assert "keep" not in active and "bitdelta" not in active
     assert "good  (gym_good; gym-good 0.4.0)" in disabled
-    assert "bitdelta  (gym_bitdelta; gym-core 0.2.0)" in disabled
+    assert "bitdelta  (gym_bitdelta; gym-core 0.3.0)" in disabled
     bad = run_cli(["quant=keep", "--cfg", "job"], cwd=tmp_path, env=env)
     assert bad.returncode != 0 and "keep" in bad.stderr
 
