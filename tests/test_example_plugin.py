@@ -47,11 +47,11 @@ def env_python(tmp_path_factory):
     return python, root
 
 
-def gym(python, args, cwd, **kw):
+def gym(python, args, cwd, timeout=300, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     return subprocess.run([str(python), "-m", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, **kw)
+                          text=True, timeout=timeout, **kw)
 
 
 def test_only_the_fresh_environment_has_the_plugin(env_python, tmp_path):
@@ -97,7 +97,9 @@ def test_its_own_tests_pass_with_the_core_contracts(env_python):
     contract, a run, and its algorithm under torchrun with 2 processes keeping the ranks'
     weights identical after every step (tests/test_ddp.py)."""
     python, root = env_python
-    out = gym(python, ["pytest", "-q", "-p", "no:cacheprovider", "-rA"], root / "src")
+    # a run and a torchrun run of 2 processes among them: more time than one command
+    out = gym(python, ["pytest", "-q", "-p", "no:cacheprovider", "-rA"], root / "src",
+              timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "PASSED tests/test_ddp.py::test_under_torchrun_the_ranks_hold_the_same_weights" \
         in out.stdout, out.stdout[-3000:]

@@ -26,7 +26,8 @@ def test_under_torchrun_the_ranks_hold_the_same_weights(tmp_path):
     replicas = tmp_path / "replicas"
     replicas.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REPLICA_DIR": str(replicas),
-           "PYTHONPATH": os.pathsep.join([str(HERE), str(site)])}
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(site),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
     steps = 2
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
