@@ -12,6 +12,8 @@ stores and chat models: ``gym_cl_grpo.api``). The contract test suites are pytes
 classes in ``gym_core.contracts``.
 """
 
+# A re-export module: its imports are its public names (__all__ below).
+# ruff: noqa: F401
 from __future__ import annotations
 
 import importlib
@@ -57,6 +59,9 @@ _LAZY = {
     "k3_kl": "gym_core.train.losses",
     "mean_over_ranks": "gym_core.train.distributed",
     "sum_over_ranks": "gym_core.train.distributed",
+    # sampling (the sampler a policy's ``sample`` uses, for other renderings of the prompts)
+    "Sampling": "gym_core.sampling.generation",
+    "sample": "gym_core.sampling.generation",
     # data
     "Task": "gym_core.data.tasks",
     "read_jsonl": "gym_core.data.tasks",
@@ -77,11 +82,14 @@ _LAZY = {
     "load_packed": "gym_core.deltas.delta",
     "pack_signs": "gym_core.deltas.bits",
     "unpack_signs": "gym_core.deltas.bits",
+    # C++ kernels compiled on first use (a quantizer's serving operators)
+    "load_ops": "gym_core.base.native",
     # aggregators
     "Aggregator": "gym_core.deltas.aggregate",
     "Aggregate": "gym_core.deltas.aggregate",
     # running gym from a test or a notebook
     "compose": "gym_core.plugin.startup",
+    "bootstrap": "gym_core.plugin.startup",
     "run_job": "gym_core.train.job",
 }
 
@@ -107,5 +115,56 @@ def __dir__():
     return sorted(__all__)
 
 
+# What type checkers see of the lazy names: the same objects, imported from the modules
+# that define them (``X``: re-exported on purpose). Never run.
+
+
 if TYPE_CHECKING:
-    pass
+    from gym_core.base.native import load_ops
+    from gym_core.data.batching import (
+        CompletionBatch,
+        SequenceBatch,
+    )
+    from gym_core.data.rewards import extract_answer
+    from gym_core.data.tasks import (
+        Task,
+        chat_messages,
+        read_jsonl,
+        render_turns,
+        unpair,
+    )
+    from gym_core.deltas.aggregate import Aggregate, Aggregator
+    from gym_core.deltas.bits import pack_signs, unpack_signs
+    from gym_core.deltas.delta import (
+        CalibrationContext,
+        DeltaOperator,
+        DenseOperator,
+        MatrixQuantizer,
+        PackedDelta,
+        Quantizer,
+        RowGroups,
+        load_packed,
+        map_tensors,
+        save_packed,
+    )
+    from gym_core.model.policy import Policy
+    from gym_core.plugin.startup import bootstrap, compose
+    from gym_core.sampling.generation import Sampling, sample
+    from gym_core.sampling.rollout import Rollout
+    from gym_core.train.algorithm import Algorithm, Updater
+    from gym_core.train.distributed import (
+        mean_over_ranks,
+        sum_over_ranks,
+    )
+    from gym_core.train.job import run_job
+    from gym_core.train.losses import (
+        LOSS_TYPES,
+        StepTotals,
+        aggregate_token_loss,
+        k3_kl,
+    )
+    from gym_core.train.policy_gradient import (
+        SCALE_REWARDS,
+        GroupPolicyGradient,
+        group_advantages,
+    )

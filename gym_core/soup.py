@@ -5,8 +5,9 @@ A Hydra app of its own (conf/soup.yaml), so ``-m`` sweeps rules and their knobs:
     python -m gym_core.soup soup=median soup.inputs=[runs/a,runs/b,runs/c]
     python -m gym_core.soup -m soup=mean,median,krum soup.inputs=[a.safetensors,b.safetensors,c.safetensors]
 
-Each job writes ``soup.safetensors`` (a full-precision delta: apply it with
-``gym_core.deltas.delta.apply_delta(model, read_delta(path))``) and ``report.json`` into its
+Each job writes ``soup.safetensors`` (a full-precision delta: base + soup is
+``gym_core.deltas.merge.rebuild(base, read_delta(path, plugins))``, as for a run's delta;
+``python -m gym_core.serve`` serves it as a variant) and ``report.json`` into its
 directory (``out``, default ``soups/<rule>-<time>``). Start-up imports no torch.
 """
 

@@ -4,9 +4,9 @@ weights after every step (a float64 checksum per rank, one line per step in
 algorithms that compute their loss outside ``policy.logprobs``, which gym must refuse.
 
 ``checked_dpo`` wraps the built-in DPO (an offline method), ``checked_rloo`` and
-``checked_ppo`` the built-in RLOO and PPO (online; PPO with a value head);
-``checked_reinforce`` wraps the example package's REINFORCE when that package is
-installed."""
+``checked_ppo`` the built-in RLOO and PPO (online; PPO with a value head). The example
+package checks its own REINFORCE the same way (docs/examples/gym-example-plugin/tests/
+test_ddp.py)."""
 
 from __future__ import annotations
 
@@ -56,12 +56,6 @@ def checked_ppo():
     from gym_ppo.ppo import PPO
 
     return checked(PPO)
-
-
-def checked_reinforce():
-    from gym_example_plugin.reinforce import Reinforce
-
-    return checked(Reinforce)
 
 
 @dataclass
@@ -130,13 +124,3 @@ def gym_add_algorithms(registry):
     registry.add("checked_ppo", CheckedPPOConfig, checked_ppo())
     registry.add("raw_logprobs", TrapConfig, raw_logprobs())
     registry.add("bypass_forward", BypassConfig, bypass_forward())
-    try:
-        from gym_example_plugin import ReinforceConfig
-    except ImportError:
-        return
-
-    @dataclass
-    class CheckedReinforceConfig(ReinforceConfig):
-        name: str = "checked_reinforce"
-
-    registry.add("checked_reinforce", CheckedReinforceConfig, checked_reinforce())

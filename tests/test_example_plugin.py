@@ -18,7 +18,7 @@ import venv
 
 import pytest
 
-from tests.conftest import REPO, plugin_site
+from tests.conftest import REPO
 
 EXAMPLE = REPO / "docs" / "examples" / "gym-example-plugin"
 FAST = ["model=tiny", "trainer.max_steps=2", "trainer.eval_size=8", "trainer.batch_size=2",
@@ -47,11 +47,11 @@ def env_python(tmp_path_factory):
     return python, root
 
 
-def gym(python, args, cwd, **kw):
+def gym(python, args, cwd, timeout=300, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     return subprocess.run([str(python), "-m", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, **kw)
+                          text=True, timeout=timeout, **kw)
 
 
 def test_only_the_fresh_environment_has_the_plugin(env_python, tmp_path):
@@ -93,33 +93,14 @@ def test_its_algorithm_and_quantizer_run(env_python, tmp_path):
 
 
 def test_its_own_tests_pass_with_the_core_contracts(env_python):
+    """The package's tests, as its author runs them: the math by hand, gym's quantizer
+    contract, a run, and its algorithm under torchrun with 2 processes keeping the ranks'
+    weights identical after every step (tests/test_ddp.py)."""
     python, root = env_python
-    out = gym(python, ["pytest", "-q", "-p", "no:cacheprovider"], root / "src")
+    # a run and a torchrun run of 2 processes among them: more time than one command
+    out = gym(python, ["pytest", "-q", "-p", "no:cacheprovider", "-rA"], root / "src",
+              timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "TestAbsmaxContract" in gym(python, ["pytest", "-q", "--collect-only", "-p",
-                                                "no:cacheprovider"], root / "src").stdout
-
-
-def test_under_torchrun_its_algorithm_keeps_the_ranks_identical(env_python, tmp_path):
-    """The example's REINFORCE under torchrun with 2 processes, installed as a user would:
-    each rank records its trainable weights after every step (tests/replica_plugin.py
-    wraps the example's class), and they agree bit for bit. Its baseline is a mean over
-    both ranks (prepare_step), so the ranks' advantages agree too. Before plugin API 2
-    the example scored log-probs on the model outside DDP and the ranks drifted apart
-    silently."""
-    python, _ = env_python
-    site = plugin_site(tmp_path / "site", "gym-test-replicas", "replicas", "tests.replica_plugin")
-    plugin_site(site, "gym-test-digits", "digits", "tests.digits_plugin")  # rewards with spread
-    (tmp_path / "replicas").mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{site}",
-           "GYM_TEST_REPLICA_DIR": str(tmp_path / "replicas")}
-    out = subprocess.run(
-        [str(python), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "gym_core", "algorithm=checked_reinforce", "algorithm.lr=1e-2", *FAST,
-         "algorithm.rewards=[digit_share]", "algorithm.reward_weights=[1.0]",
-         "trainer.max_steps=3", "trainer.eval_before=false", "run.name=ddp"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rank0 = (tmp_path / "replicas/rank0.txt").read_text().split()
-    assert len(rank0) == 3 and rank0 == (tmp_path / "replicas/rank1.txt").read_text().split()
-    assert len(set(rank0)) == 3
+    assert "PASSED tests/test_ddp.py::test_under_torchrun_the_ranks_hold_the_same_weights" \
+        in out.stdout, out.stdout[-3000:]
+    assert "TestAbsmaxContract" in out.stdout

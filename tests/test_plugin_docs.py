@@ -20,6 +20,36 @@ def test_hook_reference_is_generated_from_the_docstrings():
         "python -m gym_core.plugin.hookdocs")
 
 
+def test_api_reference_is_generated_from_the_code():
+    assert hookdocs.current_block(PAGE, hookdocs.API_BEGIN, hookdocs.API_END) == \
+        hookdocs.api_reference(), (
+        "docs/plugins.md's API reference differs from gym_core.api's signatures and "
+        "docstrings: run python -m gym_core.plugin.hookdocs")
+
+
+def test_api_reference_has_every_public_name_with_its_signature():
+    from gym_core import api
+
+    block = hookdocs.api_reference()
+    for name in api.__all__:
+        assert f"### `{name}`" in block, f"{name} is not in the API reference"
+    # what plugin authors had to find with help() before
+    assert "`Task(name: 'str', train: 'list[dict[str, Any]]'" in block
+    assert "`write_text(path: 'str | Path', text: 'str') -> 'None'`" in block
+    assert "- `trainable_parameters()`" in block
+    for field in ("lr: 'float' = 1e-05", "weight_decay: 'float' = 0.0", "adam_betas"):
+        assert field in block.split("### `AlgorithmConfig`")[1].split("### ")[0], field
+
+
+def test_inline_code_split_over_docstring_lines_renders_whole():
+    doc = """A method (``trains_weights =
+    False``: no optimizer) overrides ``step`` to learn."""
+    out = hookdocs.render_docstring(doc)
+    assert out == "A method (`trains_weights =\nFalse`: no optimizer) overrides `step` to learn."
+    prose = re.sub(r"```python\n.*?\n```", "", hookdocs.reference(), flags=re.S)
+    assert "``" not in prose, "a double backtick left in the hook reference"
+
+
 def test_every_hook_spec_says_when_what_and_how_results_combine():
     for name, fn in hookdocs.hook_specs(hookspecs).items():
         doc = fn.__doc__ or ""

@@ -13,6 +13,7 @@ from importlib import metadata
 
 import pytest
 
+from gym_core import __version__
 from gym_core.plugin.manager import PluginError, load_plugins
 from tests.conftest import run_cli
 
@@ -54,7 +55,8 @@ BROKEN = {
         "data 'arithmetic' is registered by both plugin 'gym_core' and plugin 'broken'",
     ),
     "api": ('GYM_API_VERSION = "1"\n',
-            "needs gym plugin API 1, but the installed gym-core 0.3.0 provides plugin API 2"),
+            f"needs gym plugin API 1, but the installed gym-core {__version__} provides "
+            "plugin API 2"),
     "typo": (
         "from gym_core.api import hookimpl\n\n"
         "@hookimpl\ndef gym_add_algorithm(registry):\n    pass\n",

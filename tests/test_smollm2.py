@@ -36,13 +36,13 @@ def test_real_model_grpo_bitdelta_short_run(tmp_path):
 
 def test_real_model_dpo_short_run(tmp_path):
     proc = run_cli(
-        ["algorithm=dpo", "trainer.max_steps=3", "trainer.batch_size=4", "trainer.eval_size=24",
+        ["algorithm=dpo", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_size=24",
          "trainer.progress=false", "run.name=dpo"],
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "runs" / "dpo" / "summary.json").read_text())
-    assert s["algorithm"] == "dpo" and s["steps"] == 3
+    assert s["algorithm"] == "dpo" and s["steps"] == 2
     pref = s["eval"]["preference_accuracy"]
     assert 0.0 < pref["before"] < 1.0  # the instruct model prefers some right answers already
     rows = [json.loads(x) for x in

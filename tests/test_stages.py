@@ -35,6 +35,13 @@ def stage_one(tmp_path, *extra):
     return run, summary
 
 
+@pytest.fixture(scope="module")
+def sft_stage(tmp_path_factory):
+    """Stage 1 with LoRA, trained once for this module: the tests only read it (each
+    writes its own later stages elsewhere)."""
+    return stage_one(tmp_path_factory.mktemp("stage1"))
+
+
 def stage_one_result(run, full=False):
     """Stage 1's final model, rebuilt independently of gym.stages (peft / transformers)."""
     from peft import PeftModel
@@ -47,8 +54,10 @@ def stage_one_result(run, full=False):
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
-def test_the_second_stage_starts_from_and_refers_to_the_first_stages_result(tmp_path, full):
-    run, _ = stage_one(tmp_path, *(["model.finetune=full"] if full else []))
+def test_the_second_stage_starts_from_and_refers_to_the_first_stages_result(tmp_path, full,
+                                                                           request):
+    run, _ = stage_one(tmp_path, "model.finetune=full") if full else \
+        request.getfixturevalue("sft_stage")
     cfg = compose([*FAST, "algorithm=grpo", f"model.init={run}"])
     policy = load_policy(cfg.model, torch.device("cpu"))
     expected = logits(stage_one_result(run, full))
@@ -60,8 +69,8 @@ def test_the_second_stage_starts_from_and_refers_to_the_first_stages_result(tmp_
         torch.testing.assert_close(logits(ref), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sft_then_grpo_records_the_chain(tmp_path):
-    run, first = stage_one(tmp_path)
+def test_sft_then_grpo_records_the_chain(tmp_path, sft_stage):
+    run, first = sft_stage
     second = run_job(compose([*FAST, *ONLINE, "algorithm=grpo", f"model.init={run}",
                               "trainer.max_steps=2", "run.name=grpo"]),
                      run_dir=tmp_path / "runs" / "grpo")
@@ -80,10 +89,10 @@ def test_sft_then_grpo_records_the_chain(tmp_path):
     assert record["base"]["source"] == "tiny" and len(record["chain"]) == 2
 
 
-def test_the_delta_of_a_later_stage_is_against_the_original_base(tmp_path):
+def test_the_delta_of_a_later_stage_is_against_the_original_base(tmp_path, sft_stage):
     """Stage 2's quantized delta rebuilds stage 2's model from the *base* model: stage 1's
     change is in it (one delta file per variant on the shared base)."""
-    run, _ = stage_one(tmp_path)
+    run, _ = sft_stage
     cfg = compose([*FAST, "algorithm=grpo", f"model.init={run}"])
     policy = load_policy(cfg.model, torch.device("cpu"))
     torch.manual_seed(0)
@@ -108,7 +117,7 @@ def digest(folder):
 
 def test_bad_starting_points_are_refused_in_one_line(tmp_path):
     args = [*FAST, "algorithm=sft", "trainer.max_steps=1"]
-    assert run_cli([*args, "run.name=done"], cwd=tmp_path).returncode == 0
+    run_job(compose(args), run_dir=tmp_path / "runs" / "done")  # in-process: no start-up
     # a run that stopped before its end: checkpoints, no final weights
     half = tmp_path / "runs" / "half"
     (half / "checkpoints" / "step-000001").mkdir(parents=True)
@@ -133,7 +142,7 @@ def test_bad_starting_points_are_refused_in_one_line(tmp_path):
     assert proc.returncode == 2 and "adapter_model.safetensors is missing" in proc.stderr
 
 
-def test_export_rebuilds_a_later_stage_on_the_stages_before_it(tmp_path):
+def test_export_rebuilds_a_later_stage_on_the_stages_before_it(tmp_path, sft_stage):
     """python -m gym_core.export of a stage-2 run merges its adapter into stage 1's result
     (not into the bare base), and its exact delta is against the original base."""
     from omegaconf import OmegaConf
@@ -145,7 +154,7 @@ def test_export_rebuilds_a_later_stage_on_the_stages_before_it(tmp_path):
     from gym_core.export import ExportAppConfig, export
     from gym_core.plugin.startup import bootstrap
 
-    first, _ = stage_one(tmp_path)
+    first, _ = sft_stage
     cfg = compose([*FAST, "algorithm=sft", "algorithm.lr=5e-2", "trainer.max_steps=2",
                    "trainer.warmup_steps=0", "trainer.eval_before=false", f"model.init={first}"])
     second = tmp_path / "runs" / "second"

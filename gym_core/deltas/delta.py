@@ -336,7 +336,10 @@ class CalibrationContext:
     """What :meth:`Quantizer.calibrate` gets from the run."""
 
     teacher: torch.nn.Module  # the fine-tuned model (eval mode; do not modify it)
-    load_base: Any  # () -> a fresh base model on ``device`` (fp32, eval mode)
+    # () -> the run's base model on ``device`` (eval mode), shared with the run (it may be
+    # the policy's own frozen weights): read it, replace its weights with
+    # torch.func.functional_call, but never modify it in place
+    load_base: Any
     tokenizer: Any
     prompts: list[str]  # the task's training prompts, chat template applied
     device: torch.device

@@ -1,7 +1,22 @@
-"""A finished run's files, and its trained model as one plain model: base + the LoRA
-adapter in ``final/`` (exact), or base + the quantized delta in ``delta/`` (what the
-quantizer kept). Used by ``python -m gym_core.export``; anything else that needs the
-run's model (serving, evaluation scripts) opens it the same way:
+"""A run's delta and its rebuild, one path for every program, and a finished run's files.
+
+The two functions every program uses for a run's weights:
+
+- :func:`run_delta` builds a run's delta (trained - base, fp32, keyed like the plain
+  model): the run quantizes it, ``python -m gym_core.export`` writes it exactly;
+- :func:`rebuild` rebuilds base + delta as one plain model: the run scores its quantized
+  delta with it (and quantizers calibrate against the same base), export and evaluation
+  scripts load a run's delta file with it (:func:`load_merged`); a soup's delta is applied
+  the same way. The server applies deltas to activations instead (``operators``).
+
+A run loads its base model once: under a LoRA policy the base is the policy's own frozen
+weights (:func:`lora_base`, nothing copied), and a rebuilt model shares every weight the
+delta does not change with that base, so it costs the changed matrices only.
+
+A finished run's trained model as one plain model: base + the LoRA adapter in ``final/``
+(exact), or base + the quantized delta in ``delta/`` (what the quantizer kept). Used by
+``python -m gym_core.export``; anything else that needs the run's model (serving,
+evaluation scripts) opens it the same way:
 
     run = TrainedRun.open("runs/first")                  # checks the files; no torch
     model, tokenizer = load_merged(run, "final", plugins)  # one plain model, fp32
@@ -22,6 +37,93 @@ from omegaconf import DictConfig, OmegaConf
 from gym_core.base.errors import GymError
 
 SOURCES = ("final", "delta")
+
+
+def run_delta(trained, base=None) -> dict:
+    """A run's delta: the trained weights minus the base's, fp32 on the CPU, keyed like the
+    plain model's parameters ("model.layers.0.self_attn.q_proj.weight"), for every weight
+    that changed.
+
+    ``trained`` is the policy's model: a peft LoRA model or a plain one. ``base`` is the
+    base model (plain); leave it out for a LoRA model whose frozen weights are the base
+    itself (a run without ``model.init``): then the delta is each LoRA layer's
+    B @ A * scaling, exact, and no base weights are read."""
+    from gym_core.deltas.delta import lora_delta, state_delta
+
+    if base is None:
+        return lora_delta(trained)
+    return state_delta(plain_state(trained), dict(base.named_parameters()))
+
+
+def rebuild(base, delta: dict, *, share: bool = True):
+    """``base`` + ``delta`` as one plain model in eval mode: each weight the delta has
+    becomes W + d, added in fp32 and cast once to W's dtype (a tiny delta added to bf16
+    weights would be lost, docs/algorithms.md §10).
+
+    ``share=True``: a new model whose changed weights are new tensors and whose other
+    weights *are* the base's (nothing copied: modify neither while both are in use);
+    ``share=False``: ``base`` itself is changed and returned. A delta that does not fit
+    the model raises :class:`GymError` naming the weight."""
+    import torch
+
+    from gym_core.deltas.delta import apply_delta
+
+    if not share:
+        apply_delta(base, delta)
+        return base.eval()
+    model = sharing_copy(base)
+    params = dict(base.named_parameters())
+    where: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                where.setdefault(id(p), []).append((module, name))
+    with torch.no_grad():
+        for key, d in delta.items():
+            p = params.get(key)
+            if p is None:
+                raise GymError(f"the delta has '{key}', which this model does not have")
+            if p.shape != d.shape:
+                raise GymError(f"delta '{key}' has shape {tuple(d.shape)}, the model "
+                               f"{tuple(p.shape)}")
+            new = torch.nn.Parameter((p.float() + d.to(p.device)).to(p.dtype),
+                                     requires_grad=False)
+            for module, name in where[id(p)]:  # tied weights: every place that holds it
+                module._parameters[name] = new
+    return model.eval()
+
+
+def sharing_copy(model):
+    """A copy of ``model``'s modules that holds the very same parameter and buffer tensors
+    (no weights copied): its own module objects, so replacing a weight or calling
+    ``torch.func.functional_call`` on the copy leaves ``model`` alone."""
+    import copy
+    import itertools
+
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def lora_base(peft_model):
+    """The plain base model under a LoRA model, sharing its frozen weights (nothing loaded
+    or copied): each LoRA layer replaced by the layer it wraps, the adapters left out.
+    ``peft_model`` is not changed."""
+    return sharing_copy(peft_model).unload().eval()
+
+
+def plain_state(model) -> dict:
+    """A model's weights as one plain model's (fp32, on the CPU, keyed like the base
+    model's parameters): a LoRA model's base weights with its adapters' delta added,
+    without changing it."""
+    from gym_core.deltas.delta import base_key, lora_delta
+
+    if not any("lora_" in n for n, _ in model.named_parameters()):
+        return {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+    state = {base_key(n): p.detach().float().cpu()
+             for n, p in model.named_parameters() if "lora_" not in n}
+    for key, d in lora_delta(model).items():
+        state[key] = state[key] + d
+    return state
 CONFIG = Path(".hydra") / "config.yaml"
 
 
@@ -181,8 +283,6 @@ def load_merged(run: TrainedRun, source: str, plugins):
     """The run's trained model as one plain ``PreTrainedModel`` (fp32, eval mode) and its
     tokenizer. ``source="final"``: base + the adapter merged (or the full fine-tuned model);
     ``source="delta"``: base + the dequantized delta file."""
-    from gym_core.deltas.delta import apply_delta
-
     if source not in SOURCES:
         raise GymError(f"source={source!r} is not one of {', '.join(SOURCES)}")
     if source == "delta":
@@ -190,7 +290,7 @@ def load_merged(run: TrainedRun, source: str, plugins):
         delta = read_run_delta(file, plugins)
         model, _ = base_model(run)
         try:
-            apply_delta(model, delta)
+            model = rebuild(model, delta, share=False)  # the base is ours alone: in place
         except GymError as exc:
             raise GymError(f"{file} does not fit the run's base model: {exc}") from None
     elif run.lora:
@@ -225,16 +325,20 @@ def exact_delta(run: TrainedRun):
     parameters: B @ A * scaling per LoRA layer, or every changed weight (full fine-tuning).
     For a run started from an earlier one, against the original base too (earlier stages
     included), as the run's own quantized delta is."""
-    from gym_core.deltas.delta import lora_delta, state_delta
     from gym_core.model.stages import recorded_chain
 
     base, _ = base_model(run)
-    if run.lora and not recorded_chain(run.final):
-        return lora_delta(load_adapter(run, base))
+    chain = recorded_chain(run.final)
+    if run.lora and not chain:
+        return run_delta(load_adapter(run, base))
     if run.lora:
-        from gym_core.model.policy import merge_adapter
+        import copy
 
-        fine = merge_adapter(start_model(run)[0], run.final)
+        from gym_core.model.policy import apply_stages, merge_adapter
+
+        # the start model from a copy of the base already loaded (stages change it in place)
+        start = apply_stages(copy.deepcopy(base), chain)
+        fine = merge_adapter(start, run.final)
     else:
         fine = load_full(run)
-    return state_delta(dict(fine.named_parameters()), dict(base.named_parameters()))
+    return run_delta(fine, base)

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gym_core.base.errors import GymError
-
-if TYPE_CHECKING:
-    import torch
 
 RECORD = "gym.json"  # in <run>/final/, written last by gym_core.model.policy.save_final
 
@@ -127,16 +124,3 @@ def recorded_chain(final: Path) -> list[dict[str, Any]]:
                            "are gone: its model cannot be rebuilt")
     return chain
 
-
-def merged_state(policy) -> dict[str, torch.Tensor]:
-    """The policy's weights as one plain model's (fp32, keyed like the base model): a
-    LoRA policy's base weights with its adapter's delta added, without changing it."""
-    from gym_core.deltas.delta import base_key, lora_delta
-
-    if not policy.lora:
-        return {n: p.detach().float().cpu() for n, p in policy.model.named_parameters()}
-    state = {base_key(n): p.detach().float().cpu()
-             for n, p in policy.model.named_parameters() if "lora_" not in n}
-    for key, d in lora_delta(policy.model).items():
-        state[key] = state[key] + d
-    return state

@@ -222,6 +222,78 @@ def _declared_api(module, info: PluginInfo) -> str | None:
     return ", ".join(accepted)
 
 
+#: The core's modules in gym-core 0.1 (plugin API 1: plugins imported from these)
+API1_MODULES = frozenset({
+    "aggregate", "algorithm", "batching", "builtin", "checkpoint", "config", "data", "delta",
+    "distributed", "errors", "evaluate", "experience", "generation", "hookspecs", "llm",
+    "losses", "metrics", "model", "plugins", "registry", "rewards", "rollout", "run", "soup",
+    "sweep", "train"})
+#: The core's flat modules in gym-core 0.2 (plugin API 2; 0.3 grouped them into subpackages)
+API2_MODULES = frozenset({
+    "aggregate", "algorithm", "batching", "bits", "builtin", "checkpoint", "checks", "config",
+    "data", "delta", "distributed", "errors", "evaluate", "export", "files", "fused",
+    "generation", "gguf_file", "hookdocs", "hookspecs", "interrupt", "losses", "merge",
+    "metrics", "model", "native", "plugins", "policy_gradient", "registry", "resume",
+    "rewards", "rollout", "run", "rundir", "soup", "stages", "startup", "sweep", "threads",
+    "train"})
+
+
+def moved_name_hint(exc: BaseException, module: str, dist: str) -> str:
+    """For a plugin whose import failed on a ``gym_core`` name: which plugin API it was
+    probably built for and what to do, as one sentence (empty for any other error).
+
+    The guess reads the plugin's entry module without running it: its
+    ``GYM_API_VERSION`` if it declares one, else whether it imports ``gym_core.api``
+    (API 2) or not (API 1), else the module it failed on."""
+    import re
+
+    missing = getattr(exc, "name", None) or ""
+    if not isinstance(exc, ImportError) or not (missing == "gym_core"
+                                                 or missing.startswith("gym_core.")):
+        return ""
+    release = f"install a release of {dist} made for gym-core {__version__}"
+    if missing == "gym_core.api":
+        wanted = re.search(r"cannot import name '(\w+)'", str(exc))
+        what = f"gym_core.api.{wanted.group(1)}" if wanted else "a name gym_core.api lacks"
+        return (f" It was probably built for a newer gym-core: {what} is not in plugin API "
+                f"{API_VERSION} of gym-core {__version__}; {release}, or upgrade gym-core.")
+    top = missing.split(".")[1] if "." in missing else ""
+    source = _entry_source(module)
+    declared = re.search(r"^GYM_API_VERSION\s*=\s*[\[(]?\s*['\"](\w+)['\"]", source, re.M)
+    if declared:
+        api = declared.group(1)
+    elif re.search(r"^\s*(from|import) gym_core\.api\b", source, re.M) or (
+            top in API2_MODULES and top not in API1_MODULES):
+        api = "2"
+    elif source or top in API1_MODULES:
+        api = "1"
+    else:
+        return (f" It was probably built for an older gym-core, whose module {missing} is gone: "
+                f"plugins import from gym_core.api only (docs/plugins.md); {release}.")
+    era = ("gym-core 0.1's module paths, before gym_core.api" if api == "1" else
+           "gym-core 0.2's module paths, regrouped into subpackages in 0.3")
+    return (f" It was probably built for gym plugin API {api} ({era}): {missing} no longer "
+            f"exists; import the names from gym_core.api, the one public module "
+            f"(docs/plugins.md), or {release}.")
+
+
+def _entry_source(module: str) -> str:
+    """The source text of a plugin's entry module, read without importing it ('' when it
+    cannot be found)."""
+    import importlib.util
+
+    if "." in module:
+        return ""  # finding a submodule would import its package, which just failed
+    try:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return ""
+        with open(spec.origin, encoding="utf-8") as fh:
+            return fh.read()
+    except (ImportError, OSError, ValueError, UnicodeDecodeError):
+        return ""
+
+
 def _remedy(name: str) -> str:
     return (
         f" Fix or uninstall it, skip it with {DISABLE_ENV}={name}, or set {ERRORS_ENV}=skip "
@@ -277,8 +349,8 @@ def load_plugins(entry_points: list[metadata.EntryPoint] | None = None) -> Plugi
         try:
             module = ep.load()
         except Exception as exc:
-            reject(ep.name, f"{info.describe()} failed to import: {type(exc).__name__}: {exc}.",
-                   exc)
+            reject(ep.name, f"{info.describe()} failed to import: {type(exc).__name__}: {exc}."
+                   + moved_name_hint(exc, ep.module, info.dist), exc)
             continue
         try:
             info.api = _declared_api(module, info)

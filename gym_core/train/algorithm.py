@@ -78,8 +78,10 @@ class Algorithm:
         Default: nothing."""
 
     def step_totals(self, batches: list[Any]) -> StepTotals:
-        """Counts over the whole step for loss normalisers (default: sequences and
-        completion tokens)."""
+        """Counts over the step for loss normalisers: ``sequences`` counts rows
+        (``len(batch)`` summed: completions, not prompts), ``tokens`` the active
+        completion tokens, ``micro_batches`` the batches. Count this rank's batches only:
+        the core sums each field over the ranks afterwards."""
         return StepTotals(
             sequences=sum(len(b) for b in batches),
             tokens=sum(int(b.completion_mask.sum()) for b in batches),

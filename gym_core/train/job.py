@@ -14,17 +14,11 @@ from gym_core.base import threads
 from gym_core.base.errors import GymError
 from gym_core.base.files import write_json
 from gym_core.config.checks import preflight
-from gym_core.deltas.delta import (
-    apply_delta,
-    load_packed,
-    lora_delta,
-    reconstruction_error,
-    save_packed,
-    state_delta,
-)
+from gym_core.deltas.delta import load_packed, reconstruction_error, save_packed
+from gym_core.deltas.merge import lora_base, rebuild, run_delta
 from gym_core.eval.heldout import evaluate, preference_accuracy
 from gym_core.model.policy import describe, load_base, load_policy, save_final
-from gym_core.model.stages import base_identity, check_init, merged_state
+from gym_core.model.stages import base_identity, check_init
 from gym_core.plugin.startup import bootstrap, check_named_components
 from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
@@ -230,15 +224,13 @@ def read_eval_before(path: Path) -> dict[str, Any] | None:
 
 
 def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
-    """Delta = fine-tuned - base; quantize (and calibrate, for quantizers that do); write;
-    read back; rebuild base + delta; score. After ``model.init`` the delta is still against
-    the original base model (earlier stages included): one file on the shared base."""
-    if policy.lora and not cfg.model.init:
-        delta = lora_delta(policy.model)
-    else:
-        base, _ = load_base(cfg.model)
-        delta = state_delta(merged_state(policy), dict(base.named_parameters()))
-        del base
+    """Delta = fine-tuned - base (:func:`gym_core.deltas.merge.run_delta`); quantize (and
+    calibrate, for quantizers that do); write; read back; rebuild base + delta
+    (:func:`gym_core.deltas.merge.rebuild`); score. After ``model.init`` the delta is still
+    against the original base model (earlier stages included): one file on the shared base.
+    The base is not loaded again when the policy holds it (:class:`RunBase`)."""
+    base = RunBase(cfg, policy)
+    delta = run_delta(policy.model, base.for_delta())
     if not delta:
         from gym_core.base.errors import warn
 
@@ -249,11 +241,12 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
     packed = quantizer.quantize(delta)
     uncalibrated = packed
     if task is not None:
-        packed = quantizer.calibrate(packed, _calibration_context(cfg, policy, task)) or packed
+        packed = quantizer.calibrate(packed, _calibration_context(cfg, policy, task, base)) \
+            or packed
     path = run_dir / "delta" / f"{cfg.quant.name}.safetensors"
     size = save_packed(packed, path)
     restored = quantizer.dequantize(load_packed(path))
-    rebuilt = _rebuild(cfg, policy, restored)
+    rebuilt = rebuild(base.get(), restored)
     quant_seconds = time.perf_counter() - t0
     after_quant = score(rebuilt, "eval after quant")
     print(f"gym: held-out accuracy after {cfg.quant.name}: {_fmt(after_quant)}")
@@ -269,29 +262,50 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
     if packed is not uncalibrated:  # the same delta before calibration, for comparison
         del rebuilt
         stats["after_quant_uncalibrated"] = score(
-            _rebuild(cfg, policy, quantizer.dequantize(uncalibrated)),
+            rebuild(base.get(), quantizer.dequantize(uncalibrated)),
             "eval after quant, uncalibrated")
     stats.update(quantizer.stats())
     return after_quant, stats
 
 
-def _rebuild(cfg, policy, delta):
-    model, _ = load_base(cfg.model)
-    model.to(policy.device)
-    apply_delta(model, delta)
-    return model
+class RunBase:
+    """The run's base model for its delta and rebuilds, loaded at most once: a LoRA
+    policy trained from the base holds it (its frozen weights: :func:`gym_core.deltas.merge.
+    lora_base`, nothing loaded or copied); otherwise (a full fine-tune changed it, a run
+    that started from an earlier one never held it) it is loaded once, on first use."""
+
+    def __init__(self, cfg, policy):
+        self.cfg, self.policy = cfg, policy
+        self._model = None
+
+    @property
+    def in_policy(self) -> bool:
+        """The LoRA policy's frozen weights are the base (no ``model.init``)."""
+        return self.policy.lora and not self.cfg.model.init
+
+    def for_delta(self):
+        """What :func:`gym_core.deltas.merge.run_delta` needs: None when the LoRA
+        adapter is the delta itself, else the base model."""
+        return None if self.in_policy else self.get()
+
+    def get(self):
+        """The base model (eval mode, on the policy's device). Shared: read it, never
+        modify it."""
+        if self._model is None:
+            if self.in_policy:
+                self._model = lora_base(self.policy.model)
+            else:
+                self._model = load_base(self.cfg.model)[0].to(self.policy.device)
+        return self._model
 
 
-def _calibration_context(cfg, policy, task):
+def _calibration_context(cfg, policy, task, base: RunBase):
     from gym_core.data.tasks import render_prompts
     from gym_core.deltas.delta import CalibrationContext
 
-    def fresh_base():
-        return load_base(cfg.model)[0].to(policy.device)
-
     prompts = render_prompts(policy.tokenizer, [ex["prompt"] for ex in task.train],
                              cfg.data.system_prompt)
-    return CalibrationContext(teacher=policy.model, load_base=fresh_base,
+    return CalibrationContext(teacher=policy.model, load_base=base.get,
                               tokenizer=policy.tokenizer, prompts=prompts, device=policy.device)
 
 

@@ -209,10 +209,12 @@ def _decoder_and_head(model):
 
 @dataclass(frozen=True)
 class StepTotals:
-    """Counts over the whole optimizer step (all micro-batches), for normalisers that
-    need them. Computed by the core before the first backward pass."""
+    """Counts over the whole optimizer step (all micro-batches, every rank), for
+    normalisers that need them. :meth:`Algorithm.step_totals` counts one rank's batches
+    before the first backward pass; the core sums each field over the ranks (so every
+    field is an integer)."""
 
-    sequences: int  # completions / examples in the step
+    sequences: int  # rows: completions (not prompts) or examples in the step
     tokens: int  # active completion tokens in the step
     micro_batches: int
 

@@ -16,7 +16,7 @@ SOURCE = Path(__file__).with_name("serving.cpp")
 
 def kernels():
     """``torch.ops.gym_bitdelta`` (repack, apply), compiled on first use."""
-    from gym_core.base.native import load_ops
+    from gym_core.api import load_ops
 
     load_ops("gym_bitdelta_serving", str(SOURCE))
     return torch.ops.gym_bitdelta

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="the run directory whose steps --step counts (shared libraries)")
     args = parser.parse_args(argv)
     try:
-        from gym_core.plugin.startup import bootstrap
+        from gym_core.api import bootstrap
 
         store = store_for(args.path, bootstrap())
         if args.writer is not None:

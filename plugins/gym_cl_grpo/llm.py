@@ -46,7 +46,7 @@ class LocalLLM(ChatLLM):
         super().__init__(cfg, policy)
 
     def chat(self, conversations: list[list[Message]]) -> list[str]:
-        from gym_core.sampling.generation import Sampling, sample
+        from gym_core.api import Sampling, sample
 
         greedy = self.cfg.temperature <= 0
         sampling = Sampling(do_sample=not greedy, temperature=1.0 if greedy
