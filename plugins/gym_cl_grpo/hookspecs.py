@@ -65,3 +65,18 @@ def gym_add_llms(registry: Registry) -> None:
 
     All implementations are called; a duplicate name is an error.
     """
+
+
+@hookspec
+def gym_add_policies(registry: Registry) -> None:
+    """Register where training-free GRPO's rollouts and held-out answers come from
+    (``policy=<name>``, in the config with ``algorithm=cl_grpo``): ``local`` (the loaded
+    model) and ``api`` (an OpenAI-compatible endpoint) are built in.
+
+    :param registry: call ``registry.add(name, config, impl)``; ``config`` derives from
+        ``gym_cl_grpo.PolicyConfig``; ``impl`` (see ``gym_cl_grpo.policy``) is built as
+        ``impl(cfg, ledger)`` and answers ``answer(messages_list, max_tokens,
+        temperature, seeds) -> list[Reply]``, or is the local model (``local = True``).
+
+    All implementations are called; a duplicate name is an error.
+    """
