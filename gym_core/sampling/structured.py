@@ -78,8 +78,6 @@ def new_matcher(tokenizer, grammar_text: str, n_vocab: int):
 def mask_logits(matchers: list[Any], logits: torch.Tensor, eos: int) -> torch.Tensor:
     """``logits`` [len(matchers), V] with what each row's matcher forbids at -inf (rows
     whose matcher is None are left alone). A matcher in an error state allows only EOS."""
-    from llguidance.torch import fill_next_token_bitmask
-
     index = [i for i, m in enumerate(matchers) if m is not None]
     if not index:
         return logits
@@ -90,7 +88,8 @@ def mask_logits(matchers: list[Any], logits: torch.Tensor, eos: int) -> torch.Te
         if m.is_error():
             bitmask[j, eos // 32] = 1 << (eos % 32)
             continue
-        fill_next_token_bitmask(m, bitmask, j)
+        row = bitmask[j]  # (llguidance.torch's helper would import torch.compile: 15 s)
+        m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
     bits = torch.arange(32, dtype=torch.int32)
     allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(len(index), -1)[:, :vocab].bool()
     logits = logits.clone()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gym_cl_grpo.experience import OPERATIONS, Experience
+from gym_cl_grpo.experience import Experience
 from gym_core.api import GymError
 
 # Injection (§8): one sentence asking the model to read the experiences first, then one
@@ -237,9 +237,10 @@ def update_messages(shown: dict[str, Experience], lessons: list[str], max_operat
 
 
 def _text(max_chars: int) -> dict:
-    """A lesson or experience in a structured reply: one line, at most ``max_chars``."""
+    """A lesson or experience in a structured reply: at most ``max_chars``, no control
+    characters (one line; a small model cannot spend its tokens on escapes)."""
     return {"type": "string", "minLength": 1, "maxLength": max_chars,
-            "pattern": "^[^\\n\\r]+$"}
+            "pattern": "^[^\\x00-\\x1f\\x7f]+$"}
 
 
 def text_limit(max_words: int) -> int:
@@ -258,18 +259,26 @@ def lessons_schema(max_lessons: int, max_chars: int = 400) -> dict:
 def operations_schema(shown: dict[str, Experience], max_operations: int,
                       max_chars: int = 400) -> dict:
     """The batch update's structured reply, the library-operations schema:
-    ``{"operations": [{"operation", "id", "content"}, ...]}`` where ``id`` is one of the
-    ids shown (or null) and at most ``max_operations`` operations."""
-    ids = {"enum": list(shown)} if shown else {"type": "null"}
-    item = {"type": "object", "additionalProperties": False,
-            "required": ["operation", "id", "content"],
-            "properties": {"operation": {"enum": list(OPERATIONS)},
-                           "id": {"anyOf": [ids, {"type": "null"}]} if shown else ids,
-                           "content": {"anyOf": [_text(max_chars), {"type": "null"}]}}}
+    ``{"operations": [...]}``, at most ``max_operations`` items, each one of ADD (``id``
+    null, new ``content``), UPDATE (``id`` one of the ids shown, new ``content``), DELETE
+    (an id shown, ``content`` null) or NONE (both null); with an empty library only ADD
+    and NONE. A reply that follows it is a list of valid operations."""
+    null = {"type": "null"}
+
+    def op(kind, id_, content):
+        return {"type": "object", "additionalProperties": False,
+                "required": ["operation", "id", "content"],
+                "properties": {"operation": {"const": kind}, "id": id_, "content": content}}
+
+    kinds = [op("ADD", null, _text(max_chars))]
+    if shown:
+        ids = {"enum": list(shown)}
+        kinds += [op("UPDATE", ids, _text(max_chars)), op("DELETE", ids, null)]
+    kinds.append(op("NONE", null, null))
     return {"title": "library_operations", "type": "object", "additionalProperties": False,
             "required": ["operations"],
-            "properties": {"operations": {"type": "array", "items": item, "minItems": 1,
-                                          "maxItems": max_operations}}}
+            "properties": {"operations": {"type": "array", "items": {"anyOf": kinds},
+                                          "minItems": 1, "maxItems": max_operations}}}
 
 
 def _verdict(reward: float) -> str:
