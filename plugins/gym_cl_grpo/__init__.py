@@ -52,6 +52,9 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
     # where the library goes: "system" (main branch: appended to the system
     # instructions) or "user" (preview: after the problem in the user turn)
     inject_into: str = "system"
+    # tokens of one trajectory summary (None: llm.max_new_tokens); G of them go into one
+    # group-comparison prompt, so this bounds its length
+    summary_max_new_tokens: int | None = None
     # the paper's options (docs/algorithms.md §8): the summaries and the group comparison
     # see the reference answer (True), or only the rewards (False)
     use_groundtruth: bool = True

@@ -237,7 +237,8 @@ class TrainingFreeGRPO(Algorithm):
         # 2. one summary per trajectory of the kept groups
         convs = [prompts.summary_messages(g.question, c, r, g.answer if gt else None, t)
                  for g in groups for c, r in zip(g.completions, g.rewards)]
-        replies = iter(self.llm.chat(convs) if convs else [])
+        replies = iter(self.llm.chat(convs, max_new_tokens=self.cfg.summary_max_new_tokens)
+                       if convs else [])
         attempts: list[list[tuple[float, str]]] = []
         for g in groups:
             attempts.append([(r, (next(replies) or "").strip()) for r in g.rewards])

@@ -59,8 +59,10 @@ def gym_add_llms(registry: Registry) -> None:
     :param registry: call ``registry.add(name, config, impl)``. ``name`` becomes the
         option ``llm=<name>`` (in the config with ``algorithm=cl_grpo``); ``config``
         derives from ``LLMConfig``; ``impl(cfg, policy)`` builds a ``ChatLLM`` (both from
-        ``gym_cl_grpo.api``) whose ``chat(conversations) -> list[str]`` answers a batch of
-        message lists. Secrets (API keys) are read from the environment by the
+        ``gym_cl_grpo.api``) whose ``chat(conversations, *, schema=None,
+        max_new_tokens=None) -> list[str]`` answers a batch of message lists (``schema``:
+        the JSON schema a structured reply follows, which a back-end may ignore;
+        ``max_new_tokens``: this call's limit). Secrets (API keys) are read from the environment by the
         implementation, never stored in the config.
 
     All implementations are called; a duplicate name is an error.

@@ -30,12 +30,13 @@ class ChatLLM:
         self.calls = 0  # conversations answered, for the step's metrics
         self.retries = 0  # requests a remote back-end had to repeat, for the step's metrics
 
-    def chat(self, conversations: list[list[Message]], *, schema: dict | None = None
-             ) -> list[str]:
+    def chat(self, conversations: list[list[Message]], *, schema: dict | None = None,
+             max_new_tokens: int | None = None) -> list[str]:
         """One reply per conversation (a list of ``{"role", "content"}`` messages).
         ``schema``: the JSON schema the replies should follow; a back-end that can
         constrain its output to it (``structured=True``) does, the others ignore it
-        (the replies are parsed leniently either way)."""
+        (the replies are parsed leniently either way). ``max_new_tokens``: this call's
+        limit instead of the config's."""
         raise NotImplementedError
 
 
@@ -49,8 +50,8 @@ class LocalLLM(ChatLLM):
             raise GymError("llm=local answers with the policy model, but none was given")
         super().__init__(cfg, policy)
 
-    def chat(self, conversations: list[list[Message]], *, schema: dict | None = None
-             ) -> list[str]:
+    def chat(self, conversations: list[list[Message]], *, schema: dict | None = None,
+             max_new_tokens: int | None = None) -> list[str]:
         from gym_core.sampling.generation import Sampling, sample
 
         greedy = self.cfg.temperature <= 0
@@ -68,7 +69,8 @@ class LocalLLM(ChatLLM):
 
                 kw["logits_mask"] = json_masks(self.policy.tokenizer, schema, len(chunk))
             out = sample(self.policy.model, self.policy.tokenizer, chunk, system_prompt=None,
-                         max_new_tokens=self.cfg.max_new_tokens, sampling=sampling, **kw)
+                         max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+                         sampling=sampling, **kw)
             replies.extend(out.texts)
         self.calls += len(conversations)
         return replies
@@ -86,14 +88,16 @@ class SamePolicyLLM(ChatLLM):
         self.local = None if backend is not None else LocalLLM(
             _LocalView(cfg), policy)
 
-    def chat(self, conversations: list[list[Message]], *, schema: dict | None = None
-             ) -> list[str]:
+    def chat(self, conversations: list[list[Message]], *, schema: dict | None = None,
+             max_new_tokens: int | None = None) -> list[str]:
         if self.local is not None:
-            replies = self.local.chat(conversations, schema=schema)
+            replies = self.local.chat(conversations, schema=schema,
+                                      max_new_tokens=max_new_tokens)
         else:
             fmt = response_format(schema) if schema is not None and self.cfg.structured else None
             before = self.backend.retries
-            replies = self.backend.chat(conversations, max_tokens=self.cfg.max_new_tokens,
+            replies = self.backend.chat(conversations,
+                                        max_tokens=max_new_tokens or self.cfg.max_new_tokens,
                                         temperature=self.cfg.temperature, response_format=fmt)
             self.backend.calls -= len(conversations)  # counted here, as reflection calls
             self.retries += self.backend.retries - before

@@ -61,7 +61,9 @@ class OpenAIChat(ChatLLM):
         return f"OpenAIChat(url={self.url!r}, model={self.cfg.model!r})"
 
     def chat(self, conversations: list[list[Message]], *, schema: dict | None = None,
-             **overrides) -> list[str]:
+             max_new_tokens: int | None = None, **overrides) -> list[str]:
+        if max_new_tokens:
+            overrides["max_tokens"] = max_new_tokens
         if schema is not None and getattr(self.cfg, "structured", False):
             from gym_cl_grpo.llm import response_format
 

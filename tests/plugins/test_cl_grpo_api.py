@@ -141,17 +141,29 @@ def test_the_sampler_constrains_each_row(tiny_overrides):
 # ---------------------------------------------------------------------------------------
 
 
+SHORT = {  # the tiny model's context is 1024 byte-level tokens: terse stage templates
+    "summary.txt": "Summarize.{groundtruth}\nQ: {problem}\nA: {trajectory}\n{grade}",
+    "group_comparison.txt": "Up to {max_lessons} lessons.{groundtruth}\n{problem}\n{attempts}",
+    "batch_update.txt": "Library:\n{library}\nNew:\n{lessons}\nAt most {max_operations} ops.",
+}
+
+
 @pytest.fixture
-def api_overrides(tiny_overrides, served, monkeypatch):
+def api_overrides(tiny_overrides, served, monkeypatch, tmp_path):
     monkeypatch.setenv("GYM_TEST_KEY", KEY)
     url = f"{served.url}/v1"
+    (tmp_path / "short").mkdir()
+    for name, text in SHORT.items():
+        (tmp_path / "short" / name).write_text(text)
     return [*tiny_overrides, "algorithm=cl_grpo", "algorithm.num_generations=4",
             "algorithm.max_completion_length=8", "algorithm.rewards=[digit_share]",
-            "trainer.eval_size=4", "experience_store=json", "algorithm.max_experience_words=3", "algorithm.max_operations=2",
+            "trainer.eval_size=4", "experience_store=json", f"algorithm.prompts_dir={tmp_path}/short",
+            "algorithm.max_experience_words=2", "algorithm.max_operations=1",
+            "algorithm.lessons_per_group=1", "algorithm.summary_max_new_tokens=40",
             "policy=api", f"policy.base_url={url}", "policy.model=tiny",
             "policy.api_key_env=GYM_TEST_KEY", "policy.input_price=0.5",
             "policy.output_price=2", "llm=openai", f"llm.base_url={url}", "llm.model=teacher",
-            "llm.api_key_env=GYM_TEST_KEY", "llm.max_new_tokens=600", "llm.input_price=1",
+            "llm.api_key_env=GYM_TEST_KEY", "llm.max_new_tokens=150", "llm.input_price=1",
             "llm.output_price=4"]
 
 
@@ -196,7 +208,7 @@ def test_api_policy_and_structured_lessons_against_gym_serve(tmp_path, api_overr
 
 def test_the_same_endpoint_reflects_with_llm_policy(tmp_path, api_overrides, with_digit_reward):
     over = [o for o in api_overrides if not o.startswith("llm.")]
-    over = [o for o in over if o != "llm=openai"] + ["llm=policy", "llm.max_new_tokens=600"]
+    over = [o for o in over if o != "llm=openai"] + ["llm=policy", "llm.max_new_tokens=150"]
     run = tmp_path / "run"
     run_mod.run_job(compose([*over, "trainer.max_steps=1", "trainer.eval_before=false"]),
                     run_dir=run)
