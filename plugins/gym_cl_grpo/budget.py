@@ -45,6 +45,7 @@ class Ledger:
         self.lock = threading.Lock()
         self.total = empty()
         self.by_endpoint: dict[str, dict[str, float]] = {}
+        self.last_step: dict[str, float] | None = None  # what the last complete step took
         if self.path is not None and self.path.exists():
             self._load()
 
@@ -55,12 +56,14 @@ class Ledger:
             by = {name: {k: row[k] for k in FIELDS} for name, row in data["by_endpoint"].items()}
             if not all(isinstance(v, (int, float)) for v in total.values()):
                 raise ValueError("a total is not a number")
+            last = data.get("last_step")
+            last = None if last is None else {k: float(last[k]) for k in FIELDS}
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise GymError(
                 f"{self.path} is not gym's API usage record ({type(exc).__name__}: {exc}); it "
                 "holds what this run's API calls cost so far: restore it, or move it away "
                 "to count from zero") from None
-        self.total, self.by_endpoint = total, by
+        self.total, self.by_endpoint, self.last_step = total, by, last
 
     # -- the budget ---------------------------------------------------------------------
     def spent_line(self) -> str:
@@ -87,6 +90,12 @@ class Ledger:
                 f"{self.path}); raise it and run the same command again: the run resumes "
                 "from its last checkpoint and the experience library goes back to that step")
 
+    def end_step(self, used: dict[str, float]) -> None:
+        """Record what a complete step took (the estimate of the next one's cost)."""
+        with self.lock:
+            self.last_step = dict(used)
+            self._save()
+
     def remaining_fraction(self, per_step: dict[str, float]) -> bool:
         """Whether another step costing about ``per_step`` still fits the budget."""
         t = self.total
@@ -112,6 +121,7 @@ class Ledger:
     def _save(self) -> None:
         if self.path is not None:
             write_json(self.path, {"total": self.total, "by_endpoint": self.by_endpoint,
+                                   "last_step": self.last_step,
                                    "max_api_tokens": self.max_tokens,
                                    "max_api_cost": self.max_cost})
 

@@ -103,6 +103,9 @@ class TrainingFreeGRPO(Algorithm):
                 raise GymError(f"the API budget {limit} is already spent "
                                f"({self.ledger.spent_line()}, recorded in {self.ledger.path}); "
                                "raise it to continue this run")
+            self._last_step_usage = self.ledger.last_step
+            if self.stop_reason():  # a resumed run whose budget does not fit another step
+                raise GymError(self._budget_line("the API budget has no room for another step"))
         self.store = open_store(cfg, plugins, run_dir)  # a bad library fails here
         if acfg.library_init:
             self._import_library(Path(acfg.library_init))
@@ -155,13 +158,17 @@ class TrainingFreeGRPO(Algorithm):
             return None
         if self.ledger.remaining_fraction(last):
             return None
-        return (f"stopping at the API budget after step {self.library_step}: "
+        return self._budget_line(f"stopping at the API budget after step {self.library_step}")
+
+    def _budget_line(self, what: str) -> str:
+        last = self._last_step_usage
+        return (f"{what}: "
                 f"{self.ledger.spent_line()} spent, and the last step cost "
                 f"{last['cost']:.6g} USD / {int(last['input_tokens'] + last['output_tokens'])} "
                 f"tokens (algorithm.max_api_cost={self.cfg.max_api_cost}, "
                 f"algorithm.max_api_tokens={self.cfg.max_api_tokens}). The checkpoint and the "
-                "library are at this step: raise the budget and run the same command again "
-                "to continue")
+                "library are at the last complete step: raise the budget and run the same "
+                "command again to continue")
 
     # -- an API policy ------------------------------------------------------------------
     def sample_batch(self, examples, seeds, engine):
@@ -297,6 +304,7 @@ class TrainingFreeGRPO(Algorithm):
         if self.ledger is not None and self._step_usage is not None:
             used = difference(self.ledger.snapshot(), self._step_usage)
             self._last_step_usage, self._step_usage = used, None
+            self.ledger.end_step(used)
             if used["calls"] or self.api is not None:
                 m.update({f"api_{k}": used[k] for k in FIELDS})
                 m["api_latency_mean"] = used["seconds"] / used["calls"] if used["calls"] else 0.0
