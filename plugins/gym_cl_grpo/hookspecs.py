@@ -75,6 +75,8 @@ def gym_add_policies(registry: Registry) -> None:
     (``policy=<name>``, in the config with ``algorithm=cl_grpo``): ``local`` (the loaded
     model) and ``api`` (an OpenAI-compatible endpoint) are built in.
 
+    Called once at start-up, after ``gym_cl_grpo`` declared the family.
+
     :param registry: call ``registry.add(name, config, impl)``; ``config`` derives from
         ``gym_cl_grpo.PolicyConfig``; ``impl`` (see ``gym_cl_grpo.policy``) is built as
         ``impl(cfg, ledger)`` and answers ``answer(messages_list, max_tokens,
