@@ -62,6 +62,7 @@ _LAZY = {
     # sampling (the sampler a policy's ``sample`` uses, for other renderings of the prompts)
     "Sampling": "gym_core.sampling.generation",
     "sample": "gym_core.sampling.generation",
+    "json_masks": "gym_core.sampling.structured",
     # data
     "Task": "gym_core.data.tasks",
     "read_jsonl": "gym_core.data.tasks",
@@ -151,6 +152,7 @@ if TYPE_CHECKING:
     from gym_core.plugin.startup import bootstrap, compose
     from gym_core.sampling.generation import Sampling, sample
     from gym_core.sampling.rollout import Rollout
+    from gym_core.sampling.structured import json_masks
     from gym_core.train.algorithm import Algorithm, Updater
     from gym_core.train.distributed import (
         mean_over_ranks,

@@ -58,3 +58,9 @@ def test_the_guides_commands_run(tmp_path):
     assert '"object":"chat.completion"' in out.stdout
     assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout
     assert "<title>gym · Runs</title>" in out.stdout  # the web UI answered
+    # training-free GRPO with the served tiny model as the API policy: the library
+    # exported in the paper's format, the run's API cost in its summary
+    assert isinstance(json.loads((tmp_path / "library.json").read_text()), dict)
+    assert re.search(r"^[0-9.e-]+ USD$", out.stdout, re.M)
+    usage = json.loads((runs / "tfgrpo-api" / "api_usage.json").read_text())
+    assert usage["total"]["calls"] > 0 and "local-secret" not in json.dumps(usage)

@@ -105,6 +105,7 @@ def generate(
     row_seeds: list[int] | None = None,
     fused: bool | None = None,
     with_logprobs: bool = False,
+    logits_mask=None,
 ):
     """Completions [B * num_samples, T <= max_new_tokens] for left-padded prompts [B, P];
     rows of one prompt are contiguous. Positions after a row's EOS hold ``pad_token_id``.
@@ -118,6 +119,9 @@ def generate(
     picks.
     ``with_logprobs``: also return the sampler's log-prob of each drawn token [N, T]
     (0 after a row's end), for the trainer's mismatch correction (docs/algorithms.md §3).
+    ``logits_mask``: per-row constrained decoding, an object with ``apply(rows, logits)
+    -> logits`` (forbidden tokens at -inf for the output rows ``rows``) and
+    ``advance(rows, tokens)``, e.g. :class:`gym_core.sampling.structured.JsonConstraint`.
     """
     total = prompt_ids.shape[1] + max_new_tokens
     decoder = None
@@ -154,11 +158,17 @@ def generate(
     prompt_len = prompt_ids.shape[1]
     if decoder is not None:
         return _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
-                           eos_token_id)
+                           eos_token_id, logits_mask)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    every_row = torch.arange(n)
     width = 0
     for step in range(max_new_tokens):
+        if logits_mask is not None:
+            logits = logits_mask.apply(every_row, logits)
         tok, lp = draw(logits, sampling, generators, with_logprobs=logps is not None)
+        if logits_mask is not None:
+            live = (~done).nonzero().squeeze(1).cpu()
+            logits_mask.advance(live, tok.cpu()[live])
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         tokens[:, step] = tok
         if logps is not None:
@@ -182,7 +192,7 @@ COMPACT_AT = 0.5
 
 
 def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
-                eos_token_id):
+                eos_token_id, logits_mask=None):
     """The decode loop on :class:`gym_core.sampling.fused.FusedDecoder`. Its weights are packed for
     one batch size, and a packed product costs about the same for any number of rows
     up to it (the weights' memory traffic dominates), so a finished row stays in the
@@ -198,8 +208,12 @@ def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators
         act = None if every else alive.nonzero().squeeze(1)
         lg = logits if every else logits.index_select(0, act)
         gens = generators if every or generators is None else [generators[i] for i in act.tolist()]
-        tok, lp = draw(lg, sampling, gens, with_logprobs=logps is not None)
         out_rows = rows if every else rows[act]
+        if logits_mask is not None:
+            lg = logits_mask.apply(out_rows.cpu(), lg)
+        tok, lp = draw(lg, sampling, gens, with_logprobs=logps is not None)
+        if logits_mask is not None:
+            logits_mask.advance(out_rows.cpu(), tok.cpu())
         tokens[out_rows, step] = tok
         if logps is not None:
             logps[out_rows, step] = lp
@@ -259,7 +273,7 @@ _warned_cut: set[int] = set()  # the limits a prompt-cut warning was printed for
 def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
            max_new_tokens: int, sampling: Sampling, num_samples: int = 1,
            row_seeds: list[int] | None = None, max_prompt_length: int | None = None,
-           with_logprobs: bool = False) -> Samples:
+           with_logprobs: bool = False, logits_mask=None) -> Samples:
     """The one sampling path (rollouts, evaluation, a policy answering as a chat model):
     render the prompts (strings or chat messages) with the chat template, tokenize,
     generate with the KV cache (each prompt prefilled once for its ``num_samples`` rows),
@@ -267,7 +281,8 @@ def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
     tokens keeps its last ones, as offline batches do (:func:`gym_core.data.batching.
     encode_completions`): the end holds the question and the assistant turn's start; a
     warning says so the first time. ``with_logprobs``: also record the sampler's
-    log-prob of each drawn token (:attr:`Samples.logprobs`)."""
+    log-prob of each drawn token (:attr:`Samples.logprobs`). ``logits_mask``: constrained
+    decoding per output row (:func:`generate`)."""
     texts = render_prompts(tokenizer, prompts, system_prompt)
     ids = tokenizer(texts, add_special_tokens=False).input_ids
     cut = 0
@@ -298,7 +313,8 @@ def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
         ids = generate(model, prompt_ids, prompt_mask, num_samples=num_samples,
                        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, sampling=sampling,
-                       row_seeds=row_seeds, with_logprobs=with_logprobs)
+                       row_seeds=row_seeds, with_logprobs=with_logprobs,
+                       logits_mask=logits_mask)
     finally:
         model.train(was_training)
     logprobs = None

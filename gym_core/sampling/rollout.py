@@ -86,20 +86,7 @@ class RolloutEngine:
         )
         completions = out.texts
         rows = [ex for ex in examples for _ in range(g)]
-        prompts = [ex["prompt"] for ex in rows]
-        total = torch.zeros(len(rows))
-        scored = torch.zeros(len(rows), dtype=torch.bool)
-        metrics = {}
-        for name, fn, weight in self.rewards:
-            values = fn(prompts, completions, rows)
-            if len(values) != len(rows):
-                raise GymError(
-                    f"reward '{name}' returned {len(values)} values for {len(rows)} completions"
-                )
-            r = torch.tensor([float("nan") if v is None else v for v in values])
-            metrics[f"rewards/{name}"] = r.nanmean().item()
-            total += weight * torch.nan_to_num(r, nan=0.0)
-            scored |= ~torch.isnan(r)
+        total, scored, metrics = self.score(rows, completions)
         return Rollout(
             prompt_ids=out.prompt_ids,
             prompt_mask=out.prompt_mask,
@@ -115,6 +102,27 @@ class RolloutEngine:
             sampler_logp=out.logprobs,
             scorable=scored.to(out.completion_ids.device),
         )
+
+    def score(self, rows: list[dict[str, Any]], completions: list[str]
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The weighted reward of each completion (of its row), whether any reward
+        function scored it, and each function's mean (also for rollouts sampled
+        elsewhere, e.g. by an API policy)."""
+        prompts = [ex["prompt"] for ex in rows]
+        total = torch.zeros(len(rows))
+        scored = torch.zeros(len(rows), dtype=torch.bool)
+        metrics = {}
+        for name, fn, weight in self.rewards:
+            values = fn(prompts, completions, rows)
+            if len(values) != len(rows):
+                raise GymError(
+                    f"reward '{name}' returned {len(values)} values for {len(rows)} completions"
+                )
+            r = torch.tensor([float("nan") if v is None else v for v in values])
+            metrics[f"rewards/{name}"] = r.nanmean().item()
+            total += weight * torch.nan_to_num(r, nan=0.0)
+            scored |= ~torch.isnan(r)
+        return total, scored, metrics
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

@@ -103,9 +103,42 @@ class _Sampling(_Body):
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes
 
 
+class JsonSchemaSpec(_Body):
+    name: str = "response"
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
 class ChatBody(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # OpenAI's structured output, enforced by constrained decoding
+    # (gym_core.sampling.structured)
+    response_format: ResponseFormat | None = None
+
+
+def _response_grammar(fmt: ResponseFormat | None) -> str | None:
+    """The grammar of ``response_format`` (None: free text); a schema that cannot be
+    compiled is a 400 naming it."""
+    if fmt is None or fmt.type == "text":
+        return None
+    from gym_core.base.errors import GymError
+    from gym_core.sampling import structured
+
+    if fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+        raise APIError(400, "response_format json_schema needs json_schema.schema",
+                       param="response_format")
+    schema = structured.ANY_OBJECT if fmt.type == "json_object" else fmt.json_schema.schema_
+    try:
+        return structured.grammar(schema)
+    except GymError as exc:
+        raise APIError(400, str(exc), param="response_format") from None
 
 
 class CompletionBody(_Sampling):
@@ -230,7 +263,9 @@ def create_app(server: Server) -> FastAPI:
 
         ids = await run_in_threadpool(tokenize)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _complete(server, request, body, variant, [ids], max_tokens, chat=True)
+        grammar = _response_grammar(body.response_format)
+        return await _complete(server, request, body, variant, [ids], max_tokens, chat=True,
+                               grammar=grammar)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -376,8 +411,10 @@ def _check(server: Server, body: _Sampling, prompts: list[list[int]], max_tokens
 
 
 async def _complete(server: Server, http: Request, body: _Sampling, variant, prompts,
-                    max_tokens, *, chat: bool):
+                    max_tokens, *, chat: bool, grammar: str | None = None):
     params = _check(server, body, prompts, max_tokens)
+    for prm in params:
+        prm.grammar = grammar
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     reqs: list[EngineRequest] = []

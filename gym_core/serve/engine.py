@@ -284,6 +284,9 @@ class Params:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
+    # response_format: the llguidance grammar the completion follows
+    # (gym_core.sampling.structured), None: free text
+    grammar: str | None = None
 
 
 @dataclass
@@ -330,6 +333,7 @@ class _Row:
         self.prefix = self.read = 0  # incremental detokenization offsets
         self.holdback = max((len(s) for s in p.stop), default=1) - 1
         self.finish: str | None = None
+        self.matcher = None  # response_format's grammar matcher, made at the first token
 
     def push(self, token: int) -> None:
         """Take one sampled token: update the text, decide whether the row is done, emit
@@ -546,6 +550,16 @@ class Engine:
         """Each row's next token with its own parameters: greedy rows by argmax, sampled
         rows grouped by (temperature, top_p), each drawing from its own generator
         (gym_core.sampling.generation's sampler), so a row's tokens never depend on its batch."""
+        constrained = [row.req.params.grammar is not None for row in rows]
+        if any(constrained):  # response_format: what the grammar forbids gets -inf
+            from gym_core.sampling import structured
+
+            eos = self.tok.eos_token_id
+            for row, c in zip(rows, constrained):
+                if c and row.matcher is None:
+                    row.matcher = structured.new_matcher(self.tok, row.req.params.grammar,
+                                                         logits.shape[-1])
+            logits = structured.mask_logits([r.matcher for r in rows], logits, eos)
         out = logits.argmax(dim=-1)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(rows):
@@ -555,4 +569,8 @@ class Engine:
             s = rows[idx[0]].sampling
             out[idx] = next_tokens(logits[idx], s, [rows[i].generator for i in idx])
         self.stats["tokens"] += len(rows)
-        return out.tolist()
+        tokens = out.tolist()
+        if any(constrained):
+            for row, t in zip(rows, tokens):
+                structured.consume(row.matcher, t, eos)
+        return tokens

@@ -45,6 +45,25 @@ class Algorithm:
         experience library) into ``example["prompt"]`` here. Default: unchanged."""
         return examples
 
+    def sample_batch(self, examples: list[dict[str, Any]], seeds: list[int], engine) -> Any:
+        """Online methods: the rollouts of one batch of examples. Default: the core's
+        rollout engine on :meth:`transform_examples`. A training-free method whose policy
+        is a remote model (an OpenAI-compatible API) samples there instead and returns a
+        :class:`~gym_core.sampling.rollout.Rollout` of the texts it got."""
+        return engine.generate(self.transform_examples(examples), seeds)
+
+    def answer(self, examples: list[dict[str, Any]], max_new_tokens: int) -> list[str] | None:
+        """The policy's greedy answers to held-out ``examples`` (already through
+        :meth:`transform_examples`), or None (the default) for the local model's, which
+        the core samples itself. A method whose policy is remote answers here."""
+        return None
+
+    def stop_reason(self) -> str | None:
+        """Checked after every step: a reason to end the run there (a spent API budget).
+        The loop writes a checkpoint of the step first, so the same command resumes from
+        it, then stops with the reason as its one-line error. Default: None."""
+        return None
+
     @property
     def needs_reference(self) -> bool:
         """True when the loss uses reference log-probs (the core then keeps a frozen

@@ -131,7 +131,12 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         """Held-out score; the test prompts are split over the ranks of ``shared``."""
         if metric_fn is None:  # e.g. preference data without verifiable answers
             return None
-        return evaluate(model, policy.tokenizer, algo.transform_examples(test), metric_fn,
+        shown = algo.transform_examples(test)
+        texts = algo.answer(shown, tcfg.eval_max_new_tokens)  # a remote policy answers itself
+        if texts is not None:
+            prompts = [ex["prompt"] for ex in shown]
+            return sum(metric_fn(prompts, texts, shown)) / len(shown) if shown else None
+        return evaluate(model, policy.tokenizer, shown, metric_fn,
                         system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
                         max_new_tokens=tcfg.eval_max_new_tokens, desc=desc, dist=shared,
                         max_prompt_length=cfg.algorithm.get("max_prompt_length"))

@@ -215,7 +215,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 examples = [task.train[i] for i in chosen[mine]]
                 seeds = [tcfg.seed * 1_000_003 + p for p in range(first, first + len(chosen))][mine]
                 if engine is not None:
-                    batch = engine.generate(algo.transform_examples(examples), seeds)
+                    batch = algo.sample_batch(examples, seeds, engine)
                     batch_metrics.append(rollout_metrics(batch))
                 else:
                     batch = algo.collate(examples)
@@ -276,6 +276,11 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             if (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps:
                 checkpoint(step)
                 saved = step
+            reason = algo.stop_reason()  # e.g. a spent API budget: stop with a checkpoint
+            if reason:
+                if saved != step:
+                    checkpoint(step)
+                raise GymError(reason)
             signum = stop.agreed(dist) if stop is not None else None
             if signum:
                 if saved != step:

@@ -7,7 +7,9 @@ The two families the method needs belong to this plugin, not to the core: it dec
 them through ``gym_add_families`` (hook specs in :mod:`gym_cl_grpo.hookspecs`, base
 classes in :mod:`gym_cl_grpo.api`), and ``algorithm=cl_grpo`` pulls their config groups
 into the run's config (a GRPO run's config has no ``experience_store`` or ``llm``).
-Built-in options: ``experience_store=json|sqlite`` and ``llm=local|openai``.
+Built-in options: ``experience_store=json|sqlite``, ``llm=local|openai|policy`` and
+``policy=local|api`` (the model whose answers the library improves: the loaded model,
+or any OpenAI-compatible endpoint, the paper's setting).
 
 Cheap to import: config dataclasses and registration hooks only.
 """
@@ -20,7 +22,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from gym_cl_grpo import hookspecs
-from gym_core.api import OnlineAlgorithmConfig, hookimpl
+from gym_core.api import DataConfig, OnlineAlgorithmConfig, hookimpl
 
 
 @dataclass
@@ -35,6 +37,7 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
     defaults: list[Any] = field(default_factory=lambda: [
         {"/experience_store@_global_.experience_store": "json"},
         {"/llm@_global_.llm": "local"},
+        {"/policy@_global_.policy": "local"},
         "_self_",
     ])
     name: str = "cl_grpo"
@@ -49,6 +52,27 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
     # where the library goes: "system" (main branch: appended to the system
     # instructions) or "user" (preview: after the problem in the user turn)
     inject_into: str = "system"
+    # tokens of one trajectory summary (None: llm.max_new_tokens); G of them go into one
+    # group-comparison prompt, so this bounds its length
+    summary_max_new_tokens: int | None = None
+    # the paper's options (docs/algorithms.md §8): the summaries and the group comparison
+    # see the reference answer (True), or only the rewards (False)
+    use_groundtruth: bool = True
+    # at most this many operations per group update reply are applied (the paper's
+    # semantic_max_operations); the structured schema asks for no more
+    max_operations: int = 3
+    # a folder of prompt templates replacing the built-in ones, one file per stage:
+    # solve.txt, summary.txt, group_comparison.txt, batch_update.txt (gym_cl_grpo/prompts.py
+    # names each file's {placeholders}); missing files keep the built-in template
+    prompts_dir: str | None = None
+    # a library in the paper's {"G0": "...", ...} format to start from (imported as the
+    # library's step 1 when it has no steps yet; a library with steps is kept as it is)
+    library_init: str | None = None
+    # the run's API budget over every endpoint (policy and llm; None: no limit). At a
+    # step's end the run stops, with a checkpoint, when another step like the last one
+    # would not fit; no request leaves once it is spent. Raise it and rerun to resume.
+    max_api_tokens: int | None = None
+    max_api_cost: float | None = None  # USD, priced with each endpoint's prices
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,6 +127,9 @@ class LocalLLMConfig(LLMConfig):
 
     name: str = "local"
     batch_size: int = 8  # conversations per generate call
+    # constrained decoding (gym_core.sampling.structured): the lesson and operation
+    # replies follow their JSON schemas, so even a small model writes valid operations
+    structured: bool = True
 
 
 @dataclass
@@ -121,12 +148,86 @@ class OpenAIChatConfig(LLMConfig):
     backoff_s: float = 1.0  # first wait; doubles each retry (Retry-After wins on 429)
     max_backoff_s: float = 60.0
     concurrency: int = 8  # requests in flight at once
+    # USD per million tokens, this endpoint's model (charged from each reply's usage)
+    input_price: float = 0.0
+    output_price: float = 0.0
+    # ask for JSON replies that follow the stage's schema (OpenAI response_format
+    # json_schema; gym_core.serve enforces it by constrained decoding)
+    structured: bool = True
+
+
+@dataclass
+class SamePolicyLLMConfig(LLMConfig):
+    """The policy's own endpoint (``policy=api``) or model (``policy=local``) reflects
+    too, as in the paper (one model acts and reflects); its generation settings here,
+    its endpoint, key, prices and budget the policy's."""
+
+    name: str = "policy"
+    structured: bool = True
+
+
+# ----------------------------------------------------------------------------------------
+# policy: the model whose answers the library improves
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyConfig:
+    """Base of every ``policy=<name>`` option."""
+
+    name: str = MISSING
+
+
+@dataclass
+class LocalPolicyConfig(PolicyConfig):
+    """The model gym loaded (``model=...``), sampled by the core's rollout engine."""
+
+    name: str = "local"
+
+
+@dataclass
+class ApiPolicyConfig(OpenAIChatConfig):
+    """An OpenAI-compatible endpoint answers the rollouts (``algorithm.num_generations``
+    requests per question at ``algorithm.temperature``, at most
+    ``algorithm.max_completion_length`` tokens) and the held-out questions (greedy,
+    ``trainer.eval_max_new_tokens``). ``max_new_tokens`` / ``temperature`` here are
+    used only when ``llm=policy`` reflects through it."""
+
+    name: str = "api"
+    structured: bool = False  # the policy answers in free text
+
+
+# ----------------------------------------------------------------------------------------
+# the paper's math domain (gym_cl_grpo/math.py)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class AimeConfig(DataConfig):
+    """AIME-format problems from local files (JSONL, or a JSON list): ``problem`` (or
+    ``question``) and ``answer`` per row; scored by ``math_verify`` on ``\\boxed{}``."""
+
+    name: str = "aime"
+    train_file: str = MISSING
+    test_file: str | None = None  # None: hold out test_fraction of train_file
+    test_fraction: float = 0.2
+
+
+@hookimpl
+def gym_add_datasets(registry):
+    registry.add("aime", AimeConfig, "gym_cl_grpo.math:aime_task")
+
+
+@hookimpl
+def gym_add_rewards(registry):
+    registry.add("math_verify", None, "gym_cl_grpo.math:math_verify_reward")
 
 
 @hookimpl
 def gym_add_families(families):
     families.add("experience_store", hook="gym_add_experience_stores", specs=hookspecs)
     families.add("llm", hook="gym_add_llms", specs=hookspecs)
+    families.add("policy", hook="gym_add_policies", specs=hookspecs)
 
 
 @hookimpl
@@ -144,3 +245,10 @@ def gym_add_experience_stores(registry):
 def gym_add_llms(registry):
     registry.add("local", LocalLLMConfig, "gym_cl_grpo.llm:LocalLLM")
     registry.add("openai", OpenAIChatConfig, "gym_cl_grpo.openai_client:OpenAIChat")
+    registry.add("policy", SamePolicyLLMConfig, "gym_cl_grpo.llm:SamePolicyLLM")
+
+
+@hookimpl
+def gym_add_policies(registry):
+    registry.add("local", LocalPolicyConfig, "gym_cl_grpo.policy:LocalPolicy")
+    registry.add("api", ApiPolicyConfig, "gym_cl_grpo.policy:ApiPolicy")

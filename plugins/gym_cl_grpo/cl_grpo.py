@@ -12,20 +12,27 @@ Per step, on the batch the core's rollout engine sampled with the library inject
    duplicate ADDs merge) and renumber G0..Gn.
 
 Steps 2-4 are batched LLM calls (``llm=local``: the policy itself; ``llm=openai``: an
-API). Replies that do not parse are skipped and counted; they never reach the library.
+API; ``llm=policy``: the policy's own endpoint). Replies that do not parse are skipped and
+counted; they never reach the library. With ``policy=api`` the rollouts and the held-out
+answers come from an OpenAI-compatible endpoint (:mod:`gym_cl_grpo.policy`); every API
+call is charged to the run's usage record and budget (:mod:`gym_cl_grpo.budget`).
 Main branch reconciles the batch with one more LLM call; here the reconciliation rules
 it asks for are applied exactly, in :func:`gym_cl_grpo.experience.apply_operations`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gym_cl_grpo import CLGRPOConfig, prompts
-from gym_cl_grpo.experience import Experience, labels, open_store
+from gym_cl_grpo.budget import FIELDS, Ledger, difference
+from gym_cl_grpo.experience import Experience, Operation, clean_text, labels, open_store
 from gym_cl_grpo.llm import make_llm
+from gym_cl_grpo.policy import as_messages
 from gym_cl_grpo.replies import parse_lessons, parse_operations
 from gym_core.api import Algorithm, GymError
 
@@ -58,8 +65,17 @@ class TrainingFreeGRPO(Algorithm):
         if cfg.lessons_per_group < 1 or cfg.max_experience_words < 1:
             raise GymError("algorithm.lessons_per_group and algorithm.max_experience_words "
                            "must be at least 1")
-        self.store = self.llm = None
+        if cfg.max_operations < 1:
+            raise GymError(f"algorithm.max_operations={cfg.max_operations} must be at least 1")
+        for key in ("max_api_tokens", "max_api_cost"):
+            value = cfg.get(key)
+            if value is not None and value < 0:
+                raise GymError(f"algorithm.{key}={value} must be at least 0 (null: no limit)")
+        self.store = self.llm = self.api = self.ledger = None
         self.system_prompt = None
+        self.templates = prompts.Templates()
+        self._step_usage: dict[str, float] | None = None  # the ledger when the step began
+        self._last_step_usage: dict[str, float] | None = None
         self.library_step = 0  # the library's step this run's rollouts start from
         self._synced = False
         self._resumed = False
@@ -68,8 +84,42 @@ class TrainingFreeGRPO(Algorithm):
     # -- wiring -------------------------------------------------------------------------
     def setup(self, cfg, run_dir, plugins) -> None:
         self.system_prompt = cfg.data.system_prompt
+        self.templates = prompts.Templates.load(self.cfg.prompts_dir)  # a bad template fails here
+        acfg = self.cfg
+        self.ledger = Ledger(Path(run_dir) / "api_usage.json", acfg.max_api_tokens,
+                             acfg.max_api_cost)
+        policy_impl = plugins.component("policy", cfg.policy.name).load()
+        self.api = None if getattr(policy_impl, "local", False) else \
+            policy_impl(cfg.policy, self.ledger)  # a missing key fails here
+        self.llm = make_llm(cfg, plugins, self.policy, ledger=self.ledger, api_policy=self.api)
+        uses_api = self.api is not None or getattr(type(self.llm), "charges_usage", False)
+        if uses_api:
+            for key in ("max_api_tokens", "max_api_cost"):
+                if acfg.get(key) == 0:
+                    raise GymError(f"algorithm.{key}=0 allows no API call, and this run calls "
+                                   "an API; raise it, or set it to null for no limit")
+            limit = self.ledger.exhausted()
+            if limit:
+                raise GymError(f"the API budget {limit} is already spent "
+                               f"({self.ledger.spent_line()}, recorded in {self.ledger.path}); "
+                               "raise it to continue this run")
+            self._last_step_usage = self.ledger.last_step
+            if self.stop_reason():  # a resumed run whose budget does not fit another step
+                raise GymError(self._budget_line("the API budget has no room for another step"))
         self.store = open_store(cfg, plugins, run_dir)  # a bad library fails here
-        self.llm = make_llm(cfg, plugins, self.policy)  # a missing key fails here
+        if acfg.library_init:
+            self._import_library(Path(acfg.library_init))
+
+    def _import_library(self, path: Path) -> None:
+        """A new library starts from a file in the paper's format (recorded as step 1 of
+        the library, before any training step would be; a library with steps is kept)."""
+        entries = read_paper_library(path)
+        if self.store.last_step() > 0:
+            print(f"gym: cl_grpo: the experience library {self.store.path} already has "
+                  f"steps; algorithm.library_init={path} is not imported again")
+            return
+        self.store.apply([Operation("ADD", text=t) for t in entries], 1)
+        print(f"gym: cl_grpo: imported {len(entries)} experiences from {path}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"library_step": self.library_step}
@@ -95,8 +145,70 @@ class TrainingFreeGRPO(Algorithm):
     def report(self) -> dict[str, Any]:
         if self.store is None:
             return {}
-        return {"library_size": len(self.store.list()), "library_step": self.library_step,
-                "library_path": str(self.store.path)}
+        out = {"library_size": len(self.store.list()), "library_step": self.library_step,
+               "library_path": str(self.store.path)}
+        if self.ledger is not None and self.ledger.total["calls"]:
+            out.update(self.ledger.report())  # what the run's API calls cost, in all
+        return out
+
+    def stop_reason(self) -> str | None:
+        """With a budget: stop after this step when another step like it would not fit."""
+        last = self._last_step_usage
+        if last is None or (self.cfg.max_api_tokens is None and self.cfg.max_api_cost is None):
+            return None
+        if self.ledger.remaining_fraction(last):
+            return None
+        return self._budget_line(f"stopping at the API budget after step {self.library_step}")
+
+    def _budget_line(self, what: str) -> str:
+        last = self._last_step_usage
+        return (f"{what}: "
+                f"{self.ledger.spent_line()} spent, and the last step cost "
+                f"{last['cost']:.6g} USD / {int(last['input_tokens'] + last['output_tokens'])} "
+                f"tokens (algorithm.max_api_cost={self.cfg.max_api_cost}, "
+                f"algorithm.max_api_tokens={self.cfg.max_api_tokens}). The checkpoint and the "
+                "library are at the last complete step: raise the budget and run the same "
+                "command again to continue")
+
+    # -- an API policy ------------------------------------------------------------------
+    def sample_batch(self, examples, seeds, engine):
+        if self._step_usage is None:
+            self._step_usage = self.ledger.snapshot()
+        shown = self.transform_examples(examples)
+        if self.api is None:
+            return engine.generate(shown, seeds)
+        import torch
+
+        from gym_core.api import Rollout
+
+        g = self.cfg.num_generations
+        convs = [as_messages(ex["prompt"], self.system_prompt) for ex in shown for _ in range(g)]
+        row_seeds = [s * 1009 + i for s in seeds for i in range(g)]
+        replies = self.api.answer(convs, max_tokens=self.cfg.max_completion_length,
+                                  temperature=self.cfg.temperature, seeds=row_seeds)
+        rows = [ex for ex in shown for _ in range(g)]
+        completions = [r.text for r in replies]
+        total, scored, metrics = engine.score(rows, completions)
+        n = len(rows)
+        lengths = [max(1, r.output_tokens or len(r.text.split())) for r in replies]
+        width = max(lengths)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        for i, k in enumerate(lengths):
+            mask[i, :k] = 1
+        return Rollout(
+            prompt_ids=torch.zeros(len(shown), 1, dtype=torch.long),
+            prompt_mask=torch.ones(len(shown), 1, dtype=torch.long),
+            completion_ids=torch.zeros(n, width, dtype=torch.long), completion_mask=mask,
+            truncated=torch.tensor([r.finish_reason == "length" for r in replies]),
+            rewards=total, group_size=g, examples=rows, completions=completions,
+            reward_metrics=metrics, scorable=scored)
+
+    def answer(self, examples, max_new_tokens):
+        if self.api is None:
+            return None
+        convs = [as_messages(ex["prompt"], self.system_prompt) for ex in examples]
+        return [r.text for r in self.api.answer(convs, max_tokens=max_new_tokens,
+                                                temperature=0.0)]
 
     # -- the library in the prompt --------------------------------------------------------
     def transform_examples(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,7 +221,8 @@ class TrainingFreeGRPO(Algorithm):
             shown = {by_key[e.key]: e for e in sorted(picked, key=lambda e: e.key)
                      if e.key in by_key}
             out.append({**ex, _QUESTION: ex["prompt"], "prompt": prompts.inject(
-                ex["prompt"], shown, self.cfg.inject_into, self.system_prompt)})
+                ex["prompt"], shown, self.cfg.inject_into, self.system_prompt,
+                self.templates.solve)})
         return out
 
     # -- one step -------------------------------------------------------------------------
@@ -123,10 +236,16 @@ class TrainingFreeGRPO(Algorithm):
         t0 = time.perf_counter()
         calls_before, retries_before = self.llm.calls, self.llm.retries
 
+        t = self.templates
+        gt = self.cfg.use_groundtruth
+        chars = prompts.text_limit(self.cfg.max_experience_words)
+        structured = bool(getattr(self.llm.cfg, "structured", False))
+
         # 2. one summary per trajectory of the kept groups
-        convs = [prompts.summary_messages(g.question, c, r, g.answer)
+        convs = [prompts.summary_messages(g.question, c, r, g.answer if gt else None, t)
                  for g in groups for c, r in zip(g.completions, g.rewards)]
-        replies = iter(self.llm.chat(convs) if convs else [])
+        replies = iter(self.llm.chat(convs, max_new_tokens=self.cfg.summary_max_new_tokens)
+                       if convs else [])
         attempts: list[list[tuple[float, str]]] = []
         for g in groups:
             attempts.append([(r, (next(replies) or "").strip()) for r in g.rewards])
@@ -137,11 +256,12 @@ class TrainingFreeGRPO(Algorithm):
         contrast = [(g, [(r, s) for r, s in a if s]) for g, a in zip(groups, attempts)]
         contrast = [(g, a) for g, a in contrast
                     if any(r > g.mean for r, _ in a) and any(r < g.mean for r, _ in a)]
-        convs = [prompts.advantage_messages(g.question, g.answer, a, self.cfg.lessons_per_group)
-                 for g, a in contrast]
+        k = self.cfg.lessons_per_group
+        convs = [prompts.advantage_messages(g.question, g.answer if gt else None, a, k, t,
+                                            structured) for g, a in contrast]
         m["groups_contrasted"] = len(contrast)
         lessons_per_group, lesson_unparsed, lessons_rejected = [], 0, 0
-        for reply in (self.llm.chat(convs) if convs else []):
+        for reply in (self.llm.chat(convs, schema=prompts.lessons_schema(k, chars)) if convs else []):
             parsed = parse_lessons(reply, self.cfg.lessons_per_group,
                                    self.cfg.max_experience_words)
             if parsed is None:
@@ -155,16 +275,20 @@ class TrainingFreeGRPO(Algorithm):
                  lessons=sum(len(x) for x in lessons_per_group))
 
         # 4. operations per group against the library the rollouts saw
-        convs = [prompts.update_messages(shown, lessons) for lessons in lessons_per_group]
-        ops, op_unparsed, op_invalid = [], 0, 0
-        for reply in (self.llm.chat(convs) if convs else []):
+        cap = self.cfg.max_operations
+        convs = [prompts.update_messages(shown, lessons, cap, t, structured)
+                 for lessons in lessons_per_group]
+        ops, op_unparsed, op_invalid, over_cap = [], 0, 0, 0
+        schema = prompts.operations_schema(shown, cap, chars)
+        for reply in (self.llm.chat(convs, schema=schema) if convs else []):
             parsed = parse_operations(reply, shown, self.cfg.max_experience_words)
             if parsed is None:
                 op_unparsed += 1
                 continue
-            ops.extend(parsed[0])
+            ops.extend(parsed[0][:cap])  # semantic_max_operations: the first `cap` count
+            over_cap += max(0, len(parsed[0]) - cap)
             op_invalid += parsed[1]
-        m.update(op_replies_unparsed=op_unparsed, ops_invalid=op_invalid,
+        m.update(op_replies_unparsed=op_unparsed, ops_invalid=op_invalid, ops_over_cap=over_cap,
                  llm_calls=self.llm.calls - calls_before,
                  llm_retries=self.llm.retries - retries_before,
                  llm_seconds=time.perf_counter() - t0)
@@ -176,6 +300,15 @@ class TrainingFreeGRPO(Algorithm):
         m.update(ops_added=result.added, ops_updated=result.updated,
                  ops_deleted=result.deleted, ops_skipped=result.skipped,
                  library_size=result.size)
+        # what the step's API calls (rollouts and reflection) took
+        if self.ledger is not None and self._step_usage is not None:
+            used = difference(self.ledger.snapshot(), self._step_usage)
+            self._last_step_usage, self._step_usage = used, None
+            self.ledger.end_step(used)
+            if used["calls"] or self.api is not None:
+                m.update({f"api_{k}": used[k] for k in FIELDS})
+                m["api_latency_mean"] = used["seconds"] / used["calls"] if used["calls"] else 0.0
+                m["api_cost_total"] = self.ledger.total["cost"]
         return {k: float(v) for k, v in m.items()}
 
     def _contrasting_groups(self, batches) -> tuple[list[Group], int]:
@@ -197,3 +330,27 @@ class TrainingFreeGRPO(Algorithm):
                     rewards=[float(r) for r in row],
                 ))
         return kept, total
+
+
+def read_paper_library(path: Path) -> list[str]:
+    """The experiences of a library in the paper's format, ``{"G0": "text", ...}``, in
+    id order; anything else is refused naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GymError(f"algorithm.library_init={path}: no such file") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GymError(f"algorithm.library_init={path} is not a library: not valid JSON "
+                       f"({exc})") from None
+    if not isinstance(data, dict):
+        raise GymError(f"algorithm.library_init={path} is not a library: expected an object "
+                       f'{{"G0": "text", ...}}, got {type(data).__name__}')
+    entries = []
+    for key, text in data.items():
+        if not (isinstance(key, str) and key[:1] == "G" and key[1:].isdigit()):
+            raise GymError(f"algorithm.library_init={path} is not a library: key {key!r} is "
+                           'not an id like "G0"')
+        if not isinstance(text, str) or not clean_text(text):
+            raise GymError(f"algorithm.library_init={path}: {key} is not a non-empty string")
+        entries.append((int(key[1:]), clean_text(text)))
+    return [t for _, t in sorted(entries)]

@@ -15,6 +15,10 @@ Print or export a library from the command line::
 
     python -m gym_cl_grpo.experience show runs/NAME/experiences/library.json
     python -m gym_cl_grpo.experience show runs/NAME/experiences/library.sqlite --step 2 --json
+    python -m gym_cl_grpo.experience show runs/NAME/experiences/library.json --out lib.json
+
+``--out`` writes the paper's ``{"G0": "...", ...}`` file, which a run imports with
+``algorithm.library_init=lib.json``.
 """
 
 from __future__ import annotations
@@ -243,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--json", action="store_true", help='print {"G0": "...", ...}')
     show.add_argument("--step", type=int, default=None,
                       help="the version after this step (of the run named by --writer)")
+    show.add_argument("--out", type=Path, default=None,
+                      help='write {"G0": "...", ...} to this file (atomically): the paper\'s '
+                           "format, read back by algorithm.library_init=FILE")
     show.add_argument("--writer", default=None,
                       help="the run directory whose steps --step counts (shared libraries)")
     args = parser.parse_args(argv)
@@ -257,7 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     except GymError as exc:
         print(f"gym: error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.out is not None:
+        from gym_core.api import write_json
+
+        try:
+            write_json(args.out, library)
+        except GymError as exc:
+            print(f"gym: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{len(library)} experiences written to {args.out}", file=sys.stderr)
+    elif args.json:
         print(json.dumps(library, indent=2, ensure_ascii=False))
     else:
         for label, text in library.items():

@@ -59,9 +59,28 @@ def gym_add_llms(registry: Registry) -> None:
     :param registry: call ``registry.add(name, config, impl)``. ``name`` becomes the
         option ``llm=<name>`` (in the config with ``algorithm=cl_grpo``); ``config``
         derives from ``LLMConfig``; ``impl(cfg, policy)`` builds a ``ChatLLM`` (both from
-        ``gym_cl_grpo.api``) whose ``chat(conversations) -> list[str]`` answers a batch of
-        message lists. Secrets (API keys) are read from the environment by the
+        ``gym_cl_grpo.api``) whose ``chat(conversations, *, schema=None,
+        max_new_tokens=None) -> list[str]`` answers a batch of message lists (``schema``:
+        the JSON schema a structured reply follows, which a back-end may ignore;
+        ``max_new_tokens``: this call's limit). Secrets (API keys) are read from the environment by the
         implementation, never stored in the config.
+
+    All implementations are called; a duplicate name is an error.
+    """
+
+
+@hookspec
+def gym_add_policies(registry: Registry) -> None:
+    """Register where training-free GRPO's rollouts and held-out answers come from
+    (``policy=<name>``, in the config with ``algorithm=cl_grpo``): ``local`` (the loaded
+    model) and ``api`` (an OpenAI-compatible endpoint) are built in.
+
+    Called once at start-up, after ``gym_cl_grpo`` declared the family.
+
+    :param registry: call ``registry.add(name, config, impl)``; ``config`` derives from
+        ``gym_cl_grpo.PolicyConfig``; ``impl`` (see ``gym_cl_grpo.policy``) is built as
+        ``impl(cfg, ledger)`` and answers ``answer(messages_list, max_tokens,
+        temperature, seeds) -> list[Reply]``, or is the local model (``local = True``).
 
     All implementations are called; a duplicate name is an error.
     """
