@@ -157,7 +157,7 @@ class PythonCountdown(Environment):
             Args:
                 code: the program; print what you want to see
             """
-            return sandbox.run(code)
+            return sandbox.run(code) or "(no output: print what you want to see)"
 
         return [python]
 

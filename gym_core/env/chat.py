@@ -11,6 +11,7 @@ SFT -> RL sees one format.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -47,10 +48,8 @@ def format_call(call: dict) -> str:
     fn = call.get("function", call)
     args = fn.get("arguments", {})
     if isinstance(args, str):
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             args = json.loads(args)
-        except json.JSONDecodeError:
-            pass
     return "<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": args}) + "\n</tool_call>"
 
 

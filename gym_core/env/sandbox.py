@@ -18,6 +18,7 @@ running model-written code unconfined is not an option.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import resource
@@ -33,16 +34,17 @@ NOBODY = 65534
 COVERED = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 # inside the new namespaces, as root: the work folder at /mnt/work, the world-writable
-# folders covered read-only, then the code as nobody
+# folders covered read-only, then the code as nobody (sh stays the namespace's init and
+# exits with the code's status: 128 + the signal that killed it)
 SCRIPT = r"""
 set -e
 mount -t tmpfs -o size=1m,mode=755 tmpfs /mnt
 mkdir /mnt/work
 mount --bind "$1" /mnt/work
-for d in %s; do [ -d "$d" ] && mount -t tmpfs -o ro,size=4k,mode=755 tmpfs "$d"; done
+for d in {dirs}; do if [ -d "$d" ]; then mount -t tmpfs -o ro,size=4k,mode=755 tmpfs "$d"; fi; done
 cd /mnt/work
-exec setpriv --reuid=%d --regid=%d --clear-groups --no-new-privs -- "$2" -I -B main.py
-""" % (" ".join(COVERED), NOBODY, NOBODY)
+setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs -- "$2" -I -B main.py
+""".format(dirs=" ".join(COVERED), uid=NOBODY)
 
 
 @functools.cache
@@ -158,7 +160,6 @@ class PythonSandbox:
 
     @staticmethod
     def _kill(proc) -> None:
-        try:  # unshare --kill-child takes the namespace's init, and so every process, along
+        # unshare --kill-child takes the namespace's init, and so every process, along
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass

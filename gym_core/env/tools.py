@@ -16,6 +16,7 @@ observation for the model, never an exception in the run.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -83,10 +84,8 @@ def parse_tool_calls(text: str) -> tuple[list[ToolCall], str | None]:
             continue
         args = obj.get("arguments", obj.get("parameters", {}))
         if isinstance(args, str):  # some models write the arguments as a JSON string
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 args = json.loads(args)
-            except json.JSONDecodeError:
-                pass
         if not isinstance(args, dict):
             errors.append(f"the arguments of tool {obj['name']!r} must be a JSON object, got "
                           f"{json.dumps(args)[:80]}")
