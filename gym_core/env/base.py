@@ -60,7 +60,8 @@ class Environment:
                            f"has {sorted(row)}")
 
     def tools(self) -> list[Callable]:
-        """The tools each episode offers (default: none)."""
+        """The tools each episode offers (default: none); the default :meth:`step` calls
+        these (a :meth:`reset` of your own returns them in its Observation)."""
         return []
 
     def score(self, action: Action) -> float:
@@ -79,6 +80,8 @@ class Environment:
     def step(self, action: Action):
         """(observation, reward, done, info) after a model turn: the tool loop."""
         if action.tool_calls or action.error:
+            if not self._tools:  # a reset of its own: the tools of :meth:`tools`
+                self._tools = {t.__name__: t for t in self.tools()}
             results = [call_tool(self._tools, c, self.cfg.tool_timeout)
                        for c in action.tool_calls]
             if action.error:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from gym_core.api import EnvConfig, hookimpl
 
-GYM_API_VERSION = "1"
+GYM_API_VERSION = "2"
 
 
 @dataclass

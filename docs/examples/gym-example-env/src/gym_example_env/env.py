@@ -19,7 +19,10 @@ class Guess(Environment):
         self.row, self.secret = row, int(row["answer"])
         cfg = self.cfg
         prompt = row.get("prompt") or f"Guess my number between {cfg.low} and {cfg.high}."
-        return Observation([{"role": "user", "content": prompt}], [self.hint])
+        return Observation([{"role": "user", "content": prompt}], self.tools())
+
+    def tools(self):
+        return [self.hint]  # the default step's tool loop calls these
 
     def hint(self, guess: int) -> str:
         """Say whether the secret number is higher or lower than a guess.
