@@ -427,3 +427,21 @@ def test_wordle_feedback():
     assert wordle_feedback("crane", "crane") == "GGGGG"
     assert wordle_feedback("eagle", "apple") == "-Y-GG"
     assert wordle_feedback("llama", "hello") == "YY---"
+
+
+def test_sft_trains_on_the_assistant_turns_of_a_tool_trace(eos_policy):
+    from gym_sft import SFTConfig
+    from gym_sft.sft import SFT
+
+    algo = SFT(OmegaConf.structured(SFTConfig()), eos_policy)
+    trace = [{"role": "user", "content": "2+3?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+             {"role": "tool", "content": "5"},
+             {"role": "assistant", "content": "5"}]
+    segments = algo.segments({"messages": trace, "tools": json.dumps([tool_schema(add)])})
+    assert [t for t, on in segments if on] == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>',
+        "5<|im_end|>"]
+    batch = algo.collate([{"messages": trace}])
+    assert int(batch.target_mask.sum()) > 0
