@@ -5,13 +5,16 @@ from __future__ import annotations
 from gym_core.base.errors import GymError
 
 
-def selected_environment(cfg, plugins, online: bool, rows: list[dict]):
-    """(environment class, its config) for ``env=<name>``, or None without one. A
-    configuration the environment cannot run with is a :class:`GymError` (one line,
-    exit 2): an offline algorithm, limits out of range, data rows it cannot read."""
-    env_cfg = cfg.get("env") if hasattr(cfg, "get") else getattr(cfg, "env", None)
-    if env_cfg is None:
-        return None
+def check_env_config(cfg) -> None:
+    """The checks that need no model (run before anything loads, from preflight): an
+    ``env`` needs an online algorithm (one with ``num_generations``) and limits in
+    range."""
+    env_cfg = cfg.get("env")
+    if env_cfg is not None:
+        _check(cfg, env_cfg, "num_generations" in cfg.algorithm)
+
+
+def _check(cfg, env_cfg, online: bool) -> None:
     name = env_cfg.name
     if not online:
         raise GymError(f"env={name} needs an online algorithm (grpo, rloo, ppo, ...): "
@@ -25,6 +28,17 @@ def selected_environment(cfg, plugins, online: bool, rows: list[dict]):
             raise GymError(f"env.{key}={env_cfg[key]} must be above 0")
     if not 0.0 <= float(env_cfg.gamma) <= 1.0:
         raise GymError(f"env.gamma={env_cfg.gamma} must be in [0, 1]")
+
+
+def selected_environment(cfg, plugins, online: bool, rows: list[dict]):
+    """(environment class, its config) for ``env=<name>``, or None without one. A
+    configuration the environment cannot run with is a :class:`GymError` (one line,
+    exit 2): an offline algorithm, limits out of range, data rows it cannot read."""
+    env_cfg = cfg.get("env") if hasattr(cfg, "get") else getattr(cfg, "env", None)
+    if env_cfg is None:
+        return None
+    name = env_cfg.name
+    _check(cfg, env_cfg, online)
     cls = plugins.component("env", name).load()
     probe = cls(env_cfg)
     try:
