@@ -33,6 +33,7 @@ from gym_core.config.schema import (
     QuantConfig,
     SoupConfig,
 )
+from gym_core.env.config import EnvConfig
 from gym_core.plugin.hookspecs import hookimpl, hookspec
 from gym_core.plugin.manager import Families, Plugins
 from gym_core.plugin.registry import Registry
@@ -88,6 +89,16 @@ _LAZY = {
     # aggregators
     "Aggregator": "gym_core.deltas.aggregate",
     "Aggregate": "gym_core.deltas.aggregate",
+    # environments (docs/agents.md)
+    "Environment": "gym_core.env.base",
+    "Observation": "gym_core.env.base",
+    "Action": "gym_core.env.tools",
+    "ToolCall": "gym_core.env.tools",
+    "tool_schema": "gym_core.env.tools",
+    "parse_tool_calls": "gym_core.env.tools",
+    "discounted_returns": "gym_core.env.returns",
+    "PythonSandbox": "gym_core.env.sandbox",
+    "trace_segments": "gym_core.env.chat",
     # running gym from a test or a notebook
     "compose": "gym_core.plugin.startup",
     "bootstrap": "gym_core.plugin.startup",
@@ -95,7 +106,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "API_VERSION", "AlgorithmConfig", "DataConfig", "Families", "GroupPolicyConfig",
+    "API_VERSION", "AlgorithmConfig", "DataConfig", "EnvConfig", "Families", "GroupPolicyConfig",
     "GymError", "MatrixQuantConfig", "OfflineAlgorithmConfig", "OnlineAlgorithmConfig",
     "Plugins", "QuantConfig", "Registry", "Reward", "SoupConfig", "atomic_path", "hookimpl",
     "hookspec", "write_json", "write_text",

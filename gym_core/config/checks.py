@@ -54,6 +54,9 @@ def preflight(cfg: DictConfig) -> None:
             raise GymError(f"algorithm.{key}={a[key]} must be at least 1 (tokens)")
     if cfg.model.source == "tiny":
         check_tiny_shape(cfg.model.tiny)
+    from gym_core.env.setup import check_env_config
+
+    check_env_config(cfg)  # env=...: an online algorithm, limits in range (docs/agents.md)
 
 
 def check_tiny_shape(cfg) -> None:

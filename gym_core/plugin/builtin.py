@@ -1,5 +1,6 @@
 """What the core itself registers, through the same hooks as any plugin: the built-in
-tasks, the answer-checking reward and ``quant=none`` (the full-precision delta format)."""
+tasks, the answer-checking reward, ``quant=none`` (the full-precision delta format) and
+the built-in environments (docs/agents.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,21 @@ from gym_core.config.schema import (
     JsonlConfig,
     QuantConfig,
 )
+from gym_core.env.config import (
+    CalculatorConfig,
+    CountdownDataConfig,
+    PythonEnvConfig,
+    WordleConfig,
+    WordleDataConfig,
+)
 from gym_core.plugin.hookspecs import hookimpl
+
+
+@hookimpl
+def gym_add_environments(registry):
+    registry.add("calculator", CalculatorConfig, "gym_core.env.builtin:Calculator")
+    registry.add("python", PythonEnvConfig, "gym_core.env.builtin:PythonCountdown")
+    registry.add("wordle", WordleConfig, "gym_core.env.builtin:Wordle")
 
 
 @hookimpl
@@ -17,6 +32,8 @@ def gym_add_datasets(registry):
     registry.add("arithmetic", ArithmeticConfig, "gym_core.data.tasks:arithmetic_task")
     registry.add("arithmetic_labels", ArithmeticLabelsConfig, "gym_core.data.tasks:arithmetic_labels_task")
     registry.add("jsonl", JsonlConfig, "gym_core.data.tasks:jsonl_task")
+    registry.add("countdown", CountdownDataConfig, "gym_core.env.builtin:countdown_task")
+    registry.add("wordle", WordleDataConfig, "gym_core.env.builtin:wordle_task")
 
 
 @hookimpl

@@ -11,7 +11,7 @@ through the ``gym_core`` entry-point group (built-in plugins use the same group)
 Registration hooks receive a *registry* and call ``registry.add(...)`` on it (as tox's
 ``tox_register_tox_env`` does) instead of returning values that gym would have to merge.
 Every component registered this way becomes a Hydra config-group option named after it:
-``algorithm=<name>``, ``quant=<name>``, ``data=<name>``, ``soup=<name>``. A plugin may
+``algorithm=<name>``, ``quant=<name>``, ``data=<name>``, ``soup=<name>``, ``env=<name>``. A plugin may
 declare families of its own (:func:`gym_add_families`), with their own hook specs and
 config group, as gym's training-free GRPO plugin does for its experience stores.
 
@@ -222,6 +222,31 @@ def gym_add_aggregators(registry: Registry) -> None:
         the bound on one contributor's influence that the DP noise is scaled to.
 
     All implementations are called; a duplicate name is an error.
+    """
+
+
+@hookspec
+def gym_add_environments(registry: Registry) -> None:
+    """Register multi-turn, tool-using environments (the *env* family, docs/agents.md).
+
+    Called once at start-up.
+
+    :param registry: call ``registry.add(name, config, impl)``. ``name`` becomes the
+        option ``env=<name>``; ``config`` derives from ``EnvConfig`` (the per-episode
+        limits: ``max_turns``, ``max_tokens``, ``max_seconds``, ``max_observation_tokens``,
+        ``gamma``, ``tool_timeout``); ``impl`` subclasses ``Environment`` (or is a
+        ``"module:Class"`` string). All of these come from ``gym_core.api``.
+
+    All implementations are called; a duplicate name is an error.
+
+    With ``env=<name>`` an online algorithm's rollouts are episodes: the core makes one
+    ``impl(cfg)`` per episode, ``reset(row) -> Observation`` (chat messages and the tools
+    offered: typed Python functions whose JSON schemas come from their signatures and
+    docstrings), then ``step(action) -> (observation, reward, done, info)`` after each
+    model turn. The environment's replies are appended to the model's context as tokens
+    and are not trained on; rewards are the environment's, per turn. An environment that
+    raises or returns the wrong types ends its episode with a recorded error, never the
+    run. ``gym_core.contracts.environment.EnvironmentContract`` checks an implementation.
     """
 
 

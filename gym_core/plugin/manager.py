@@ -43,6 +43,7 @@ CORE_FAMILIES = (
     Family("data", "gym_add_datasets"),
     Family("reward", "gym_add_rewards", config_group=False),
     Family("soup", "gym_add_aggregators"),  # the soup app's group (python -m gym_core.soup)
+    Family("env", "gym_add_environments"),  # multi-turn episodes (docs/agents.md)
 )
 
 

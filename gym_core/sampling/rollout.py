@@ -33,6 +33,21 @@ class Rollout:
     # left out of its group's statistics and gets advantage 0 (TRL's rule, §1.1);
     # None: all scorable.
     scorable: torch.Tensor | None = None
+    # Multi-turn episodes (env=..., docs/agents.md): [N, C] 1 on the tokens the model
+    # sampled (environment tokens are 0: out of the loss, still attended to); None: every
+    # completion token is the model's.
+    action_mask: torch.Tensor | None = None
+    # [N, C] the discounted return G_k of the turn each sampled token belongs to, and
+    # each turn's reward on its last sampled token (PPO); None for single-turn rollouts
+    token_returns: torch.Tensor | None = None
+    turn_rewards: torch.Tensor | None = None
+    episodes: list | None = None  # [N] gym_core.env.episode.EpisodeRecord
+
+    def trained_mask(self) -> torch.Tensor:
+        """[N, C] the tokens a loss may train on: the completion's, the model's own."""
+        if self.action_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.action_mask
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -63,20 +78,24 @@ class Rollout:
 
 
 class RolloutEngine:
-    def __init__(self, policy, cfg, rewards: list[tuple[str, Any, float]]):
-        """``cfg`` is an OnlineAlgorithmConfig; ``rewards`` (name, fn, weight) triples."""
+    def __init__(self, policy, cfg, rewards: list[tuple[str, Any, float]], env=None):
+        """``cfg`` is an OnlineAlgorithmConfig; ``rewards`` (name, fn, weight) triples;
+        ``env``: (environment class, its config) for multi-turn episodes, whose rewards
+        are the environment's (the reward functions are not applied)."""
         if cfg.num_generations < 2:
             raise GymError(
                 f"algorithm.num_generations={cfg.num_generations}: group methods need at "
                 "least 2 completions per prompt to compare them"
             )
-        self.policy, self.cfg, self.rewards = policy, cfg, rewards
+        self.policy, self.cfg, self.rewards, self.env = policy, cfg, rewards, env
 
     @torch.no_grad()
     def generate(self, examples: list[dict[str, Any]], seeds: list[int] | None = None) -> Rollout:
         """G completions for each example; ``seeds`` (one per example, e.g. derived from
         its position in the data stream) fix each completion's sampling noise."""
         cfg, g = self.cfg, self.cfg.num_generations
+        if self.env is not None:
+            return self.episodes(examples, seeds)
         out = self.policy.sample(
             [ex["prompt"] for ex in examples], num_samples=g,
             max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
@@ -125,10 +144,55 @@ class RolloutEngine:
         return total, scored, metrics
 
 
+    @torch.no_grad()
+    def episodes(self, examples: list[dict[str, Any]], seeds: list[int] | None) -> Rollout:
+        """G multi-turn episodes of each example (docs/agents.md)."""
+        from gym_core.env.returns import discounted_returns, token_returns, turn_end_rewards
+        from gym_core.sampling.episodes import sample_episodes
+
+        cfg, g = self.cfg, self.cfg.num_generations
+        env_cls, env_cfg = self.env
+        out = sample_episodes(
+            self.policy.model, self.policy.tokenizer, env_cls, env_cfg, examples,
+            num_samples=g, sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
+            row_seeds=None if seeds is None else [s * 1009 + i for s in seeds for i in range(g)],
+            system_prompt=self.policy.system_prompt, max_prompt_length=cfg.max_prompt_length)
+        recs = out.records
+        turn_rewards = [r.rewards for r in recs]
+        gamma = float(env_cfg.gamma)
+        returns = [discounted_returns(r, gamma)[0] if r else 0.0 for r in turn_rewards]
+        scorable = torch.tensor([r.error is None for r in recs], dtype=torch.bool)
+        device = out.completion_ids.device
+        n = len(recs)
+        metrics = {
+            "env/turns": sum(r.turns for r in recs) / n,
+            "env/tool_calls": sum(r.tool_calls for r in recs) / n,
+            "env/tool_errors": sum(r.tool_errors for r in recs) / n,
+            "env/done": sum(r.done for r in recs) / n,
+            "env/errors": sum(r.error is not None for r in recs) / n,
+            "env/environment_tokens": float(
+                (out.completion_mask - out.action_mask).sum()) / n,
+        }
+        tokenizer = self.policy.tokenizer
+        texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                 for ids, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
+        return Rollout(
+            prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask,
+            completion_ids=out.completion_ids, completion_mask=out.completion_mask,
+            truncated=out.truncated, rewards=torch.tensor(returns, device=device),
+            group_size=g, examples=[ex for ex in examples for _ in range(g)],
+            completions=texts, reward_metrics=metrics, prompts_cut=out.prompts_cut,
+            sampler_logp=out.logprobs, scorable=scorable.to(device),
+            action_mask=out.action_mask,
+            token_returns=token_returns(out.turn_index, out.action_mask, turn_rewards, gamma),
+            turn_rewards=turn_end_rewards(out.turn_index, out.action_mask, turn_rewards),
+            episodes=recs)
+
+
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     _, std = rollout.group_stats()
     std = torch.nan_to_num(std, nan=0.0)
-    lengths = rollout.completion_mask.sum(dim=1).float()
+    lengths = rollout.trained_mask().sum(dim=1).float()
     return {
         "reward_mean": rollout.rewards.mean().item(),
         "reward_std": rollout.rewards.std().item() if len(rollout) > 1 else 0.0,

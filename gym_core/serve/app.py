@@ -78,8 +78,10 @@ class TextPart(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result's call
 
 
 class StreamOptions(_Body):
@@ -121,6 +123,8 @@ class ChatBody(_Sampling):
     # OpenAI's structured output, enforced by constrained decoding
     # (gym_core.sampling.structured)
     response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None  # OpenAI function tools (docs/agents.md)
+    tool_choice: str | dict | None = None
 
 
 def _response_grammar(fmt: ResponseFormat | None) -> str | None:
@@ -248,9 +252,24 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         variant = _resolve(server, body.model)
+        if body.tools or any(m.role == "tool" or m.tool_calls for m in body.messages):
+            from gym_core.serve.tools import tool_prompt
+
+            if body.stream:
+                raise APIError(400, "stream is not supported with tools", param="stream")
+
+            def tokenize_tools():  # off the event loop, like any prompt
+                text, forced = tool_prompt(server.tokenizer, body)
+                return server.tokenizer(text, add_special_tokens=False).input_ids, forced
+
+            ids, forced = await run_in_threadpool(tokenize_tools)
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            return await _complete(server, request, body, variant, [ids], max_tokens,
+                                   chat=True, grammar=_response_grammar(body.response_format),
+                                   tools=(bool(body.tools), forced))
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str)
-                     else "".join(p.text for p in m.content)} for m in body.messages]
+                     else "".join(p.text for p in m.content or [])} for m in body.messages]
 
         def tokenize():  # off the event loop: a long prompt must not stall other requests
             try:
@@ -411,7 +430,8 @@ def _check(server: Server, body: _Sampling, prompts: list[list[int]], max_tokens
 
 
 async def _complete(server: Server, http: Request, body: _Sampling, variant, prompts,
-                    max_tokens, *, chat: bool, grammar: str | None = None):
+                    max_tokens, *, chat: bool, grammar: str | None = None,
+                    tools: tuple[bool, str] | None = None):
     params = _check(server, body, prompts, max_tokens)
     for prm in params:
         prm.grammar = grammar
@@ -472,7 +492,13 @@ async def _complete(server: Server, http: Request, body: _Sampling, variant, pro
     choices = []
     for i, text in enumerate(texts):
         fin = finals[i].finish_reason
-        if chat:
+        if chat and tools is not None:  # tool calls parsed out (gym_core/serve/tools.py)
+            from gym_core.serve.tools import tool_message
+
+            message, fin = tool_message(tools[1] + text, fin, tools[0])
+            choices.append({"index": i, "message": message, "finish_reason": fin,
+                            "logprobs": None})
+        elif chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
                             "finish_reason": fin, "logprobs": None})
         else:

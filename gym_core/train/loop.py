@@ -166,7 +166,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
 
     if algo.needs_reference:
         policy.keep_reference()
-    engine = RolloutEngine(policy, acfg, rewards) if algo.online else None
+    from gym_core.env.setup import selected_environment
+
+    env = selected_environment(cfg, plugins, algo.online, task.train)  # docs/agents.md
+    engine = RolloutEngine(policy, acfg, rewards, env=env) if algo.online else None
     if dist.main:
         plugins.hook.gym_run_start(cfg=cfg, run_dir=str(run_dir), start_step=start_step)
 

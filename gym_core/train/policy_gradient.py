@@ -74,6 +74,20 @@ def unscored_to_zero(adv: torch.Tensor, rollout) -> torch.Tensor:
     return torch.nan_to_num(torch.where(rollout.scorable_mask(), adv, torch.nan), nan=0.0)
 
 
+def turn_advantages(adv: torch.Tensor, batch, std: torch.Tensor | None,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """[N, C] per-token advantages of multi-turn episodes: A_i + (G_k - G_0) on the
+    tokens of turn k (``adv`` [N]: each episode's return minus its episode-level group
+    baseline, before scaling; G_k: ``batch.token_returns``), divided by ``std + eps``
+    when given (scale_rewards=group), 0 on unscored episodes and environment tokens."""
+    shift = batch.token_returns.to(adv.device) - batch.rewards.unsqueeze(1)
+    tok = adv.unsqueeze(1) + shift
+    if std is not None:
+        tok = tok / (std.unsqueeze(1) + ADV_EPS)
+    ok = batch.scorable_mask().unsqueeze(1) & ~torch.isnan(tok)
+    return torch.where(ok, tok, torch.zeros_like(tok)) * mask
+
+
 def step_std(values: list[torch.Tensor]) -> torch.Tensor:
     """Bessel-corrected std of the concatenation of ``values`` over every rank (a 0-d
     tensor; NaN with fewer than 2 values)."""
@@ -141,7 +155,9 @@ class GroupPolicyGradient(Algorithm):
 
     @torch.no_grad()
     def prepare(self, batch) -> None:
-        mask = batch.completion_mask.float()
+        # multi-turn episodes: the model's own tokens only (docs/agents.md)
+        trained = getattr(batch, "trained_mask", None)
+        mask = (trained() if trained is not None else batch.completion_mask).float()
         if self.cfg.mask_truncated_completions:
             mask = mask * (~batch.truncated).float().unsqueeze(1)
         batch.extras["loss_mask"] = mask
@@ -151,13 +167,25 @@ class GroupPolicyGradient(Algorithm):
             batch.extras["old_logp"] = self.policy.logprobs(batch)
         if self.needs_reference:
             batch.extras["ref_logp"] = self.policy.logprobs(batch, reference=True)
-        adv = self.advantages(batch)
+        adv = raw = self.advantages(batch)
         if self.cfg.scale_rewards == "group":
             _, std = batch.group_stats()
             adv = adv / (std + ADV_EPS)
         # "batch": divided by the std of the step's rewards in prepare_step
         batch.extras["advantage_defined"] = ~torch.isnan(adv) & batch.scorable_mask()
         batch.extras["advantages"] = unscored_to_zero(adv, batch)
+        returns = getattr(batch, "token_returns", None)
+        if returns is not None:
+            batch.extras["token_advantages"] = turn_advantages(
+                raw, batch, std=None if self.cfg.scale_rewards != "group"
+                else batch.group_stats()[1], mask=mask)
+
+    def token_advantages(self, batch) -> torch.Tensor:
+        """[N, 1] the episode-level advantages, or [N, C] per token for multi-turn
+        episodes with turn-level returns (docs/agents.md): what a per-token loss
+        multiplies."""
+        tok = batch.extras.get("token_advantages")
+        return tok if tok is not None else batch.extras["advantages"].unsqueeze(1)
 
     @torch.no_grad()
     def prepare_step(self, batches) -> None:
@@ -168,6 +196,9 @@ class GroupPolicyGradient(Algorithm):
             for b in batches:
                 b.extras["advantages"] = unscored_to_zero(
                     b.extras["advantages"] / (std.to(b.rewards.device) + ADV_EPS), b)
+                if "token_advantages" in b.extras:
+                    b.extras["token_advantages"] = (b.extras["token_advantages"]
+                                                    / (std.to(b.rewards.device) + ADV_EPS))
 
     def old_logprobs(self, batch, logp: torch.Tensor) -> torch.Tensor:
         """log pi_old: computed in :meth:`prepare`, or this forward's, detached."""
@@ -184,8 +215,10 @@ class GroupPolicyGradient(Algorithm):
         if sampler is None:
             return None, {}
         cfg = self.cfg
+        trained = getattr(batch, "trained_mask", None)
         rho, metrics = importance_weights(
-            old_logp, sampler.to(old_logp.device), batch.completion_mask,
+            old_logp, sampler.to(old_logp.device),
+            trained() if trained is not None else batch.completion_mask,
             cfg.importance_sampling_mode, cfg.importance_sampling_clip_min,
             cfg.importance_sampling_clip_max)
         return (rho if cfg.importance_sampling_correction else None), metrics

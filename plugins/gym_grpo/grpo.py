@@ -78,11 +78,14 @@ def grpo_token_loss(
     - ``is_weight`` rho ([B, T] or [B, 1]) corrects a sampler/trainer mismatch: it weights
       the policy term and not the KL term (§3).
 
-    ``w`` is the ratio of ``level`` (:func:`log_importance_weights`); ``advantages`` [B].
+    ``w`` is the ratio of ``level`` (:func:`log_importance_weights`); ``advantages`` [B],
+    or [B, T] for multi-turn episodes (a token of turn k: its turn-level advantage).
     Returns the loss and [B, T] diagnostics (kl, low/high clip indicators)."""
     if mask is None:
         mask = torch.ones_like(logp)
-    adv = advantages.unsqueeze(1)
+    # [B]: one advantage per completion; [B, T]: per token (multi-turn episodes'
+    # turn-level returns, docs/agents.md)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     log_w = log_importance_weights(logp, old_logp, mask, level)
     ratio = torch.exp(log_w)
     if loss_type == "cispo":
@@ -185,7 +188,7 @@ class GRPO(GroupPolicyGradient):
             loss = per_seq.sum() / totals.sequences
         else:
             per_token, info = grpo_token_loss(
-                logp, old, adv, self.eps_low, self.eps_high, cfg.beta, ref, mask=mask,
+                logp, old, batch.extras.get("token_advantages", adv), self.eps_low, self.eps_high, cfg.beta, ref, mask=mask,
                 loss_type=cfg.loss_type, level=cfg.importance_sampling_level, delta=cfg.delta,
                 bias_correction_kl=cfg.use_bias_correction_kl,
                 sapo_temperatures=(cfg.sapo_temperature_pos, cfg.sapo_temperature_neg),

@@ -42,12 +42,21 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def token_rewards(score, kl, mask, kl_coef) -> torch.Tensor:
+def token_rewards(score, kl, mask, kl_coef, turn_rewards=None) -> torch.Tensor:
     """[N, T] per-token rewards: -kl_coef * KL on the completion's tokens, and the
     sequence score added at its last token (the EOS, or the last token of a truncated
-    completion)."""
+    completion). Multi-turn episodes (``turn_rewards`` [N, T], docs/agents.md): each
+    turn's reward at its last sampled token instead, and ``score`` (then only what
+    the score adds to the turns' rewards: the missing-EOS penalty) at the last one."""
     mask = mask.to(kl.dtype)
     rew = -kl_coef * kl * mask
+    if turn_rewards is not None:
+        rew = rew + turn_rewards.to(rew.dtype) * mask
+        # the mask has gaps (environment tokens): the last sampled token
+        positions = torch.arange(mask.shape[1], device=mask.device, dtype=rew.dtype)
+        last = (mask * (positions + 1)).argmax(-1)
+        has = mask.sum(-1) > 0
+        return rew.scatter_add(1, last.unsqueeze(1), (score * has).unsqueeze(1).to(rew.dtype))
     last = (mask.sum(-1).long() - 1).clamp(min=0)
     has = mask.sum(-1) > 0
     return rew.scatter_add(1, last.unsqueeze(1), (score * has).unsqueeze(1).to(rew.dtype))
@@ -63,10 +72,14 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
     width = rewards.shape[1]
     adv = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(running)
+    # positions outside the mask (padding; a multi-turn episode's environment tokens,
+    # docs/agents.md) are skipped: a token's successor is the next token in the mask
     for t in reversed(range(width)):
-        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(running)
+        on = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
+        running = torch.where(on, delta + gamma * lam * running, running)
+        next_value = torch.where(on, values[:, t], next_value)
         adv[:, t] = running
     adv = adv * mask
     return adv, (adv + values) * mask
@@ -152,10 +165,13 @@ class PPO(Algorithm):
     @torch.no_grad()
     def prepare(self, batch) -> None:
         cfg = self.cfg
-        mask = batch.completion_mask.float()
+        # multi-turn episodes: the model's own tokens only (docs/agents.md)
+        mask = batch.trained_mask().float() if hasattr(batch, "trained_mask") \
+            else batch.completion_mask.float()
         logp, heads = self.policy.logprobs(batch, heads=True)
         values = heads["value"] * mask
         score = batch.rewards.float()
+        turns = getattr(batch, "turn_rewards", None)  # multi-turn episodes' turn rewards
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * batch.truncated.float()
         if self.needs_reference:
@@ -169,7 +185,9 @@ class PPO(Algorithm):
             kl = torch.zeros_like(logp)
         batch.extras.update(loss_mask=mask, old_logp=logp, old_values=values, kl=kl * mask,
                             score=score,
-                            token_rewards=token_rewards(score, kl, mask, cfg.kl_coef))
+                            token_rewards=token_rewards(
+                                score if turns is None else score - batch.rewards.float(),
+                                kl, mask, cfg.kl_coef, turns))
 
     @torch.no_grad()
     def prepare_step(self, batches) -> None:

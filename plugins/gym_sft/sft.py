@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from gym_core.api import Algorithm, GymError, StepTotals, chat_messages, render_turns
+from gym_core.api import (
+    Algorithm,
+    GymError,
+    StepTotals,
+    chat_messages,
+    render_turns,
+    trace_segments,
+)
 from gym_sft import SFTConfig
 
 
@@ -37,6 +44,15 @@ class SFT(Algorithm):
         tok = self.policy.tokenizer
         if "messages" in ex:  # a conversation: every assistant turn is an answer
             messages = chat_messages(ex["messages"], self.policy.system_prompt)
+            tools = ex.get("tools") or None  # TRL's tools column: the JSON schemas
+            if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+                # a tool-use trace (docs/agents.md): rendered as episodes are, the
+                # assistant turns (their tool calls included) trained, tool results not
+                if isinstance(tools, str):
+                    import json
+
+                    tools = json.loads(tools)
+                return [(text, every or on) for text, on in trace_segments(tok, messages, tools)]
             return [(text, every or i is not None) for text, i in render_turns(tok, messages)]
         answer = answer_of(ex)
         if answer is not None:
