@@ -159,6 +159,11 @@ if TYPE_CHECKING:
         map_tensors,
         save_packed,
     )
+    from gym_core.env.base import Environment, Observation
+    from gym_core.env.chat import trace_segments
+    from gym_core.env.returns import discounted_returns
+    from gym_core.env.sandbox import PythonSandbox
+    from gym_core.env.tools import Action, ToolCall, parse_tool_calls, tool_schema
     from gym_core.model.policy import Policy
     from gym_core.plugin.startup import bootstrap, compose
     from gym_core.sampling.generation import Sampling, sample
