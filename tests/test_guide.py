@@ -58,3 +58,10 @@ def test_the_guides_commands_run(tmp_path):
     assert '"object":"chat.completion"' in out.stdout
     assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout
     assert "<title>gym · Runs</title>" in out.stdout  # the web UI answered
+    # "Your own data": a parquet file, a refused type (nothing written), a mixture, reasoning-gym
+    assert (runs / "pairs" / "summary.json").is_file()
+    assert "gym: error: algorithm=dpo needs preference pairs" in out.stderr
+    assert not [p for p in (runs / "wrong-type").rglob("*") if p.is_file()]
+    assert '"data/rows_flat": ' in out.stdout and '"data/rows_pairs_folder": ' in out.stdout
+    rg = json.loads((runs / "rg" / "summary.json").read_text())["eval"]
+    assert rg["metric"] == "reasoning_gym" and rg["after"] is not None

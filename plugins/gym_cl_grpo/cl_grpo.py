@@ -48,6 +48,7 @@ class Group:
 class TrainingFreeGRPO(Algorithm):
     Config = CLGRPOConfig
     online = True
+    data_types = ("prompt_only",)
     trains_weights = False
 
     def __init__(self, cfg, policy) -> None:
