@@ -235,7 +235,8 @@ def test_mixture_counts_are_step_metrics(tmp_path, tiny_overrides):
 
     a = write(tmp_path, rows_of("preference", False, 20), "parquet", "a")
     b = write(tmp_path, rows_of("preference", True, 20), "arrow", "b")
-    cfg = compose([*tiny_overrides, "algorithm=dpo", "data=hf", "trainer.max_steps=2",
+    offline = [o for o in tiny_overrides if not o.startswith("algorithm.")]
+    cfg = compose([*offline, "algorithm=dpo", "data=hf", "trainer.max_steps=2",
                    "trainer.batch_size=4", "trainer.eval_before=false",
                    f"data.cache_dir={tmp_path / 'cache'}",
                    f"data.mixture=[{{path:'{a}',weight:1}},{{path:'{b}',weight:1,name:chat}}]"])
@@ -355,12 +356,14 @@ def test_bad_inputs_are_one_line(tmp_path, case):
         kw["path"] = write(tmp_path, [{"prompt": i, "answer": i} for i in range(6)], "parquet")
         want = "column 'prompt' holds int, but it must be text"
     elif case == "empty_split":
-        folder = tmp_path / "empty"
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows_of("prompt_only", False)),
-                              "test": datasets.Dataset.from_dict({"prompt": [], "answer": []})}
-                             ).save_to_disk(str(folder))
-        kw.update(path=str(folder), eval_split="test")
-        want = "the held-out split is empty"
+        empty = tmp_path / "empty.parquet"
+        datasets.Dataset.from_dict({"prompt": [], "answer": []},
+                                   features=datasets.load_dataset(
+                                       "parquet", data_files=good, cache_dir=str(tmp_path / "c")
+                                   )["train"].features).to_parquet(str(empty))
+        kw.update(path="parquet", data_files={"train": good, "test": str(empty)},
+                  eval_split="test")
+        want = "the split 'test' is empty"
     elif case == "corrupt_parquet":
         bad = tmp_path / "bad.parquet"
         bad.write_bytes(Path(good).read_bytes()[:200] + b"garbage")
@@ -370,6 +373,10 @@ def test_bad_inputs_are_one_line(tmp_path, case):
     with pytest.raises(GymError) as err:
         hf(tmp_path, **kw)
     assert want in str(err.value) and "\n" not in str(err.value)
+
+
+def written(folder: Path) -> set[str]:
+    return {p.name for p in folder.rglob("*") if p.is_file()}
 
 
 def test_cli_bad_input_exit_2_nothing_written(tmp_path):
@@ -383,7 +390,7 @@ def test_cli_bad_input_exit_2_nothing_written(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("gym: error:")]
     assert len(lines) == 1 and "bad.parquet" in lines[0] and "Traceback" not in proc.stderr
-    assert not [p for p in runs.rglob("*") if p.is_file()]
+    assert written(runs) <= {"__main__.log", ".gym.lock"}  # Hydra's log and the run's lock
     # a hub id that is not in the local cache, offline: one line saying so
     proc = run_cli(["model=tiny", "data=hf", "data.path=someone/not-cached-anywhere",
                     f"run.root={runs}", "run.name=y", f"data.cache_dir={tmp_path / 'c'}"],
@@ -392,7 +399,7 @@ def test_cli_bad_input_exit_2_nothing_written(tmp_path):
     lines = [x for x in proc.stderr.splitlines() if x.startswith("gym: error:")]
     assert len(lines) == 1 and "someone/not-cached-anywhere" in lines[0]
     assert "offline" in lines[0] and "Traceback" not in proc.stderr
-    assert not [p for p in runs.rglob("*") if p.is_file()]
+    assert written(runs) <= {"__main__.log", ".gym.lock"}  # Hydra's log and the run's lock
 
 
 def test_the_data_page_shows_hf_mixture_and_reasoning_gym_rows(tmp_path):

@@ -61,7 +61,8 @@ def test_the_guides_commands_run(tmp_path):
     # "Your own data": a parquet file, a refused type (nothing written), a mixture, reasoning-gym
     assert (runs / "pairs" / "summary.json").is_file()
     assert "gym: error: algorithm=dpo needs preference pairs" in out.stderr
-    assert not [p for p in (runs / "wrong-type").rglob("*") if p.is_file()]
+    assert {p.name for p in (runs / "wrong-type").rglob("*") if p.is_file()} <= {
+        "__main__.log", ".gym.lock"}  # no record, checkpoint or summary
     assert '"data/rows_flat": ' in out.stdout and '"data/rows_pairs_folder": ' in out.stdout
     rg = json.loads((runs / "rg" / "summary.json").read_text())["eval"]
     assert rg["metric"] == "reasoning_gym" and rg["after"] is not None

@@ -118,7 +118,7 @@ class HfConfig(DataConfig):
     split: str = "train"
     eval_split: str | None = None  # None: hold out `test_size` of the training split
     test_size: float = 0.1  # below 1: a fraction; else a row count (seeded by data.seed)
-    columns: dict[str, str] = field(default_factory=dict)  # rename {theirs: ours}
+    columns: Any = None  # rename {theirs: ours} (Any: an override replaces the whole map)
     streaming: bool = False  # read only data.max_samples rows, without converting the rest
     max_samples: int | None = None
     cache_dir: str | None = None  # datasets' cache; None: its default (HF_DATASETS_CACHE)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,9 @@ def _explain(exc: Exception, src) -> str:
     cause = exc.__cause__ or exc.__context__
     if "arrow" in type(cause).__module__.lower() if cause else False:
         text = f"{text} ({' '.join(str(cause).split())})"
+    empty = re.search(r'Instruction "(.+?)" corresponds to no data', text)
+    if empty:
+        return f"the split {empty.group(1)!r} is empty (it holds no rows)"
     if type(exc).__name__ in ("DatasetNotFoundError", "ConnectionError", "FileNotFoundError",
                               "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
         if offline:

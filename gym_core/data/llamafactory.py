@@ -52,9 +52,9 @@ def read_registry(path: str) -> tuple[Path, dict[str, Any]]:
 
 
 def load_registered(src, cfg, label: str, source: str | None):
-    from gym_core.data.hf import Rows, _explain, _hold_out, _limit
-
     import datasets
+
+    from gym_core.data.hf import Rows, _explain, _hold_out, _limit
 
     path, info = read_registry(src.dataset_info)
     name = src.dataset

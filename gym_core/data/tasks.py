@@ -370,7 +370,7 @@ def render_turns(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, i
 def render_prompts(tokenizer, prompts: list[Any], system_prompt: str | None) -> list[str]:
     """Prompts rendered with the model's chat template, ready for generation."""
     return [
-        apply_template(tokenizer, 
+        apply_template(tokenizer,
             chat_messages(p, system_prompt), tokenize=False, add_generation_prompt=True
         )
         for p in prompts

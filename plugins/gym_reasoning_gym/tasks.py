@@ -6,7 +6,6 @@ import json
 import random
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
 
 from gym_core.api import GymError, Task
 
@@ -149,12 +148,21 @@ def _plain(entry: dict) -> dict:
 def reasoning_gym_task(cfg) -> Task:
     from omegaconf import OmegaConf
 
-    tasks = OmegaConf.to_container(cfg.tasks) if OmegaConf.is_config(cfg.tasks) else cfg.tasks
+    from gym_reasoning_gym import DEFAULT_TASKS
+
+    tasks = cfg.tasks if cfg.tasks is not None else DEFAULT_TASKS
+    tasks = OmegaConf.to_container(tasks) if OmegaConf.is_config(tasks) else tasks
+    if not isinstance(tasks, dict):
+        raise GymError("data.tasks must map task names to settings, e.g. "
+                       "data.tasks={leg_counting:{weight:2,min_animals:1,max_animals:4},chain_sum:{weight:1}}")
     if not tasks:
         raise GymError("data.tasks is empty: name at least one reasoning-gym task, e.g. "
                        "data.tasks={leg_counting:{weight:1}}")
     specs = []
     for name, opts in tasks.items():
+        if opts is not None and not isinstance(opts, dict):
+            raise GymError(f"data.tasks.{name} must be a map such as {{weight: 1}}, "
+                           f"not {opts!r}")
         opts = dict(opts or {})
         weight = opts.pop("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:

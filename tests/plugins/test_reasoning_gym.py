@@ -70,16 +70,18 @@ def test_runs_grpo_and_orpo(tmp_path, tiny_overrides):
     from gym_core.plugin.startup import compose
     from gym_core.train.job import run_job
 
-    tasks = "{leg_counting:{weight:1,max_animals:2},chain_sum:{weight:1}}"
+    tasks = "{leg_counting:{weight:1,min_animals:1,max_animals:2},chain_sum:{weight:1}}"
     base = [*tiny_overrides, "data=reasoning_gym", f"data.tasks={tasks}", "data.train_size=40",
-            "data.test_size=4", "trainer.max_steps=1", "trainer.eval_before=false"]
+            "data.test_size=4", "trainer.max_steps=1", "trainer.eval_before=false",
+            "trainer.eval_size=2"]
     s = run_job(compose([*base, "algorithm=grpo", "algorithm.rewards=[reasoning_gym]"]),
                 run_dir=tmp_path / "grpo")
     assert s["eval"]["metric"] == "reasoning_gym" and s["eval"]["after"] is not None
     metrics = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert "rewards/reasoning_gym" in json.dumps(metrics)
     assert metrics["data/rows_leg_counting"] + metrics["data/rows_chain_sum"] == 2
-    s = run_job(compose([*base, "algorithm=orpo"]), run_dir=tmp_path / "orpo")
+    offline = [o for o in base if not o.startswith("algorithm.")]
+    s = run_job(compose([*offline, "algorithm=orpo"]), run_dir=tmp_path / "orpo")
     assert s["steps"] == 1
 
 
