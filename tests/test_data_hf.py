@@ -428,3 +428,15 @@ def test_the_data_page_shows_hf_mixture_and_reasoning_gym_rows(tmp_path):
     for row in rg.rows:
         assert "<answer>" in row.sequences[0].text  # the task's system prompt, rendered
         assert row.target == row.source["answer"]
+
+
+def test_the_sampler_of_a_large_dataset_is_seeded_and_resumable():
+    from gym_core.data.tasks import Sampler
+
+    n = Sampler.LARGE + 5  # numpy's permutation, made once per epoch
+    a, b = Sampler(n, seed=3), Sampler(n, seed=3)
+    first = a.take(6) + a.take(6)
+    assert first == b.take(12) and len(set(first)) == 12 and all(0 <= i < n for i in first)
+    resumed = Sampler(n, seed=3, position=6)
+    assert resumed.take(6) == first[6:]
+    assert Sampler(n, seed=4).take(12) != first
