@@ -64,3 +64,11 @@ def test_the_guides_commands_run(tmp_path):
     assert re.search(r"^[0-9.e-]+ USD$", out.stdout, re.M)
     usage = json.loads((runs / "tfgrpo-api" / "api_usage.json").read_text())
     assert usage["total"]["calls"] > 0 and "local-secret" not in json.dumps(usage)
+    # "Your own data": a parquet file, a refused type (nothing written), a mixture, reasoning-gym
+    assert (runs / "pairs" / "summary.json").is_file()
+    assert "gym: error: algorithm=dpo needs preference pairs" in out.stderr
+    assert {p.name for p in (runs / "wrong-type").rglob("*") if p.is_file()} <= {
+        "__main__.log", ".gym.lock"}  # no record, checkpoint or summary
+    assert '"data/rows_flat": ' in out.stdout and '"data/rows_pairs_folder": ' in out.stdout
+    rg = json.loads((runs / "rg" / "summary.json").read_text())["eval"]
+    assert rg["metric"] == "reasoning_gym" and rg["after"] is not None

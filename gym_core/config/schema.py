@@ -11,6 +11,7 @@ ConfigStore.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -102,6 +103,32 @@ class JsonlConfig(DataConfig):
     test_fraction: float = 0.1
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+
+
+@dataclass
+class HfConfig(DataConfig):
+    """A dataset read with Hugging Face ``datasets`` (docs/guide.md "Your own data"): a hub
+    id from the local cache, a ``save_to_disk`` folder, a data file, or a builder (json,
+    parquet, csv, arrow) with ``data_files``. Its TRL type is found from its columns."""
+
+    name: str = "hf"
+    path: str | None = None
+    subset: str | None = None  # the dataset's config name (load_dataset's `name`)
+    data_files: Any = None  # a file, a list, or {split: files}
+    split: str = "train"
+    eval_split: str | None = None  # None: hold out `test_size` of the training split
+    test_size: float = 0.1  # below 1: a fraction; else a row count (seeded by data.seed)
+    columns: Any = None  # rename {theirs: ours} (Any: an override replaces the whole map)
+    streaming: bool = False  # read only data.max_samples rows, without converting the rest
+    max_samples: int | None = None
+    cache_dir: str | None = None  # datasets' cache; None: its default (HF_DATASETS_CACHE)
+    verifier: str = "accuracy"  # the reward scoring held-out answers: accuracy|boxed|math_verify
+    # LLaMA-Factory's registry: its dataset_info.json (or folder) and an entry's name
+    dataset_info: str | None = None
+    dataset: str | None = None
+    # several sources, each {path, subset, data_files, split, eval_split, test_size,
+    # columns, weight, name} or {dataset_info, dataset, weight}; interleaved by data.seed
+    mixture: list[Any] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------

@@ -301,14 +301,34 @@ def chat_messages(prompt: Any, system_prompt: str | None) -> list[dict[str, str]
     return messages
 
 
+def template_kwargs(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
+    """Messages as the chat template takes them, and its extra arguments: a ``tools``
+    list riding on a message (a dataset's ``tools`` column, gym_core/data/formats.py)
+    is passed as ``tools=...`` and removed from the messages."""
+    tools = None
+    clean = []
+    for m in messages:
+        if isinstance(m, dict) and "tools" in m:
+            tools = m["tools"]
+            m = {k: v for k, v in m.items() if k != "tools"}
+        clean.append(m)
+    return clean, ({"tools": tools} if tools else {})
+
+
+def apply_template(tokenizer, messages: list[dict[str, Any]], **kwargs) -> str:
+    """``tokenizer.apply_chat_template`` with the tools a conversation carries."""
+    clean, extra = template_kwargs(messages)
+    return tokenizer.apply_chat_template(clean, **kwargs, **extra)
+
+
 def render_completion(tokenizer, prompt: Any, completion: Any, system_prompt: str | None) -> str:
     """The text that follows the rendered prompt when the assistant answers
     ``completion`` (a string or assistant messages), end-of-turn tokens included."""
     messages = chat_messages(prompt, system_prompt)
     reply = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
              else list(completion))
-    prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + reply, tokenize=False)
+    prefix = apply_template(tokenizer, messages, tokenize=False, add_generation_prompt=True)
+    full = apply_template(tokenizer, messages + reply, tokenize=False)
     if not full.startswith(prefix):
         raise GymError("the chat template renders the prompt differently when an answer "
                        "follows; cannot split prompt and completion")
@@ -339,18 +359,18 @@ def render_turns(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, i
 
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            extend(tokenizer.apply_chat_template(messages[:i], tokenize=False,
+            extend(apply_template(tokenizer, messages[:i], tokenize=False,
                                                  add_generation_prompt=True), None)
-            extend(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False), i)
+            extend(apply_template(tokenizer, messages[: i + 1], tokenize=False), i)
         else:
-            extend(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False), None)
+            extend(apply_template(tokenizer, messages[: i + 1], tokenize=False), None)
     return pieces
 
 
 def render_prompts(tokenizer, prompts: list[Any], system_prompt: str | None) -> list[str]:
     """Prompts rendered with the model's chat template, ready for generation."""
     return [
-        tokenizer.apply_chat_template(
+        apply_template(tokenizer,
             chat_messages(p, system_prompt), tokenize=False, add_generation_prompt=True
         )
         for p in prompts
@@ -361,12 +381,24 @@ class Sampler:
     """Seeded epochs over the training examples; its position is saved in checkpoints so a
     resumed run sees the same examples an uninterrupted one would."""
 
+    #: above this many rows an epoch's order is a numpy permutation, made once per epoch
+    #: (a Python list of millions of ints would cost hundreds of MB at every step)
+    LARGE = 1_000_000
+
     def __init__(self, n: int, seed: int, position: int = 0):
         if n == 0:
             raise GymError("the training split is empty")
         self.n, self.seed, self.position = n, seed, position
+        self._epoch: tuple[int, Any] = (-1, None)
 
-    def _order(self, epoch: int) -> list[int]:
+    def _order(self, epoch: int):
+        if self.n > self.LARGE:
+            if self._epoch[0] != epoch:
+                import numpy as np
+
+                rng = np.random.default_rng(self.seed * 1_000_003 + epoch)
+                self._epoch = (epoch, rng.permutation(self.n))
+            return self._epoch[1]
         order = list(range(self.n))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
@@ -376,7 +408,7 @@ class Sampler:
         while len(out) < k:
             epoch, offset = divmod(self.position, self.n)
             order = self._order(epoch)
-            chunk = order[offset : offset + k - len(out)]
+            chunk = [int(i) for i in order[offset : offset + k - len(out)]]
             out.extend(chunk)
             self.position += len(chunk)
         return out

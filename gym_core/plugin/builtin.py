@@ -7,6 +7,7 @@ from __future__ import annotations
 from gym_core.config.schema import (
     ArithmeticConfig,
     ArithmeticLabelsConfig,
+    HfConfig,
     JsonlConfig,
     QuantConfig,
 )
@@ -34,11 +35,14 @@ def gym_add_datasets(registry):
     registry.add("jsonl", JsonlConfig, "gym_core.data.tasks:jsonl_task")
     registry.add("countdown", CountdownDataConfig, "gym_core.env.builtin:countdown_task")
     registry.add("wordle", WordleDataConfig, "gym_core.env.builtin:wordle_task")
+    registry.add("hf", HfConfig, "gym_core.data.hf:hf_task")
 
 
 @hookimpl
 def gym_add_rewards(registry):
     registry.add("accuracy", None, "gym_core.data.rewards:accuracy")
+    registry.add("boxed", None, "gym_core.data.verify:boxed")
+    registry.add("math_verify", None, "gym_core.data.verify:math_verify")
 
 
 @hookimpl

@@ -27,6 +27,11 @@ class Algorithm:
     #: False for training-free methods: the core creates no optimizer and the method
     #: overrides :meth:`step` (its ``updater`` is None)
     trains_weights: ClassVar[bool] = True
+    #: the TRL dataset types the method trains on (gym_core/data/formats.py: prompt_only,
+    #: prompt_completion, preference, unpaired_preference, language_modeling); given rows
+    #: that serve none of them, a run stops with one line naming the columns it found.
+    #: Empty: any rows (the method's check_data decides).
+    data_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, policy) -> None:
         self.cfg = cfg

@@ -14,6 +14,7 @@ from gym_core.base import threads
 from gym_core.base.errors import GymError
 from gym_core.base.files import write_json
 from gym_core.config.checks import preflight
+from gym_core.data.formats import check_task, rows_to_check
 from gym_core.deltas.delta import load_packed, reconstruction_error, save_packed
 from gym_core.deltas.merge import lora_base, rebuild, run_delta
 from gym_core.eval.heldout import evaluate, preference_accuracy
@@ -117,7 +118,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     if algo_cls.online:  # score what was sampled: softmax(logits / T) (docs/algorithms.md §0.2)
         policy.temperature = float(cfg.algorithm.temperature)
     algo = algo_cls(cfg.algorithm, policy)
-    algo.check_data(task.train)
+    check_task(cfg, algo_cls, task.train)
+    algo.check_data(rows_to_check(task.train))
     algo.setup(cfg, run_dir, plugins)
     tcfg = cfg.trainer
     if dist.main:

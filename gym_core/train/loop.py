@@ -208,7 +208,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             t0 = time.perf_counter()
             # 1. batches for the whole step (online: rollouts), so that loss normalisers
             #    that need step-wide counts (dapo, dr_grpo) know them before any backward.
-            batches, batch_metrics = [], []
+            batches, batch_metrics, step_sources = [], [], []
             for _ in range(tcfg.grad_accum):
                 # every rank draws the same global batch and keeps its own slice; the
                 # sampling seed of an example is its position in the data stream
@@ -216,6 +216,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 chosen = sampler.take(tcfg.batch_size * dist.world)
                 mine = slice(dist.rank * tcfg.batch_size, (dist.rank + 1) * tcfg.batch_size)
                 examples = [task.train[i] for i in chosen[mine]]
+                step_sources += [ex.get("source") for ex in examples]
                 seeds = [tcfg.seed * 1_000_003 + p for p in range(first, first + len(chosen))][mine]
                 if engine is not None:
                     batch = algo.sample_batch(examples, seeds, engine)
@@ -252,6 +253,12 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 ("generate_seconds" if engine is not None else "collate_seconds"): t_batches,
                 "tokens_per_second": step_tokens / dt,
             }
+            sources = getattr(task.train, "sources", None)  # a mixture's (gym_core/data/mixture.py)
+            if sources:  # rows of each source this step, over every rank
+                counts = [float(step_sources.count(s)) for s in sources]
+                if dist.enabled:
+                    counts = dist.all_reduce_sum(counts)
+                metrics.update({f"data/rows_{s}": float(c) for s, c in zip(sources, counts)})
             if updater is not None:
                 # how far the weights moved from where the run started: a learning rate
                 # that blows them up without a NaN shows here first

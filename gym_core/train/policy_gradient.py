@@ -111,6 +111,7 @@ class GroupPolicyGradient(Algorithm):
     :meth:`sampling_correction`'s weight."""
 
     online = True
+    data_types = ("prompt_only",)
 
     def __init__(self, cfg, policy):
         super().__init__(cfg, policy)

@@ -61,6 +61,7 @@ def view(overrides: list[str], split: str = "train", start: int = 0, count: int 
     """Rows ``start .. start+count`` of ``split`` for the config ``overrides`` give."""
     import torch
 
+    from gym_core.data.formats import check_task, rows_to_check
     from gym_core.data.tasks import render_prompts
     from gym_core.model.policy import Policy, describe, load_tokenizer
     from gym_core.plugin.startup import bootstrap
@@ -92,7 +93,8 @@ def view(overrides: list[str], split: str = "train", start: int = 0, count: int 
                    split=split, total=len(examples), start=start, online=algo_cls.online,
                    reads="")
     try:
-        algo.check_data(task.train)
+        check_task(cfg, algo_cls, task.train)
+        algo.check_data(rows_to_check(task.train))
     except GymError as exc:
         out.problem = str(exc)
     if algo_cls.online:

@@ -55,6 +55,7 @@ class Group:
 class TrainingFreeGRPO(Algorithm):
     Config = CLGRPOConfig
     online = True
+    data_types = ("prompt_only",)
     trains_weights = False
 
     def __init__(self, cfg, policy) -> None:

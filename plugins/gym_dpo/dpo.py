@@ -161,6 +161,7 @@ def pair_logps(logp: torch.Tensor, mask: torch.Tensor, ld_alpha: float | None = 
 class DPO(Algorithm):
     Config = DPOConfig
     online = False
+    data_types = ("preference",)
 
     def __init__(self, cfg, policy):
         super().__init__(cfg, policy)

@@ -47,6 +47,7 @@ def rows_of(examples):
 class KTO(Algorithm):
     Config = KTOConfig
     online = False
+    data_types = ("unpaired_preference", "preference")
 
     @property
     def needs_reference(self) -> bool:

@@ -50,6 +50,7 @@ class ORPOTotals(StepTotals):
 class ORPO(Algorithm):
     Config = ORPOConfig
     online = False
+    data_types = ("preference",)
 
     def check_data(self, train):
         for ex in train:

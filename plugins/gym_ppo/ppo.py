@@ -131,6 +131,7 @@ def ppo_losses(logp, old_logp, values, old_values, advantages, returns, mask, cl
 class PPO(Algorithm):
     Config = PPOConfig
     online = True
+    data_types = ("prompt_only",)
 
     def __init__(self, cfg, policy):
         super().__init__(cfg, policy)

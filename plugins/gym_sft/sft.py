@@ -37,6 +37,7 @@ def answer_of(ex: dict):
 class SFT(Algorithm):
     Config = SFTConfig
     online = False
+    data_types = ("language_modeling", "prompt_completion")
 
     def segments(self, ex: dict) -> list[tuple[str, bool]]:
         """The example's text in pieces, each marked with whether the loss counts it."""

@@ -39,8 +39,8 @@ def data_page() -> None:
                     "data-start")
         count = tid(ui.select([4, 8, 16, 32], value=8, label="rows").classes("w-20"),
                     "data-count")
-    extra = tid(ui.input("more overrides (e.g. data.train_file=my.jsonl "
-                         "data.system_prompt='Answer briefly.')").classes("w-full"),
+    extra = tid(ui.input("more overrides (e.g. data.train_file=my.jsonl, data.path=my.parquet "
+                         "for data=hf, data.system_prompt='Answer briefly.')").classes("w-full"),
                 "data-overrides")
     tid(ui.button("Show", on_click=lambda: show()), "data-show")
     message = error_line("data-error")
