@@ -219,11 +219,6 @@ def gym_add_datasets(registry):
 
 
 @hookimpl
-def gym_add_rewards(registry):
-    registry.add("math_verify", None, "gym_cl_grpo.math:math_verify_reward")
-
-
-@hookimpl
 def gym_add_families(families):
     families.add("experience_store", hook="gym_add_experience_stores", specs=hookspecs)
     families.add("llm", hook="gym_add_llms", specs=hookspecs)

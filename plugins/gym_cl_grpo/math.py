@@ -1,9 +1,6 @@
-"""The paper's math domain (docs/algorithms.md §8.5): answers in ``\\boxed{}`` verified
-with Hugging Face's ``math-verify`` (reward ``math_verify``), and AIME-format problems
-read from local files (``data=aime``).
-
-This lives in the plugin until the core's verifier (gym_core/data/verify.py) lands; the
-reward and the loader are registered like any other (``algorithm.rewards=[math_verify]``).
+"""The paper's math domain (docs/algorithms.md §8.5): AIME-format problems read from
+local files (``data=aime``), their answers in ``\\boxed{}`` scored by the core's
+``math_verify`` reward (gym_core/data/verify.py: Hugging Face's ``math-verify``).
 """
 
 from __future__ import annotations
@@ -18,47 +15,6 @@ from gym_core.api import GymError, Task, read_jsonl
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
 ANSWER_FIELDS = ("answer", "Answer", "final_answer")
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (nested braces balanced), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = depth = start + len("\\boxed{")
-    depth = 1
-    while i < len(text):
-        c = text[i]
-        depth += (c == "{") - (c == "}")
-        if depth == 0:
-            return text[start + len("\\boxed{"): i]
-        i += 1
-    return None
-
-
-def verify_boxed(completion: str, answer: str) -> bool:
-    """Whether the completion's last ``\\boxed{}`` equals ``answer`` mathematically
-    (math-verify: ``1/2`` = ``0.5`` = ``\\frac{1}{2}``)."""
-    from math_verify import parse, verify
-
-    boxed = last_boxed(completion)
-    if boxed is None:
-        return False
-    gold = parse(f"${answer}$")
-    got = parse(f"${boxed}$")
-    if not gold or not got:
-        return boxed.strip() == str(answer).strip()
-    try:
-        return bool(verify(gold, got))
-    except Exception:  # math-verify gives up on some expressions: not equal
-        return False
-
-
-def math_verify_reward(prompts, completions, examples) -> list[float]:
-    """1.0 where the last ``\\boxed{}`` of the completion equals ``example["answer"]``
-    (math-verify), else 0.0."""
-    return [1.0 if verify_boxed(c, str(ex["answer"])) else 0.0
-            for c, ex in zip(completions, examples)]
 
 
 def _rows(path: str) -> list[dict]:
