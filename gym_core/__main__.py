@@ -147,10 +147,7 @@ def _entry(args: list[str]) -> None:
         if not NO_JOB_FLAGS.intersection(args):
             from gym_core.config.checks import preflight
 
-            preflight(cfg)
-            from gym_core.model.stages import check_init
-
-            check_init(cfg.model)  # model.init names a finished run of this base model
+            preflight(cfg)  # declared values, the run's folder, model.init's chain
             folder = lock_early(cfg, args)
             if folder is not None and not {"-m", "--multirun"}.intersection(args):
                 from gym_core.train.resume import check

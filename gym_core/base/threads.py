@@ -85,11 +85,6 @@ class ThreadPlan:
 
     def __init__(self, requested: int | None = None, environ=os.environ,
                  folder: Path | None = None):
-        if requested is not None and requested < 1:
-            from gym_core.base.errors import GymError
-
-            raise GymError(f"trainer.threads={requested} must be at least 1 (or null: "
-                           "chosen from the CPUs this process is given)")
         self.fixed = requested
         self.source = "trainer.threads"
         if requested is None and environ.get("OMP_NUM_THREADS", "").isdigit():

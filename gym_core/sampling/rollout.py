@@ -64,12 +64,8 @@ class Rollout:
 
 class RolloutEngine:
     def __init__(self, policy, cfg, rewards: list[tuple[str, Any, float]]):
-        """``cfg`` is an OnlineAlgorithmConfig; ``rewards`` (name, fn, weight) triples."""
-        if cfg.num_generations < 2:
-            raise GymError(
-                f"algorithm.num_generations={cfg.num_generations}: group methods need at "
-                "least 2 completions per prompt to compare them"
-            )
+        """``cfg`` is an OnlineAlgorithmConfig (num_generations >= 2, declared there);
+        ``rewards`` (name, fn, weight) triples."""
         self.policy, self.cfg, self.rewards = policy, cfg, rewards
 
     @torch.no_grad()

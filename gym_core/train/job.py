@@ -24,7 +24,7 @@ from gym_core.deltas.delta import (
 )
 from gym_core.eval.heldout import evaluate, preference_accuracy
 from gym_core.model.policy import describe, load_base, load_policy, save_final
-from gym_core.model.stages import base_identity, check_init, merged_state
+from gym_core.model.stages import base_identity, merged_state
 from gym_core.plugin.startup import bootstrap
 from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
@@ -50,8 +50,7 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     Rank 0 holds the run directory's lock (:mod:`gym_core.train.rundir`) for the whole job;
     SIGINT / SIGTERM stop it with a checkpoint (:mod:`gym_core.train.interrupt`)."""
     with config_errors():
-        preflight(cfg)
-        chain = check_init(cfg.model)  # model.init: refused before anything is written
+        chain = preflight(cfg)  # model.init's chain too: refused before anything is written
     dist = setup(cfg.trainer.device)
     threads.configure(cfg.trainer.threads)
     finished = False
@@ -98,12 +97,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     rewards = []
     if algo_cls.online:
         names = list(cfg.algorithm.rewards)
+        # as many weights as rewards: OnlineAlgorithmConfig.validate
         weights = cfg.algorithm.reward_weights or [1.0] * len(names)
-        if len(weights) != len(names):
-            raise GymError(
-                f"algorithm.reward_weights has {len(weights)} values for {len(names)} "
-                f"rewards {names}"
-            )
         rewards = [(n, plugins.component("reward", n).load(), float(w))
                    for n, w in zip(names, weights)]
     quantizer = None
@@ -115,7 +110,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     saved_before = read_eval_before(run_dir / "eval_before.json")
 
     seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
-    policy = load_policy(cfg.model, dist.device, system_prompt=cfg.data.system_prompt)
+    policy = load_policy(cfg.model, dist.device, system_prompt=cfg.data.system_prompt,
+                         chain=chain)
     if algo_cls.online:  # score what was sampled: softmax(logits / T) (docs/algorithms.md §0.2)
         policy.temperature = float(cfg.algorithm.temperature)
     algo = algo_cls(cfg.algorithm, policy)

@@ -15,12 +15,15 @@ Cheap to import: config dataclasses and registration hooks only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import MISSING
 
 from gym_cl_grpo import hookspecs
-from gym_core.api import OnlineAlgorithmConfig, hookimpl
+from gym_core.api import OnlineAlgorithmConfig, bounded, hookimpl, one_of
+
+#: where the experience library goes in the prompt
+InjectInto = Literal["system", "user"]
 
 
 @dataclass
@@ -43,12 +46,13 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
     max_completion_length: int = 64
     # the experience library rides in the prompt (inject_into): room for a large one
     max_prompt_length: int = 4096
-    lessons_per_group: int = 2  # lessons extracted per question (main-branch default 2)
+    # lessons extracted per question (main-branch default 2)
+    lessons_per_group: int = bounded(2, ge=1)
     # lessons are asked to be at most 32 words (§8.2); longer ones are rejected
-    max_experience_words: int = 64
+    max_experience_words: int = bounded(64, ge=1)
     # where the library goes: "system" (main branch: appended to the system
     # instructions) or "user" (preview: after the problem in the user turn)
-    inject_into: str = "system"
+    inject_into: str = one_of(InjectInto, "system")
 
 
 # ----------------------------------------------------------------------------------------
@@ -80,7 +84,8 @@ class SqliteStoreConfig(ExperienceStoreConfig):
 
     name: str = "sqlite"
     path: str | None = None  # None: <run_dir>/experiences/library.sqlite
-    busy_timeout_s: float = 60.0  # how long a writer waits for another's transaction
+    # how long a writer waits for another's transaction
+    busy_timeout_s: float = bounded(60.0, gt=0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -93,8 +98,8 @@ class LLMConfig:
     """Base of every ``llm=<name>`` option."""
 
     name: str = MISSING
-    max_new_tokens: int = 512
-    temperature: float = 0.7  # 0: greedy
+    max_new_tokens: int = bounded(512, ge=1)
+    temperature: float = bounded(0.7, ge=0, hint="0: greedy")
 
 
 @dataclass
@@ -102,7 +107,7 @@ class LocalLLMConfig(LLMConfig):
     """The policy model itself, through the core's generation code (works offline)."""
 
     name: str = "local"
-    batch_size: int = 8  # conversations per generate call
+    batch_size: int = bounded(8, ge=1)  # conversations per generate call
 
 
 @dataclass
@@ -116,11 +121,12 @@ class OpenAIChatConfig(LLMConfig):
     base_url: str = "https://api.openai.com/v1"  # .../chat/completions is appended
     model: str = MISSING  # e.g. gpt-4o-mini, deepseek-chat
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key
-    timeout_s: float = 120.0  # per request
-    max_retries: int = 5  # on 429, 5xx and connection errors
-    backoff_s: float = 1.0  # first wait; doubles each retry (Retry-After wins on 429)
-    max_backoff_s: float = 60.0
-    concurrency: int = 8  # requests in flight at once
+    timeout_s: float = bounded(120.0, gt=0)  # per request
+    max_retries: int = bounded(5, ge=0)  # on 429, 5xx and connection errors
+    # first wait; doubles each retry (Retry-After wins on 429)
+    backoff_s: float = bounded(1.0, ge=0)
+    max_backoff_s: float = bounded(60.0, ge=0)
+    concurrency: int = bounded(8, ge=1)  # requests in flight at once
 
 
 @hookimpl

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-from gym_cl_grpo import CLGRPOConfig, prompts
+from gym_cl_grpo import CLGRPOConfig, InjectInto, prompts
 from gym_cl_grpo.experience import Experience, labels, open_store
 from gym_cl_grpo.llm import make_llm
 from gym_cl_grpo.replies import parse_lessons, parse_operations
 from gym_core.api import Algorithm, GymError
 
-INJECT_INTO = ("system", "user")
+INJECT_INTO = get_args(InjectInto)
 _QUESTION = "cl_grpo_question"  # the row's own prompt, kept beside the injected one
 
 
@@ -51,13 +51,7 @@ class TrainingFreeGRPO(Algorithm):
     trains_weights = False
 
     def __init__(self, cfg, policy) -> None:
-        super().__init__(cfg, policy)
-        if cfg.inject_into not in INJECT_INTO:
-            raise GymError(f"algorithm.inject_into={cfg.inject_into!r} is not one of "
-                           f"{INJECT_INTO}")
-        if cfg.lessons_per_group < 1 or cfg.max_experience_words < 1:
-            raise GymError("algorithm.lessons_per_group and algorithm.max_experience_words "
-                           "must be at least 1")
+        super().__init__(cfg, policy)  # values checked against CLGRPOConfig's declarations
         self.store = self.llm = None
         self.system_prompt = None
         self.library_step = 0  # the library's step this run's rollouts start from
