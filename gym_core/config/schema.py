@@ -21,7 +21,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Literal
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from gym_core.base.errors import GymError
 from gym_core.config.fields import bounded, one_of
@@ -135,6 +135,11 @@ class ArithmeticConfig(DataConfig):
         if cfg.max_value < cfg.min_value:
             raise GymError(f"{key}.max_value={cfg.max_value} is below {key}.min_value="
                            f"{cfg.min_value}")
+        pairs = (cfg.max_value - cfg.min_value + 1) ** 2
+        if cfg.test_size >= pairs:
+            raise GymError(f"{key}.test_size={cfg.test_size} must be between 1 and "
+                           f"{pairs - 1}: operands {cfg.min_value}..{cfg.max_value} give "
+                           f"{pairs} distinct pairs")
         try:
             names = {f for _, f, _, _ in string.Formatter().parse(cfg.template) if f is not None}
         except ValueError as exc:
@@ -299,6 +304,13 @@ class SoupConfig:
     rounds: int = bounded(1, ge=1)  # rounds accounted for
     # None: noise and DARE masks seeded from the OS's entropy
     seed: int | None = bounded(None, ge=0)
+
+    @staticmethod
+    def validate(cfg, key):
+        w = cfg.weights
+        if w is not None and not OmegaConf.is_missing(cfg, "inputs") and (len(w) != len(cfg.inputs) or sum(w) <= 0):
+            raise GymError(f"{key}.weights={list(w)} must be {len(cfg.inputs)} non-negative "
+                           "numbers (one per input) with a positive sum")
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from gym_core.train.loop import seed_everything, train
 from gym_core.train.resume import check as check_resume
 from gym_core.train.resume import data_digest
 from gym_core.train.resume import record as record_run
+from gym_core.train.resume import recorded_threads
 from gym_core.train.rundir import prepare_run_dir, run_lock
 
 
@@ -52,12 +53,14 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     with config_errors():
         chain = preflight(cfg)  # model.init's chain too: refused before anything is written
     dist = setup(cfg.trainer.device)
-    threads.configure(cfg.trainer.threads)
     finished = False
     try:
         run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
         # every rank works in rank 0's directory (a default run.name holds a time stamp)
         run_dir = Path(dist.broadcast(str(run_dir)))
+        # one thread count for the whole run, a resumed one's from its run.json (results
+        # differ in the last bits between counts); trainer.threads overrides it
+        threads.configure(cfg.trainer.threads, keep=True, recorded=recorded_threads(run_dir))
         with contextlib.ExitStack() as stack:
             if dist.main:
                 stack.enter_context(run_lock(run_dir))
