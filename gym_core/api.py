@@ -31,6 +31,7 @@ from gym_core.config.schema import (
     OnlineAlgorithmConfig,
     QuantConfig,
     SoupConfig,
+    TokenLoss,
 )
 from gym_core.plugin.hookspecs import hookimpl, hookspec
 from gym_core.plugin.manager import Families, Plugins
@@ -90,7 +91,7 @@ __all__ = [
     "API_VERSION", "AlgorithmConfig", "DataConfig", "Families", "GroupPolicyConfig",
     "GymError", "MatrixQuantConfig", "OfflineAlgorithmConfig", "OnlineAlgorithmConfig",
     "Plugins", "QuantConfig", "Registry", "Reward", "SoupConfig", "atomic_path", "hookimpl",
-    "hookspec", "write_json", "write_text", "bounded", "one_of",
+    "hookspec", "write_json", "write_text", "bounded", "one_of", "TokenLoss",
     *_LAZY,
 ]
 

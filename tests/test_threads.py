@@ -6,10 +6,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from gym_core.base import threads
-from gym_core.base.errors import GymError
 from gym_core.base.threads import ThreadPlan, cgroup_cpus, cpu_budget, prepare_environment
 
 

@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 from gym_core.base.errors import GymError
 from gym_core.config.fields import check_values
 
-
 #: what to say for a required value that is missing, where a hint helps
 _NEEDS = {
     "data.train_file": "data=jsonl needs data.train_file=PATH (a JSONL file of your rows; "

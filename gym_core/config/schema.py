@@ -37,6 +37,9 @@ ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_trunc
                                  "sequence_mask"]
 Schedule = Literal["constant", "linear", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
+#: the token-loss normalisers of gym_core.train.losses.aggregate_token_loss (for plugins'
+#: loss_type fields: cheap to import, unlike LOSS_TYPES beside the function)
+TokenLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
 
 # ----------------------------------------------------------------------------------------
 # model

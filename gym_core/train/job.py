@@ -30,9 +30,8 @@ from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
 from gym_core.train.loop import seed_everything, train
 from gym_core.train.resume import check as check_resume
-from gym_core.train.resume import data_digest
+from gym_core.train.resume import data_digest, recorded_threads
 from gym_core.train.resume import record as record_run
-from gym_core.train.resume import recorded_threads
 from gym_core.train.rundir import prepare_run_dir, run_lock
 
 

@@ -27,7 +27,7 @@ from gym_cl_grpo import CLGRPOConfig, InjectInto, prompts
 from gym_cl_grpo.experience import Experience, labels, open_store
 from gym_cl_grpo.llm import make_llm
 from gym_cl_grpo.replies import parse_lessons, parse_operations
-from gym_core.api import Algorithm, GymError
+from gym_core.api import Algorithm
 
 INJECT_INTO = get_args(InjectInto)
 _QUESTION = "cl_grpo_question"  # the row's own prompt, kept beside the injected one

@@ -33,6 +33,7 @@ import torch
 
 from gym_core.api import GymError, MatrixQuantizer, pack_signs, unpack_signs
 from gym_deltaquant import GRANULARITIES, KBITS, MODES, DeltaQuantConfig, kernels
+
 _TRIT_POWERS = torch.tensor([1, 3, 9, 27, 81], dtype=torch.uint8)
 
 
