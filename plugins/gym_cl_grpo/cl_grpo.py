@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any
 
-from gym_cl_grpo import CLGRPOConfig, InjectInto, prompts
+from gym_cl_grpo import CLGRPOConfig, prompts
 from gym_cl_grpo.experience import Experience, labels, open_store
 from gym_cl_grpo.llm import make_llm
 from gym_cl_grpo.replies import parse_lessons, parse_operations
 from gym_core.api import Algorithm
 
-INJECT_INTO = get_args(InjectInto)
 _QUESTION = "cl_grpo_question"  # the row's own prompt, kept beside the injected one
 
 
