@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from gym_core import API_VERSION
 from gym_core.base.errors import GymError
 from gym_core.base.files import atomic_path, write_json, write_text
-from gym_core.config.fields import bounded, one_of
+from gym_core.config.fields import bounded, check_values, one_of
 from gym_core.config.schema import (
     AlgorithmConfig,
     DataConfig,
@@ -92,6 +92,7 @@ __all__ = [
     "GymError", "MatrixQuantConfig", "OfflineAlgorithmConfig", "OnlineAlgorithmConfig",
     "Plugins", "QuantConfig", "Registry", "Reward", "SoupConfig", "atomic_path", "hookimpl",
     "hookspec", "write_json", "write_text", "bounded", "one_of", "TokenLoss",
+    "check_values",
     *_LAZY,
 ]
 
