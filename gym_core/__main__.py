@@ -146,22 +146,53 @@ def _entry(args: list[str]) -> None:
         cfg = check_overrides(args)
         if not NO_JOB_FLAGS.intersection(args):
             from gym_core.config.checks import preflight
-
-            preflight(cfg)
-            from gym_core.model.stages import check_init
             from gym_core.plugin.startup import check_named_components
             from gym_core.train.rundir import check_run_name, check_run_state
 
             check_run_name(cfg)  # one folder inside run.root, before anything is created
+            preflight(cfg)  # declared values, the run's folder, model.init's chain
             check_named_components(cfg)  # a disabled plugin's reward: refused here too
-            check_init(cfg.model)  # model.init names a finished run of this base model
+            from pathlib import Path
+
+            root = Path(cfg.run.root)
+            new = [p for p in (root, root / str(cfg.run.name)) if not p.exists()]
             folder = lock_early(cfg, args)
             if folder is not None and not {"-m", "--multirun"}.intersection(args):
                 from gym_core.train.resume import check
 
                 check_run_state(folder)
                 check(cfg, folder)  # a refused change costs a second, not a model load
+            try:
+                main()
+            except SystemExit as exc:
+                if exc.code == 2 and folder is not None and folder in new:
+                    remove_refused_start(folder, [p for p in new if p != folder])
+                raise
+            return
     main()
+
+
+def remove_refused_start(folder, parents) -> None:
+    """A start refused inside the job (a bad data row, ...) before it wrote anything
+    leaves no folder behind: ``folder`` (created by this start, still locked by it)
+    goes if it holds only the lock and Hydra's empty log, and then ``parents`` (folders
+    this start created) if they are empty. Anything else there: kept, untouched."""
+    import contextlib
+
+    from gym_core.train.rundir import LOCK_NAME, release
+
+    names = {p.name: p for p in folder.iterdir()}
+    if LOCK_NAME not in names or any(
+            n != LOCK_NAME and not (n.endswith(".log") and p.is_file() and p.stat().st_size == 0)
+            for n, p in names.items()):
+        return
+    with contextlib.suppress(OSError):
+        for p in names.values():
+            p.unlink()
+        folder.rmdir()  # fails, harmlessly, if another start has just made its lock there
+        for parent in parents:
+            parent.rmdir()
+    release(folder)
 
 
 if __name__ == "__main__":

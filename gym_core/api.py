@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from gym_core import API_VERSION
 from gym_core.base.errors import GymError
 from gym_core.base.files import atomic_path, write_json, write_text
+from gym_core.config.fields import bounded, check_values, one_of
 from gym_core.config.schema import (
     AlgorithmConfig,
     DataConfig,
@@ -32,6 +33,7 @@ from gym_core.config.schema import (
     OnlineAlgorithmConfig,
     QuantConfig,
     SoupConfig,
+    TokenLoss,
 )
 from gym_core.env.config import EnvConfig
 from gym_core.plugin.hookspecs import hookimpl, hookspec
@@ -109,7 +111,8 @@ __all__ = [
     "API_VERSION", "AlgorithmConfig", "DataConfig", "EnvConfig", "Families", "GroupPolicyConfig",
     "GymError", "MatrixQuantConfig", "OfflineAlgorithmConfig", "OnlineAlgorithmConfig",
     "Plugins", "QuantConfig", "Registry", "Reward", "SoupConfig", "atomic_path", "hookimpl",
-    "hookspec", "write_json", "write_text",
+    "hookspec", "write_json", "write_text", "bounded", "one_of", "TokenLoss",
+    "check_values",
     *_LAZY,
 ]
 

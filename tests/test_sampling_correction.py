@@ -126,9 +126,14 @@ def test_gyms_sampler_and_trainer_agree_to_rounding(policy):
     ({"importance_sampling_mode": "token_truncate", "importance_sampling_clip_max": None},
      "needs algorithm.importance_sampling_clip_max"),
 ])
-def test_bad_correction_settings_are_one_line_errors(policy, overrides, message):
+def test_bad_correction_settings_are_one_line_errors(overrides, message):
+    """Refused by the config check every job runs first (GroupPolicyConfig's
+    declarations and validate), in one line."""
+    from gym_core.config.fields import check_values
+    from gym_grpo import GRPOConfig
+
     with pytest.raises(GymError, match=message):
-        _algorithm("grpo", policy, **overrides)
+        check_values(OmegaConf.structured(GRPOConfig(**overrides)), "algorithm")
 
 
 def test_sampling_stays_reproducible_per_row(policy):

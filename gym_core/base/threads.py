@@ -16,7 +16,14 @@ threads each on two cores: a GRPO step 12 s -> 56 s). So gym
   point).
 
 ``trainer.threads`` (or ``OMP_NUM_THREADS``, which joblib's workers get from their
-launcher) fixes the number instead. This module imports no torch at import time.
+launcher) fixes the number instead.
+
+A training run keeps one number from start to end, and across resumes: results differ
+in the last bits (about 1e-8) between thread counts, so a run whose count followed its
+neighbours would not repeat itself. :func:`configure` with ``keep=True`` (the job) fixes
+the count the CPUs give at the run's first start (or the one its ``run.json`` recorded,
+``recorded``), still registered so that neighbours count it. This module imports no torch
+at import time.
 """
 
 from __future__ import annotations
@@ -85,11 +92,6 @@ class ThreadPlan:
 
     def __init__(self, requested: int | None = None, environ=os.environ,
                  folder: Path | None = None):
-        if requested is not None and requested < 1:
-            from gym_core.base.errors import GymError
-
-            raise GymError(f"trainer.threads={requested} must be at least 1 (or null: "
-                           "chosen from the CPUs this process is given)")
         self.fixed = requested
         self.source = "trainer.threads"
         if requested is None and environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -147,6 +149,15 @@ class ThreadPlan:
             return self.fixed
         return max(1, self.budget // self.neighbours())
 
+    def keep(self, recorded: int | None = None) -> None:
+        """Fix the count for the rest of the job: ``recorded`` (a resumed run's), or the
+        count the CPUs give now. A count set by trainer.threads or OMP_NUM_THREADS wins.
+        The process stays registered, so its neighbours count it."""
+        if self.source != "auto":
+            return
+        self.fixed = recorded if recorded else self.threads()
+        self.source = "run.json" if recorded else "auto, kept for the run"
+
     def apply(self) -> int:
         """Set torch's intra-op threads to :meth:`threads` (when it changed)."""
         n = self.threads()
@@ -161,14 +172,23 @@ class ThreadPlan:
 _plan: ThreadPlan | None = None
 
 
-def configure(requested: int | None = None) -> ThreadPlan:
-    """Start (or restart) this process's thread plan and apply it."""
+def configure(requested: int | None = None, *, keep: bool = False,
+              recorded: int | None = None) -> ThreadPlan:
+    """Start (or restart) this process's thread plan and apply it; ``keep``: one count
+    for the whole job (:meth:`ThreadPlan.keep`, ``recorded`` a resumed run's)."""
     global _plan
     if _plan is not None:
         _plan.close()
     _plan = ThreadPlan(requested)
+    if keep:
+        _plan.keep(recorded)
     _plan.apply()
     return _plan
+
+
+def in_use() -> int | None:
+    """The threads torch computes with in this job (None outside one)."""
+    return _plan.current if _plan is not None else None
 
 
 def release() -> None:

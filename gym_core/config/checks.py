@@ -1,19 +1,16 @@
 """Checks of a composed config that need nothing loaded (no torch): run by
-``python -m gym_core`` before Hydra starts the job, and again by
-:func:`gym_core.train.job.run_job` for in-process callers. A value that would fail (or
-silently do nothing) deep in the run is refused here in one line, before anything is
-written."""
+``python -m gym_core`` before Hydra starts the job (and before anything is created on
+disk), and by :func:`gym_core.train.job.run_job` for in-process callers. A value that
+would fail (or silently do nothing) deep in the run is refused here in one line. What
+each field may hold is declared in the schema (:mod:`gym_core.config.schema`), not here:
+:func:`gym_core.config.fields.check_values` checks the config against it."""
 
 from __future__ import annotations
-
-import math
 
 from omegaconf import DictConfig, OmegaConf
 
 from gym_core.base.errors import GymError
-
-SCHEDULES = ("constant", "linear", "cosine")
-
+from gym_core.config.fields import check_values
 
 #: what to say for a required value that is missing, where a hint helps
 _NEEDS = {
@@ -33,49 +30,53 @@ def check_missing(cfg: DictConfig) -> None:
                                        "the command"))
 
 
-def preflight(cfg: DictConfig) -> None:
+def preflight(cfg: DictConfig) -> list | None:
+    """Every check of a composed config that loads nothing: a value left unset, each
+    field against what its schema declares (:func:`gym_core.config.fields.check_values`:
+    choices, ranges, and each section's ``validate``), the run's folder, and the chain
+    of runs ``model.init`` names (:func:`gym_core.model.stages.check_init`). Returns that
+    chain (None without ``model.init``)."""
+    from gym_core.model.stages import check_init
+
     check_missing(cfg)
-    t, a = cfg.trainer, cfg.algorithm
-    for key, value, low in (("trainer.max_steps", t.max_steps, 1),
-                            ("trainer.batch_size", t.batch_size, 1),
-                            ("trainer.grad_accum", t.grad_accum, 1),
-                            ("trainer.eval_batch_size", t.eval_batch_size, 1),
-                            ("trainer.warmup_steps", t.warmup_steps, 0),
-                            ("trainer.save_every", t.save_every, 0)):
-        if value < low:
-            raise GymError(f"{key}={value} must be at least {low}")
-    if t.lr_scheduler not in SCHEDULES:
-        raise GymError(f"trainer.lr_scheduler={t.lr_scheduler!r} is not one of "
-                       f"{', '.join(SCHEDULES)}")
-    if not (math.isfinite(a.lr) and a.lr >= 0):
-        raise GymError(f"algorithm.lr={a.lr} must be a finite number >= 0")
-    for key in ("max_prompt_length", "max_completion_length"):
-        if key in a and a[key] < 1:
-            raise GymError(f"algorithm.{key}={a[key]} must be at least 1 (tokens)")
-    if cfg.model.source == "tiny":
-        check_tiny_shape(cfg.model.tiny)
+    check_values(cfg)
+    check_run_place(cfg)
     from gym_core.env.setup import check_env_config
 
     check_env_config(cfg)  # env=...: an online algorithm, limits in range (docs/agents.md)
+    return check_init(cfg.model)
 
 
-def check_tiny_shape(cfg) -> None:
-    """Refuse a tiny-model shape the attention layers cannot take (it would fail deep in
-    the first forward pass, or build a model of another shape)."""
-    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads")
-    for name in sizes:
-        if getattr(cfg, name) < 1:
-            raise GymError(f"model.tiny.{name}={getattr(cfg, name)} must be at least 1")
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    if cfg.hidden_size % heads:
-        raise GymError(f"model.tiny.hidden_size={cfg.hidden_size} is not a multiple of "
-                       f"model.tiny.num_attention_heads={heads}")
-    if heads % kv:
-        raise GymError(f"model.tiny.num_attention_heads={heads} is not a multiple of "
-                       f"model.tiny.num_key_value_heads={kv} (each key/value head serves a "
-                       "whole group of query heads)")
-    if (cfg.hidden_size // heads) % 2:
-        raise GymError(f"model.tiny.hidden_size / num_attention_heads = "
-                       f"{cfg.hidden_size // heads} must be even (rotary embeddings rotate "
-                       "pairs of dimensions)")
+#: kernel file systems: nothing a run writes can live there
+_VIRTUAL = ("/proc", "/sys", "/dev")
+
+
+def check_run_place(cfg: DictConfig) -> None:
+    """``run.root`` / ``run.name`` must be a place a run folder can be made in: not a
+    file, not below a file, not inside a kernel's virtual file system."""
+    import os
+    from pathlib import Path
+
+    root = Path(cfg.run.root).expanduser()
+    absolute = Path(os.path.abspath(root))
+    real = Path(os.path.realpath(absolute))
+    for top in _VIRTUAL:
+        if any(p == Path(top) or Path(top) in p.parents for p in (absolute, real)):
+            raise GymError(f"run.root={cfg.run.root} is inside {top}, a kernel file system "
+                           "where no run can be written: choose a folder on a disk")
+    if root.exists() and not root.is_dir():
+        raise GymError(f"run.root={cfg.run.root} is a file, not a folder: choose another "
+                       "run.root")
+    name = cfg.run.name
+    folder = root / str(name)
+    if folder.exists() and not folder.is_dir():
+        raise GymError(f"run.name={name}: {folder} is a file, not a run folder: choose "
+                       "another run.name (or move the file)")
+    existing = absolute
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GymError(f"run.root={cfg.run.root}: {existing} is a file, so no folder can be "
+                       "made below it: choose another run.root")
+    # whether it can be written is found by writing (gym_core.train.rundir): root ignores
+    # permission bits, and a read-only mount says so only then

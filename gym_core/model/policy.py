@@ -99,12 +99,9 @@ def tiny_tokenizer():
 def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+    # one per TinyArch of the schema, which declares the choices; the shape is checked
+    # there too (TinyModelConfig.check_shape)
     kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config}
-    if cfg.arch not in kinds:
-        raise GymError(f"model.tiny.arch={cfg.arch!r} is not one of {sorted(kinds)}")
-    from gym_core.config.checks import check_tiny_shape
-
-    check_tiny_shape(cfg)
     config = kinds[cfg.arch](
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -130,17 +127,16 @@ def model_folder(cfg) -> Path | None:
         return None
     if cfg.source == "smollm2":
         return smollm2_folder(cfg.cache_dir)
-    if cfg.source == "local":
-        if not cfg.path:
-            raise GymError("model=local needs model.path=DIR (a Hugging Face model folder)")
-        folder = Path(cfg.path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise GymError(
-                f"model.path={cfg.path!r} holds no model (no config.json there). Point it "
-                "at a folder written by save_pretrained, or use model=smollm2."
-            )
-        return folder
-    raise GymError(f"model.source={cfg.source!r} is not one of smollm2, local, tiny")
+    # local (the schema's ModelSource declares the three)
+    if not cfg.path:
+        raise GymError("model=local needs model.path=DIR (a Hugging Face model folder)")
+    folder = Path(cfg.path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise GymError(
+            f"model.path={cfg.path!r} holds no model (no config.json there). Point it "
+            "at a folder written by save_pretrained, or use model=smollm2."
+        )
+    return folder
 
 
 def load_tokenizer(cfg):
@@ -173,9 +169,7 @@ def load_base(cfg) -> tuple[torch.nn.Module, object]:
     if folder is None:
         model = tiny_model(cfg.tiny, len(tok), tok.pad_token_id, tok.eos_token_id)
     else:
-        dtype = getattr(torch, cfg.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise GymError(f"model.dtype={cfg.dtype!r} is not a torch dtype (e.g. float32)")
+        dtype = getattr(torch, cfg.dtype)  # one of the schema's Dtype
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except (OSError, ValueError) as exc:
@@ -422,31 +416,36 @@ def apply_stages(model: torch.nn.Module, chain: list[dict]) -> torch.nn.Module:
     return model
 
 
-def load_start(model_cfg) -> tuple[torch.nn.Module, object, list[dict]]:
+def load_start(model_cfg, chain: list[dict] | None = None
+               ) -> tuple[torch.nn.Module, object, list[dict]]:
     """The model a run with ``model.init`` starts from: the base model with every stage of
-    the chain (:func:`gym_core.model.stages.check_init`) applied in order, its tokenizer and
-    the chain."""
-    from gym_core.model.stages import check_init
+    the chain (:func:`gym_core.model.stages.check_init`, which a job's preflight has run
+    and passes in; checked here when not given) applied in order, its tokenizer and the
+    chain."""
+    if chain is None:
+        from gym_core.model.stages import check_init
 
-    chain = check_init(model_cfg)
+        chain = check_init(model_cfg)
     model, tok = load_base(model_cfg)
     model = apply_stages(model, chain)
     model.eval()
     return model, tok, chain
 
 
-def load_policy(cfg, device: torch.device, system_prompt: str | None = None) -> Policy:
+def load_policy(cfg, device: torch.device, system_prompt: str | None = None,
+                chain: list[dict] | None = None) -> Policy:
     """The policy to train: the base model, or with ``model.init`` the result of an
-    earlier run (:mod:`gym_core.model.stages`), as a LoRA model or fully trainable."""
+    earlier run (:mod:`gym_core.model.stages`; ``chain``: its checked chain, as the job's
+    preflight returned it), as a LoRA model or fully trainable."""
     if getattr(cfg, "init", None):
-        model, tok, _ = load_start(cfg)
+        model, tok, _ = load_start(cfg, chain)
     else:
         model, tok = load_base(cfg)
     model.to(device)
-    if cfg.finetune == "full":
+    if cfg.finetune == "full":  # or lora: the schema's Finetune
         model.requires_grad_(True)
         policy = Policy(model, tok, lora=False, system_prompt=system_prompt)
-    elif cfg.finetune == "lora":
+    else:
         from peft import LoraConfig, get_peft_model
 
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -464,8 +463,6 @@ def load_policy(cfg, device: torch.device, system_prompt: str | None = None) -> 
             task_type="CAUSAL_LM",
         )
         policy = Policy(get_peft_model(model, lcfg), tok, lora=True, system_prompt=system_prompt)
-    else:
-        raise GymError(f"model.finetune={cfg.finetune!r} is not one of lora, full")
     return policy
 
 

@@ -149,9 +149,10 @@ def overrides_of(args: list[str]) -> list[str]:
 
 def check_overrides(args: list[str], config_name: str = "config"):
     """Compose the config the overrides give before Hydra runs, so that a bad override is
-    one line and exit 2 (Hydra's own report is several lines and exit 1). A sweep (-m) is
-    checked value by value: each swept value with the first value of the other keys.
-    Returns the config of the first job."""
+    one line and exit 2 (Hydra's own report is several lines and exit 1), and check it
+    against the values its schemas declare (:func:`gym_core.config.fields.check_values`)
+    before anything is created on disk. A sweep (-m) is checked value by value: each swept
+    value with the first value of the other keys. Returns the config of the first job."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -176,11 +177,14 @@ def check_overrides(args: list[str], config_name: str = "config"):
                 first.append(f"{o.get_key_element()}={values[0]}")
         else:
             first.append(o.input_line)
+    from gym_core.config.fields import check_values
+
     cfg = compose(first, config_name=config_name)
-    for i, line in others:
-        compose([*first[:i], line, *first[i + 1:]], config_name=config_name)
     with config_errors(bootstrap()):  # interpolations that do not resolve (${nope})
         OmegaConf.to_container(cfg, resolve=True)
+        check_values(cfg)
+        for i, line in others:
+            check_values(compose([*first[:i], line, *first[i + 1:]], config_name=config_name))
     return cfg
 
 

@@ -79,14 +79,10 @@ class Rollout:
 
 class RolloutEngine:
     def __init__(self, policy, cfg, rewards: list[tuple[str, Any, float]], env=None):
-        """``cfg`` is an OnlineAlgorithmConfig; ``rewards`` (name, fn, weight) triples;
-        ``env``: (environment class, its config) for multi-turn episodes, whose rewards
-        are the environment's (the reward functions are not applied)."""
-        if cfg.num_generations < 2:
-            raise GymError(
-                f"algorithm.num_generations={cfg.num_generations}: group methods need at "
-                "least 2 completions per prompt to compare them"
-            )
+        """``cfg`` is an OnlineAlgorithmConfig (num_generations >= 2, declared there);
+        ``rewards`` (name, fn, weight) triples; ``env``: (environment class, its config)
+        for multi-turn episodes, whose rewards are the environment's (the reward
+        functions are not applied)."""
         self.policy, self.cfg, self.rewards, self.env = policy, cfg, rewards, env
 
     @torch.no_grad()

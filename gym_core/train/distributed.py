@@ -98,8 +98,6 @@ def setup(device_name: str) -> Dist:
     """Join the process group ``torchrun`` describes in the environment, if any."""
     from gym_core.base.errors import GymError
 
-    if device_name not in ("auto", "cpu", "cuda"):
-        raise GymError(f"trainer.device={device_name!r} is not one of auto, cpu, cuda")
     if device_name == "cuda" and not torch.cuda.is_available():
         raise GymError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))

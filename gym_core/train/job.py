@@ -19,13 +19,13 @@ from gym_core.deltas.delta import load_packed, reconstruction_error, save_packed
 from gym_core.deltas.merge import lora_base, rebuild, run_delta
 from gym_core.eval.heldout import evaluate, preference_accuracy
 from gym_core.model.policy import describe, load_base, load_policy, save_final
-from gym_core.model.stages import base_identity, check_init
+from gym_core.model.stages import base_identity
 from gym_core.plugin.startup import bootstrap, check_named_components
 from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
 from gym_core.train.loop import seed_everything, train
 from gym_core.train.resume import check as check_resume
-from gym_core.train.resume import data_digest
+from gym_core.train.resume import data_digest, recorded_threads
 from gym_core.train.resume import record as record_run
 from gym_core.train.rundir import check_run_name, check_run_state, prepare_run_dir, run_lock
 
@@ -45,18 +45,19 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     Rank 0 holds the run directory's lock (:mod:`gym_core.train.rundir`) for the whole job;
     SIGINT / SIGTERM stop it with a checkpoint (:mod:`gym_core.train.interrupt`)."""
     with config_errors():
-        preflight(cfg)
+        chain = preflight(cfg)  # model.init's chain too: refused before anything is written
         if run_dir is None:
             check_run_name(cfg)
         check_named_components(cfg)
-        chain = check_init(cfg.model)  # model.init: refused before anything is written
     dist = setup(cfg.trainer.device)
-    threads.configure(cfg.trainer.threads)
     finished = False
     try:
         run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
         # every rank works in rank 0's directory (a default run.name holds a time stamp)
         run_dir = Path(dist.broadcast(str(run_dir)))
+        # one thread count for the whole run, a resumed one's from its run.json (results
+        # differ in the last bits between counts); trainer.threads overrides it
+        threads.configure(cfg.trainer.threads, keep=True, recorded=recorded_threads(run_dir))
         with contextlib.ExitStack() as stack:
             if dist.main:
                 stack.enter_context(run_lock(run_dir))
@@ -97,12 +98,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     rewards = []
     if algo_cls.online:
         names = list(cfg.algorithm.rewards)
+        # as many weights as rewards: OnlineAlgorithmConfig.validate
         weights = cfg.algorithm.reward_weights or [1.0] * len(names)
-        if len(weights) != len(names):
-            raise GymError(
-                f"algorithm.reward_weights has {len(weights)} values for {len(names)} "
-                f"rewards {names}"
-            )
         rewards = [(n, plugins.component("reward", n).load(), float(w))
                    for n, w in zip(names, weights)]
     quantizer = None
@@ -114,7 +111,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     saved_before = read_eval_before(run_dir / "eval_before.json")
 
     seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
-    policy = load_policy(cfg.model, dist.device, system_prompt=cfg.data.system_prompt)
+    policy = load_policy(cfg.model, dist.device, system_prompt=cfg.data.system_prompt,
+                         chain=chain)
     if algo_cls.online:  # score what was sampled: softmax(logits / T) (docs/algorithms.md §0.2)
         policy.temperature = float(cfg.algorithm.temperature)
     algo = algo_cls(cfg.algorithm, policy)

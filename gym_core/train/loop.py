@@ -15,7 +15,6 @@ import torch
 
 from gym_core.base.errors import GymError, Interrupted, warn
 from gym_core.base.threads import rebalance
-from gym_core.config.checks import SCHEDULES
 from gym_core.data.tasks import Sampler
 from gym_core.sampling.rollout import RolloutEngine, rollout_metrics
 from gym_core.train.algorithm import Updater, mean_dicts
@@ -37,9 +36,8 @@ class TrainResult:
 
 def lr_lambda(tcfg, total_updates: int):
     """Linear warmup, then constant / linear decay / cosine decay to 0 at
-    ``total_updates``: the learning-rate factor of update ``u`` (0-based)."""
-    if tcfg.lr_scheduler not in SCHEDULES:
-        raise GymError(f"trainer.lr_scheduler={tcfg.lr_scheduler!r} is not one of {SCHEDULES}")
+    ``total_updates``: the learning-rate factor of update ``u`` (0-based; the schema's
+    Schedule declares the kinds)."""
     return schedule_fn(schedule_spec(tcfg, total_updates))
 
 
@@ -124,11 +122,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     ``stop`` (a :class:`gym_core.train.interrupt.StopRequest`): a signal ends the loop after
     the current step, with a checkpoint, by raising :class:`Interrupted`."""
     dist = dist or Dist()
-    tcfg, acfg = cfg.trainer, cfg.algorithm
-    if tcfg.batch_size < 1 or tcfg.grad_accum < 1:
-        raise GymError("trainer.batch_size and trainer.grad_accum must be at least 1")
-    if tcfg.max_steps < 1:
-        raise GymError(f"trainer.max_steps={tcfg.max_steps} must be at least 1")
+    tcfg, acfg = cfg.trainer, cfg.algorithm  # checked against the schema by preflight
 
     params = policy.trainable_parameters() if algo.trains_weights else []
     optimizer = scheduler = updater = None

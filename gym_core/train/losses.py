@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.distributed
 
 from gym_core.base.errors import GymError
+from gym_core.config.schema import TokenLoss
 
 # Set while the DDP-wrapped scorer (gym_core.model.policy.LogprobScorer) runs: a log-prob pass
 # with gradients anywhere else would skip DDP's gradient all-reduce.
 _through_ddp = threading.local()
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+LOSS_TYPES = get_args(TokenLoss)  # the normalisers, declared in the schema
 
 
 def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -222,7 +224,7 @@ class StepTotals:
 def aggregate_token_loss(
     per_token: torch.Tensor,
     mask: torch.Tensor,
-    loss_type: str,
+    loss_type: TokenLoss,
     totals: StepTotals,
     max_completion_length: int,
 ) -> torch.Tensor:

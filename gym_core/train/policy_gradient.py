@@ -5,20 +5,23 @@ the loss mask, old and reference log-probs computed once per batch, and
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
-from gym_core.base.errors import GymError
+from gym_core.config.schema import ImportanceSamplingMode, ScaleRewards
 from gym_core.train.algorithm import Algorithm
 from gym_core.train.distributed import sum_over_ranks
 from gym_core.train.losses import StepTotals
 
-SCALE_REWARDS = ("group", "batch", "none")
+#: scale_rewards' choices, declared in the schema (GroupPolicyConfig)
+SCALE_REWARDS = get_args(ScaleRewards)
 ADV_EPS = 1e-4  # added to the std (not a floor): identical rewards give A = 0, not NaN
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+IS_MODES = get_args(ImportanceSamplingMode)
 
 
 def importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
-                       mode: str, clip_min: float | None, clip_max: float | None
+                       mode: ImportanceSamplingMode, clip_min: float | None, clip_max: float | None
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """The sampler/trainer correction of docs/algorithms.md §3.2 (TRL 1.16's
     ``vllm_importance_sampling_*``): d = (log pi_old - log pi_smp) on completion tokens;
@@ -50,14 +53,14 @@ def importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     return rho, metrics
 
 
-def group_advantages(rollout, scale: str, eps: float = ADV_EPS) -> torch.Tensor:
+def group_advantages(rollout, scale: ScaleRewards, eps: float = ADV_EPS) -> torch.Tensor:
     """A_i = r_i - mean(group), divided by the group std ("group"), by the std of the
     whole rollout ("batch", Lite PPO), or not at all ("none", Dr. GRPO); stds are
     Bessel-corrected as TRL's, over scorable completions only; a completion no reward
     function scored gets 0. docs/algorithms.md §1.1. (Inside a training step
     :class:`GroupPolicyGradient` takes the "batch" std over the whole step, every rank.)"""
-    if scale not in SCALE_REWARDS:
-        raise GymError(f"algorithm.scale_rewards={scale!r} is not one of {SCALE_REWARDS}")
+    if scale not in SCALE_REWARDS:  # a caller's argument; a config's value is checked once
+        raise ValueError(f"scale {scale!r} is not one of {SCALE_REWARDS}")
     mean, std = rollout.group_stats()
     adv = rollout.rewards - mean
     if scale == "group":
@@ -108,30 +111,16 @@ class GroupPolicyGradient(Algorithm):
     :attr:`needs_old_logprobs`), ``ref_logp`` (when ``beta != 0``) and then
     ``advantages`` [N]: :meth:`advantages` (the reward minus a baseline) scaled as
     ``scale_rewards`` says. A method's ``loss`` multiplies its per-token loss by
-    :meth:`sampling_correction`'s weight."""
+    :meth:`sampling_correction`'s weight. Its config's values and their relations are
+    checked before a job starts (GroupPolicyConfig's declarations and ``validate``)."""
 
     online = True
     data_types = ("prompt_only",)
 
     def __init__(self, cfg, policy):
         super().__init__(cfg, policy)
-        if cfg.scale_rewards not in SCALE_REWARDS:
-            raise GymError(f"algorithm.scale_rewards={cfg.scale_rewards!r} is not one of "
-                           f"{SCALE_REWARDS}")
-        if cfg.num_iterations < 1:
-            raise GymError(f"algorithm.num_iterations={cfg.num_iterations} must be at least 1")
         self.eps_low = cfg.epsilon
         self.eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-        if cfg.importance_sampling_mode not in IS_MODES:
-            raise GymError(f"algorithm.importance_sampling_mode={cfg.importance_sampling_mode!r} "
-                           f"is not one of {IS_MODES}")
-        lo, hi = cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max
-        if lo is not None and hi is not None and lo >= hi:
-            raise GymError(f"algorithm.importance_sampling_clip_min={lo} must be below "
-                           f"algorithm.importance_sampling_clip_max={hi}")
-        if cfg.importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
-            raise GymError(f"algorithm.importance_sampling_mode={cfg.importance_sampling_mode} "
-                           "needs algorithm.importance_sampling_clip_max or _clip_min")
 
     @property
     def needs_reference(self) -> bool:

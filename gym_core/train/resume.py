@@ -93,6 +93,29 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
     return record
 
 
+def trained_steps(run_dir: Path) -> int:
+    """The step of the run's newest complete checkpoint (0: none). Reads folder names
+    only (gym_core.train.checkpoint's layout: checkpoints/step-N/checkpoint.json)."""
+    import re
+
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return 0
+    steps = [int(m.group(1)) for p in folder.iterdir()
+             if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "checkpoint.json").is_file()]
+    return max(steps, default=0)
+
+
+def recorded_threads(run_dir: Path) -> int | None:
+    """The thread count an existing run computes with (its run.json's ``threads``)."""
+    try:
+        record = read_record(run_dir)
+    except GymError:
+        return None  # the resume check names the unreadable file
+    value = (record or {}).get("threads")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _show(v: Any) -> str:
     return "unset" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
@@ -100,7 +123,15 @@ def _show(v: Any) -> str:
 def check(cfg: DictConfig, run_dir: Path, digest: str | None = None) -> list[str]:
     """Refuse a start that would change what the existing run in ``run_dir`` is (raises
     :class:`GymError`); return the other settings that change (``"key old -> new"``).
-    Nothing to compare (a new run, or one from before run.json) returns []."""
+    Nothing to compare (a new run, or one from before run.json) returns []. A
+    ``trainer.max_steps`` below the steps the run has already taken is refused too: a run
+    does not shrink."""
+    done = trained_steps(run_dir)
+    if done > cfg.trainer.max_steps:
+        raise GymError(f"{run_dir} has already trained {done} steps, and trainer.max_steps="
+                       f"{cfg.trainer.max_steps} is below that (a run does not shrink): give "
+                       f"trainer.max_steps={done} or more to continue it, or another run.name "
+                       "for a new run")
     record = read_record(run_dir)
     if record is None:
         return []
@@ -125,10 +156,13 @@ def check(cfg: DictConfig, run_dir: Path, digest: str | None = None) -> list[str
 def record(cfg: DictConfig, run_dir: Path, digest: str | None) -> None:
     """Write run.json and the ``.hydra/`` record of this start (atomically)."""
     from gym_core import __version__
+    from gym_core.base.threads import in_use
 
     run_dir = Path(run_dir)
+    # threads: the count this run computes with, kept by every resume (gym_core/base/threads.py)
     write_json(run_dir / RECORD, {"gym_version": __version__, "defines": defining(cfg),
-                                  "settings": settings(cfg), "data_sha256": digest})
+                                  "settings": settings(cfg), "data_sha256": digest,
+                                  "threads": in_use()})
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():

@@ -19,9 +19,7 @@ class BitDeltaQuantizer(MatrixQuantizer):
     Config = BitDeltaConfig
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.sign_of_zero not in (1, -1):
-            raise GymError(f"quant.sign_of_zero={cfg.sign_of_zero} must be 1 or -1")
+        super().__init__(cfg)  # sign_of_zero is 1 or -1: BitDeltaConfig declares it
         # plain values: each OmegaConf attribute read costs microseconds, under the GIL
         self._sign_of_zero = int(cfg.sign_of_zero)
         self._stats: dict = {}

@@ -17,12 +17,15 @@ Cheap to import: config dataclasses and registration hooks only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import MISSING
 
 from gym_cl_grpo import hookspecs
-from gym_core.api import DataConfig, OnlineAlgorithmConfig, hookimpl
+from gym_core.api import DataConfig, OnlineAlgorithmConfig, bounded, hookimpl, one_of
+
+#: where the experience library goes in the prompt
+InjectInto = Literal["system", "user"]
 
 
 @dataclass
@@ -46,21 +49,22 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
     max_completion_length: int = 64
     # the experience library rides in the prompt (inject_into): room for a large one
     max_prompt_length: int = 4096
-    lessons_per_group: int = 2  # lessons extracted per question (main-branch default 2)
+    # lessons extracted per question (main-branch default 2)
+    lessons_per_group: int = bounded(2, ge=1)
     # lessons are asked to be at most 32 words (§8.2); longer ones are rejected
-    max_experience_words: int = 64
+    max_experience_words: int = bounded(64, ge=1)
     # where the library goes: "system" (main branch: appended to the system
     # instructions) or "user" (preview: after the problem in the user turn)
-    inject_into: str = "system"
+    inject_into: str = one_of(InjectInto, "system")
     # tokens of one trajectory summary (None: llm.max_new_tokens); G of them go into one
     # group-comparison prompt, so this bounds its length
-    summary_max_new_tokens: int | None = None
+    summary_max_new_tokens: int | None = bounded(None, ge=1)
     # the paper's options (docs/algorithms.md §8): the summaries and the group comparison
     # see the reference answer (True), or only the rewards (False)
     use_groundtruth: bool = True
     # at most this many operations per group update reply are applied (the paper's
     # semantic_max_operations); the structured schema asks for no more
-    max_operations: int = 3
+    max_operations: int = bounded(3, ge=1)
     # a folder of prompt templates replacing the built-in ones, one file per stage:
     # solve.txt, summary.txt, group_comparison.txt, batch_update.txt (gym_cl_grpo/prompts.py
     # names each file's {placeholders}); missing files keep the built-in template
@@ -71,8 +75,8 @@ class CLGRPOConfig(OnlineAlgorithmConfig):
     # the run's API budget over every endpoint (policy and llm; None: no limit). At a
     # step's end the run stops, with a checkpoint, when another step like the last one
     # would not fit; no request leaves once it is spent. Raise it and rerun to resume.
-    max_api_tokens: int | None = None
-    max_api_cost: float | None = None  # USD, priced with each endpoint's prices
+    max_api_tokens: int | None = bounded(None, ge=0)
+    max_api_cost: float | None = bounded(None, ge=0)  # USD, priced with each endpoint's prices
 
 
 # ----------------------------------------------------------------------------------------
@@ -104,7 +108,8 @@ class SqliteStoreConfig(ExperienceStoreConfig):
 
     name: str = "sqlite"
     path: str | None = None  # None: <run_dir>/experiences/library.sqlite
-    busy_timeout_s: float = 60.0  # how long a writer waits for another's transaction
+    # how long a writer waits for another's transaction
+    busy_timeout_s: float = bounded(60.0, gt=0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -117,8 +122,8 @@ class LLMConfig:
     """Base of every ``llm=<name>`` option."""
 
     name: str = MISSING
-    max_new_tokens: int = 512
-    temperature: float = 0.7  # 0: greedy
+    max_new_tokens: int = bounded(512, ge=1)
+    temperature: float = bounded(0.7, ge=0, hint="0: greedy")
 
 
 @dataclass
@@ -126,7 +131,7 @@ class LocalLLMConfig(LLMConfig):
     """The policy model itself, through the core's generation code (works offline)."""
 
     name: str = "local"
-    batch_size: int = 8  # conversations per generate call
+    batch_size: int = bounded(8, ge=1)  # conversations per generate call
     # constrained decoding (gym_core.sampling.structured): the lesson and operation
     # replies follow their JSON schemas, so even a small model writes valid operations
     structured: bool = True
@@ -143,14 +148,15 @@ class OpenAIChatConfig(LLMConfig):
     base_url: str = "https://api.openai.com/v1"  # .../chat/completions is appended
     model: str = MISSING  # e.g. gpt-4o-mini, deepseek-chat
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key
-    timeout_s: float = 120.0  # per request
-    max_retries: int = 5  # on 429, 5xx and connection errors
-    backoff_s: float = 1.0  # first wait; doubles each retry (Retry-After wins on 429)
-    max_backoff_s: float = 60.0
-    concurrency: int = 8  # requests in flight at once
+    timeout_s: float = bounded(120.0, gt=0)  # per request
+    max_retries: int = bounded(5, ge=0)  # on 429, 5xx and connection errors
+    # first wait; doubles each retry (Retry-After wins on 429)
+    backoff_s: float = bounded(1.0, ge=0)
+    max_backoff_s: float = bounded(60.0, ge=0)
+    concurrency: int = bounded(8, ge=1)  # requests in flight at once
     # USD per million tokens, this endpoint's model (charged from each reply's usage)
-    input_price: float = 0.0
-    output_price: float = 0.0
+    input_price: float = bounded(0.0, ge=0)
+    output_price: float = bounded(0.0, ge=0)
     # ask for JSON replies that follow the stage's schema (OpenAI response_format
     # json_schema; gym_core.serve enforces it by constrained decoding)
     structured: bool = True
@@ -210,7 +216,7 @@ class AimeConfig(DataConfig):
     name: str = "aime"
     train_file: str = MISSING
     test_file: str | None = None  # None: hold out test_fraction of train_file
-    test_fraction: float = 0.2
+    test_fraction: float = bounded(0.2, gt=0, lt=1)
 
 
 @hookimpl

@@ -36,7 +36,6 @@ from gym_cl_grpo.policy import as_messages
 from gym_cl_grpo.replies import parse_lessons, parse_operations
 from gym_core.api import Algorithm, GymError
 
-INJECT_INTO = ("system", "user")
 _QUESTION = "cl_grpo_question"  # the row's own prompt, kept beside the injected one
 
 
@@ -59,19 +58,7 @@ class TrainingFreeGRPO(Algorithm):
     trains_weights = False
 
     def __init__(self, cfg, policy) -> None:
-        super().__init__(cfg, policy)
-        if cfg.inject_into not in INJECT_INTO:
-            raise GymError(f"algorithm.inject_into={cfg.inject_into!r} is not one of "
-                           f"{INJECT_INTO}")
-        if cfg.lessons_per_group < 1 or cfg.max_experience_words < 1:
-            raise GymError("algorithm.lessons_per_group and algorithm.max_experience_words "
-                           "must be at least 1")
-        if cfg.max_operations < 1:
-            raise GymError(f"algorithm.max_operations={cfg.max_operations} must be at least 1")
-        for key in ("max_api_tokens", "max_api_cost"):
-            value = cfg.get(key)
-            if value is not None and value < 0:
-                raise GymError(f"algorithm.{key}={value} must be at least 0 (null: no limit)")
+        super().__init__(cfg, policy)  # values checked against CLGRPOConfig's declarations
         self.store = self.llm = self.api = self.ledger = None
         self.system_prompt = None
         self.templates = prompts.Templates()

@@ -32,11 +32,8 @@ import numpy as np
 import torch
 
 from gym_core.api import GymError, MatrixQuantizer, pack_signs, unpack_signs
-from gym_deltaquant import DeltaQuantConfig, kernels
+from gym_deltaquant import GRANULARITIES, KBITS, MODES, DeltaQuantConfig, kernels
 
-MODES = ("kbit", "binary", "ternary")
-GRANULARITIES = ("tensor", "channel", "group")
-KBITS = (2, 3, 4, 8)
 _TRIT_POWERS = torch.tensor([1, 3, 9, 27, 81], dtype=torch.uint8)
 
 
@@ -152,20 +149,7 @@ class DeltaQuantizer(MatrixQuantizer):
     Config = DeltaQuantConfig
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.mode not in MODES:
-            raise GymError(f"quant.mode={cfg.mode!r} is not one of {', '.join(MODES)}")
-        if cfg.mode == "kbit" and cfg.bits not in KBITS:
-            raise GymError(
-                f"quant.bits={cfg.bits} is not supported: pick one of {KBITS} "
-                "(or quant.mode=binary / ternary)"
-            )
-        if cfg.granularity not in GRANULARITIES:
-            raise GymError(
-                f"quant.granularity={cfg.granularity!r} is not one of {', '.join(GRANULARITIES)}"
-            )
-        if cfg.granularity == "group" and cfg.group_size < 1:
-            raise GymError(f"quant.group_size={cfg.group_size} must be at least 1")
+        super().__init__(cfg)  # values checked against DeltaQuantConfig's declarations
         # plain values: each OmegaConf attribute read costs microseconds, under the GIL
         self.opts = {"mode": str(cfg.mode), "bits": int(cfg.bits),
                      "symmetric": bool(cfg.symmetric), "granularity": str(cfg.granularity),

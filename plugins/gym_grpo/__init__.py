@@ -10,14 +10,17 @@ Cheap to import: the config dataclasses and the registration hook only; the algo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from gym_core.api import GroupPolicyConfig, hookimpl
+from gym_core.api import GroupPolicyConfig, GymError, bounded, hookimpl, one_of
 
 #: loss_type values (docs/algorithms.md §2.8): TRL 1.16's eight, and GMPO (§2.7)
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo")
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "gmpo"]
+GRPO_LOSS_TYPES = get_args(LossType)
 #: importance_sampling_level values: TRL's token and sequence (§1.2, §2.1), and GSPO-token
 #: (§2.2, which TRL 1.16 no longer ships)
-IS_LEVELS = ("token", "sequence", "sequence_token")
+ImportanceSamplingLevel = Literal["token", "sequence", "sequence_token"]
+IS_LEVELS = get_args(ImportanceSamplingLevel)
 
 
 @dataclass
@@ -32,25 +35,34 @@ class GRPOConfig(GroupPolicyConfig):
     # The surrogate and its normaliser (§1.4, §2.8): grpo | bnpo | dr_grpo | dapo | cispo |
     # sapo | luspo | vespo (TRL 1.16's) | gmpo (GMPO's geometric mean, §2.7; its epsilon
     # is in log space)
-    loss_type: str = "dapo"
+    loss_type: str = one_of(LossType, "dapo")
     # token: a ratio per token; sequence: GSPO's length-normalised sequence ratio (§2.1);
     # sequence_token: GSPO-token, the sequence ratio's value with per-token gradients (§2.2)
-    importance_sampling_level: str = "token"
+    importance_sampling_level: str = one_of(ImportanceSamplingLevel, "token")
     # Two-sided clipping (INTELLECT-2, §1.8): caps the unclipped ratio at delta, so a
     # negative-advantage token whose probability shot up has a bounded loss. None: off.
     # TRL recommends delta > 1 + epsilon_high. Loss types grpo, bnpo, dr_grpo, dapo, luspo.
-    delta: float | None = None
+    delta: float | None = bounded(None, gt=0, hint="null: off")
     # k3 times the importance ratio (DeepSeek-V3.2, §1.3): the same value on-policy, the
     # unbiased reverse-KL gradient. TRL 1.16's default; False adds plain k3.
     use_bias_correction_kl: bool = True
     # SAPO's gate temperatures for positive / non-positive advantages (§2.4; TRL defaults)
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = bounded(1.0, gt=0)
+    sapo_temperature_neg: float = bounded(1.05, gt=0)
     # VESPO's Gamma weight phi(w) = e^lam w^k e^(-lam w) per advantage sign (§2.6; TRL defaults)
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
+    vespo_k_pos: float = bounded(2.0, ge=0)
+    vespo_lambda_pos: float = bounded(3.0, gt=0)
+    vespo_k_neg: float = bounded(3.0, ge=0)
+    vespo_lambda_neg: float = bounded(2.0, gt=0)
+
+    @staticmethod
+    def validate(cfg, key):
+        if cfg.loss_type == "cispo" and cfg.epsilon_high is None:
+            # TRL would fall back to epsilon (0.2) and cap every weight, on-policy ones
+            # included, at 0.2 (§2.3)
+            raise GymError(f"{key}.loss_type=cispo caps the ratio at epsilon_high itself: "
+                           f"set {key}.epsilon_high (TRL recommends 5.0), or use "
+                           "algorithm=cispo")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from gym_core.api import GroupPolicyGradient, GymError, aggregate_token_loss, k3_kl
+from gym_core.api import GroupPolicyGradient, aggregate_token_loss, k3_kl
 from gym_grpo import GRPO_LOSS_TYPES, IS_LEVELS, GRPOConfig
 
 #: the core normaliser (gym_core.train.losses.aggregate_token_loss) of each loss type (§1.4)
@@ -33,7 +33,7 @@ def log_importance_weights(logp, old_logp, mask, level: str) -> torch.Tensor:
         return seq
     if level == "sequence_token":
         return seq.detach() + logp - logp.detach()
-    raise GymError(f"algorithm.importance_sampling_level={level!r} is not one of {IS_LEVELS}")
+    raise ValueError(f"level {level!r} is not one of {IS_LEVELS}")
 
 
 @torch.no_grad()
@@ -107,7 +107,7 @@ def grpo_token_loss(
         loss = -phi * adv * logp
         low = high = torch.zeros_like(ratio, dtype=torch.bool)
     else:
-        raise GymError(f"algorithm.loss_type={loss_type!r} is not one of {GRPO_LOSS_TYPES}")
+        raise ValueError(f"loss_type {loss_type!r} is not one of {GRPO_LOSS_TYPES}")
     loss = loss.expand_as(logp)
     info = {"low_clipped": low.float().expand_as(logp), "high_clipped": high.float().expand_as(logp)}
     if is_weight is not None:
@@ -145,19 +145,7 @@ class GRPO(GroupPolicyGradient):
     Config = GRPOConfig
 
     def __init__(self, cfg, policy):
-        super().__init__(cfg, policy)
-        if cfg.loss_type not in GRPO_LOSS_TYPES:
-            raise GymError(f"algorithm.loss_type={cfg.loss_type!r} is not one of "
-                           f"{GRPO_LOSS_TYPES}")
-        if cfg.importance_sampling_level not in IS_LEVELS:
-            raise GymError(f"algorithm.importance_sampling_level="
-                           f"{cfg.importance_sampling_level!r} is not one of {IS_LEVELS}")
-        if cfg.loss_type == "cispo" and cfg.epsilon_high is None:
-            # TRL would fall back to epsilon (0.2) and cap every weight, on-policy ones
-            # included, at 0.2 (§2.3)
-            raise GymError("algorithm.loss_type=cispo caps the ratio at epsilon_high itself: "
-                           "set algorithm.epsilon_high (TRL recommends 5.0), or use "
-                           "algorithm=cispo")
+        super().__init__(cfg, policy)  # values checked against GRPOConfig's declarations
         if cfg.delta is not None and cfg.delta <= 1 + self.eps_high:
             # allowed, as in TRL, but then delta also caps ratios inside the clip range
             warnings.warn(f"algorithm.delta={cfg.delta} is not above 1 + epsilon_high = "

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gym_core.api import OfflineAlgorithmConfig, hookimpl
+from gym_core.api import OfflineAlgorithmConfig, bounded, hookimpl
 
 
 @dataclass
 class KTOConfig(OfflineAlgorithmConfig):
     name: str = "kto"
     lr: float = 5e-5  # LoRA on a small model; the paper: 5e-7..5e-6 for full fine-tuning
-    beta: float = 0.1
+    beta: float = bounded(0.1, gt=0)
     # lambda_D n_D / (lambda_U n_U) should lie in [1, 4/3] (the paper's advice; warned)
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    desirable_weight: float = bounded(1.0, gt=0)
+    undesirable_weight: float = bounded(1.0, gt=0)
 
 
 @hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gym_core.api import OfflineAlgorithmConfig, hookimpl
+from gym_core.api import OfflineAlgorithmConfig, bounded, hookimpl
 
 
 @dataclass
@@ -15,7 +15,7 @@ class ORPOConfig(OfflineAlgorithmConfig):
     # 1e-6 default is for full fine-tuning.
     lr: float = 2e-4
     # lambda, the odds-ratio term's weight (the paper and TRL: 0.1)
-    beta: float = 0.1
+    beta: float = bounded(0.1, ge=0)
 
 
 @hookimpl

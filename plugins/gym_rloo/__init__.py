@@ -7,10 +7,12 @@ Cheap to import: the config dataclass and the registration hook only; the algori
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from gym_core.api import GroupPolicyConfig, hookimpl
+from gym_core.api import GroupPolicyConfig, GymError, bounded, hookimpl, one_of
 
-KL_ESTIMATORS = ("k1", "k3")
+KLEstimator = Literal["k1", "k3"]
+KL_ESTIMATORS = get_args(KLEstimator)
 
 
 @dataclass
@@ -32,13 +34,20 @@ class RLOOConfig(GroupPolicyConfig):
     beta: float = 0.05
     # per-token KL estimate summed into the reward: k1 = log pi_old - log pi_ref (TRL,
     # following the RLOO paper; can be negative) or k3 (>= 0, Schulman), §0.4
-    kl_estimator: str = "k1"
+    kl_estimator: str = one_of(KLEstimator, "k1")
     # the leave-one-out advantage as it is, like TRL (§6.1)
     scale_rewards: str = "none"
     # (A - mean(A)) / (std(A) + 1e-4) over the whole step, every rank (TRL's option)
     normalize_advantages: bool = False
     # clamp each reward (before the KL penalty) into [low, high]; None: off
-    reward_clip_range: list[float] | None = None
+    reward_clip_range: list[float] | None = bounded(None, length=2, hint="[low, high]")
+
+    @staticmethod
+    def validate(cfg, key):
+        clip = cfg.reward_clip_range
+        if clip is not None and clip[0] > clip[1]:
+            raise GymError(f"{key}.reward_clip_range={list(clip)} must be [low, high] with "
+                           "low <= high")
 
 
 @hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gym_core.api import OfflineAlgorithmConfig, hookimpl
+from gym_core.api import OfflineAlgorithmConfig, bounded, hookimpl
 
 
 @dataclass
@@ -25,7 +25,7 @@ class SFTConfig(OfflineAlgorithmConfig):
     # Tokens per sequence (prompt and answer together; longer ones keep their start) and
     # per packed row. max_prompt_length / max_completion_length cut only the held-out
     # preference evaluation, as for every offline method.
-    max_length: int = 1024
+    max_length: int = bounded(1024, ge=1)
 
 
 @hookimpl

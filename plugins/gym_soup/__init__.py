@@ -8,8 +8,9 @@ combine honest task vectors. Only ``mean`` supports DP noise (its sensitivity is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from gym_core.api import SoupConfig, hookimpl
+from gym_core.api import SoupConfig, bounded, hookimpl, one_of
 
 
 @dataclass
@@ -18,7 +19,7 @@ class MeanConfig(SoupConfig):
     normalize=false gives task arithmetic, lam * sum_k w_k D_k (§11.3)."""
 
     name: str = "mean"
-    lam: float = 1.0
+    lam: float = bounded(1.0)
     normalize: bool = True
 
 
@@ -36,7 +37,7 @@ class TrimmedMeanConfig(SoupConfig):
     rest; choose beta > f/n for f bad contributors."""
 
     name: str = "trimmed_mean"
-    beta: float = 0.2
+    beta: float = bounded(0.2, ge=0, lt=0.5)
 
 
 @dataclass
@@ -45,8 +46,8 @@ class KrumConfig(SoupConfig):
     m best-scored (m 1: Krum; multi_krum: m = n - f). Needs n >= 2f + 3."""
 
     name: str = "krum"
-    f: int = 1  # contributors assumed malicious
-    m: int | None = 1  # None: n - f
+    f: int = bounded(1, ge=0)  # contributors assumed malicious
+    m: int | None = bounded(1, ge=1, hint="null: n - f")
 
 
 @dataclass
@@ -63,9 +64,9 @@ class GeometricMedianConfig(SoupConfig):
     name: str = "geometric_median"
     # RFA uses ~3 iterations; from the mean, one x100 outlier among six still pulls the
     # third iterate ~16% of the honest norm away, so iterate until it settles.
-    max_iterations: int = 100
-    tol: float = 1e-6  # stop when the step is below tol * ||z||
-    nu: float = 1e-8
+    max_iterations: int = bounded(100, ge=1)
+    tol: float = bounded(1e-6, ge=0)  # stop when the step is below tol * ||z||
+    nu: float = bounded(1e-8, gt=0)
 
 
 @dataclass
@@ -74,8 +75,8 @@ class TiesConfig(SoupConfig):
     coordinate (sign of the sum), average the entries that agree; times lam."""
 
     name: str = "ties"
-    density: float = 0.2
-    lam: float = 1.0
+    density: float = bounded(0.2, gt=0, le=1)
+    lam: float = bounded(1.0)
 
 
 @dataclass
@@ -85,9 +86,9 @@ class DareConfig(SoupConfig):
     sign election and disjoint mean, no magnitude trim)."""
 
     name: str = "dare"
-    p: float = 0.9
-    combine: str = "mean"
-    lam: float = 1.0
+    p: float = bounded(0.9, ge=0, lt=1)
+    combine: str = one_of(Literal["mean", "ties"], "mean")
+    lam: float = bounded(1.0)
 
 
 RULES = {

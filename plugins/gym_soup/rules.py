@@ -52,7 +52,7 @@ class TrimmedMean(Aggregator):
         _uniform("trimmed_mean", weights)
         n = deltas.shape[0]
         k = math.floor(self.cfg.beta * n)
-        if not 0 <= self.cfg.beta < 0.5 or n - 2 * k < 1:
+        if n - 2 * k < 1:  # beta in [0, 0.5): TrimmedMeanConfig declares it
             raise GymError(f"soup.beta={self.cfg.beta} must be in [0, 0.5) and leave at least "
                            f"one of the {n} contributors per coordinate")
         out = torch.empty(deltas.shape[1])
@@ -65,11 +65,11 @@ class Krum(Aggregator):
     def aggregate(self, deltas, weights, generator):
         _uniform(self.cfg.name, weights)
         n, f = deltas.shape[0], self.cfg.f
-        if f < 0 or n < 2 * f + 3:
+        if n < 2 * f + 3:
             raise GymError(f"soup={self.cfg.name} with soup.f={f} needs at least {2 * f + 3} "
                            f"contributors (n >= 2f + 3), got {n}")
         m = n - f if self.cfg.m is None else self.cfg.m
-        if not 1 <= m <= n:
+        if m > n:  # m >= 1: KrumConfig declares it
             raise GymError(f"soup.m={m} must be between 1 and the {n} contributors")
         # squared distances from the Gram matrix in fp64 (d is large, values small)
         x = deltas.double()
@@ -111,9 +111,7 @@ def ties_merge(tensors: torch.Tensor, lam: float) -> torch.Tensor:
 
 class Ties(Aggregator):
     def aggregate(self, deltas, weights, generator):
-        density = self.cfg.density
-        if not 0 < density <= 1:
-            raise GymError(f"soup.density={density} must be in (0, 1]")
+        density = self.cfg.density  # in (0, 1]: TiesConfig declares it
         tasks = deltas * weights.unsqueeze(1)
         keep = max(1, math.ceil(density * deltas.shape[1]))
         trimmed = torch.zeros_like(tasks)
@@ -126,11 +124,7 @@ class Ties(Aggregator):
 
 class Dare(Aggregator):
     def aggregate(self, deltas, weights, generator):
-        cfg = self.cfg
-        if not 0 <= cfg.p < 1:
-            raise GymError(f"soup.p={cfg.p} must be in [0, 1)")
-        if cfg.combine not in ("mean", "ties"):
-            raise GymError(f"soup.combine={cfg.combine!r} is not one of mean, ties")
+        cfg = self.cfg  # p in [0, 1), combine mean | ties: DareConfig declares them
         keep = torch.rand(deltas.shape, generator=generator) >= cfg.p
         rescaled = deltas * keep / (1 - cfg.p)  # unbiased: E[rescaled] = deltas
         if cfg.combine == "mean":

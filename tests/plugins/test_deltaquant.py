@@ -234,8 +234,13 @@ def test_read_delta_finds_the_quantizer_in_the_file(tmp_path):
     ({"granularity": "row"}, "quant.granularity"), ({"group_size": 0}, "quant.group_size"),
 ])
 def test_bad_settings_are_named(kw, match):
+    """Refused by the config check every program runs before a job (the values
+    DeltaQuantConfig declares), in one line naming the option."""
+    from gym_core.config.fields import check_values
+    from gym_deltaquant import DeltaQuantConfig
+
     with pytest.raises(GymError, match=match):
-        quantizer(**kw)
+        check_values(OmegaConf.structured(DeltaQuantConfig(**kw)), "quant")
 
 
 def test_grpo_then_deltaquant_int4_end_to_end(tmp_path, tiny_overrides):

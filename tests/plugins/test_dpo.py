@@ -322,7 +322,7 @@ def test_ld_alpha_by_hand():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["algorithm.loss_type=[sigmoid,nope]"], r"names \['nope'\]"),
+    (["algorithm.loss_type=[sigmoid,nope]"], r"names 'nope', which is not one of sigmoid"),
     (["algorithm.loss_type=[sigmoid,sft]", "algorithm.loss_weights=[1.0]"], "has 1 values"),
     (["algorithm.loss_type=exo_pair"], "needs 0 < algorithm.label_smoothing"),
     (["algorithm.loss_type=nca_pair", "algorithm.f_divergence_type=forward_kl"],

@@ -135,6 +135,15 @@ def test_max_steps_below_one(run_copy, gym_env):
     assert tree(run_copy) == before
 
 
+def test_max_steps_below_the_steps_a_run_has_taken(run_copy, gym_env):
+    """It used to be accepted without a word (the finished run stayed as it was)."""
+    before = tree(run_copy)
+    proc = cli([*TINY, "trainer.max_steps=1", "run.name=r"], run_copy.parents[1], gym_env)
+    assert_one_line_error(proc, "runs/r has already trained 2 steps", "trainer.max_steps=1 is "
+                          "below that", "give trainer.max_steps=2 or more to continue it")
+    assert tree(run_copy) == before
+
+
 def test_a_corrupt_eval_before_json(run_copy, gym_env):
     (run_copy / "eval_before.json").write_text('{"accuracy": 0.5, "prefer')
     before = tree(run_copy)

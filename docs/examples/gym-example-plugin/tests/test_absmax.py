@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gym_core.api import GymError, load_packed, save_packed
+from gym_core.api import GymError, check_values, load_packed, save_packed
 from gym_core.contracts.quantizer import QuantizerContract
 from omegaconf import OmegaConf
 
@@ -68,5 +68,7 @@ def test_a_four_bit_file_is_read_back_whatever_the_config_says():
 
 
 def test_other_widths_are_refused():
-    with pytest.raises(Exception, match="quant.bits=3"):
-        make(3)
+    """AbsmaxConfig declares bits as 4 or 8: gym refuses another width before a run
+    starts, with the line check_values gives."""
+    with pytest.raises(GymError, match="quant.bits=3 is not one of 8, 4"):
+        check_values(OmegaConf.structured(AbsmaxConfig(bits=3)), "quant")

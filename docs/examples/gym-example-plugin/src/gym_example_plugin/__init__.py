@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gym_core.api import MatrixQuantConfig, OnlineAlgorithmConfig, hookimpl
+from gym_core.api import (
+    MatrixQuantConfig,
+    OnlineAlgorithmConfig,
+    TokenLoss,
+    bounded,
+    hookimpl,
+    one_of,
+)
 
 #: The gym plugin API this plugin was written against; gym refuses to load it, with a
 #: message naming both versions, when the installed gym-core provides another.
@@ -28,13 +35,14 @@ class ReinforceConfig(OnlineAlgorithmConfig):
     num_generations: int = 4
     # b <- decay * b + (1 - decay) * (the step's mean reward, over every rank); the first
     # step starts b at its own mean reward
-    baseline_decay: float = 0.9
+    baseline_decay: float = bounded(0.9, ge=0, lt=1)
     # KL penalty folded into the reward: r - beta * sum_t (log pi - log pi_ref) (k1, as
     # Ziegler et al. 2019). 0 skips the reference forward pass.
-    beta: float = 0.05
-    # How per-token losses are averaged (gym_core.api.LOSS_TYPES); "dapo" is the
-    # token-level mean over every completion token of the step.
-    loss_type: str = "dapo"
+    beta: float = bounded(0.05, ge=0)
+    # How per-token losses are averaged (gym_core.api.TokenLoss); "dapo" is the
+    # token-level mean over every completion token of the step. gym checks the value
+    # (and every bounded one) before a run starts: docs/plugins.md, allowed values.
+    loss_type: str = one_of(TokenLoss, "dapo")
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "number_only"])
     reward_weights: list[float] | None = field(default_factory=lambda: [1.0, 0.1])
 
@@ -46,7 +54,7 @@ class AbsmaxConfig(MatrixQuantConfig):
     (``targets``, the matrices quantized, comes from MatrixQuantConfig)."""
 
     name: str = "absmax"
-    bits: int = 8  # 8 or 4
+    bits: int = one_of((8, 4), 8)
 
 
 @hookimpl

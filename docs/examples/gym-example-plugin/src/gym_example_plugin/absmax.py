@@ -44,9 +44,7 @@ class AbsmaxQuantizer(MatrixQuantizer):
     Config = AbsmaxConfig
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.bits not in BITS:
-            raise GymError(f"quant.bits={cfg.bits}: absmax packs 4 or 8 bits per weight")
+        super().__init__(cfg)  # bits is 4 or 8: AbsmaxConfig declares it
         self.bits = int(cfg.bits)
         self.qmax = 2 ** (self.bits - 1) - 1
 

@@ -22,7 +22,7 @@ ranks so that 2 processes compute what 1 would), and state that must survive a r
 from __future__ import annotations
 
 import torch
-from gym_core.api import LOSS_TYPES, Algorithm, GymError, aggregate_token_loss, sum_over_ranks
+from gym_core.api import Algorithm, aggregate_token_loss, sum_over_ranks
 
 from gym_example_plugin import ReinforceConfig
 
@@ -40,11 +40,7 @@ class Reinforce(Algorithm):
     online = True
 
     def __init__(self, cfg, policy):
-        super().__init__(cfg, policy)
-        if cfg.loss_type not in LOSS_TYPES:
-            raise GymError(f"algorithm.loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
-        if not 0 <= cfg.baseline_decay < 1:
-            raise GymError(f"algorithm.baseline_decay={cfg.baseline_decay} must be in [0, 1)")
+        super().__init__(cfg, policy)  # values checked against ReinforceConfig's declarations
         self.baseline: float | None = None
 
     @property
