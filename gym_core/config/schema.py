@@ -186,10 +186,10 @@ class HfConfig(DataConfig):
     data_files: Any = None  # a file, a list, or {split: files}
     split: str = "train"
     eval_split: str | None = None  # None: hold out `test_size` of the training split
-    test_size: float = 0.1  # below 1: a fraction; else a row count (seeded by data.seed)
+    test_size: float = bounded(0.1, gt=0)  # below 1: a fraction; else a row count (seeded by data.seed)
     columns: Any = None  # rename {theirs: ours} (Any: an override replaces the whole map)
     streaming: bool = False  # read only data.max_samples rows, without converting the rest
-    max_samples: int | None = None
+    max_samples: int | None = bounded(None, ge=1)
     cache_dir: str | None = None  # datasets' cache; None: its default (HF_DATASETS_CACHE)
     verifier: str = "accuracy"  # the reward scoring held-out answers: accuracy|boxed|math_verify
     # LLaMA-Factory's registry: its dataset_info.json (or folder) and an entry's name

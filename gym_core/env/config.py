@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
+from gym_core.config.fields import bounded
 from gym_core.config.schema import DataConfig
 
 
@@ -14,14 +15,14 @@ class EnvConfig:
     """Base of every ``env=<name>`` option: the per-episode limits the core enforces."""
 
     name: str = MISSING
-    max_turns: int = 4  # model turns per episode; the episode ends (done) after the last
+    max_turns: int = bounded(4, ge=1)  # model turns per episode; the episode ends (done) after the last
     # tokens of the whole episode after the prompt, the model's and the environment's
-    max_tokens: int = 256
-    max_seconds: float = 60.0  # wall clock per episode (environment and tool time)
+    max_tokens: int = bounded(256, ge=2)
+    max_seconds: float = bounded(60.0, gt=0)  # wall clock per episode (environment and tool time)
     # an observation longer than this (tokens) is cut, with a note saying so
-    max_observation_tokens: int = 128
-    gamma: float = 1.0  # discount of turn-level returns: G_k = sum_j gamma^(j-k) r_j
-    tool_timeout: float = 10.0  # seconds one tool call may take before it is abandoned
+    max_observation_tokens: int = bounded(128, ge=1)
+    gamma: float = bounded(1.0, ge=0, le=1)  # discount of turn-level returns: G_k = sum_j gamma^(j-k) r_j
+    tool_timeout: float = bounded(10.0, gt=0)  # seconds one tool call may take before it is abandoned
 
 
 @dataclass
@@ -37,10 +38,10 @@ class PythonEnvConfig(EnvConfig):
     """Countdown with a sandboxed Python tool (``env=python``)."""
 
     name: str = "python"
-    cpu_seconds: int = 5  # CPU-time limit of one run (RLIMIT_CPU)
-    memory_mb: int = 512  # address-space limit of one run (RLIMIT_AS)
-    wall_seconds: float = 10.0  # killed after this long
-    max_output_chars: int = 2000  # stdout+stderr kept, the rest cut with a note
+    cpu_seconds: int = bounded(5, ge=1)  # CPU-time limit of one run (RLIMIT_CPU)
+    memory_mb: int = bounded(512, ge=16)  # address-space limit of one run (RLIMIT_AS)
+    wall_seconds: float = bounded(10.0, gt=0)  # killed after this long
+    max_output_chars: int = bounded(2000, ge=1)  # stdout+stderr kept, the rest cut with a note
 
 
 @dataclass
@@ -58,10 +59,10 @@ class CountdownDataConfig(DataConfig):
     with each of ``numbers`` at most once and + - * /."""
 
     name: str = "countdown"
-    count: int = 3  # numbers per problem
-    max_number: int = 20
-    train_size: int = 500
-    test_size: int = 50
+    count: int = bounded(3, ge=2, le=6)  # numbers per problem
+    max_number: int = bounded(20, ge=1)
+    train_size: int = bounded(500, ge=1)
+    test_size: int = bounded(50, ge=1)
 
 
 @dataclass
@@ -69,4 +70,4 @@ class WordleDataConfig(DataConfig):
     """Wordle secrets (``data=wordle``, for ``env=wordle``) from a built-in word list."""
 
     name: str = "wordle"
-    test_size: int = 20
+    test_size: int = bounded(20, ge=1)

@@ -7,8 +7,7 @@ from gym_core.base.errors import GymError
 
 def check_env_config(cfg) -> None:
     """The checks that need no model (run before anything loads, from preflight): an
-    ``env`` needs an online algorithm (one with ``num_generations``) and limits in
-    range."""
+    ``env`` needs an online algorithm (one with ``num_generations``)."""
     env_cfg = cfg.get("env")
     if env_cfg is not None:
         _check(cfg, env_cfg, "num_generations" in cfg.algorithm)
@@ -20,14 +19,7 @@ def _check(cfg, env_cfg, online: bool) -> None:
         raise GymError(f"env={name} needs an online algorithm (grpo, rloo, ppo, ...): "
                        f"algorithm={cfg.algorithm.name} learns from given completions; for "
                        "tool-use traces use algorithm=sft with rows of `messages`")
-    for key, low in (("max_turns", 1), ("max_tokens", 2), ("max_observation_tokens", 1)):
-        if int(env_cfg[key]) < low:
-            raise GymError(f"env.{key}={env_cfg[key]} must be at least {low}")
-    for key in ("max_seconds", "tool_timeout"):
-        if not float(env_cfg[key]) > 0:
-            raise GymError(f"env.{key}={env_cfg[key]} must be above 0")
-    if not 0.0 <= float(env_cfg.gamma) <= 1.0:
-        raise GymError(f"env.gamma={env_cfg.gamma} must be in [0, 1]")
+    # the limits' ranges are declared in gym_core/env/config.py (checked with the config)
 
 
 def selected_environment(cfg, plugins, online: bool, rows: list[dict]):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gym_core.api import DataConfig, hookimpl
+from gym_core.api import DataConfig, bounded, hookimpl
 
 DEFAULT_TASKS = {"leg_counting": {"weight": 1.0}, "chain_sum": {"weight": 1.0}}
 SYSTEM_PROMPT = ("Answer the question. Give your final answer within <answer> </answer> "
@@ -32,8 +32,8 @@ class ReasoningGymConfig(DataConfig):
     # generator name -> {weight: ..., <the generator's settings>: ...}; None: DEFAULT_TASKS.
     # (Typed Any so that data.tasks={...} replaces the whole map, settings and all.)
     tasks: Any = None
-    train_size: int = 10000  # rows in the training stream (generated when read)
-    test_size: int = 100  # held-out rows
+    train_size: int = bounded(10000, ge=1)  # rows in the training stream (generated when read)
+    test_size: int = bounded(100, ge=1)  # held-out rows
     answer_format: str = "<answer>{answer}</answer>"  # how SFT / ORPO rows write an answer
 
 
