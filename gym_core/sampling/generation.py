@@ -105,6 +105,7 @@ def generate(
     row_seeds: list[int] | None = None,
     fused: bool | None = None,
     with_logprobs: bool = False,
+    stop_fn=None,
 ):
     """Completions [B * num_samples, T <= max_new_tokens] for left-padded prompts [B, P];
     rows of one prompt are contiguous. Positions after a row's EOS hold ``pad_token_id``.
@@ -118,6 +119,9 @@ def generate(
     picks.
     ``with_logprobs``: also return the sampler's log-prob of each drawn token [N, T]
     (0 after a row's end), for the trainer's mismatch correction (docs/algorithms.md §3).
+    ``stop_fn(rows, tokens)``: called after each step with the output rows still running
+    [m] and the tokens so far [N, width]; rows it returns True for [m] end there, as at
+    EOS (stop strings: an evaluation's ``until``).
     """
     total = prompt_ids.shape[1] + max_new_tokens
     decoder = None
@@ -154,7 +158,7 @@ def generate(
     prompt_len = prompt_ids.shape[1]
     if decoder is not None:
         return _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
-                           eos_token_id)
+                           eos_token_id, stop_fn)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     width = 0
     for step in range(max_new_tokens):
@@ -165,6 +169,9 @@ def generate(
             logps[:, step] = lp.masked_fill(done, 0.0)
         width = step + 1
         done |= tok == eos_token_id
+        if stop_fn is not None and not bool(done.all()):
+            running = (~done).nonzero().squeeze(1)
+            done[running] = stop_fn(running, tokens[:, :width])
         if step + 1 == max_new_tokens or bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], 1)
@@ -182,7 +189,7 @@ COMPACT_AT = 0.5
 
 
 def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
-                eos_token_id):
+                eos_token_id, stop_fn=None):
     """The decode loop on :class:`gym_core.sampling.fused.FusedDecoder`. Its weights are packed for
     one batch size, and a packed product costs about the same for any number of rows
     up to it (the weights' memory traffic dominates), so a finished row stays in the
@@ -210,6 +217,10 @@ def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators
         else:
             fed[act] = tok
             alive[act] = tok != eos_token_id
+        if stop_fn is not None:
+            running = alive.nonzero().squeeze(1)
+            if running.numel():
+                alive[running] = ~stop_fn(rows[running], tokens[:, :width])
         live = int(alive.sum())
         if step + 1 == tokens.shape[1] or live == 0:
             break
