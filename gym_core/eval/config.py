@@ -29,6 +29,7 @@ class EvalConfig:
     answer_field: str = "answer"
     verifier: str = "accuracy"  # the reward that scores jsonl:PATH tasks
     lm_eval_include: list[str] = field(default_factory=list)  # folders of task YAMLs
+    lm_eval_builtin: bool = True  # the harness's own tasks too (false: only the folders')
     num_fewshot: int | None = None  # lm_eval tasks; None: each task's own
     root: str = "runs"  # the results store: <root>/results.sqlite
     force: bool = False  # evaluate again what the store already holds

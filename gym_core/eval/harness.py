@@ -241,14 +241,17 @@ def _load(pretrained: str, base: str):
     return models.load(refs[0], model_cfg, plugins)
 
 
-def task_manager(include: list[str] | None):
+def task_manager(include: list[str] | None, builtin: bool = True):
+    """The harness's task index: its own tasks (``builtin``; most fetch their data from
+    the hub, so only those already in the local datasets cache run) and the task YAMLs
+    in the ``include`` folders."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(Path(p).expanduser()) for p in include or []]
     for p in paths:
         if not Path(p).is_dir():
             raise GymError(f"eval.lm_eval_include: {p} is not a folder of task YAMLs")
-    return TaskManager(include_path=paths or None)
+    return TaskManager(include_path=paths or None, include_defaults=builtin)
 
 
 def check_tasks(names: list[str], manager) -> None:

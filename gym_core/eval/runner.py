@@ -62,7 +62,7 @@ def evaluate(cfg, plugins, *, log=print) -> Report:
     if harness:
         from gym_core.eval.harness import check_tasks, task_manager
 
-        manager = task_manager(list(ecfg.lm_eval_include))
+        manager = task_manager(list(ecfg.lm_eval_include), ecfg.lm_eval_builtin)
         check_tasks(harness, manager)
     refs = [r for spec in ecfg.models for r in M.resolve(spec, cfg.model, ecfg.server,
                                                          ecfg.api_key)]
