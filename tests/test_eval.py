@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from math import comb
 
 import pytest
@@ -247,6 +248,7 @@ def test_store_under_concurrent_writers(tmp_path):
     seen = []
     while any(p.poll() is None for p in procs):  # a reader never sees half a transaction
         seen.append(len(Store(tmp_path).query()))
+        time.sleep(0.01)  # a polling reader, not a hog of the writers' CPUs
     assert [p.wait() for p in procs] == [0] * 4
     rows = Store(tmp_path).query()
     assert len(rows) == 4 * 40 * 3
@@ -256,3 +258,37 @@ def test_store_under_concurrent_writers(tmp_path):
 
     mode = sqlite3.connect(tmp_path / "results.sqlite").execute("PRAGMA journal_mode").fetchone()
     assert mode[0] == "wal"
+
+
+def test_served_variant_through_the_api_and_lm_eval_local_completions(trained, digits,
+                                                                       tmp_path):
+    """A run served by python -m gym_core.serve scores as the run does locally: gym's
+    own client (chat completions) on a JSONL task, and the harness's local-completions
+    model on a generate_until task."""
+    from tests.serve_helpers import ServerProcess
+    from tests.test_eval_harness import write_tasks
+
+    write_tasks(tmp_path / "tasks", tmp_path / "data")
+    run = trained["run"]
+    srv = ServerProcess(["--base", "tiny", "--variants", f"v={run}"], cwd=tmp_path)
+    try:
+        assert srv.url, srv.output
+        common = [f"eval.root={tmp_path}", "eval.max_new_tokens=6",
+                  f"eval.server={srv.url}", "eval.prompt_field=question",
+                  "eval.answer_field=target", "eval.verifier=digit_share",
+                  f"eval.tokenizer={run / 'final'}", "eval.lm_eval_builtin=false",
+                  f"eval.lm_eval_include=[{tmp_path / 'tasks'}]",
+                  f"eval.models=[served:v,{run}]",
+                  f"eval.tasks=[jsonl:{trained['data']},lm_eval:gym_gen]"]
+        report = evaluate(common)
+        assert not report.failures, report.failures
+        got = values(report)
+        served = {(t, m): v for (k, _, t, m), v in got.items() if k.startswith("served:")}
+        local = {(t, m): v for (k, _, t, m), v in got.items() if not k.startswith("served:")}
+        assert served.keys() == local.keys() and ("lm_eval:gym_gen", "exact_match") in served
+        for key, value in served.items():
+            assert value == pytest.approx(local[key], abs=1e-6), key
+        with pytest.raises(GymError, match="serves no model 'nope'"):
+            evaluate([*common[:3], "eval.models=[served:nope]"])
+    finally:
+        srv.stop()

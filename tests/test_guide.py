@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 GUIDE = REPO / "docs" / "guide.md"
 CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "python -m gym_core.export ",
-         "gym_core.serve --base tiny", "gym_core.ui --runs")
+         "gym_core.serve --base tiny", "gym_core.ui --runs", "gym_core.eval model=tiny")
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -58,3 +58,5 @@ def test_the_guides_commands_run(tmp_path):
     assert '"object":"chat.completion"' in out.stdout
     assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout
     assert "<title>gym · Runs</title>" in out.stdout  # the web UI answered
+    assert "['avg@4', 'pass@1', 'pass@4']" in out.stdout  # python -m gym_core.eval --json
+    assert (runs / "results.sqlite").is_file() and "(cached)" in out.stdout

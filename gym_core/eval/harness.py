@@ -275,9 +275,11 @@ def evaluate_harness(lm, tasks: list[str], *, include: list[str] | None = None,
 
     manager = manager or task_manager(include)
     check_tasks(tasks, manager)
+    if isinstance(lm, str):
+        lm = harness_model(lm, model_args or {})
     try:
         results = lm_eval.simple_evaluate(
-            model=lm, model_args=model_args, tasks=list(tasks), task_manager=manager,
+            model=lm, tasks=list(tasks), task_manager=manager,
             limit=limit, num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
             bootstrap_iters=0, gen_kwargs=gen_kwargs, verbosity="ERROR")
@@ -295,6 +297,20 @@ def evaluate_harness(lm, tasks: list[str], *, include: list[str] | None = None,
         n = results.get("n-samples", {}).get(name, {}).get("effective")
         out[name] = {"metrics": values, "examples": int(n) if n is not None else 0}
     return out
+
+
+def harness_model(name: str, args: dict[str, Any]):
+    """The harness's own model ``name`` (``hf``, ``local-completions``, ...) built from
+    ``args``, imported from its module (the harness registers its models lazily)."""
+    from importlib import import_module
+
+    from lm_eval.models import MODEL_MAPPING
+
+    if name not in MODEL_MAPPING:
+        raise GymError(f"{name!r} is not an lm-evaluation-harness model "
+                       f"({', '.join(sorted(MODEL_MAPPING))})")
+    module, cls = MODEL_MAPPING[name].split(":")
+    return getattr(import_module(module), cls).create_from_arg_obj(args)
 
 
 def served_model_args(server: str, name: str, tokenizer: str, *, api_key: str | None = None,
