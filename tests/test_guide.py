@@ -58,5 +58,6 @@ def test_the_guides_commands_run(tmp_path):
     assert '"object":"chat.completion"' in out.stdout
     assert "['tiny', 'first', 'second', 'doubles']" in out.stdout and "'sweep0'" in out.stdout
     assert "<title>gym · Runs</title>" in out.stdout  # the web UI answered
+    assert "<title>gym · Compare</title>" in out.stdout
     assert "['avg@4', 'pass@1', 'pass@4']" in out.stdout  # python -m gym_core.eval --json
     assert (runs / "results.sqlite").is_file() and "(cached)" in out.stdout
