@@ -70,6 +70,10 @@ def main() -> int:
     tok.save_pretrained(folder)
     ours = GymLM(model=model, tokenizer=tok, batch_size=args.batch_size)
     theirs = HFLM(pretrained=str(folder), batch_size=args.batch_size, device="cpu")
+    # untimed warm-up: first-use costs (building gym's C++ sampler kernels, which waits
+    # for any other process building them; the harness's dataset and metric loading)
+    for lm in (ours, theirs):
+        evaluate_harness(lm, ["bench_add"], manager=manager, limit=2)
     times = {"gym": [], "hf": []}
     scores = {}
     for _ in range(args.rounds):
