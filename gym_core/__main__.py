@@ -23,6 +23,8 @@ def main(cfg: DictConfig) -> float | None:
     with exit_on_user_error():
         summary = run_job(cfg)
     # The return value is what sweepers (Optuna) optimise: held-out accuracy at the end.
+    if summary.get("objective") is not None:  # trainer.objective: any logged metric
+        return summary["objective"]
     ev = summary.get("eval", {})
     best = ev.get("after_quant") if ev.get("after_quant") is not None else ev.get("after")
     return best

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 GUIDE = REPO / "docs" / "guide.md"
 CHEAP = ("$FAST", "--help", "--cfg", "--plugins", "python -m gym_core.export ",
-         "gym_core.serve --base tiny", "gym_core.ui --runs")
+         "gym_core.serve --base tiny", "gym_core.ui --runs", "gym_core.eval model=tiny")
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -72,3 +72,6 @@ def test_the_guides_commands_run(tmp_path):
     assert '"data/rows_flat": ' in out.stdout and '"data/rows_pairs_folder": ' in out.stdout
     rg = json.loads((runs / "rg" / "summary.json").read_text())["eval"]
     assert rg["metric"] == "reasoning_gym" and rg["after"] is not None
+    assert "<title>gym · Compare</title>" in out.stdout
+    assert "['avg@4', 'pass@1', 'pass@4']" in out.stdout  # python -m gym_core.eval --json
+    assert (runs / "results.sqlite").is_file() and "(cached)" in out.stdout

@@ -374,6 +374,18 @@ class TrainerConfig:
                                   "process is given")
     tensorboard: bool = True
     progress: bool = True
+    # Evaluation during training (gym_core/eval/during.py): every N steps score
+    # eval_tasks (names as python -m gym_core.eval's eval.tasks; empty: the run's data)
+    # greedily on the current weights: metrics eval/<task>/<metric> and the results store.
+    eval_every: int = bounded(0, ge=0, hint="0: off")
+    eval_tasks: list[str] = field(default_factory=list)
+    # Keep the checkpoint of the step with the best value of this logged metric (e.g.
+    # eval/data/accuracy); checkpoints/best.json names it and pruning spares it.
+    keep_best: str | None = None
+    keep_best_mode: str = one_of(("max", "min"), "max")
+    # The value a sweep optimises (python -m gym_core -m): this metric's last logged
+    # value (e.g. eval/arithmetic/accuracy); null: the held-out score after training.
+    objective: str | None = None
 
 
 @dataclass

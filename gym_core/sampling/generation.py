@@ -106,6 +106,7 @@ def generate(
     fused: bool | None = None,
     with_logprobs: bool = False,
     logits_mask=None,
+    stop_fn=None,
 ):
     """Completions [B * num_samples, T <= max_new_tokens] for left-padded prompts [B, P];
     rows of one prompt are contiguous. Positions after a row's EOS hold ``pad_token_id``.
@@ -122,6 +123,9 @@ def generate(
     ``logits_mask``: per-row constrained decoding, an object with ``apply(rows, logits)
     -> logits`` (forbidden tokens at -inf for the output rows ``rows``) and
     ``advance(rows, tokens)``, e.g. :class:`gym_core.sampling.structured.JsonConstraint`.
+    ``stop_fn(rows, tokens)``: called after each step with the output rows still running
+    [m] and the tokens so far [N, width]; rows it returns True for [m] end there, as at
+    EOS (stop strings: an evaluation's ``until``).
     """
     total = prompt_ids.shape[1] + max_new_tokens
     decoder = None
@@ -158,7 +162,7 @@ def generate(
     prompt_len = prompt_ids.shape[1]
     if decoder is not None:
         return _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
-                           eos_token_id, logits_mask)
+                           eos_token_id, logits_mask, stop_fn)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     every_row = torch.arange(n)
     width = 0
@@ -175,6 +179,9 @@ def generate(
             logps[:, step] = lp.masked_fill(done, 0.0)
         width = step + 1
         done |= tok == eos_token_id
+        if stop_fn is not None and not bool(done.all()):
+            running = (~done).nonzero().squeeze(1)
+            done[running] = stop_fn(running, tokens[:, :width])
         if step + 1 == max_new_tokens or bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], 1)
@@ -192,7 +199,7 @@ COMPACT_AT = 0.5
 
 
 def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
-                eos_token_id, logits_mask=None):
+                eos_token_id, logits_mask=None, stop_fn=None):
     """The decode loop on :class:`gym_core.sampling.fused.FusedDecoder`. Its weights are packed for
     one batch size, and a packed product costs about the same for any number of rows
     up to it (the weights' memory traffic dominates), so a finished row stays in the
@@ -224,6 +231,10 @@ def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators
         else:
             fed[act] = tok
             alive[act] = tok != eos_token_id
+        if stop_fn is not None:
+            running = alive.nonzero().squeeze(1)
+            if running.numel():
+                alive[running] = ~stop_fn(rows[running], tokens[:, :width])
         live = int(alive.sum())
         if step + 1 == tokens.shape[1] or live == 0:
             break

@@ -95,6 +95,7 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep_last: int,
     heads: torch.nn.Module | None = None,
+    protect: set[int] | frozenset[int] = frozenset(),
 ) -> Path:
     final = checkpoints_dir(run_dir) / f"step-{step:06d}"
     # re-saving the same step (the end of a resumed, finished run) replaces it
@@ -113,7 +114,9 @@ def save_checkpoint(
         (tmp / INFO).write_text(json.dumps({"step": step, **{
             k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
             "sha256": {n: file_sha256(tmp / n) for n in (WEIGHTS, STATE)}}))
-    for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+    # ``protect``: steps kept whatever keep_last says (trainer.keep_best's checkpoint)
+    kept = [(s, p) for s, p in list_checkpoints(run_dir) if s not in protect]
+    for _, old in kept[:-keep_last] if keep_last > 0 else []:
         # renamed out of the listing first: a kill during the removal leaves a temporary
         # (cleared at the next start), never a half-deleted checkpoint that looks whole
         doomed = old.with_name(f".{old.name}{TMP_MARK}{os.getpid()}-pruned")

@@ -206,6 +206,10 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         "run_dir": str(run_dir),
         "overrides": _overrides(),
     }
+    if cfg.trainer.get("objective"):  # a sweep's objective: any logged metric
+        from gym_core.eval.during import objective
+
+        summary["objective"] = objective(cfg, run_dir)
     write_json(run_dir / "summary.json", summary)
     print(summary_table(summary))
     plugins.hook.gym_run_end(summary=summary, run_dir=str(run_dir))

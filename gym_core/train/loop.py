@@ -158,6 +158,11 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         start_norm = weight_norm(params)
     log = MetricsLog(run_dir, tcfg.tensorboard, start_step) if dist.main else None
 
+    during = None  # trainer.eval_every / keep_best (gym_core/eval/during.py)
+    if tcfg.get("eval_every") or tcfg.get("keep_best"):
+        from gym_core.eval.during import DuringTraining
+
+        during = DuringTraining(cfg, plugins, run_dir)
     if algo.needs_reference:
         policy.keep_reference()
     from gym_core.env.setup import selected_environment
@@ -186,8 +191,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         if dist.main:
             path = save_checkpoint(
                 run_dir, step, policy.model, optimizer, scheduler, extra, tcfg.keep_last,
-                policy.heads,
+                policy.heads, protect=during.protected if during is not None else frozenset(),
             )
+            if during is not None:
+                during.write_best()
             plugins.hook.gym_checkpoint_saved(step=step, path=str(path))
         dist.barrier()  # no rank may read checkpoints before this one is complete
 
@@ -270,6 +277,13 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                             "beyond float32's range, from a finite one")
                     warn(f"at step {step} the trainable weights' norm is {size} at the start: "
                          f"the updates are exploding; lower algorithm.lr (now {acfg.lr:g})")
+            best = False
+            if during is not None:
+                if during.due(step) and dist.main:  # rank 0 scores; the others wait
+                    metrics.update(during(step, policy))
+                best = during.improved(step, metrics)
+                if dist.enabled:  # every rank saves the checkpoint together
+                    best = bool(dist.broadcast(best))
             if dist.main:
                 log.log(step, metrics)
                 plugins.hook.gym_step_end(step=step, metrics=metrics, run_dir=str(run_dir))
@@ -277,7 +291,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 progress.update(1)
                 shown = ("loss", "reward_mean", "kl", "tokens_per_second")
                 progress.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics})
-            if (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps:
+            if (tcfg.save_every and step % tcfg.save_every == 0) or step == tcfg.max_steps \
+                    or best:
                 checkpoint(step)
                 saved = step
             reason = algo.stop_reason()  # e.g. a spent API budget: stop with a checkpoint

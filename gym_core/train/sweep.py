@@ -24,6 +24,8 @@ COLUMNS = ["job", "objective", "algorithm", "quant", "steps", "before", "after",
 
 def objective(summary: dict[str, Any]) -> float | None:
     """What a sweep maximises (also what ``python -m gym_core`` returns to sweepers)."""
+    if summary.get("objective") is not None:  # trainer.objective
+        return summary["objective"]
     ev = summary.get("eval") or {}
     return ev.get("after_quant") if ev.get("after_quant") is not None else ev.get("after")
 

@@ -22,7 +22,7 @@ class Settings:
 settings = Settings()
 
 PAGES = [("/", "Runs"), ("/new", "New run"), ("/data", "Data"), ("/playground", "Playground"),
-         ("/variants", "Variants")]
+         ("/variants", "Variants"), ("/compare", "Compare")]
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf"]
 

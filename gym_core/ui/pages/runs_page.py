@@ -143,6 +143,32 @@ def _line_chart(title: str):
     }).classes("w-full h-64")
 
 
+def _evaluation_curves(root: Path, run_dir: Path) -> None:
+    """The run's evaluation curves per task (value by step) from the results store:
+    training's eval_every and python -m gym_core.eval on its checkpoints."""
+    from gym_core.eval.store import Store
+    from gym_core.ui.pages.compare import latest
+
+    rows = Store(root).query(run=str(run_dir.resolve())) if run_dir.is_dir() else []
+    tasks = sorted({r.task for r in rows})
+    if not tasks:
+        return
+    with ui.grid(columns=2).classes("w-full gap-4"):
+        for task in tasks:
+            with ui.card().classes("w-full"):
+                tid(ui.label(f"evaluation: {task}").classes("text-subtitle2"), f"eval-{task}")
+                chart = _line_chart(task)
+                series = []
+                for metric in sorted({r.metric for r in rows if r.task == task}):
+                    values = latest([r for r in rows if r.task == task and r.metric == metric])
+                    points = sorted([s, v] for (_, s), v in values.items() if s >= 0)
+                    series.append({"type": "line", "name": metric, "data": points})
+                chart.options["series"] = series
+                chart.update()
+                ui.link("compare on this task", "/compare?" + urlencode(
+                    {"root": str(root), "task": task})).classes("text-primary")
+
+
 @ui.page("/run")
 def run_page(root: str | None = None, name: str = "") -> None:
     frame("Runs")
@@ -166,6 +192,7 @@ def run_page(root: str | None = None, name: str = "") -> None:
         job_state = tid(ui.label(""), "run-job")
     picker = tid(ui.select([], multiple=True, label="metrics").classes("w-full"), "run-metrics")
     charts_box = ui.grid(columns=2).classes("w-full gap-4")
+    _evaluation_curves(Path(root), path)
     log_box = ui.expansion("output of the job started here", value=False).classes("w-full")
     with log_box:
         log = ui.log(max_lines=400).classes("w-full h-64 text-caption")
