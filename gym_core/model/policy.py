@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -463,7 +464,13 @@ def load_policy(cfg, device: torch.device, system_prompt: str | None = None) -> 
             target_modules=list(cfg.lora.target_modules),
             task_type="CAUSAL_LM",
         )
-        policy = Policy(get_peft_model(model, lcfg), tok, lora=True, system_prompt=system_prompt)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated is_gradient_checkpointing alias itself
+            # (a FutureWarning on every LoRA model that no gym setting can avoid)
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                    FutureWarning)
+            peft_model = get_peft_model(model, lcfg)
+        policy = Policy(peft_model, tok, lora=True, system_prompt=system_prompt)
     else:
         raise GymError(f"model.finetune={cfg.finetune!r} is not one of lora, full")
     return policy

@@ -33,6 +33,7 @@ from gym_core.train.resume import check as check_resume
 from gym_core.train.resume import data_digest
 from gym_core.train.resume import record as record_run
 from gym_core.train.rundir import prepare_run_dir, run_lock
+from gym_core.train.trackers import Trackers, open_trackers
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -65,8 +66,15 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             stop = stack.enter_context(StopRequest(
                 lambda signum, step: interrupted_line(cfg, run_dir, signum, step, dist),
                 show=dist.main))
+            # the experiment trackers (logger=...), built before anything slow; closed
+            # with the run's outcome (gym_core/train/trackers.py)
+            trackers = Trackers([])
+            if dist.main:
+                with config_errors():
+                    trackers = open_trackers(cfg, bootstrap())
+            stack.push(lambda kind, exc, tb: trackers.close(ok=kind is None))
             with config_errors():
-                summary = _run_job(cfg, run_dir, dist, stop, chain)
+                summary = _run_job(cfg, run_dir, dist, stop, chain, trackers)
             finished = True
             return summary
     finally:
@@ -84,7 +92,7 @@ def config_errors():
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
-             chain: list[dict[str, Any]] | None) -> dict[str, Any]:
+             chain: list[dict[str, Any]] | None, trackers: Trackers) -> dict[str, Any]:
     plugins = bootstrap()
     if dist.main:
         prepare_run_dir(run_dir)
@@ -166,7 +174,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     if dist.main:
         print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
 
-    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop)
+    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers)
     after = score(policy.model, "eval after")
     pref_after = pref_score()
     if not dist.main:
@@ -205,6 +213,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     }
     write_json(run_dir / "summary.json", summary)
     print(summary_table(summary))
+    trackers.log_summary(summary, run_dir)
     plugins.hook.gym_run_end(summary=summary, run_dir=str(run_dir))
     return summary
 

@@ -117,12 +117,14 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist | None = None,
-          stop=None) -> TrainResult:
+          stop=None, trackers=None) -> TrainResult:
     """Train ``algo`` for ``trainer.max_steps`` steps, resuming from the newest checkpoint
     in ``run_dir``. Under torchrun each rank takes its share of every step's prompts;
     rank 0 alone writes. ``trainer.batch_size`` counts prompts (examples) per process.
     ``stop`` (a :class:`gym_core.train.interrupt.StopRequest`): a signal ends the loop after
-    the current step, with a checkpoint, by raising :class:`Interrupted`."""
+    the current step, with a checkpoint, by raising :class:`Interrupted`. ``trackers``: the
+    run's experiment trackers (:mod:`gym_core.train.trackers`), started here and closed by
+    the caller; None: the ones ``cfg.logger`` selects, opened and closed here."""
     dist = dist or Dist()
     tcfg, acfg = cfg.trainer, cfg.algorithm
     if tcfg.batch_size < 1 or tcfg.grad_accum < 1:
@@ -162,7 +164,15 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         seed_everything(tcfg.seed)
     if updater is not None and start_norm is None:
         start_norm = weight_norm(params)
-    log = MetricsLog(run_dir, tcfg.tensorboard, start_step) if dist.main else None
+    own_trackers = trackers is None and dist.main
+    if own_trackers:
+        from gym_core.train.trackers import open_trackers
+
+        trackers = open_trackers(cfg, plugins)
+    log = None
+    if dist.main:
+        log = MetricsLog(run_dir, start_step, trackers)
+        trackers.start(cfg, run_dir, start_step)
 
     if algo.needs_reference:
         policy.keep_reference()
@@ -288,6 +298,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             progress.close()
         if log is not None:
             log.close()
+        if own_trackers:
+            trackers.close(ok=step == tcfg.max_steps)
     return TrainResult(steps=step, seconds=seconds, completion_tokens=tokens)
 
 
