@@ -107,7 +107,20 @@ def run(config: Any = None, *, run_dir: str | os.PathLike | None = None) -> Resu
     folder = Path(run_dir) if run_dir is not None else Path(cfg.run.root) / cfg.run.name
     with no_hydra_state():
         summary = run_job(cfg, run_dir=folder)
+    _record_config(cfg, folder, None if isinstance(config, DictConfig) else _as_list(config))
     return Result(folder, summary, cfg)
+
+
+def _record_config(cfg, folder: Path, overrides: list[str] | None) -> None:
+    """The ``.hydra/`` record ``gym train`` leaves (the UI, :func:`open_run` and
+    ``model.init`` read the config there), for a run made from Python."""
+    from omegaconf import OmegaConf
+
+    from gym_core.base.files import write_text
+
+    write_text(folder / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    if overrides is not None:
+        write_text(folder / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(overrides))
 
 
 def open_run(path: str | os.PathLike) -> Result:
