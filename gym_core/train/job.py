@@ -26,6 +26,7 @@ from gym_core.eval.heldout import evaluate, preference_accuracy
 from gym_core.model.policy import describe, load_base, load_policy, save_final
 from gym_core.model.stages import base_identity, check_init, merged_state
 from gym_core.plugin.startup import bootstrap
+from gym_core.train import reference
 from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
 from gym_core.train.loop import seed_everything, train
@@ -144,7 +145,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         return evaluate(model, policy.tokenizer, algo.transform_examples(test), metric_fn,
                         system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
                         max_new_tokens=tcfg.eval_max_new_tokens, desc=desc, dist=shared,
-                        max_prompt_length=cfg.algorithm.get("max_prompt_length"))
+                        max_prompt_length=cfg.algorithm.get("max_prompt_length"),
+                        progress=tcfg.progress and shared.main)
 
     # The starting policy's score is kept in the run directory: a resumed run reuses it.
     def pref_score():
@@ -211,8 +213,12 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         "run_dir": str(run_dir),
         "overrides": _overrides(),
     }
+    # the README's main job: where this run's scores sit against the README's range
+    summary["reference"] = reference.compare(cfg, summary, plugins)
     write_json(run_dir / "summary.json", summary)
     print(summary_table(summary))
+    if summary["reference"]:
+        print(reference.table(summary["reference"]))
     trackers.log_summary(summary, run_dir)
     plugins.hook.gym_run_end(summary=summary, run_dir=str(run_dir))
     return summary
