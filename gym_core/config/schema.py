@@ -240,6 +240,9 @@ class TrainerConfig:
     threads: int | None = None
     tensorboard: bool = True
     progress: bool = True
+    # The same result at every thread count on one machine (README, "Reproducibility"):
+    # torch's deterministic algorithms and a fixed-order gradient-norm reduction.
+    deterministic: bool = False
 
 
 @dataclass

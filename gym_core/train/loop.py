@@ -142,7 +142,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, spec["updates"]))
         if dist.enabled and params:
             policy.distribute(dist.device)
-        updater = Updater(policy, optimizer, scheduler, params, tcfg.max_grad_norm, dist)
+        updater = Updater(policy, optimizer, scheduler, params, tcfg.max_grad_norm, dist,
+                          deterministic=bool(tcfg.get("deterministic", False)))
     sampler = Sampler(len(task.train), tcfg.seed)
     start_step, seconds, tokens = 0, 0.0, 0
     start_norm = None  # the trainable weights' norm when the run started
@@ -209,6 +210,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     policy.model.train()
     if stop is not None:
         stop.deferred = True  # a signal now ends the loop after the step in progress
+    was_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
+    if tcfg.get("deterministic", False):
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         while step < tcfg.max_steps:
             rebalance()  # another gym process may have started or ended on these CPUs
@@ -292,6 +297,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                     checkpoint(step)
                 raise Interrupted(signum, stop.describe(signum, step), show=dist.main)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
         if stop is not None:
             stop.deferred = False
         if progress is not None:
