@@ -393,7 +393,10 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     from gym_core.deltas.delta import apply_delta, lora_delta
 
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with warnings.catch_warnings():  # peft reads transformers' deprecated alias itself
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                    FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise GymError(f"could not load the adapter in {adapter_dir} onto this model: {exc}"
                        ) from None
