@@ -21,6 +21,13 @@ def main(cfg: DictConfig) -> float | None:
     from gym_core.train.job import run_job
 
     with exit_on_user_error():
+        from gym_core.train.pipeline import is_pipeline
+
+        if is_pipeline(cfg):
+            from gym_core.base.errors import GymError
+
+            raise GymError("a pipeline recipe (pipeline.stages) runs its stages one after "
+                           "the other and cannot be swept with -m: run it once per setting")
         summary = run_job(cfg)
     # The return value is what sweepers (Optuna) optimise: held-out accuracy at the end.
     if summary.get("objective") is not None:  # trainer.objective: any logged metric
@@ -32,16 +39,17 @@ def main(cfg: DictConfig) -> float | None:
 
 HELP_HEADER = """\
 gym: post-training for language models, one plugin per method.
-Usage: python -m gym_core [group=option ...] [key=value ...]   (-m for a sweep)
+Usage: gym train [group=option ...] [key=value ...]   (-m for a sweep; = python -m gym_core)
 """
 
 HELP_FOOTER = """\
 Examples:
-  python -m gym_core algorithm=grpo quant=bitdelta
-  python -m gym_core model=tiny trainer.max_steps=2 run.name=smoke
-  python -m gym_core -m algorithm=grpo,dr_grpo algorithm.lr=1e-5,3e-5
-  python -m gym_core algorithm=dpo --help          # the config those options give
-Plugins: --plugins lists them (distribution, version, options added);
+  gym train algorithm=grpo quant=bitdelta
+  gym train model=tiny trainer.max_steps=2 run.name=smoke
+  gym train -m algorithm=grpo,dr_grpo algorithm.lr=1e-5,3e-5
+  gym train +recipe=sft_then_grpo                 # recipes: the `recipe` group below
+  gym train algorithm=dpo --help          # the config those options give
+Plugins: gym plugins (python -m gym_core --plugins) lists them (distribution, version, options added);
 GYM_DISABLE_PLUGINS=name1,name2 skips installed plugins; docs/plugins.md.
 Powered by Hydra (https://hydra.cc); --hydra-help shows Hydra's own options.
 """
@@ -108,6 +116,20 @@ def lock_early(cfg, args: list[str]):
     return folder
 
 
+def multirun(args: list[str]) -> bool:
+    """A sweep: -m on the command line, or a recipe that sets ``hydra.mode: MULTIRUN``
+    (conf/recipe/grpo_loss_sweep.yaml)."""
+    if {"-m", "--multirun"}.intersection(args):
+        return True
+    overrides = overrides_of(args)
+    if not any(o.lstrip("+").startswith("recipe=") for o in overrides):
+        return False
+    from gym_core.plugin.startup import compose
+
+    mode = compose(overrides, return_hydra_config=True).hydra.get("mode")
+    return str(mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+
+
 def _outside_a_job(signum, step) -> str:
     import signal
 
@@ -146,6 +168,14 @@ def _entry(args: list[str]) -> None:
         return
     if "--hydra-help" not in args and "--info" not in args:
         cfg = check_overrides(args)
+        from gym_core.train.pipeline import is_pipeline
+
+        if is_pipeline(cfg) and not NO_JOB_FLAGS.intersection(args) and not multirun(args):
+            # a recipe of several stages: each its own run (gym_core/train/pipeline.py)
+            from gym_core.train.pipeline import run_pipeline
+
+            run_pipeline(cfg, overrides_of(args))
+            return
         if not NO_JOB_FLAGS.intersection(args):
             from gym_core.config.checks import preflight
             from gym_core.plugin.startup import check_named_components
@@ -159,7 +189,7 @@ def _entry(args: list[str]) -> None:
             root = Path(cfg.run.root)
             new = [p for p in (root, root / str(cfg.run.name)) if not p.exists()]
             folder = lock_early(cfg, args)
-            if folder is not None and not {"-m", "--multirun"}.intersection(args):
+            if folder is not None and not multirun(args):
                 from gym_core.train.resume import check
 
                 check_run_state(folder)

@@ -24,6 +24,7 @@ from gym_core import API_VERSION
 from gym_core.base.errors import GymError
 from gym_core.base.files import atomic_path, write_json, write_text
 from gym_core.config.fields import bounded, check_values, one_of
+from gym_core.config.loggers import LoggerConfig
 from gym_core.config.schema import (
     AlgorithmConfig,
     DataConfig,
@@ -73,6 +74,10 @@ _LAZY = {
     "chat_messages": "gym_core.data.tasks",
     "render_turns": "gym_core.data.tasks",
     "extract_answer": "gym_core.data.rewards",
+    # experiment trackers (gym_add_loggers)
+    "Tracker": "gym_core.train.trackers",
+    "flat_config": "gym_core.train.trackers",
+    "flat_numbers": "gym_core.train.trackers",
     # quantizers
     "Quantizer": "gym_core.deltas.delta",
     "MatrixQuantizer": "gym_core.deltas.delta",
@@ -109,7 +114,7 @@ _LAZY = {
 
 __all__ = [
     "API_VERSION", "AlgorithmConfig", "DataConfig", "EnvConfig", "Families", "GroupPolicyConfig",
-    "GymError", "MatrixQuantConfig", "OfflineAlgorithmConfig", "OnlineAlgorithmConfig",
+    "GymError", "LoggerConfig", "MatrixQuantConfig", "OfflineAlgorithmConfig", "OnlineAlgorithmConfig",
     "Plugins", "QuantConfig", "Registry", "Reward", "SoupConfig", "atomic_path", "hookimpl",
     "hookspec", "write_json", "write_text", "bounded", "one_of", "TokenLoss",
     "check_values",

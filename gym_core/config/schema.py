@@ -386,6 +386,9 @@ class TrainerConfig:
     # The value a sweep optimises (python -m gym_core -m): this metric's last logged
     # value (e.g. eval/arithmetic/accuracy); null: the held-out score after training.
     objective: str | None = None
+    # The same result at every thread count on one machine (README, "Reproducibility"):
+    # torch's deterministic algorithms and a fixed-order gradient-norm reduction.
+    deterministic: bool = False
 
 
 @dataclass

@@ -12,16 +12,22 @@ from gym_core.train.distributed import Dist
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch_size=64,
              max_new_tokens=32, desc="eval", dist: Dist | None = None,
-             max_prompt_length: int | None = None) -> float:
+             max_prompt_length: int | None = None, progress: bool = False) -> float:
     """Mean of ``metric_fn`` over greedy completions of ``examples`` (one KV-cached
     generation per batch of prompts). Under torchrun each rank scores every world-th
-    example and the sums are all-reduced: every rank returns the same mean."""
+    example and the sums are all-reduced: every rank returns the same mean.
+    ``progress``: a progress bar named ``desc``, counting prompts."""
     dist = dist or Dist()
     if not examples:
         return float("nan")
     total = len(examples)
     examples = examples[dist.rank :: dist.world]
     scores: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(examples), desc=desc, unit="prompt")
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [ex["prompt"] for ex in chunk]
@@ -30,6 +36,10 @@ def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch
                      max_new_tokens=max_new_tokens, sampling=Sampling(do_sample=False),
                      max_prompt_length=max_prompt_length)
         scores.extend(metric_fn(prompts, out.texts, chunk))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return dist.all_reduce_sum([sum(scores)])[0] / total
 
 

@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -386,7 +387,10 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     from gym_core.deltas.delta import apply_delta, lora_delta
 
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with warnings.catch_warnings():  # peft reads transformers' deprecated alias itself
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                    FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise GymError(f"could not load the adapter in {adapter_dir} onto this model: {exc}"
                        ) from None
@@ -462,7 +466,13 @@ def load_policy(cfg, device: torch.device, system_prompt: str | None = None,
             target_modules=list(cfg.lora.target_modules),
             task_type="CAUSAL_LM",
         )
-        policy = Policy(get_peft_model(model, lcfg), tok, lora=True, system_prompt=system_prompt)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated is_gradient_checkpointing alias itself
+            # (a FutureWarning on every LoRA model that no gym setting can avoid)
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                    FutureWarning)
+            peft_model = get_peft_model(model, lcfg)
+        policy = Policy(peft_model, tok, lora=True, system_prompt=system_prompt)
     return policy
 
 

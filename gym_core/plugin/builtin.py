@@ -1,9 +1,10 @@
 """What the core itself registers, through the same hooks as any plugin: the built-in
 tasks, the answer-checking reward, ``quant=none`` (the full-precision delta format) and
-the built-in environments (docs/agents.md)."""
+the built-in environments (docs/agents.md) and ``logger=tensorboard``."""
 
 from __future__ import annotations
 
+from gym_core.config.loggers import TensorBoardConfig
 from gym_core.config.schema import (
     ArithmeticConfig,
     ArithmeticLabelsConfig,
@@ -48,3 +49,8 @@ def gym_add_rewards(registry):
 @hookimpl
 def gym_add_quantizers(registry):
     registry.add("none", QuantConfig, "gym_core.deltas.delta:FullPrecision")
+
+
+@hookimpl
+def gym_add_loggers(registry):
+    registry.add("tensorboard", TensorBoardConfig, "gym_core.train.trackers:TensorBoardTracker")

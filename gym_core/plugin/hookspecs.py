@@ -250,6 +250,31 @@ def gym_add_environments(registry: Registry) -> None:
     """
 
 
+@hookspec
+def gym_add_loggers(registry: Registry) -> None:
+    """Register experiment trackers (the *logger* family): where a run's metrics, config,
+    summary and final artifacts go besides its folder.
+
+    Called once at start-up. ``name`` becomes an option of ``logger``, a list:
+    ``logger=[tensorboard,wandb]`` selects several at once (the default is
+    ``[tensorboard]``, ``logger=[]`` none), each configured under ``logger.<name>``.
+
+    :param registry: call ``registry.add(name, config, impl)``. ``config`` derives from
+        ``LoggerConfig``; ``impl`` subclasses ``Tracker`` (both from ``gym_core.api``),
+        usually as a ``"module:Class"`` string so that the tracker's library is imported
+        only when a run selects it. gym calls, on the main process:
+        ``start(cfg, run_dir, start_step)`` before the first step,
+        ``log_metrics(step, metrics)`` after each step (the row metrics.jsonl gets,
+        finite numbers only), ``log_summary(summary, artifacts)`` once summary.json is
+        written (``artifacts``: the ``summary``, ``final`` and ``delta`` paths that exist)
+        and ``close(ok)`` at the end (``ok=False``: the run failed or was interrupted).
+
+    All implementations are called; a duplicate name is an error. gym's own trackers:
+    ``tensorboard`` (the core), ``wandb`` and ``mlflow`` (plugins ``gym_wandb`` and
+    ``gym_mlflow``, their libraries in the extras of the same names).
+    """
+
+
 # ----------------------------------------------------------------------------------------
 # Run lifecycle: called by the core loop on the main process, in this order
 # ----------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ class Family:
     config_group: bool = True
     #: the module (or class) holding ``hook``'s spec
     specs: object = field(default=hookspecs, compare=False, repr=False)
+    #: True: several options are selected at once, as a list (``logger=[a,b]``), each
+    #: under ``<group>.<option>`` in the config
+    many: bool = False
 
 
 #: The core's own families. Plugins add theirs through ``gym_add_families``.
@@ -44,6 +47,7 @@ CORE_FAMILIES = (
     Family("reward", "gym_add_rewards", config_group=False),
     Family("soup", "gym_add_aggregators"),  # the soup app's group (python -m gym_core.soup)
     Family("env", "gym_add_environments"),  # multi-turn episodes (docs/agents.md)
+    Family("logger", "gym_add_loggers", many=True),  # experiment trackers: logger=[a,b]
 )
 
 

@@ -39,7 +39,10 @@ def bootstrap(entry_points=None, *, reload: bool = False):
             continue
         for comp in plugins.registries[family.name]:
             if comp.config is not None:
-                cs.store(group=family.name, name=comp.name, node=comp.config)
+                # a family selected as a list (logger=[a,b]) keeps each option apart
+                package = f"{family.name}.{comp.name}" if family.many else None
+                cs.store(group=family.name, name=comp.name, node=comp.config,
+                         package=package)
     _plugins = plugins
     return plugins
 
@@ -89,11 +92,13 @@ def explain_config_error(exc: BaseException, plugins) -> str:
 
     text = str(exc)
     cause = str(exc.__cause__) if exc.__cause__ else ""
-    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    missing = re.search(r"Could not (?:find|load) '([^/']+)/([^']+)'", text)
     if missing:
         group, name = missing.groups()
         options = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)*)", text)
         names = options.group(1).split() if options else []
+        if not options and group in plugins.registries:  # a list selection: logger=[a,b]
+            names = plugins.registries[group].names()
         options = f"(options: {', '.join(names) or 'none'})"
         why = plugins.why_missing(group, name)
         if why:

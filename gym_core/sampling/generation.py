@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gym_core.data.tasks import render_prompts
+from gym_core.model.kv import cache_kw, cache_of
 
 
 @dataclass
@@ -141,7 +142,7 @@ def generate(
     else:
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                     logits_to_keep=1)
-        cache = out.past_key_values
+        cache = cache_of(out)
         logits = out.logits[:, -1]
         del out
     mask = prompt_mask
@@ -185,7 +186,7 @@ def generate(
         if step + 1 == max_new_tokens or bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], 1)
-        out = model(input_ids=tok.unsqueeze(1), attention_mask=mask, past_key_values=cache,
+        out = model(input_ids=tok.unsqueeze(1), attention_mask=mask, **cache_kw(cache),
                     use_cache=True)
         logits = out.logits[:, -1]
     ids = tokens[:, :width]

@@ -152,10 +152,12 @@ class Updater:
     one only), clip, step the optimizer and the schedule."""
 
     def __init__(self, policy, optimizer, scheduler, params, max_grad_norm: float, dist,
-                 step: int = 0) -> None:
+                 step: int = 0, deterministic: bool = False) -> None:
         self.policy, self.optimizer, self.scheduler = policy, optimizer, scheduler
         self.params, self.max_grad_norm, self.dist = params, max_grad_norm, dist
         self.step = step  # the step being taken, for messages
+        #: trainer.deterministic: the clipping norm in a fixed order whatever the threads
+        self.deterministic = deterministic
 
     def update(self, batches: list[Any], loss_fn) -> dict[str, float]:
         """``loss_fn(batch) -> (loss, metrics)`` for each micro-batch; returns the step's
@@ -177,7 +179,10 @@ class Updater:
                 (loss * self.dist.world).backward()
             total += value
             rows.append(metrics)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        if self.deterministic:
+            grad_norm = clip_grad_norm_fixed_order(self.params, self.max_grad_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         lr = self.optimizer.param_groups[0]["lr"]  # this update's (the schedule then moves on)
         try:
             self.optimizer.step()
@@ -196,3 +201,38 @@ def mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
     """Key-wise means over the rows that have each key."""
     keys = {k for r in rows for k in r}
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+#: elements per partial sum of :func:`fixed_order_sum_of_squares` (below torch's grain
+#: size, 32768, so each partial is one thread's sequential sum)
+CHUNK = 4096
+
+
+def fixed_order_sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s squares in float64, added in an order that does not depend on
+    the number of threads: a full reduction of a tensor above torch's grain size is split
+    into one part per thread, so its rounding changes with the thread count; here the
+    partial sums are fixed rows of CHUNK elements (a row reduction is parallel over
+    rows, each summed by one thread) and the few partials are then added in one pass."""
+    flat = t.detach().reshape(-1).double()
+    pad = (-flat.numel()) % CHUNK
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    partials = (flat * flat).view(-1, CHUNK).sum(dim=1)
+    return partials.sum() if partials.numel() < CHUNK else fixed_order_sum_of_squares(
+        partials.sqrt())
+
+
+def clip_grad_norm_fixed_order(params, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` (L2, ``max_norm / (norm + 1e-6)`` capped at 1)
+    with the norm computed by :func:`fixed_order_sum_of_squares`: the same value, to the
+    bit, at every thread count (trainer.deterministic)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.stack([fixed_order_sum_of_squares(g) for g in grads]).sum().sqrt()
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return float(total)

@@ -21,6 +21,7 @@ from gym_core.eval.heldout import evaluate, preference_accuracy
 from gym_core.model.policy import describe, load_base, load_policy, save_final
 from gym_core.model.stages import base_identity
 from gym_core.plugin.startup import bootstrap, check_named_components
+from gym_core.train import reference
 from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
 from gym_core.train.loop import seed_everything, train
@@ -28,6 +29,7 @@ from gym_core.train.resume import check as check_resume
 from gym_core.train.resume import data_digest, recorded_threads
 from gym_core.train.resume import record as record_run
 from gym_core.train.rundir import check_run_name, check_run_state, prepare_run_dir, run_lock
+from gym_core.train.trackers import Trackers, open_trackers
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -64,8 +66,15 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             stop = stack.enter_context(StopRequest(
                 lambda signum, step: interrupted_line(cfg, run_dir, signum, step, dist),
                 show=dist.main))
+            # the experiment trackers (logger=...), built before anything slow; closed
+            # with the run's outcome (gym_core/train/trackers.py)
+            trackers = Trackers([])
+            if dist.main:
+                with config_errors():
+                    trackers = open_trackers(cfg, bootstrap())
+            stack.push(lambda kind, exc, tb: trackers.close(ok=kind is None))
             with config_errors():
-                summary = _run_job(cfg, run_dir, dist, stop, chain)
+                summary = _run_job(cfg, run_dir, dist, stop, chain, trackers)
             finished = True
             return summary
     finally:
@@ -83,7 +92,7 @@ def config_errors():
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
-             chain: list[dict[str, Any]] | None) -> dict[str, Any]:
+             chain: list[dict[str, Any]] | None, trackers: Trackers) -> dict[str, Any]:
     plugins = bootstrap()
     if dist.main:
         prepare_run_dir(run_dir)
@@ -139,7 +148,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         return evaluate(model, policy.tokenizer, shown, metric_fn,
                         system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
                         max_new_tokens=tcfg.eval_max_new_tokens, desc=desc, dist=shared,
-                        max_prompt_length=cfg.algorithm.get("max_prompt_length"))
+                        max_prompt_length=cfg.algorithm.get("max_prompt_length"),
+                        progress=tcfg.progress and shared.main)
 
     # The starting policy's score is kept in the run directory: a resumed run reuses it.
     def pref_score():
@@ -169,7 +179,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     if dist.main:
         print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
 
-    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop)
+    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers)
     after = score(policy.model, "eval after")
     pref_after = pref_score()
     if not dist.main:
@@ -210,8 +220,13 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         from gym_core.eval.during import objective
 
         summary["objective"] = objective(cfg, run_dir)
+    # the README's main job: where this run's scores sit against the README's range
+    summary["reference"] = reference.compare(cfg, summary, plugins)
     write_json(run_dir / "summary.json", summary)
     print(summary_table(summary))
+    if summary["reference"]:
+        print(reference.table(summary["reference"]))
+    trackers.log_summary(summary, run_dir)
     plugins.hook.gym_run_end(summary=summary, run_dir=str(run_dir))
     return summary
 

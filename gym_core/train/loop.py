@@ -115,12 +115,14 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist | None = None,
-          stop=None) -> TrainResult:
+          stop=None, trackers=None) -> TrainResult:
     """Train ``algo`` for ``trainer.max_steps`` steps, resuming from the newest checkpoint
     in ``run_dir``. Under torchrun each rank takes its share of every step's prompts;
     rank 0 alone writes. ``trainer.batch_size`` counts prompts (examples) per process.
     ``stop`` (a :class:`gym_core.train.interrupt.StopRequest`): a signal ends the loop after
-    the current step, with a checkpoint, by raising :class:`Interrupted`."""
+    the current step, with a checkpoint, by raising :class:`Interrupted`. ``trackers``: the
+    run's experiment trackers (:mod:`gym_core.train.trackers`), started here and closed by
+    the caller; None: the ones ``cfg.logger`` selects, opened and closed here."""
     dist = dist or Dist()
     tcfg, acfg = cfg.trainer, cfg.algorithm  # checked against the schema by preflight
 
@@ -134,7 +136,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, spec["updates"]))
         if dist.enabled and params:
             policy.distribute(dist.device)
-        updater = Updater(policy, optimizer, scheduler, params, tcfg.max_grad_norm, dist)
+        updater = Updater(policy, optimizer, scheduler, params, tcfg.max_grad_norm, dist,
+                          deterministic=bool(tcfg.get("deterministic", False)))
     sampler = Sampler(len(task.train), tcfg.seed)
     start_step, seconds, tokens = 0, 0.0, 0
     start_norm = None  # the trainable weights' norm when the run started
@@ -156,7 +159,15 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         seed_everything(tcfg.seed)
     if updater is not None and start_norm is None:
         start_norm = weight_norm(params)
-    log = MetricsLog(run_dir, tcfg.tensorboard, start_step) if dist.main else None
+    own_trackers = trackers is None and dist.main
+    if own_trackers:
+        from gym_core.train.trackers import open_trackers
+
+        trackers = open_trackers(cfg, plugins)
+    log = None
+    if dist.main:
+        log = MetricsLog(run_dir, start_step, trackers)
+        trackers.start(cfg, run_dir, start_step)
 
     during = None  # trainer.eval_every / keep_best (gym_core/eval/during.py)
     if tcfg.get("eval_every") or tcfg.get("keep_best"):
@@ -203,6 +214,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     policy.model.train()
     if stop is not None:
         stop.deferred = True  # a signal now ends the loop after the step in progress
+    was_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
+    if tcfg.get("deterministic", False):
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         while step < tcfg.max_steps:
             rebalance()  # another gym process may have started or ended on these CPUs
@@ -306,12 +321,15 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                     checkpoint(step)
                 raise Interrupted(signum, stop.describe(signum, step), show=dist.main)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
         if stop is not None:
             stop.deferred = False
         if progress is not None:
             progress.close()
         if log is not None:
             log.close()
+        if own_trackers:
+            trackers.close(ok=step == tcfg.max_steps)
     return TrainResult(steps=step, seconds=seconds, completion_tokens=tokens)
 
 

@@ -12,6 +12,7 @@ import torch.distributed
 
 from gym_core.base.errors import GymError
 from gym_core.config.schema import TokenLoss
+from gym_core.model.kv import cache_kw, cache_of
 
 # Set while the DDP-wrapped scorer (gym_core.model.policy.LogprobScorer) runs: a log-prob pass
 # with gradients anywhere else would skip DDP's gradient all-reduce.
@@ -80,7 +81,7 @@ def completion_logprobs(
         # the prompt's last position predicts the first completion token: its hidden
         # state (split) or its logits (the model's own head)
         first = (out.last_hidden_state if split is not None else out.logits)[:, -1:, :]
-        cache = out.past_key_values
+        cache = cache_of(out)
         prompt_len = prompt_ids.shape[1]
         if g > 1:
             cache.batch_repeat_interleave(g)
@@ -92,7 +93,7 @@ def completion_logprobs(
             if ids.shape[1] > 1:
                 full_mask = torch.cat([prompt_mask, mask[:, :-1]], dim=1)
                 rest = body(input_ids=ids[:, :-1], attention_mask=full_mask,
-                            past_key_values=cache, use_cache=True)
+                            **cache_kw(cache), use_cache=True)
                 rest = rest.last_hidden_state if split is not None else rest.logits
             if split is None:
                 logits = (first if rest is None else torch.cat([first, rest], dim=1)).float()
@@ -165,14 +166,14 @@ def sequence_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor
         return picked.new_zeros(input_ids.shape).index_copy(1, cols + 1, picked) * targets
     # the prefix once: its last position predicts every row's token p
     out = model(input_ids=input_ids[:1, :p], use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = cache_of(out)
     cache.batch_repeat_interleave(input_ids.shape[0])
     first = torch.log_softmax(out.logits[0, -1].float(), -1)[input_ids[:, p]]  # [R]
     logp = first.new_zeros(input_ids.shape).index_copy(
         1, torch.tensor([p], device=input_ids.device), first[:, None])
     if input_ids.shape[1] > p + 1:  # the rest of each row, after the shared cache
         cols = targets[:, p + 1:].any(0).nonzero().squeeze(-1)  # rest column j: token p+1+j
-        rest = model(input_ids=input_ids[:, p:-1], past_key_values=cache, use_cache=True,
+        rest = model(input_ids=input_ids[:, p:-1], **cache_kw(cache), use_cache=True,
                      logits_to_keep=cols)
         picked = selective_log_softmax(rest.logits.float(), input_ids[:, p + 1 + cols])
         logp = logp.index_copy(1, p + 1 + cols, picked)

@@ -1,4 +1,5 @@
-"""Per-step metrics: metrics.jsonl (one JSON object per step), TensorBoard, progress bar."""
+"""Per-step metrics: metrics.jsonl (one JSON object per step), the run's own record; the
+experiment trackers (TensorBoard, W&B, MLflow: gym_core/train/trackers.py) get the same rows."""
 
 from __future__ import annotations
 
@@ -13,18 +14,13 @@ from gym_core.base.files import atomic_path, disk_full, no_space
 class MetricsLog:
     """The run's metrics from ``start_step`` on: rows of steps after it (written before
     the checkpoint the run resumes from was overtaken by a kill) are dropped from
-    metrics.jsonl and purged from TensorBoard, so a redone step appears once."""
+    metrics.jsonl (and purged by the TensorBoard tracker), so a redone step appears once.
+    ``trackers`` (a :class:`gym_core.train.trackers.Trackers`) get every row too."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int = 0):
+    def __init__(self, run_dir: Path, start_step: int = 0, trackers=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.truncate_after(start_step)
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # events of steps > start_step in earlier files are dropped by readers
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
-                                        purge_step=start_step + 1 if start_step else None)
+        self.trackers = trackers
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -37,11 +33,8 @@ class MetricsLog:
             if disk_full(exc):
                 raise no_space(self.path.parent) from None
             raise
-        if self.writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
-            self.writer.flush()
+        if self.trackers is not None:
+            self.trackers.log_metrics(step, metrics)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past ``step`` (written after the checkpoint a run resumes from), and a
@@ -76,8 +69,7 @@ class MetricsLog:
                 tmp.write_bytes(data)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Nothing stays open between rows; the trackers are closed by their owner."""
 
 
 def _plain(v):

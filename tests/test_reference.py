@@ -1,0 +1,40 @@
+"""The main job's summary says where its scores sit against the README's table
+(gym_core/train/reference.py), and the table's numbers are the README's."""
+
+from __future__ import annotations
+
+from gym_core.plugin.startup import bootstrap, compose
+from gym_core.train import reference
+from tests.conftest import REPO
+
+
+def test_only_the_main_job_is_compared():
+    plugins = bootstrap()
+    same = ["algorithm=grpo", "quant=bitdelta", "trainer.seed=2", "trainer.threads=1",
+            "run.name=mine", "logger=[]"]
+    assert reference.is_main_job(compose(same), plugins)
+    for other in (["trainer.max_steps=10"], ["algorithm=dapo"], ["model=tiny"],
+                  ["algorithm.lr=1e-4"], ["data.max_value=9"]):
+        assert not reference.is_main_job(compose([*same, *other]), plugins), other
+
+
+def test_the_table_places_each_score():
+    cfg = compose(["algorithm=grpo", "quant=bitdelta"])
+    low = reference.REFERENCE["scores"]["after"][1]
+    high = reference.REFERENCE["scores"]["after_quant"][2]
+    result = reference.compare(cfg, {"eval": {"before": None, "after": low - 0.07,
+                                              "after_quant": high}}, bootstrap())
+    assert result["scores"]["after"]["where"] == "below by 0.07"
+    assert result["scores"]["after_quant"]["where"] == "inside"
+    assert "before" not in result["scores"]
+    text = reference.table(result)
+    assert "README mean [range]" in text and "below by 0.07" in text
+    assert reference.compare(compose(["model=tiny"]), {"eval": {}}, bootstrap()) is None
+
+
+def test_the_numbers_are_the_readmes():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What the main job does", 1)[1].split("\n## ", 1)[0]
+    for mean, low, high in reference.REFERENCE["scores"].values():
+        for value in {mean, low, high}:
+            assert f"{value:.2f}" in section, value
