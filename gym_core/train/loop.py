@@ -167,6 +167,44 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     if algo.needs_reference:
         policy.keep_reference()
     engine = RolloutEngine(policy, acfg, rewards) if algo.online else None
+    def draw():
+        """The next micro-batch's examples (this rank's share) and their sampling seeds:
+        every rank draws the same global batch and keeps its own slice; the sampling seed
+        of an example is its position in the data stream."""
+        first = sampler.position
+        chosen = sampler.take(tcfg.batch_size * dist.world)
+        mine = slice(dist.rank * tcfg.batch_size, (dist.rank + 1) * tcfg.batch_size)
+        seeds = [tcfg.seed * 1_000_003 + p for p in range(first, first + len(chosen))][mine]
+        return [task.train[i] for i in chosen[mine]], seeds
+
+    remote, ahead = None, {}
+    consumed = sampler.position  # the data position of the last step taken (checkpoints)
+    rcfg = cfg.get("rollout")
+    if engine is not None and rcfg is not None and int(rcfg.workers) > 0:
+        if dist.enabled:
+            raise GymError("rollout.workers > 0 runs with one trainer process (trainer "
+                           "ranks with rollout workers are not supported yet); drop torchrun "
+                           "or set rollout.workers=0")
+        from gym_core.sampling.actors import RemoteRollouts
+
+        remote = RemoteRollouts(cfg, policy, plugins, start_version=start_step)
+        lag = int(rcfg.max_staleness)
+
+        def plan(s: int) -> None:
+            """Draw step ``s``'s examples now and ask the workers for their rollouts."""
+            draws = [draw() for _ in range(tcfg.grad_accum)]
+            ahead[s] = (draws, sampler.position)
+            for j, (examples, seeds) in enumerate(draws):
+                remote.submit(s * tcfg.grad_accum + j, algo.transform_examples(examples), seeds)
+
+        for s in range(start_step + 1, min(start_step + 1 + lag, tcfg.max_steps) + 1):
+            plan(s)
+
+    buffer = None
+    if engine is not None and tcfg.rollout_buffer:
+        from gym_core.sampling.buffer import RolloutBuffer
+
+        buffer = RolloutBuffer(run_dir)
     if dist.main:
         plugins.hook.gym_run_start(cfg=cfg, run_dir=str(run_dir), start_step=start_step)
 
@@ -179,7 +217,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     def checkpoint(step: int) -> None:
         extra = {
             "step": step,
-            "data_position": sampler.position,
+            "data_position": consumed,
             "train_seconds": seconds,
             "completion_tokens": tokens,
             "algorithm": algo.state_dict(),
@@ -205,20 +243,27 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             t0 = time.perf_counter()
             # 1. batches for the whole step (online: rollouts), so that loss normalisers
             #    that need step-wide counts (dapo, dr_grpo) know them before any backward.
-            batches, batch_metrics = [], []
-            for _ in range(tcfg.grad_accum):
-                # every rank draws the same global batch and keeps its own slice; the
-                # sampling seed of an example is its position in the data stream
-                first = sampler.position
-                chosen = sampler.take(tcfg.batch_size * dist.world)
-                mine = slice(dist.rank * tcfg.batch_size, (dist.rank + 1) * tcfg.batch_size)
-                examples = [task.train[i] for i in chosen[mine]]
-                seeds = [tcfg.seed * 1_000_003 + p for p in range(first, first + len(chosen))][mine]
-                if engine is not None:
-                    batch = engine.generate(algo.transform_examples(examples), seeds)
+            batches, batch_metrics, sampled = [], [], []
+            if remote is not None:
+                draws, consumed = ahead.pop(step + 1)
+            else:
+                draws = [draw() for _ in range(tcfg.grad_accum)]
+                consumed = sampler.position
+            lags = []
+            for j, (examples, seeds) in enumerate(draws):
+                if remote is not None:
+                    batch, version, _ = remote.result((step + 1) * tcfg.grad_accum + j)
+                    lags.append(step - version)
+                    batch_metrics.append(rollout_metrics(batch))
+                elif engine is not None:
+                    batch, version = engine.generate(algo.transform_examples(examples), seeds), step
                     batch_metrics.append(rollout_metrics(batch))
                 else:
                     batch = algo.collate(examples)
+                if buffer is not None:
+                    from gym_core.sampling.buffer import rollout_rows
+
+                    sampled.extend(rollout_rows(batch, step + 1, version))
                 algo.prepare(batch)
                 batches.append(batch)
             algo.prepare_step(batches)
@@ -235,6 +280,11 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 check_replicas(params, dist, step + 1)
 
             step += 1
+            sync = {}
+            if remote is not None:  # the new weights out, the next step's rollouts asked for
+                sync = remote.push(step)
+                if step + 1 + lag <= tcfg.max_steps:
+                    plan(step + 1 + lag)
             dt = time.perf_counter() - t0
             seconds += dt
             step_tokens = totals.tokens
@@ -249,6 +299,9 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 ("generate_seconds" if engine is not None else "collate_seconds"): t_batches,
                 "tokens_per_second": step_tokens / dt,
             }
+            if remote is not None:  # the policy lag of this step's rollouts, and the sync
+                metrics.update({"staleness": sum(lags) / len(lags),
+                                "staleness_max": float(max(lags)), **sync})
             if updater is not None:
                 # how far the weights moved from where the run started: a learning rate
                 # that blows them up without a NaN shows here first
@@ -266,6 +319,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                             "beyond float32's range, from a finite one")
                     warn(f"at step {step} the trainable weights' norm is {size} at the start: "
                          f"the updates are exploding; lower algorithm.lr (now {acfg.lr:g})")
+            if buffer is not None:  # every rank's rollouts, in rank order, by rank 0
+                gathered = dist.all_gather(sampled)
+                if dist.main:
+                    buffer.write(step, [row for rows in gathered for row in rows])
             if dist.main:
                 log.log(step, metrics)
                 plugins.hook.gym_step_end(step=step, metrics=metrics, run_dir=str(run_dir))
@@ -282,6 +339,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                     checkpoint(step)
                 raise Interrupted(signum, stop.describe(signum, step), show=dist.main)
     finally:
+        if remote is not None:
+            remote.close()
         if stop is not None:
             stop.deferred = False
         if progress is not None:
