@@ -123,7 +123,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path, ray_clu
     args = [*common, "trainer.max_steps=6", "trainer.save_every=1", "trainer.keep_last=10",
             "run.name=killed", "trainer.backend=ray", f"ray.address={ray_cluster}",
             "ray.num_workers=2", "ray.max_failures=2"]
-    log = open(tmp_path / "driver.log", "w")
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115  (the driver writes it)
     proc = launch(args, tmp_path, stdout=log, stderr=subprocess.STDOUT)
     run = tmp_path / "runs/killed"
     deadline = time.monotonic() + 300
@@ -209,7 +209,7 @@ def test_a_dead_rollout_worker_is_replaced(tmp_path, ray_cluster, common):
     actor and the run finishes."""
     args = [*common, "trainer.max_steps=6", "trainer.save_every=1", "run.name=actor-dies",
             "rollout.workers=1", f"ray.address={ray_cluster}"]
-    log = open(tmp_path / "driver.log", "w")
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115  (the driver writes it)
     proc = launch(args, tmp_path, stdout=log, stderr=subprocess.STDOUT)
     run = tmp_path / "runs/actor-dies"
     deadline = time.monotonic() + 300

@@ -23,6 +23,7 @@ completions up to the policy version).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -36,10 +37,9 @@ class RolloutWorker:
     def __init__(self, config: dict, index: int = 0, threads: int | None = None):
         os.environ["GYM_ROLLOUT_WORKER"] = str(index)
         import torch
-
-        from gym_core.model.policy import Policy, load_base, load_start
         from omegaconf import OmegaConf
 
+        from gym_core.model.policy import Policy, load_base, load_start
         from gym_core.plugin.startup import bootstrap
         from gym_core.sampling.rollout import RolloutEngine
         from gym_core.sampling.weight_sync import Receiver
@@ -195,10 +195,8 @@ class RemoteRollouts:
 
     def close(self) -> None:
         for w in getattr(self, "workers", []):
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 self.ray.kill(w)
-            except Exception:  # already gone
-                pass
         if self._started:
             self.ray.shutdown()
             self._started = False
