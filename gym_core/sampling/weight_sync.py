@@ -35,15 +35,19 @@ PACKED = {"int8": ("deltaquant", {"bits": 8, "mode": "kbit"}),
 
 def message_bytes(message: dict[str, Any]) -> int:
     """Bytes of the tensors a sync message carries (what crosses the object store)."""
-    total = 0
-    for v in message.values():
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-        elif isinstance(v, dict):
-            total += message_bytes(v)
-        elif hasattr(v, "tensors"):  # a PackedDelta
-            total += message_bytes(v.tensors)
-    return total
+    return _bytes(message)
+
+
+def _bytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, dict):
+        return sum(_bytes(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return sum(_bytes(x) for x in v)
+    if hasattr(v, "tensors"):  # a PackedDelta
+        return _bytes(v.tensors)
+    return 0
 
 
 def _quantizer(codec: str, plugins):
