@@ -59,7 +59,7 @@ def main() -> None:
                      sum(enc) / len(enc), sum(dec) / len(dec), gap))
     full = rows[0][2]
     print(f"model {args.model}, {args.steps} syncs after the first")
-    print(f"| codec | first sync MB | MB per sync | vs full | encode s | apply s | max |w - w_trainer| |")
+    print("| codec | first sync MB | MB per sync | vs full | encode s | apply s | max |w - w_trainer| |")
     print("|---|---|---|---|---|---|---|")
     for codec, first, size, e, d, gap in rows:
         print(f"| {codec} | {first / 1e6:.1f} | {size / 1e6:.2f} | {full / size:.1f}x | {e:.3f} | "

@@ -52,8 +52,8 @@ def ray_cluster(tmp_path_factory):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def launch(args, cwd, nproc=None, timeout=600, **popen):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+def launch(args, cwd, nproc=None, timeout=900, pythonpath=None, **popen):
+    env = {**os.environ, "PYTHONPATH": pythonpath or os.environ.get("PYTHONPATH", str(REPO)), "OMP_NUM_THREADS": "1",
            "RAY_USAGE_STATS_ENABLED": "0"}
     head = [sys.executable, "-m", "gym_core"]
     if nproc:
@@ -63,6 +63,15 @@ def launch(args, cwd, nproc=None, timeout=600, **popen):
         return subprocess.Popen([*head, *args], cwd=cwd, env=env, **popen)
     return subprocess.run([*head, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def wait_for(path: Path, proc, log: Path, seconds: float = 900) -> None:
+    """Until ``path`` exists (the run got that far); the run must still be going."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear in {seconds} s"
+        time.sleep(0.2)
 
 
 def rows(run_dir):
@@ -76,9 +85,14 @@ def adapter(run_dir):
 
 
 @pytest.fixture
-def common(tiny_overrides):
+def common(tiny_overrides, digits_plugin_path, monkeypatch):
+    """Tiny GRPO with a reward that has spread on a random model (tests/digits_plugin.py,
+    an installed plugin for every process: the Ray workers get the driver's PYTHONPATH),
+    so losses, gradients and updates are not zero."""
+    monkeypatch.setenv("PYTHONPATH", digits_plugin_path)
     return [*tiny_overrides, "trainer.batch_size=2", "algorithm.lr=1e-2",
-            "trainer.eval_size=8", "trainer.eval_before=false", "trainer.threads=1"]
+            "algorithm.rewards=[digit_share]", "trainer.eval_size=8",
+            "trainer.eval_before=false", "trainer.threads=1"]
 
 
 def test_ray_train_equals_torchrun(tmp_path, ray_cluster, common):
@@ -94,6 +108,8 @@ def test_ray_train_equals_torchrun(tmp_path, ray_cluster, common):
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-7)
         assert rb["reward_mean"] == pytest.approx(ra["reward_mean"], rel=1e-6)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+    assert any(abs(r["loss"]) > 1e-6 for r in a) and all(r["grad_norm"] > 0 for r in a)
     wa, wb = adapter(tmp_path / "runs/torchrun"), adapter(tmp_path / "runs/ray")
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -126,10 +142,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path, ray_clu
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115  (the driver writes it)
     proc = launch(args, tmp_path, stdout=log, stderr=subprocess.STDOUT)
     run = tmp_path / "runs/killed"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (run / "checkpoints/step-000002").is_dir():
-        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        time.sleep(0.2)
+    wait_for(run / "checkpoints/step-000002", proc, tmp_path / "driver.log")
     pids = _worker_pids(run)
     assert pids, "no Ray Train worker process found"
     os.kill(pids[-1], signal.SIGKILL)
@@ -187,7 +200,9 @@ def test_one_rollout_worker_at_staleness_0_is_the_local_run(tmp_path, ray_cluste
     assert [r["completion_ids"] for r in a] == [r["completion_ids"] for r in b]
     for ra, rb in zip(rows(tmp_path / "runs/local"), rows(tmp_path / "runs/actor")):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3)
         assert rb["staleness"] == 0
+    assert all(r["grad_norm"] > 0 for r in rows(tmp_path / "runs/local"))
 
 
 def test_staleness_1_trains_on_the_previous_policy(tmp_path, ray_cluster, common):
@@ -212,10 +227,7 @@ def test_a_dead_rollout_worker_is_replaced(tmp_path, ray_cluster, common):
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115  (the driver writes it)
     proc = launch(args, tmp_path, stdout=log, stderr=subprocess.STDOUT)
     run = tmp_path / "runs/actor-dies"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (run / "checkpoints/step-000002").is_dir():
-        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        time.sleep(0.2)
+    wait_for(run / "checkpoints/step-000002", proc, tmp_path / "driver.log")
     out = subprocess.run(["pgrep", "-f", "RolloutWorker"], capture_output=True, text=True)
     pids = [int(p) for p in out.stdout.split()]
     assert pids, "no rollout worker process found"
@@ -225,3 +237,19 @@ def test_a_dead_rollout_worker_is_replaced(tmp_path, ray_cluster, common):
     m = rows(run)
     assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
     assert m[-1]["rollout_workers_replaced"] >= 1
+
+
+def test_hydra_ray_launcher_runs_a_sweep_on_the_cluster(tmp_path, ray_cluster, tiny_overrides):
+    """A multirun whose jobs are Ray tasks (hydra-ray-launcher) on the same cluster: every
+    job's run folder and the sweep summary."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    args = ["-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_cluster}",
+            "hydra.launcher.ray.remote.num_cpus=1", *tiny_overrides, "trainer.max_steps=1",
+            "trainer.eval_before=false", "algorithm.lr=1e-3,1e-2", "run.name=raygrid"]
+    r = launch(args, tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep = tmp_path / "runs/raygrid"
+    jobs = json.loads((sweep / "sweep_summary.json").read_text())
+    assert len(jobs) == 2
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 1

@@ -123,6 +123,10 @@ class RemoteRollouts:
         address = cfg.ray.address
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
             p for p in [os.environ.get("PYTHONPATH", ""), os.getcwd()] if p)}}
+        if address:
+            from gym_core.train.ray_train import check_reachable
+
+            check_reachable(str(address))
         try:
             if address:
                 self.ray.init(address=address, runtime_env=env, include_dashboard=False,

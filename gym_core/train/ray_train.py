@@ -52,6 +52,28 @@ def check_ray_config(cfg) -> None:
         raise GymError(f"ray.max_failures={r.max_failures}: 0 or more, or -1 for no limit")
 
 
+def check_reachable(address: str, setting: str = "ray.address") -> None:
+    """A ``host:port`` address must accept a TCP connection within seconds: ``ray.init``
+    itself retries a silent address for minutes."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise GymError(f"{setting}={address}: not HOST:PORT (e.g. 127.0.0.1:6379), auto, or "
+                       "unset for a local cluster") from None
+    try:
+        with socket.create_connection((host or "127.0.0.1", port_number), timeout=5):
+            pass
+    except OSError as exc:
+        raise GymError(f"{setting}={address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                       "start one with `ray start --head`, or leave ray.address unset to "
+                       "start a local one") from None
+
+
 def connect(cfg):
     """Join ``ray.address`` or start a local cluster; checks the cluster can hold the
     workers. Returns (ray, started_here)."""
@@ -62,6 +84,7 @@ def connect(cfg):
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [
         os.environ.get("PYTHONPATH", ""), os.getcwd()] if p)}}
     if r.address:
+        check_reachable(str(r.address))
         try:
             ray.init(address=r.address, runtime_env=env, log_to_driver=True,
                      include_dashboard=False, configure_logging=False)
