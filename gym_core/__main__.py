@@ -28,13 +28,25 @@ def main(cfg: DictConfig) -> float | None:
 
             raise GymError("a pipeline recipe (pipeline.stages) runs its stages one after "
                            "the other and cannot be swept with -m: run it once per setting")
-        summary = run_job(cfg)
+        if cfg.trainer.backend == "ray":  # Ray Train runs the job's ranks (docs/scale.md)
+            from gym_core.train.job import run_dir_for
+            from gym_core.train.ray_train import run_on_ray
+
+            summary = run_on_ray(cfg, run_dir_for(cfg), _task_overrides())
+        else:
+            summary = run_job(cfg)
     # The return value is what sweepers (Optuna) optimise: held-out accuracy at the end.
     if summary.get("objective") is not None:  # trainer.objective: any logged metric
         return summary["objective"]
     ev = summary.get("eval", {})
     best = ev.get("after_quant") if ev.get("after_quant") is not None else ev.get("after")
     return best
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
 
 
 HELP_HEADER = """\

@@ -389,12 +389,51 @@ class TrainerConfig:
     # The same result at every thread count on one machine (README, "Reproducibility"):
     # torch's deterministic algorithms and a fixed-order gradient-norm reduction.
     deterministic: bool = False
+    # torch: this process (or each process torchrun starts); ray: Ray Train's TorchTrainer
+    # runs the same job on ray.num_workers workers (docs/scale.md "Ray")
+    backend: str = one_of(("torch", "ray"), "torch")
+    # online methods: every step's rollouts (prompts, completions, rewards, the sampler's
+    # log-probs, staleness) appended to <run dir>/rollouts/ as Parquet (gym_core/sampling/buffer.py)
+    rollout_buffer: bool = True
 
 
 @dataclass
 class RunConfig:
     name: str = MISSING  # the run directory's name; a finished or stopped run resumes
     root: str = "runs"
+
+
+@dataclass
+class RayConfig:
+    """``trainer.backend=ray``: where and how wide Ray Train runs the job (docs/scale.md)."""
+
+    # a running cluster ("127.0.0.1:6379", "auto": the one `ray start` left on this machine);
+    # null: start a local one for this job (stopped at its end)
+    address: str | None = None
+    num_workers: int = bounded(2, ge=1)  # Ray Train workers: one torch process (rank) each
+    cpus_per_worker: float = bounded(1.0, gt=0)  # Ray resources each worker reserves
+    use_gpu: bool = False  # one GPU per worker, NCCL; gloo on CPU otherwise
+    # a worker that dies (kill -9, a lost node) restarts the worker group from the last
+    # checkpoint up to this many times; -1: without limit
+    max_failures: int = bounded(2, ge=-1, hint="-1: no limit")
+
+
+#: how the trainer's weights reach rollout workers (gym_core/sampling/weight_sync.py)
+WeightSync = Literal["full", "lora", "int8", "deltaquant", "bitdelta"]
+
+
+@dataclass
+class RolloutConfig:
+    """Online methods: where the rollouts are sampled (docs/scale.md "Rollout workers")."""
+
+    # 0: the trainer samples its own rollouts; N: N Ray actors sample them (ray.address
+    # joins a cluster, else a local one is started), apart from the trainer
+    workers: int = bounded(0, ge=0)
+    cpus_per_worker: float = bounded(1.0, gt=0)
+    # step t trains on rollouts sampled by the policy of step t-k or later; 0: synchronous
+    max_staleness: int = bounded(0, ge=0, hint="0: synchronous")
+    # trainer -> workers: full | lora | int8 | deltaquant | bitdelta (gym_core/sampling/weight_sync.py)
+    weight_sync: str = one_of(WeightSync, "full")
 
 
 MODEL_OPTIONS = {

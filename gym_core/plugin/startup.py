@@ -5,7 +5,7 @@ tests and launcher workers all start here. Cheap: no torch.
 
 from __future__ import annotations
 
-from gym_core.config.schema import MODEL_OPTIONS, RunConfig, TrainerConfig
+from gym_core.config.schema import MODEL_OPTIONS, RayConfig, RolloutConfig, RunConfig, TrainerConfig
 
 _plugins = None
 
@@ -32,6 +32,8 @@ def bootstrap(entry_points=None, *, reload: bool = False):
     cs.store(group="trainer", name="default", node=TrainerConfig)
     # the run section's schema: not a group (the export app's `run=` names a run dir)
     cs.store(name="run_schema", node=RunConfig, package="run")
+    cs.store(name="ray_schema", node=RayConfig, package="ray")
+    cs.store(name="rollout_schema", node=RolloutConfig, package="rollout")
     for name, node in MODEL_OPTIONS.items():
         cs.store(group="model", name=name, node=node)
     for family in plugins.families.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def run_job(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         # differ in the last bits between counts); trainer.threads overrides it
         threads.configure(cfg.trainer.threads, keep=True, recorded=recorded_threads(run_dir))
         with contextlib.ExitStack() as stack:
-            if dist.main:
+            # under trainer.backend=ray the driver holds the lock for its workers
+            if dist.main and not os.environ.get("GYM_RAY_WORKER"):
                 stack.enter_context(run_lock(run_dir))
             stop = stack.enter_context(StopRequest(
                 lambda signum, step: interrupted_line(cfg, run_dir, signum, step, dist),

@@ -180,6 +180,49 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
 
     env = selected_environment(cfg, plugins, algo.online, task.train)  # docs/agents.md
     engine = RolloutEngine(policy, acfg, rewards, env=env) if algo.online else None
+
+    def draw():
+        """The next micro-batch's examples (this rank's share) and their sampling seeds:
+        every rank draws the same global batch and keeps its own slice; the sampling seed
+        of an example is its position in the data stream."""
+        first = sampler.position
+        chosen = sampler.take(tcfg.batch_size * dist.world)
+        mine = slice(dist.rank * tcfg.batch_size, (dist.rank + 1) * tcfg.batch_size)
+        seeds = [tcfg.seed * 1_000_003 + p for p in range(first, first + len(chosen))][mine]
+        return [task.train[i] for i in chosen[mine]], seeds
+
+    remote, ahead = None, {}
+    consumed = sampler.position  # the data position of the last step taken (checkpoints)
+    rcfg = cfg.get("rollout")
+    if engine is not None and rcfg is not None and int(rcfg.workers) > 0:
+        if env is not None:
+            raise GymError(f"rollout.workers > 0 with env={cfg.env.name}: multi-turn episodes "
+                           "are sampled by the trainer itself (not supported in rollout "
+                           "workers yet); set rollout.workers=0")
+        if dist.enabled:
+            raise GymError("rollout.workers > 0 runs with one trainer process (trainer "
+                           "ranks with rollout workers are not supported yet); drop torchrun "
+                           "or set rollout.workers=0")
+        from gym_core.sampling.actors import RemoteRollouts
+
+        remote = RemoteRollouts(cfg, policy, plugins, start_version=start_step)
+        lag = int(rcfg.max_staleness)
+
+        def plan(s: int) -> None:
+            """Draw step ``s``'s examples now and ask the workers for their rollouts."""
+            draws = [draw() for _ in range(tcfg.grad_accum)]
+            ahead[s] = (draws, sampler.position)
+            for j, (examples, seeds) in enumerate(draws):
+                remote.submit(s * tcfg.grad_accum + j, algo.transform_examples(examples), seeds)
+
+        for s in range(start_step + 1, min(start_step + 1 + lag, tcfg.max_steps) + 1):
+            plan(s)
+
+    buffer = None
+    if engine is not None and tcfg.rollout_buffer:
+        from gym_core.sampling.buffer import RolloutBuffer
+
+        buffer = RolloutBuffer(run_dir)
     if dist.main:
         plugins.hook.gym_run_start(cfg=cfg, run_dir=str(run_dir), start_step=start_step)
 
@@ -192,7 +235,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     def checkpoint(step: int) -> None:
         extra = {
             "step": step,
-            "data_position": sampler.position,
+            "data_position": consumed,
             "train_seconds": seconds,
             "completion_tokens": tokens,
             "algorithm": algo.state_dict(),
@@ -224,21 +267,28 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             t0 = time.perf_counter()
             # 1. batches for the whole step (online: rollouts), so that loss normalisers
             #    that need step-wide counts (dapo, dr_grpo) know them before any backward.
-            batches, batch_metrics, step_sources = [], [], []
-            for _ in range(tcfg.grad_accum):
-                # every rank draws the same global batch and keeps its own slice; the
-                # sampling seed of an example is its position in the data stream
-                first = sampler.position
-                chosen = sampler.take(tcfg.batch_size * dist.world)
-                mine = slice(dist.rank * tcfg.batch_size, (dist.rank + 1) * tcfg.batch_size)
-                examples = [task.train[i] for i in chosen[mine]]
+            batches, batch_metrics, sampled, step_sources = [], [], [], []
+            if remote is not None:
+                draws, consumed = ahead.pop(step + 1)
+            else:
+                draws = [draw() for _ in range(tcfg.grad_accum)]
+                consumed = sampler.position
+            lags = []
+            for j, (examples, seeds) in enumerate(draws):
                 step_sources += [ex.get("source") for ex in examples]
-                seeds = [tcfg.seed * 1_000_003 + p for p in range(first, first + len(chosen))][mine]
-                if engine is not None:
-                    batch = algo.sample_batch(examples, seeds, engine)
+                if remote is not None:
+                    batch, version, _ = remote.result((step + 1) * tcfg.grad_accum + j)
+                    lags.append(step - version)
+                    batch_metrics.append(rollout_metrics(batch))
+                elif engine is not None:
+                    batch, version = algo.sample_batch(examples, seeds, engine), step
                     batch_metrics.append(rollout_metrics(batch))
                 else:
                     batch = algo.collate(examples)
+                if buffer is not None:
+                    from gym_core.sampling.buffer import rollout_rows
+
+                    sampled.extend(rollout_rows(batch, step + 1, version))
                 algo.prepare(batch)
                 batches.append(batch)
             algo.prepare_step(batches)
@@ -255,6 +305,11 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 check_replicas(params, dist, step + 1)
 
             step += 1
+            sync = {}
+            if remote is not None:  # the new weights out, the next step's rollouts asked for
+                sync = remote.push(step)
+                if step + 1 + lag <= tcfg.max_steps:
+                    plan(step + 1 + lag)
             dt = time.perf_counter() - t0
             seconds += dt
             step_tokens = totals.tokens
@@ -275,6 +330,9 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 if dist.enabled:
                     counts = dist.all_reduce_sum(counts)
                 metrics.update({f"data/rows_{s}": float(c) for s, c in zip(sources, counts)})
+            if remote is not None:  # the policy lag of this step's rollouts, and the sync
+                metrics.update({"staleness": sum(lags) / len(lags),
+                                "staleness_max": float(max(lags)), **sync})
             if updater is not None:
                 # how far the weights moved from where the run started: a learning rate
                 # that blows them up without a NaN shows here first
@@ -299,6 +357,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 best = during.improved(step, metrics)
                 if dist.enabled:  # every rank saves the checkpoint together
                     best = bool(dist.broadcast(best))
+            if buffer is not None:  # every rank's rollouts, in rank order, by rank 0
+                gathered = dist.all_gather(sampled)
+                if dist.main:
+                    buffer.write(step, [row for rows in gathered for row in rows])
             if dist.main:
                 log.log(step, metrics)
                 plugins.hook.gym_step_end(step=step, metrics=metrics, run_dir=str(run_dir))
@@ -322,6 +384,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 raise Interrupted(signum, stop.describe(signum, step), show=dist.main)
     finally:
         torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
+        if remote is not None:
+            remote.close()
         if stop is not None:
             stop.deferred = False
         if progress is not None:
