@@ -194,3 +194,4 @@ if TYPE_CHECKING:
         GroupPolicyGradient,
         group_advantages,
     )
+    from gym_core.train.trackers import Tracker, flat_config, flat_numbers

@@ -383,8 +383,10 @@ def test_env_with_an_offline_algorithm_or_bad_limits_is_refused(tiny_overrides):
     with pytest.raises(GymError, match="needs an online algorithm"):
         selected_environment(cfg, plugins, False, [])
     bad = compose([*tiny_overrides, "env=calculator", "env.gamma=2"])
-    with pytest.raises(GymError, match="env.gamma=2"):
-        selected_environment(bad, plugins, True, [])
+    with pytest.raises(GymError, match="env.gamma=2"):  # declared in EnvConfig
+        from gym_core.config.checks import preflight
+
+        preflight(bad)
     with pytest.raises(GymError, match="needs rows with 'prompt' and 'answer'"):
         selected_environment(cfg, plugins, True, [{"prompt": "x"}])
     cls, ecfg = selected_environment(cfg, plugins, True, [{"prompt": "x", "answer": "1"}])

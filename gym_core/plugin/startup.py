@@ -186,12 +186,19 @@ def check_overrides(args: list[str], config_name: str = "config"):
             first.append(o.input_line)
     from gym_core.config.fields import check_values
 
+    def check(c) -> None:
+        check_values(c)
+        if config_name == "config":  # every swept run.name is one folder name too
+            from gym_core.train.rundir import check_run_name
+
+            check_run_name(c)
+
     cfg = compose(first, config_name=config_name)
     with config_errors(bootstrap()):  # interpolations that do not resolve (${nope})
         OmegaConf.to_container(cfg, resolve=True)
-        check_values(cfg)
+        check(cfg)
         for i, line in others:
-            check_values(compose([*first[:i], line, *first[i + 1:]], config_name=config_name))
+            check(compose([*first[:i], line, *first[i + 1:]], config_name=config_name))
     return cfg
 
 

@@ -28,7 +28,7 @@ REFERENCE: dict[str, Any] = {
 
 #: settings that do not change what the main job computes (where it writes, what it
 #: shows, how many threads; the seed is the spread the table reports)
-_FREE = ("run.", "logger.", "hydra.", "pipeline.")
+_FREE = ("run.", "logger.", "hydra.", "pipeline.", "ray.")  # where it ran, not what
 _FREE_KEYS = {"trainer.seed", "trainer.threads", "trainer.progress", "trainer.tensorboard",
               "trainer.save_every", "trainer.keep_last", "trainer.device",
               "trainer.eval_batch_size", "model.cache_dir"}
@@ -48,7 +48,12 @@ def main_job_defaults(plugins) -> dict[str, Any] | None:
     needs (grpo, bitdelta) is not loaded."""
     from omegaconf import OmegaConf
 
-    from gym_core.config.schema import MODEL_OPTIONS, ArithmeticConfig, TrainerConfig
+    from gym_core.config.schema import (
+        MODEL_OPTIONS,
+        ArithmeticConfig,
+        RolloutConfig,
+        TrainerConfig,
+    )
 
     try:
         algo = plugins.component("algorithm", "grpo").config
@@ -56,7 +61,8 @@ def main_job_defaults(plugins) -> dict[str, Any] | None:
     except Exception:
         return None
     tree = {"model": MODEL_OPTIONS["smollm2"], "data": ArithmeticConfig(),
-            "algorithm": algo(), "quant": quant(), "trainer": TrainerConfig()}
+            "algorithm": algo(), "quant": quant(), "trainer": TrainerConfig(),
+            "rollout": RolloutConfig()}
     return _flat({k: OmegaConf.to_container(OmegaConf.structured(v)) for k, v in tree.items()})
 
 

@@ -126,6 +126,14 @@ def test_a_run_name_is_one_folder_inside_run_root(tmp_path, gym_env, name):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["here", "work"]  # nothing made
 
 
+def test_every_swept_run_name_is_checked(tmp_path, gym_env):
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    proc = cli([*FAST, "-m", "run.name=ok,../escaped"], work, gym_env)
+    assert_one_line_error(proc, "'../escaped' is not a folder name")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["here", "work"]  # nothing made
+
+
 def test_a_finished_run_without_its_checkpoints_is_not_trained_again(run, gym_env):
     shutil.rmtree(run / "checkpoints")
     before = tree(run)
