@@ -230,6 +230,7 @@ def remove_refused_start(folder, parents) -> None:
             n != LOCK_NAME and not (n.endswith(".log") and p.is_file() and p.stat().st_size == 0)
             for n, p in names.items()):
         return
+    _close_log_handlers(folder)  # Hydra's job log there: closed before its file goes
     with contextlib.suppress(OSError):
         for p in names.values():
             p.unlink()
@@ -237,6 +238,21 @@ def remove_refused_start(folder, parents) -> None:
         for parent in parents:
             parent.rmdir()
     release(folder)
+
+
+def _close_log_handlers(folder) -> None:
+    """Detach and close the logging file handlers Hydra opened in ``folder`` (in-process
+    callers go on logging after the folder is removed)."""
+    import logging
+    from pathlib import Path
+
+    root = Path(folder).resolve()
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for h in list(getattr(logger, "handlers", [])):
+            path = getattr(h, "baseFilename", None)
+            if path and Path(path).resolve().parent == root:
+                logger.removeHandler(h)
+                h.close()
 
 
 if __name__ == "__main__":

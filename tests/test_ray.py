@@ -243,9 +243,13 @@ def test_hydra_ray_launcher_runs_a_sweep_on_the_cluster(tmp_path, ray_cluster, t
     """A multirun whose jobs are Ray tasks (hydra-ray-launcher) on the same cluster: every
     job's run folder and the sweep summary."""
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    # null: the launcher sets a default object_store_memory, which joining a cluster refuses
     args = ["-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_cluster}",
-            "hydra.launcher.ray.remote.num_cpus=1", *tiny_overrides, "trainer.max_steps=1",
-            "trainer.eval_before=false", "algorithm.lr=1e-3,1e-2", "run.name=raygrid"]
+            "+hydra.launcher.ray.init.object_store_memory=null",
+            "+hydra.launcher.ray.remote.num_cpus=1", *tiny_overrides, "trainer.max_steps=1",
+            "trainer.eval_before=false", "algorithm.lr=1e-3,1e-2", "run.name=raygrid",
+            # the jobs run in Ray's worker processes, whose working folder is Ray's own
+            f"run.root={tmp_path / 'runs'}"]
     r = launch(args, tmp_path, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sweep = tmp_path / "runs/raygrid"

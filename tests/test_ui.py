@@ -113,8 +113,10 @@ def test_form_fields_come_from_the_schemas_and_plugin_groups_follow_the_option()
     assert cl.choices["experience_store"] == "json" and cl.choices["llm"] == "local"
     cards = configs.sections(cl)
     assert [c for c, _ in cards[:6]] == configs.CORE_ORDER
-    assert {c for c, _ in cards[6:]} == {"experience_store", "llm"}
-    assert [c for c, is_group in cards if not is_group] == ["run"]  # fields, no options
+    # cl_grpo's groups, and the sections of fields without options
+    assert {c for c, _ in cards[6:]} == {"experience_store", "llm", "policy", "logger", "ray",
+                                         "rollout"}
+    assert [c for c, is_group in cards if not is_group] == ["run", "logger", "ray", "rollout"]
     fields = {f.key: f for g, _ in cards for f in configs.fields(cl.cfg, g, cl.choices.get(g))}
     assert "algorithm.name" not in fields and "model.source" not in fields  # the option itself
     assert (fields["algorithm.lessons_per_group"].kind, fields["algorithm.lessons_per_group"].default

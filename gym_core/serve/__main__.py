@@ -108,8 +108,6 @@ def base_config(base: str):
 
 def build(args: argparse.Namespace):
     """Load the base and the variants; return the ASGI app and its engine."""
-    import torch
-
     from gym_core.base.errors import GymError
     from gym_core.model.policy import describe, load_base
     from gym_core.plugin.startup import bootstrap
@@ -117,12 +115,14 @@ def build(args: argparse.Namespace):
     from gym_core.serve.engine import Engine
     from gym_core.serve.variants import Base, Registry, expand, load_variant
 
-    torch.set_grad_enabled(False)
     plugins = bootstrap()
     cfg = base_config(args.base)
     name = args.served_model_name or (args.base if cfg.source != "local"
                                       else os.path.basename(os.path.normpath(args.base)))
     model, tok = load_base(cfg)
+    # serving never trains: no autograd graphs (the engine thread also runs without grad;
+    # grad mode is per thread, so an in-process server leaves the caller's alone)
+    model.requires_grad_(False)
     base = Base.of(model, cfg, f"the base model ({describe(cfg)})")
     max_len = getattr(model.config, "max_position_embeddings", None) or 2048
     if args.max_model_len:
