@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gym_core.train.resume import flatten
+
 #: The README's table of the main job: per held-out score, (mean, lowest, highest) over
 #: ``seeds`` on ``cpu``. One seed so far: the range is that run's value.
 REFERENCE: dict[str, Any] = {
@@ -32,15 +34,6 @@ _FREE = ("run.", "logger.", "hydra.", "pipeline.", "ray.")  # where it ran, not 
 _FREE_KEYS = {"trainer.seed", "trainer.threads", "trainer.progress", "trainer.tensorboard",
               "trainer.save_every", "trainer.keep_last", "trainer.device",
               "trainer.eval_batch_size", "model.cache_dir"}
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def main_job_defaults(plugins) -> dict[str, Any] | None:
@@ -63,7 +56,7 @@ def main_job_defaults(plugins) -> dict[str, Any] | None:
     tree = {"model": MODEL_OPTIONS["smollm2"], "data": ArithmeticConfig(),
             "algorithm": algo(), "quant": quant(), "trainer": TrainerConfig(),
             "rollout": RolloutConfig()}
-    return _flat({k: OmegaConf.to_container(OmegaConf.structured(v)) for k, v in tree.items()})
+    return flatten({k: OmegaConf.to_container(OmegaConf.structured(v)) for k, v in tree.items()})
 
 
 def is_main_job(cfg, plugins) -> bool:
@@ -72,7 +65,7 @@ def is_main_job(cfg, plugins) -> bool:
     defaults = main_job_defaults(plugins)
     if defaults is None:
         return False
-    mine = _flat(OmegaConf.to_container(cfg, resolve=True))
+    mine = flatten(OmegaConf.to_container(cfg, resolve=True))
     quantized = mine.get("quant.name") != "none"
 
     def counted(key: str) -> bool:

@@ -48,24 +48,15 @@ def flat_config(cfg: Any) -> dict[str, Any]:
     parameters)."""
     from omegaconf import OmegaConf
 
+    from gym_core.train.resume import flatten
+
     tree = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
-    out: dict[str, Any] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node
-
-    walk(tree, "")
-    return out
+    return flatten(tree)
 
 
 def flat_numbers(summary: dict[str, Any]) -> dict[str, float]:
     """The summary's finite numbers as ``{"eval.after": 0.64, ...}`` (run-level metrics)."""
-    return {k: float(v) for k, v in flat_config(summary).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return finite(flat_config(summary))
 
 
 def finite(metrics: dict[str, Any]) -> dict[str, float]:
