@@ -117,27 +117,10 @@ class RemoteRollouts:
         self.replaced = 0
 
     def _connect(self, cfg) -> None:
-        address = cfg.ray.address
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
-            p for p in [os.environ.get("PYTHONPATH", ""), os.getcwd()] if p)}}
-        if address:
-            from gym_core.train.ray_train import check_reachable
+        from gym_core.base.threads import affinity
+        from gym_core.train.ray_train import start_ray
 
-            check_reachable(str(address))
-        try:
-            if address:
-                self.ray.init(address=address, runtime_env=env, include_dashboard=False,
-                              configure_logging=False)
-            else:
-                from gym_core.base.threads import affinity
-
-                self.ray.init(num_cpus=len(affinity()), runtime_env=env,
-                              include_dashboard=False, configure_logging=False)
-                self._started = True
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GymError(f"ray.address={address}: no Ray cluster answers there ({first})"
-                           ) from None
+        self._started = start_ray(self.ray, cfg.ray.address, len(affinity()))
 
     def _new_worker(self, index: int):
         threads = max(1, int(self.cpus))

@@ -63,6 +63,28 @@ def check_reachable(address: str, setting: str = "ray.address") -> None:
                        "start a local one") from None
 
 
+def start_ray(ray, address: str | None, num_cpus: int) -> bool:
+    """Join the cluster at ``address`` (checked to answer first) or start a local one of
+    ``num_cpus`` CPUs; the workers see the driver's PYTHONPATH and working folder.
+    Returns whether a local cluster was started here (the caller shuts it down)."""
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [
+        os.environ.get("PYTHONPATH", ""), os.getcwd()] if p)}}
+    common = {"runtime_env": env, "include_dashboard": False, "configure_logging": False,
+              "log_to_driver": True}
+    if not address:
+        ray.init(num_cpus=num_cpus, **common)
+        return True
+    check_reachable(str(address))
+    try:
+        ray.init(address=address, **common)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GymError(f"ray.address={address}: no Ray cluster answers there ({first}); "
+                       "start one with `ray start --head`, or leave ray.address unset "
+                       "to start a local one") from None
+    return False
+
+
 def connect(cfg):
     """Join ``ray.address`` or start a local cluster; checks the cluster can hold the
     workers. Returns (ray, started_here)."""
@@ -70,26 +92,10 @@ def connect(cfg):
     r = cfg.ray
     if ray.is_initialized():
         return ray, False
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [
-        os.environ.get("PYTHONPATH", ""), os.getcwd()] if p)}}
-    if r.address:
-        check_reachable(str(r.address))
-        try:
-            ray.init(address=r.address, runtime_env=env, log_to_driver=True,
-                     include_dashboard=False, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GymError(f"ray.address={r.address}: no Ray cluster answers there ({first}); "
-                           "start one with `ray start --head`, or leave ray.address unset "
-                           "to start a local one") from None
-        started = False
-    else:
-        from gym_core.base.threads import affinity
+    from gym_core.base.threads import affinity
 
-        ray.init(num_cpus=max(len(affinity()), int(r.num_workers * r.cpus_per_worker + 0.999)),
-                 runtime_env=env, include_dashboard=False, configure_logging=False,
-                 log_to_driver=True)
-        started = True
+    started = start_ray(ray, r.address, max(len(affinity()),
+                                            int(r.num_workers * r.cpus_per_worker + 0.999)))
     want_cpu = float(r.num_workers) * float(r.cpus_per_worker)
     have_cpu = float(ray.cluster_resources().get("CPU", 0))
     if want_cpu > have_cpu + 1e-9:
