@@ -393,7 +393,7 @@ def test_env_with_an_offline_algorithm_or_bad_limits_is_refused(tiny_overrides):
     assert cls.__name__ == "Calculator"
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "ppo"])
 def test_a_training_step_on_env_calculator(tiny_overrides, tmp_path, algo):
     from gym_core.train.job import run_job
 

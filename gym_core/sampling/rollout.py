@@ -41,6 +41,9 @@ class Rollout:
     # each turn's reward on its last sampled token (PPO); None for single-turn rollouts
     token_returns: torch.Tensor | None = None
     turn_rewards: torch.Tensor | None = None
+    # [N, C] the model turn each token follows (-1: padding): per-turn objectives (RLOO's
+    # ratio per turn); None for single-turn rollouts
+    turn_index: torch.Tensor | None = None
     episodes: list | None = None  # [N] gym_core.env.episode.EpisodeRecord
 
     def trained_mask(self) -> torch.Tensor:
@@ -182,7 +185,7 @@ class RolloutEngine:
             action_mask=out.action_mask,
             token_returns=token_returns(out.turn_index, out.action_mask, turn_rewards, gamma),
             turn_rewards=turn_end_rewards(out.turn_index, out.action_mask, turn_rewards),
-            episodes=recs)
+            turn_index=out.turn_index, episodes=recs)
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

@@ -7,6 +7,11 @@ al. 2019; Ahmadian et al., arXiv 2402.14740), as TRL 1.16's RLOOTrainer computes
     rho_i = exp(sum_t log pi_theta - sum_t log pi_old)   the sequence ratio
     L    = mean_i -min(rho_i A_i, clip(rho_i, 1 - eps_low, 1 + eps_high) A_i)
 
+Multi-turn episodes (docs/agents.md): turn k of episode i has the advantage
+A_i + (G_k - G_0) (the leave-one-out advantage of the episode return, shifted by turn
+k's discounted return, as GRPO's) and its own ratio over its sampled tokens; the
+episode's loss sums its turns'.
+
 Rollouts, the prompt-once scoring, old / reference log-probs and the loss mask come from
 the core's GroupPolicyGradient, as for GRPO."""
 
@@ -48,15 +53,36 @@ def sequence_kl(old_logp, ref_logp, mask, estimator: str) -> torch.Tensor:
     return (per_token * mask).sum(-1)
 
 
-def rloo_sequence_loss(logp, old_logp, advantages, mask, eps_low, eps_high):
+def rloo_sequence_loss(logp, old_logp, advantages, mask, eps_low, eps_high, turn_index=None):
     """Per-sequence loss [N] -min(rho A, clip(rho) A), rho = exp(sum_t (lp - lp_old)) over
-    the completion (the product of token ratios, no 1/|o|), and the clip indicators."""
-    log_ratio = ((logp - old_logp) * mask).sum(-1)
+    the completion (the product of token ratios, no 1/|o|), and the clip indicators ([N],
+    the share of its turns each sequence clipped).
+
+    Multi-turn episodes (``turn_index`` [N, C], the turn each token follows; docs/agents.md):
+    each model turn is a unit of its own, with its own ratio rho_k over the turn's tokens
+    in ``mask`` and its own advantage (``advantages`` [N, C], constant within a turn:
+    A_i + (G_k - G_0)); the sequence's loss is the sum over its turns. With one turn this
+    is the sequence loss above; on-policy (rho = 1) its gradient is REINFORCE with each
+    turn's return, sum_k A_k grad log pi(turn k)."""
+    if turn_index is None:
+        turns = mask.unsqueeze(-1)  # [N, C, 1]: the whole completion is one unit
+        adv = advantages.reshape(len(mask), -1)[:, :1]
+        present = torch.ones_like(adv)  # as TRL: an all-masked row still counts
+    else:
+        k = int(turn_index.max().item()) + 1 if turn_index.numel() else 1
+        turns = (torch.nn.functional.one_hot(turn_index.clamp(min=0).long(), max(k, 1))
+                 * (turn_index >= 0).unsqueeze(-1)).to(mask.dtype) * mask.unsqueeze(-1)
+        count = turns.sum(1)  # [N, K] tokens of each turn
+        a = advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(mask)
+        adv = torch.einsum("nc,nck->nk", a.to(mask.dtype), turns) / count.clamp(min=1)
+        present = (count > 0).to(mask.dtype)  # [N, K] the turns a row has
+    log_ratio = torch.einsum("nc,nck->nk", (logp - old_logp).to(mask.dtype), turns)
     rho = torch.exp(log_ratio)
-    loss = -torch.min(rho * advantages, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * advantages)
-    low = (rho < 1 - eps_low) & (advantages < 0)
-    high = (rho > 1 + eps_high) & (advantages > 0)
-    return loss, low.float(), high.float()
+    unit = -torch.min(rho * adv, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * adv)
+    low = ((rho < 1 - eps_low) & (adv < 0)).to(mask.dtype) * present
+    high = ((rho > 1 + eps_high) & (adv > 0)).to(mask.dtype) * present
+    units = present.sum(-1).clamp(min=1)
+    return (unit * present).sum(-1), low.sum(-1) / units, high.sum(-1) / units
 
 
 class RLOO(GroupPolicyGradient):
@@ -98,17 +124,24 @@ class RLOO(GroupPolicyGradient):
         mean = total / n if n else 0.0
         std = ((sq - total * total / n) / (n - 1)) ** 0.5 if n > 1 else float("nan")
         for b in batches:
+            ok = b.extras["advantage_defined"]
             adv = (b.extras["advantages"] - mean) / (std + NORM_EPS)
-            b.extras["advantages"] = torch.where(
-                b.extras["advantage_defined"], torch.nan_to_num(adv, nan=0.0),
-                torch.zeros_like(adv))
+            b.extras["advantages"] = torch.where(ok, torch.nan_to_num(adv, nan=0.0),
+                                                 torch.zeros_like(adv))
+            if "token_advantages" in b.extras:  # multi-turn: the same map on every turn
+                tok = (b.extras["token_advantages"] - mean) / (std + NORM_EPS)
+                b.extras["token_advantages"] = torch.where(
+                    ok.unsqueeze(1), torch.nan_to_num(tok, nan=0.0),
+                    torch.zeros_like(tok)) * b.extras["loss_mask"]
 
     def loss(self, batch, totals):
         logp = self.policy.logprobs(batch)
         mask = batch.extras["loss_mask"]
         adv = batch.extras["advantages"]
-        per_seq, low, high = rloo_sequence_loss(logp, self.old_logprobs(batch, logp), adv, mask,
-                                                self.eps_low, self.eps_high)
+        # multi-turn episodes: a ratio and an advantage per turn (turn-level returns)
+        per_seq, low, high = rloo_sequence_loss(
+            logp, self.old_logprobs(batch, logp), batch.extras.get("token_advantages", adv),
+            mask, self.eps_low, self.eps_high, turn_index=getattr(batch, "turn_index", None))
         metrics = {"advantage_abs_mean": adv.abs().mean().item(),
                    "clip_ratio/low": low.mean().item(), "clip_ratio/high": high.mean().item()}
         if "kl_sum" in batch.extras:  # TRL's logged kl: the token mean of the estimate

@@ -176,3 +176,71 @@ def test_rloo_end_to_end(tmp_path, tiny_overrides, with_digit_reward):
     assert s["steps"] == 2 and s["algorithm"] == "rloo"
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts at the reference
     assert rows[1]["kl"] != 0.0 and rows[1]["advantage_abs_mean"] > 0
+
+
+def episode_batch():
+    """Two episodes of one prompt (k = 2), turns separated by environment tokens (action
+    mask 0): episode 0 has turns 0 and 1 with rewards [0.5, 1.0] (G = [1.5, 1.0]),
+    episode 1 one turn with reward 0 (G = [0.0])."""
+    act = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.float32)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.float32)
+    turn = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, -1, -1, -1]])
+    returns = torch.tensor([[1.5, 1.5, 0, 0, 1.0, 1.0], [0.0, 0.0, 0.0, 0, 0, 0]])
+    b = rollout(torch.tensor([1.5, 0.0]), mask=mask, k=2)
+    b.action_mask, b.turn_index, b.token_returns = act, turn, returns
+    return b
+
+
+def test_turn_level_returns_by_hand():
+    """Multi-turn episodes (docs/agents.md): turn k's advantage is the episode's
+    leave-one-out advantage shifted by G_k - G_0, environment tokens get none, and each
+    turn has its own clipped ratio; on-policy the gradient is REINFORCE with each turn's
+    return."""
+    b = episode_batch()
+    lp = torch.tensor([[-1.0, -1.0, -5.0, -5.0, -1.0, -1.0], [-2.0, -2.0, -2.0, 0, 0, 0]])
+    old = lp - torch.tensor([[0.05, 0.05, 0.0, 0.0, 0.3, 0.3], [0.0, 0.0, 0.0, 0, 0, 0]])
+    algo = RLOO(compose(["algorithm=rloo", "algorithm.num_generations=2",
+                         "algorithm.beta=0", "algorithm.num_iterations=2"]).algorithm,
+                StubPolicy(old, None))
+    algo.prepare(b)
+    algo.prepare_step([b])
+    # LOO: 1.5 - 0 = 1.5 and 0 - 1.5 = -1.5; turn 1 of episode 0: 1.5 + (1.0 - 1.5) = 1.0
+    assert b.extras["token_advantages"].tolist() == [[1.5, 1.5, 0, 0, 1.0, 1.0],
+                                                     [-1.5, -1.5, -1.5, 0, 0, 0]]
+    lp = lp.clone().requires_grad_(True)
+    algo.policy = StubPolicy(lp, None)
+    loss, _ = algo.loss(b, StepTotals(sequences=2, tokens=7, micro_batches=1))
+    # turn ratios: e^0.1 (inside 1 +- 0.2), e^0.6 (clipped at 1.2, A > 0), 1
+    want = (-(math.exp(0.1) * 1.5) - 1.2 * 1.0 + 1.5) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    g = lp.grad
+    assert g[0, :2].tolist() == pytest.approx([-math.exp(0.1) * 1.5 / 2] * 2, rel=1e-6)
+    assert g[0, 2:].abs().sum() == 0  # environment tokens and the clipped turn: none
+    assert g[1, :3].tolist() == pytest.approx([1.5 / 2] * 3)
+
+
+def test_turn_level_loss_on_policy_is_reinforce_with_turn_returns():
+    b = episode_batch()
+    algo = RLOO(compose(["algorithm=rloo", "algorithm.num_generations=2",
+                         "algorithm.beta=0"]).algorithm, None)
+    lp = torch.tensor([[-1.0, -1.0, -5.0, -5.0, -1.0, -1.0], [-2.0, -2.0, -2.0, 0, 0, 0]],
+                      requires_grad=True)
+    algo.policy = StubPolicy(lp, None)
+    algo.prepare(b)
+    algo.prepare_step([b])
+    loss, _ = algo.loss(b, StepTotals(sequences=2, tokens=7, micro_batches=1))
+    loss.backward()
+    # d/dlp_t = -A_{turn(t)} / sequences on the model's tokens
+    want = -b.extras["token_advantages"] * b.action_mask / 2
+    assert torch.allclose(lp.grad, want)
+
+
+def test_one_turn_episodes_keep_the_sequence_loss():
+    """turn_index all 0: the per-turn loss is the sequence loss."""
+    adv = torch.tensor([0.7, -0.4, 1.1, 0.0, -2.0, 0.3, 0.5, -0.1])
+    seq, low, high = rloo_sequence_loss(LP, OLD, adv, MASK, 0.2, 0.28)
+    turns = torch.where(MASK.bool(), 0, -1)
+    tok = adv.unsqueeze(1) * MASK
+    per_turn, low_t, high_t = rloo_sequence_loss(LP, OLD, tok, MASK, 0.2, 0.28, turn_index=turns)
+    assert torch.allclose(seq, per_turn) and torch.equal(low, low_t) and torch.equal(high, high_t)
