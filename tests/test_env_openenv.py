@@ -1,0 +1,99 @@
+"""OpenEnv environments as gym environments (``env=openenv``, docs/agents.md
+"Third-party environments"): an echo environment written against openenv-core's
+``Environment`` / ``Action`` / ``Observation``, played in-process, through the
+environment contract suite and one episode of the tiny model. Needs openenv-core
+(``pip install --no-deps openenv-core && pip install fastmcp``)."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from gym_core.api import Action, GymError
+from gym_core.contracts.environment import EnvironmentContract
+from tests.episode_helpers import check_episodes, tiny_episodes
+
+pytest.importorskip("openenv.core.env_server.interfaces")
+
+from openenv.core.env_server.interfaces import Environment as OpenEnvEnvironment  # noqa: E402
+from openenv.core.env_server.types import Action as OpenEnvAction  # noqa: E402
+from openenv.core.env_server.types import Observation as OpenEnvObservation  # noqa: E402
+from openenv.core.env_server.types import State  # noqa: E402
+
+
+class EchoAction(OpenEnvAction):
+    message: str
+
+
+class EchoObservation(OpenEnvObservation):
+    echoed_message: str
+
+
+class EchoEnvironment(OpenEnvEnvironment[EchoAction, EchoObservation, State]):
+    """OpenEnv's echo environment (envs/echo_env in the OpenEnv repository) as its
+    authors write it: the message back, reward 0.1 per character; the episode ends
+    when the message says "bye"."""
+
+    def __init__(self):
+        super().__init__()
+        self._state = State(episode_id="0", step_count=0)
+
+    def reset(self, seed=None, episode_id=None, **kwargs):
+        self._state = State(episode_id=episode_id or "0", step_count=0)
+        return EchoObservation(echoed_message="Echo environment ready!", done=False, reward=0.0)
+
+    def step(self, action, timeout_s=None, **kwargs):
+        self._state.step_count += 1
+        return EchoObservation(echoed_message=action.message, reward=0.1 * len(action.message),
+                               done="bye" in action.message, metadata={"step": self._state.step_count})
+
+    @property
+    def state(self):
+        return self._state
+
+
+def openenv_cfg(**kw):
+    from gym_openenv import OpenEnvConfig
+
+    kw.setdefault("environment", "tests.test_env_openenv:EchoEnvironment")
+    return OmegaConf.structured(OpenEnvConfig(**kw))
+
+
+class TestOpenEnvContract(EnvironmentContract):
+    @pytest.fixture
+    def env_factory(self):
+        from gym_openenv.env import OpenEnv
+
+        cfg = openenv_cfg(max_turns=3)
+        return lambda: OpenEnv(cfg)
+
+    @pytest.fixture
+    def rows(self):
+        return [{"prompt": "Say something.", "seed": 1}]
+
+
+def test_openenv_action_observation_and_reward():
+    from gym_openenv.env import OpenEnv
+
+    env = OpenEnv(openenv_cfg())
+    assert env.action_cls.__name__ == "EchoAction" and env.field == "message"  # Environment[...]
+    obs = env.reset({"prompt": "Say something."})
+    assert obs.messages == [{"role": "user",
+                             "content": "Say something.\n\nEcho environment ready!"}]
+    assert env.step(Action("hello", [], [], None)) == ("hello", pytest.approx(0.5), False, {})
+    assert env.step(Action("bye", [], [], None)) == (None, pytest.approx(0.3), True, {})
+    env.close()
+    with pytest.raises(GymError, match="env.environment='nope:Env' cannot be imported"):
+        OpenEnv(openenv_cfg(environment="nope:Env"))
+    with pytest.raises(GymError, match="action_field='text' is not a field of EchoAction"):
+        OpenEnv(openenv_cfg(action_field="text"))
+
+
+def test_openenv_episode_with_the_tiny_model():
+    from gym_openenv.env import OpenEnv
+
+    out = tiny_episodes(OpenEnv, openenv_cfg(max_turns=3, max_tokens=96),
+                        [{"prompt": "Say something."}])
+    check_episodes(out)
+    for rec in out.records:
+        assert len(rec.rewards) == rec.turns  # a reward per turn: 0.1 per character echoed
