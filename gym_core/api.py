@@ -106,6 +106,7 @@ _LAZY = {
     "discounted_returns": "gym_core.env.returns",
     "PythonSandbox": "gym_core.env.sandbox",
     "trace_segments": "gym_core.env.chat",
+    "SYSTEM_ADDITION": "gym_core.env.episode",
     # running gym from a test or a notebook
     "compose": "gym_core.plugin.startup",
     "bootstrap": "gym_core.plugin.startup",
@@ -169,6 +170,7 @@ if TYPE_CHECKING:
     )
     from gym_core.env.base import Environment, Observation
     from gym_core.env.chat import trace_segments
+    from gym_core.env.episode import SYSTEM_ADDITION
     from gym_core.env.returns import discounted_returns
     from gym_core.env.sandbox import PythonSandbox
     from gym_core.env.tools import Action, ToolCall, parse_tool_calls, tool_schema

@@ -17,6 +17,11 @@ from typing import Any
 from gym_core.env.chat import continuation, render
 from gym_core.env.tools import Action, parse_tool_calls, tool_schema
 
+#: A row's addition to its episode's system turn (an algorithm's, e.g. cl_grpo's experience
+#: library): appended to the system message of ``reset`` (or of the policy's system
+#: prompt), or the system turn itself when there is none. The environment never reads it.
+SYSTEM_ADDITION = "episode_system_addition"
+
 
 @dataclass
 class EpisodeRecord:
@@ -95,6 +100,11 @@ class Episode:
         messages = list(obs.messages)
         if self.system_prompt and not (messages and messages[0]["role"] == "system"):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
+        extra = self.row.get(SYSTEM_ADDITION)
+        if extra and messages and messages[0]["role"] == "system":
+            messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{extra}"}
+        elif extra:
+            messages.insert(0, {"role": "system", "content": extra})
         try:
             self.schemas = [tool_schema(t) for t in obs.tools] or None
         except Exception as exc:

@@ -34,7 +34,7 @@ from gym_cl_grpo.experience import Experience, Operation, clean_text, labels, op
 from gym_cl_grpo.llm import make_llm
 from gym_cl_grpo.policy import as_messages
 from gym_cl_grpo.replies import parse_lessons, parse_operations
-from gym_core.api import Algorithm, GymError
+from gym_core.api import SYSTEM_ADDITION, Algorithm, GymError
 
 _QUESTION = "cl_grpo_question"  # the row's own prompt, kept beside the injected one
 
@@ -68,6 +68,7 @@ class TrainingFreeGRPO(Algorithm):
         self._synced = False
         self._resumed = False
         self._shown: dict[str, Experience] | None = None
+        self.episodes = False  # env=...: rollouts are multi-turn episodes (docs/agents.md)
 
     # -- wiring -------------------------------------------------------------------------
     def setup(self, cfg, run_dir, plugins) -> None:
@@ -79,6 +80,11 @@ class TrainingFreeGRPO(Algorithm):
         policy_impl = plugins.component("policy", cfg.policy.name).load()
         self.api = None if getattr(policy_impl, "local", False) else \
             policy_impl(cfg.policy, self.ledger)  # a missing key fails here
+        self.episodes = cfg.get("env") is not None
+        if self.episodes and self.api is not None:
+            raise GymError(f"algorithm=cl_grpo with env={cfg.env.name} plays its episodes with "
+                           f"the local policy; policy={cfg.policy.name} answers single turns "
+                           "(use policy=local)")
         self.llm = make_llm(cfg, plugins, self.policy, ledger=self.ledger, api_policy=self.api)
         uses_api = self.api is not None or getattr(type(self.llm), "charges_usage", False)
         if uses_api:
@@ -208,6 +214,11 @@ class TrainingFreeGRPO(Algorithm):
             picked = self.store.retrieve(prompts.question_text(ex["prompt"]))
             shown = {by_key[e.key]: e for e in sorted(picked, key=lambda e: e.key)
                      if e.key in by_key}
+            if self.episodes:  # the environment reads the prompt: the library goes in the
+                # episode's system turn (gym_core's SYSTEM_ADDITION), inject_into unused
+                out.append({**ex, _QUESTION: ex["prompt"], SYSTEM_ADDITION: prompts.library_text(
+                    shown, self.templates.solve)})
+                continue
             out.append({**ex, _QUESTION: ex["prompt"], "prompt": prompts.inject(
                 ex["prompt"], shown, self.cfg.inject_into, self.system_prompt,
                 self.templates.solve)})
@@ -311,12 +322,14 @@ class TrainingFreeGRPO(Algorithm):
                 if not 0 < mean < 1:
                     continue
                 ex = batch.examples[i * g]
-                kept.append(Group(
-                    question=prompts.question_text(ex.get(_QUESTION, ex["prompt"])),
-                    answer=str(ex.get("answer", "")),
-                    completions=list(batch.completions[i * g:(i + 1) * g]),
-                    rewards=[float(r) for r in row],
-                ))
+                question = prompts.question_text(ex.get(_QUESTION, ex["prompt"]))
+                completions = list(batch.completions[i * g:(i + 1) * g])
+                if getattr(batch, "episodes", None) is not None:  # multi-turn episodes
+                    records = batch.episodes[i * g:(i + 1) * g]
+                    question = prompts.episode_task(records[0].messages) or question
+                    completions = [prompts.transcript(r.messages) for r in records]
+                kept.append(Group(question=question, answer=str(ex.get("answer", "")),
+                                  completions=completions, rewards=[float(r) for r in row]))
         return kept, total
 
 

@@ -174,7 +174,7 @@ def inject(prompt: Any, shown: dict[str, Experience], into: str,
     library leaves the prompt exactly as it was."""
     if not shown:
         return prompt
-    block = template.format(experiences=library_block(shown))
+    block = library_text(shown, template)
     messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
                 else [dict(m) for m in prompt])
     if into == "user":
@@ -188,6 +188,29 @@ def inject(prompt: Any, shown: dict[str, Experience], into: str,
         head = f"{system_prompt}\n\n{block}" if system_prompt else block
         messages.insert(0, {"role": "system", "content": head})
     return messages
+
+
+def library_text(shown: dict[str, Experience], template: str = SOLVE) -> str:
+    """The library as the solve template shows it ("" for an empty one): what an
+    episode's system turn gets (``env=...``)."""
+    return template.format(experiences=library_block(shown)) if shown else ""
+
+
+def episode_task(messages: list[dict[str, Any]]) -> str | None:
+    """An episode's task as the model saw it: its first user turn (None: no user turn)."""
+    return next((str(m.get("content", "")) for m in messages if m.get("role") == "user"), None)
+
+
+ROLE_NAMES = {"assistant": "Agent", "tool": "Tool result", "user": "Environment"}
+
+
+def transcript(messages: list[dict[str, Any]]) -> str:
+    """A multi-turn episode after its first user turn, as the reflection prompts show a
+    trajectory: each model turn as written (tool calls included), each tool result and
+    environment reply, in order."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), -1)
+    return "\n\n".join(f"[{ROLE_NAMES.get(m.get('role'), m.get('role'))}] {m.get('content', '')}"
+                       for m in messages[first + 1:])
 
 
 def question_text(prompt: Any) -> str:

@@ -275,3 +275,56 @@ def test_a_bad_option_is_refused(tmp_path, cl_overrides, with_digit_reward):
     with pytest.raises(GymError, match="algorithm.inject_into='nowhere'"):
         run_mod.run_job(compose([*cl_overrides, "experience_store=json",
                                  "algorithm.inject_into=nowhere"]), run_dir=tmp_path / "x")
+
+
+def test_episodes_are_the_trajectories_the_library_learns_from(
+        tmp_path, cl_overrides, with_digit_reward, monkeypatch):
+    """algorithm=cl_grpo with env=calculator (docs/agents.md): the rollouts are multi-turn
+    episodes, the lesson LLM summarises each episode's transcript (the task as the model
+    saw it, then every turn), and the next step's episodes carry the library in their
+    system turn."""
+    from gym_core.env import episode as episode_mod
+    from gym_core.env.builtin import Calculator
+
+    monkeypatch.setenv("GYM_TEST_KEY", "sk-secret")
+    # a reward that spreads over a random model's episodes (its final answer's length)
+    monkeypatch.setattr(Calculator, "score", lambda self, action: float(len(action.content) % 2))
+    systems = []
+    original = episode_mod.Episode.start
+
+    def start(self):
+        out = original(self)
+        first = self.record.messages[:1]
+        systems.append(first[0]["content"] if first and first[0]["role"] == "system" else "")
+        return out
+
+    monkeypatch.setattr(episode_mod.Episode, "start", start)
+    load = run_mod.load_policy
+
+    def eos_biased(*args, **kwargs):  # turns that end within a few tokens
+        import torch
+
+        p = load(*args, **kwargs)
+        hf = p.model.get_base_model()
+        head = torch.nn.Linear(hf.lm_head.in_features, hf.lm_head.out_features, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(hf.lm_head.weight)
+            head.bias.zero_()
+            head.bias[p.tokenizer.eos_token_id] = 2.5
+        hf.lm_head = head
+        return p
+
+    monkeypatch.setattr(run_mod, "load_policy", eos_biased)
+    with FakeChatServer(teacher) as server:
+        summary = run_mod.run_job(compose([
+            *cl_overrides, *openai_overrides(server.base_url), "experience_store=json",
+            "env=calculator", "env.max_tokens=24", "trainer.max_steps=2"]),
+            run_dir=tmp_path / "run")
+    assert summary["algorithm_stats"]["library_size"] >= 1
+    asked = [r["messages"][-1]["content"] for r in server.requests]
+    summaries = [t for t in asked if "<trajectory>" in t]
+    assert summaries and all("[Agent]" in t for t in summaries)  # transcripts, turn by turn
+    assert all("[G0]" not in t.split("<trajectory>")[0] for t in summaries)  # the task only
+    # step 1's episodes had no library; step 2's system turns show it
+    assert any("[G0]. When an answer is a number" in s for s in systems)
+    assert not any("[G0]" in s for s in systems[:8])
