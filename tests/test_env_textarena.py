@@ -68,3 +68,20 @@ def test_textarena_episode_with_the_tiny_model():
     check_episodes(out)
 
 
+
+
+def test_a_training_step_on_env_textarena(tiny_overrides, tmp_path):
+    """The plugin's options compose (env=textarena, data=textarena) and a GRPO step runs."""
+    import json
+
+    from gym_core.api import compose
+    from gym_core.train.job import run_job
+
+    cfg = compose([*tiny_overrides, "env=textarena", "data=textarena", "algorithm=grpo",
+                   "algorithm.num_generations=2", "trainer.max_steps=1", "env.max_turns=2",
+                   "env.max_tokens=400", "trainer.eval_size=2"])
+    assert cfg.env.game == "GuessTheNumber-v0"
+    run_job(cfg, run_dir=tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rows if "loss" in r)
+    assert step["env/turns"] >= 1 and step["env/errors"] == 0
