@@ -103,3 +103,39 @@ def test_tool_choice(client):
     with pytest.raises(openai.BadRequestError, match="stream"):
         client.chat.completions.create(model="tiny", messages=QUESTION, tools=TOOLS,
                                        stream=True)
+
+
+def test_a_served_model_calls_a_tool_end_to_end(client):
+    """The agent loop with the official client: a named tool_choice makes the tiny model
+    call ``add`` (its arguments decoded to the tool's parameter schema), the client runs
+    the tool and sends the result back, and the model answers after it."""
+    from gym_core.model.policy import tiny_tokenizer
+
+    # the client's schema bounds the integers (a random model never ends a free one)
+    bounded = json.loads(json.dumps(TOOLS))
+    for prop in bounded[0]["function"]["parameters"]["properties"].values():
+        prop.update(minimum=0, maximum=99)
+    r = client.chat.completions.create(
+        model="tiny", messages=QUESTION, tools=bounded, temperature=0, max_tokens=48,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "add"
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+    result = add(**args)  # the client executes the tool
+    followup = [*QUESTION,
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": str(result)}]
+    r2 = client.chat.completions.create(model="tiny", messages=followup, tools=TOOLS,
+                                        tool_choice="none", temperature=0, max_tokens=4)
+    assert r2.choices[0].finish_reason in ("stop", "length")
+    # the tool's result reached the model: the prompt is the trace rendered as training
+    # renders it (tool_choice="none": no tool schemas in it)
+    tok = tiny_tokenizer()
+    trace = [*QUESTION, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": args}}]},
+        {"role": "tool", "content": str(result)}]
+    want = render(tok, trace, None, add_generation_prompt=True)
+    assert r2.usage.prompt_tokens == len(tok(want, add_special_tokens=False).input_ids)

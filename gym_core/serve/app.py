@@ -127,6 +127,21 @@ class ChatBody(_Sampling):
     tool_choice: str | dict | None = None
 
 
+def _arguments_grammar(body) -> str:
+    """The grammar of the arguments of the function ``tool_choice`` names: its
+    ``parameters`` JSON schema (any object when it has none)."""
+    from gym_core.base.errors import GymError
+    from gym_core.sampling import structured
+
+    name = (body.tool_choice.get("function") or {}).get("name")
+    fn = next((t.get("function") or {}) for t in body.tools or []
+              if (t.get("function") or {}).get("name") == name)
+    try:
+        return structured.grammar(fn.get("parameters") or structured.ANY_OBJECT)
+    except GymError as exc:
+        raise APIError(400, f"the parameters of tool {name!r}: {exc}", param="tools") from None
+
+
 def _response_grammar(fmt: ResponseFormat | None) -> str | None:
     """The grammar of ``response_format`` (None: free text); a schema that cannot be
     compiled is a 400 naming it."""
@@ -264,9 +279,14 @@ def create_app(server: Server) -> FastAPI:
 
             ids, forced = await run_in_threadpool(tokenize_tools)
             max_tokens = body.max_completion_tokens or body.max_tokens
+            grammar, close = _response_grammar(body.response_format), ""
+            if grammar is None and isinstance(body.tool_choice, dict):
+                # a named function: its arguments decoded to its parameters' JSON schema,
+                # and the server closes the call (constrained decoding, as response_format)
+                grammar, close = _arguments_grammar(body), "}\n</tool_call>"
             return await _complete(server, request, body, variant, [ids], max_tokens,
-                                   chat=True, grammar=_response_grammar(body.response_format),
-                                   tools=(bool(body.tools), forced))
+                                   chat=True, grammar=grammar,
+                                   tools=(bool(body.tools), forced, close))
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str)
                      else "".join(p.text for p in m.content or [])} for m in body.messages]
@@ -431,7 +451,7 @@ def _check(server: Server, body: _Sampling, prompts: list[list[int]], max_tokens
 
 async def _complete(server: Server, http: Request, body: _Sampling, variant, prompts,
                     max_tokens, *, chat: bool, grammar: str | None = None,
-                    tools: tuple[bool, str] | None = None):
+                    tools: tuple[bool, str, str] | None = None):
     params = _check(server, body, prompts, max_tokens)
     for prm in params:
         prm.grammar = grammar
@@ -495,7 +515,10 @@ async def _complete(server: Server, http: Request, body: _Sampling, variant, pro
         if chat and tools is not None:  # tool calls parsed out (gym_core/serve/tools.py)
             from gym_core.serve.tools import tool_message
 
-            message, fin = tool_message(tools[1] + text, fin, tools[0])
+            # the forced start of a call, the reply, and the close a named call gets
+            # (only once its arguments are complete: a reply cut by max_tokens stays text)
+            close = tools[2] if fin == "stop" else ""
+            message, fin = tool_message(tools[1] + text + close, fin, tools[0])
             choices.append({"index": i, "message": message, "finish_reason": fin,
                             "logprobs": None})
         elif chat:
