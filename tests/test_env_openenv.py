@@ -1,8 +1,9 @@
 """OpenEnv environments as gym environments (``env=openenv``, docs/agents.md
 "Third-party environments"): an echo environment written against openenv-core's
 ``Environment`` / ``Action`` / ``Observation``, played in-process, through the
-environment contract suite and one episode of the tiny model. Needs openenv-core
-(``pip install --no-deps openenv-core && pip install fastmcp``)."""
+environment contract suite and one episode of the tiny model, both in-process and served
+by OpenEnv's own FastAPI server on 127.0.0.1 (one WebSocket session per episode). Needs
+openenv-core (``pip install --no-deps openenv-core && pip install fastmcp``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class EchoEnvironment(OpenEnvEnvironment[EchoAction, EchoObservation, State]):
     """OpenEnv's echo environment (envs/echo_env in the OpenEnv repository) as its
     authors write it: the message back, reward 0.1 per character; the episode ends
     when the message says "bye"."""
+
+    SUPPORTS_CONCURRENT_SESSIONS = True  # each session its own instance (served below)
 
     def __init__(self):
         super().__init__()
@@ -87,6 +90,10 @@ def test_openenv_action_observation_and_reward():
         OpenEnv(openenv_cfg(environment="nope:Env"))
     with pytest.raises(GymError, match="action_field='text' is not a field of EchoAction"):
         OpenEnv(openenv_cfg(action_field="text"))
+    with pytest.raises(GymError, match="needs one of env.environment"):
+        OpenEnv(openenv_cfg(base_url="http://127.0.0.1:1"))
+    with pytest.raises(GymError, match="set env.action_field"):
+        OpenEnv(openenv_cfg(environment=None, base_url="http://127.0.0.1:1"))
 
 
 def test_openenv_episode_with_the_tiny_model():
@@ -97,3 +104,71 @@ def test_openenv_episode_with_the_tiny_model():
     check_episodes(out)
     for rec in out.records:
         assert len(rec.rewards) == rec.turns  # a reward per turn: 0.1 per character echoed
+
+
+# ------------------------------------------------------- the same environment, served
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    """OpenEnv's own server (create_fastapi_app, no web UI) for EchoEnvironment on
+    127.0.0.1, in a thread of this process."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from openenv.core.env_server.http_server import create_fastapi_app
+
+    app = create_fastapi_app(EchoEnvironment, EchoAction, EchoObservation, max_concurrent_envs=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def served_cfg(url, **kw):
+    return openenv_cfg(environment=None, base_url=url, action_field="message", **kw)
+
+
+class TestServedOpenEnvContract(EnvironmentContract):
+    @pytest.fixture
+    def env_factory(self, echo_server):
+        from gym_openenv.env import OpenEnv
+
+        cfg = served_cfg(echo_server, max_turns=3)
+        return lambda: OpenEnv(cfg)
+
+    @pytest.fixture
+    def rows(self):
+        return [{"prompt": "Say something.", "seed": 1}]
+
+
+def test_a_served_openenv_plays_like_the_in_process_one(echo_server):
+    from gym_openenv.env import OpenEnv
+
+    env = OpenEnv(served_cfg(echo_server))
+    obs = env.reset({"prompt": "Say something."})
+    assert obs.messages[0]["content"] == "Say something.\n\nEcho environment ready!"
+    assert env.step(Action("hello", [], [], None)) == ("hello", pytest.approx(0.5), False, {})
+    assert env.step(Action("bye", [], [], None)) == (None, pytest.approx(0.3), True, {})
+    env.close()
+
+
+def test_served_openenv_episodes_with_the_tiny_model(echo_server):
+    from gym_openenv.env import OpenEnv
+
+    out = tiny_episodes(OpenEnv, served_cfg(echo_server, max_turns=3, max_tokens=96),
+                        [{"prompt": "Say something."}])
+    check_episodes(out)
+    for rec in out.records:
+        assert len(rec.rewards) == rec.turns

@@ -1,10 +1,17 @@
-"""The OpenEnv adapter (``env=openenv``): an ``openenv.core.env_server.interfaces.Environment``
-in-process, one instance per episode::
+"""The OpenEnv adapter (``env=openenv``): an OpenEnv environment, one per episode, either
+an ``openenv.core.env_server.interfaces.Environment`` in-process::
 
     env = EnvironmentClass()
     obs = env.reset(seed=row.get("seed"))      # an openenv Observation (pydantic)
     obs = env.step(ActionClass(**{field: turn_text}))
     obs.reward, obs.done                       # the turn's reward, the episode's end
+
+or a running server through OpenEnv's own client (``GenericEnvClient``: plain dicts over
+its WebSocket protocol)::
+
+    client = GenericEnvClient(base_url=url).sync()
+    result = client.reset(seed=...)            # StepResult(observation, reward, done)
+    result = client.step({field: turn_text})
 """
 
 from __future__ import annotations
@@ -40,11 +47,11 @@ def _action_class(env_cls):
     return None
 
 
-def _text_field(action_cls, name: str | None, key: str) -> str:
+def _text_field(action_cls, name: str | None) -> str:
     fields = action_cls.model_fields
     if name is not None:
         if name not in fields:
-            raise GymError(f"{key}.action_field={name!r} is not a field of "
+            raise GymError(f"env.action_field={name!r} is not a field of "
                            f"{action_cls.__name__} (fields: {sorted(fields)})")
         return name
     text = [n for n, f in fields.items() if f.annotation is str and f.is_required()]
@@ -54,9 +61,10 @@ def _text_field(action_cls, name: str | None, key: str) -> str:
     return text[0]
 
 
-def observation_text(obs) -> str:
-    """An openenv Observation's own fields as text: the only one as it is, several as JSON."""
-    data = obs.model_dump(exclude=set(RESERVED))
+def observation_text(data: dict[str, Any]) -> str:
+    """An observation's own fields (done / reward / metadata left out) as text: the only
+    one as it is, several as JSON."""
+    data = {k: v for k, v in data.items() if k not in RESERVED}
     if len(data) == 1:
         value = next(iter(data.values()))
         return value if isinstance(value, str) else json.dumps(value, default=str)
@@ -64,10 +72,22 @@ def observation_text(obs) -> str:
 
 
 class OpenEnv(Environment):
-    """An OpenEnv environment (``env.environment``) played in-process."""
+    """An OpenEnv environment (``env.environment`` in-process, or ``env.base_url``)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.env = self.client = None
+        if (cfg.environment is None) == (cfg.base_url is None):
+            raise GymError("env=openenv needs one of env.environment=package.module:Class (an "
+                           "OpenEnv Environment run in-process) or env.base_url=http://host:port "
+                           "(a running OpenEnv server)")
+        if cfg.base_url is not None:
+            if cfg.action_field is None:
+                raise GymError(f"env.base_url={cfg.base_url}: set env.action_field to the "
+                               "action field the model's turn fills (the server's /schema "
+                               "lists them)")
+            self.field = cfg.action_field
+            return
         from openenv.core.env_server.interfaces import Environment as OpenEnvEnvironment
 
         self.env_cls = _load(cfg.environment, "env.environment")
@@ -79,37 +99,52 @@ class OpenEnv(Environment):
         if self.action_cls is None:
             raise GymError(f"env.environment={cfg.environment!r} does not name its Action "
                            "type (Environment[MyAction, ...]); set env.action")
-        self.field = _text_field(self.action_cls, cfg.action_field, "env")
-        self.env = None
-
-    def reset(self, row: dict[str, Any]) -> Observation:
-        self.check_row(row)
-        self.row = row
-        self.env = self.env_cls()
-        obs = self.env.reset(seed=row.get("seed"))
-        text = "\n\n".join(t for t in (row.get("prompt"), observation_text(obs)) if t)
-        return Observation([{"role": "user", "content": text}])
+        self.field = _text_field(self.action_cls, cfg.action_field)
 
     def check_row(self, row):
         if not isinstance(row.get("prompt"), str):
             raise GymError(f"env={self.cfg.name} needs data rows with a 'prompt' (and "
                            f"optionally an integer 'seed'); this row has {sorted(row)}")
 
-    def step(self, action: Action):
-        from pydantic import ValidationError
+    def reset(self, row: dict[str, Any]) -> Observation:
+        self.check_row(row)
+        self.row = row
+        kwargs = {} if row.get("seed") is None else {"seed": row["seed"]}
+        if self.cfg.base_url is not None:
+            from openenv.core.generic_client import GenericEnvClient
 
-        try:
-            act = self.action_cls(**{self.field: action.content})
-        except ValidationError as e:  # the environment's own check of the action
-            return f"error: {str(e).splitlines()[0]}", 0.0, False, {"invalid": 1}
-        obs = self.env.step(act)
-        reward = 0.0 if obs.reward is None else float(obs.reward)
-        if obs.done:
+            self.client = GenericEnvClient(
+                base_url=self.cfg.base_url, connect_timeout_s=float(self.cfg.connect_timeout),
+                message_timeout_s=float(self.cfg.max_seconds)).sync()
+            self.client.connect()
+            data = self.client.reset(**kwargs).observation
+        else:
+            self.env = self.env_cls()
+            data = self.env.reset(**kwargs).model_dump()
+        text = "\n\n".join(t for t in (row["prompt"], observation_text(data)) if t)
+        return Observation([{"role": "user", "content": text}])
+
+    def step(self, action: Action):
+        if self.client is not None:
+            result = self.client.step({self.field: action.content})
+            data, reward, done = result.observation, result.reward, result.done
+        else:
+            from pydantic import ValidationError
+
+            try:
+                act = self.action_cls(**{self.field: action.content})
+            except ValidationError as e:  # the environment's own check of the action
+                return f"error: {str(e).splitlines()[0]}", 0.0, False, {"invalid": 1}
+            obs = self.env.step(act)
+            data, reward, done = obs.model_dump(), obs.reward, obs.done
+        reward = 0.0 if reward is None else float(reward)
+        if done:
             return None, reward, True, {}
-        return observation_text(obs), reward, False, {}
+        return observation_text(data), reward, False, {}
 
     def close(self) -> None:
-        close = getattr(self.env, "close", None)
-        if close is not None:
-            close()
-        self.env = None
+        if self.client is not None:
+            self.client.close()
+        elif self.env is not None:
+            self.env.close()
+        self.env = self.client = None
