@@ -57,7 +57,9 @@ def test_textarena_plays_guess_the_number_to_its_reward():
         low, high = (guess + 1, high) if "higher" in text else (low, guess - 1)
     assert done and reward == 1.0
     with pytest.raises(GymError, match="env.game='Nope-v0'"):
-        TextArena(textarena_cfg(game="Nope-v0")).reset({"prompt": "x", "seed": 1})
+        TextArena(textarena_cfg(game="Nope-v0")).check_row({"prompt": "x", "seed": 1})
+    with pytest.raises(GymError, match="only single-player TextArena games"):
+        TextArena(textarena_cfg(game="TicTacToe-v0")).check_row({"prompt": "x", "seed": 1})
 
 
 def test_textarena_episode_with_the_tiny_model():

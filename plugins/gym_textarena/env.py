@@ -45,9 +45,22 @@ class TextArena(Environment):
         self._random: Any = None
 
     def check_row(self, row):
+        """The row's seed, and a game that starts with one player (the first training
+        row is checked before any sampling: a multi-player game stops the run there)."""
         if not isinstance(row.get("seed"), int):
             raise GymError(f"env={self.cfg.name} needs rows with an integer 'seed' "
                            f"(data=textarena); this row has {sorted(row)}")
+        if self.game is None:
+            try:
+                self.reset(row)
+            except GymError:
+                raise
+            except Exception as e:
+                raise GymError(f"env.game={self.cfg.game!r} does not start with one player "
+                               f"({type(e).__name__}: {str(e)[:120]}); only single-player "
+                               "TextArena games are adapted") from e
+            finally:
+                self.close()
 
     def _call(self, fn, *args, **kwargs):
         """``fn`` with the game's own random state in place of the caller's."""
@@ -63,7 +76,8 @@ class TextArena(Environment):
     def reset(self, row: dict[str, Any]) -> Observation:
         import textarena as ta
 
-        self.check_row(row)
+        if not isinstance(row.get("seed"), int):
+            self.check_row(row)
         self.row, self._random = row, None
         try:
             game = self._call(ta.make, self.cfg.game)
