@@ -139,3 +139,23 @@ def test_a_served_model_calls_a_tool_end_to_end(client):
         {"role": "tool", "content": str(result)}]
     want = render(tok, trace, None, add_generation_prompt=True)
     assert r2.usage.prompt_tokens == len(tok(want, add_special_tokens=False).input_ids)
+
+
+def test_tool_choice_required_makes_a_call_of_one_of_the_tools(client):
+    """tool_choice="required": the reply is a call of one of the tools, its name and
+    arguments decoded to their schemas."""
+    tools = json.loads(json.dumps(TOOLS))  # short schemas: the tiny model's context is 1024
+    tools[0]["function"].pop("description")
+    for prop in tools[0]["function"]["parameters"]["properties"].values():
+        prop.pop("description")
+        prop.update(minimum=0, maximum=99)
+    mul = json.loads(json.dumps(tools[0]))
+    mul["function"]["name"] = "mul"
+    r = client.chat.completions.create(model="tiny", messages=QUESTION, tools=[*tools, mul],
+                                       tool_choice="required", temperature=0, max_tokens=64)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name in ("add", "mul")
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"a", "b"} and all(0 <= v <= 99 for v in args.values())

@@ -127,19 +127,31 @@ class ChatBody(_Sampling):
     tool_choice: str | dict | None = None
 
 
-def _arguments_grammar(body) -> str:
-    """The grammar of the arguments of the function ``tool_choice`` names: its
-    ``parameters`` JSON schema (any object when it has none)."""
+def _call_grammar(body) -> tuple[str, str]:
+    """(the grammar, the text that closes the call) of a forced tool call: a named
+    function's arguments follow its ``parameters`` JSON schema; ``required`` makes the
+    whole call one of the tools' ``{"name": ..., "arguments": ...}`` objects."""
     from gym_core.base.errors import GymError
     from gym_core.sampling import structured
 
-    name = (body.tool_choice.get("function") or {}).get("name")
-    fn = next((t.get("function") or {}) for t in body.tools or []
-              if (t.get("function") or {}).get("name") == name)
+    fns = [t.get("function") or {} for t in body.tools or []]
+    if isinstance(body.tool_choice, dict):
+        name = (body.tool_choice.get("function") or {}).get("name")
+        schema = next(f for f in fns if f.get("name") == name).get("parameters") \
+            or structured.ANY_OBJECT
+        close = "}\n</tool_call>"
+    else:
+        schema = {"anyOf": [
+            {"type": "object", "properties": {
+                "name": {"const": f.get("name")},
+                "arguments": f.get("parameters") or structured.ANY_OBJECT},
+             "required": ["name", "arguments"], "additionalProperties": False}
+            for f in fns]}
+        close = "\n</tool_call>"
     try:
-        return structured.grammar(fn.get("parameters") or structured.ANY_OBJECT)
+        return structured.grammar(schema), close
     except GymError as exc:
-        raise APIError(400, f"the parameters of tool {name!r}: {exc}", param="tools") from None
+        raise APIError(400, f"the tools' parameters: {exc}", param="tools") from None
 
 
 def _response_grammar(fmt: ResponseFormat | None) -> str | None:
@@ -280,10 +292,11 @@ def create_app(server: Server) -> FastAPI:
             ids, forced = await run_in_threadpool(tokenize_tools)
             max_tokens = body.max_completion_tokens or body.max_tokens
             grammar, close = _response_grammar(body.response_format), ""
-            if grammar is None and isinstance(body.tool_choice, dict):
-                # a named function: its arguments decoded to its parameters' JSON schema,
-                # and the server closes the call (constrained decoding, as response_format)
-                grammar, close = _arguments_grammar(body), "}\n</tool_call>"
+            if grammar is None and (isinstance(body.tool_choice, dict)
+                                    or body.tool_choice == "required"):
+                # the call decoded to the tools' JSON schemas (constrained decoding, as
+                # response_format) and closed by the server
+                grammar, close = _call_grammar(body)
             return await _complete(server, request, body, variant, [ids], max_tokens,
                                    chat=True, grammar=grammar,
                                    tools=(bool(body.tools), forced, close))
