@@ -16,6 +16,8 @@ API; ``llm=policy``: the policy's own endpoint). Replies that do not parse are s
 counted; they never reach the library. With ``policy=api`` the rollouts and the held-out
 answers come from an OpenAI-compatible endpoint (:mod:`gym_cl_grpo.policy`); every API
 call is charged to the run's usage record and budget (:mod:`gym_cl_grpo.budget`).
+With ``env=...`` the rollouts are multi-turn episodes (docs/agents.md): the library goes
+in each episode's system turn and the summaries read each episode's transcript.
 Main branch reconciles the batch with one more LLM call; here the reconciliation rules
 it asks for are applied exactly, in :func:`gym_cl_grpo.experience.apply_operations`.
 """
