@@ -172,3 +172,95 @@ def test_served_openenv_episodes_with_the_tiny_model(echo_server):
     check_episodes(out)
     for rec in out.records:
         assert len(rec.rewards) == rec.turns
+
+
+# ------------------------------------------------ an MCP environment: tools to call
+
+from fastmcp import FastMCP  # noqa: E402  (openenv-core's own dependency)
+from openenv.core.env_server.mcp_environment import MCPEnvironment  # noqa: E402
+
+
+class CalculatorMCP(MCPEnvironment):
+    """An OpenEnv tool environment as its authors write one: a FastMCP server with an
+    ``add`` tool; each call is rewarded 0.25, and adding up to 42 ends the episode with
+    reward 1."""
+
+    def __init__(self):
+        mcp = FastMCP("calculator")
+
+        @mcp.tool()
+        def add(a: int, b: int) -> int:
+            """Add two integers."""
+            return a + b
+
+        super().__init__(mcp)
+        self._state = State(episode_id="0", step_count=0)
+
+    def reset(self, seed=None, episode_id=None, **kwargs):
+        return OpenEnvObservation(done=False, reward=0.0)
+
+    def step(self, action, timeout_s=None, **kwargs):
+        obs = super().step(action, timeout_s=timeout_s, **kwargs)
+        if getattr(obs, "tool_name", None) == "add" and obs.error is None:
+            done = obs.result.data == 42
+            obs = obs.model_copy(update={"reward": 1.0 if done else 0.25, "done": done})
+        return obs
+
+    def _step_impl(self, action, timeout_s=None, **kwargs):
+        return OpenEnvObservation(done=True, reward=0.0)
+
+    @property
+    def state(self):
+        return self._state
+
+
+def mcp_cfg(**kw):
+    return openenv_cfg(environment="tests.test_env_openenv:CalculatorMCP", **kw)
+
+
+class TestMCPOpenEnvContract(EnvironmentContract):
+    @pytest.fixture
+    def env_factory(self):
+        from gym_openenv.env import OpenEnv
+
+        cfg = mcp_cfg(max_turns=3)
+        return lambda: OpenEnv(cfg)
+
+    @pytest.fixture
+    def rows(self):
+        return [{"prompt": "Make 42 with the add tool."}]
+
+
+def test_mcp_tools_are_offered_called_and_rewarded():
+    import json
+
+    from gym_core.api import parse_tool_calls, tool_schema
+    from gym_openenv.env import OpenEnv
+
+    env = OpenEnv(mcp_cfg())
+    obs = env.reset({"prompt": "Make 42 with the add tool."})
+    assert obs.messages == [{"role": "user", "content": "Make 42 with the add tool."}]
+    (add,) = obs.tools
+    schema = tool_schema(add)["function"]
+    assert schema["name"] == "add" and schema["parameters"]["required"] == ["a", "b"]
+
+    def turn(args):
+        text = "<tool_call>\n" + json.dumps({"name": "add", "arguments": args}) + "\n</tool_call>"
+        calls, error = parse_tool_calls(text)
+        return env.step(Action(text, [], calls, error))
+
+    assert turn({"a": 2, "b": 3}) == ("5", 0.25, False, {"tool_calls": 1, "tool_errors": 0})
+    out, reward, done, _ = turn({"a": 2})  # the schema's check, before the server is asked
+    assert out.startswith("error: tool 'add' takes arguments") and reward == 0 and not done
+    assert turn({"a": 40, "b": 2})[1:3] == (1.0, True)
+    env.reset({"prompt": "x"})
+    assert env.step(Action("no call", [], [], None)) == (None, 0.0, True, {})
+    env.close()
+
+
+def test_mcp_episode_with_the_tiny_model():
+    from gym_openenv.env import OpenEnv
+
+    out = tiny_episodes(OpenEnv, mcp_cfg(max_turns=3, max_tokens=400),
+                        [{"prompt": "Make 42 with the add tool."}])
+    check_episodes(out)

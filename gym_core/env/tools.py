@@ -31,9 +31,14 @@ TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 def tool_schema(fn: Callable) -> dict:
     """The JSON schema of ``fn`` ({"type": "function", "function": {...}}) from its
     signature and docstring; a :class:`GymError` naming the tool when they do not give
-    one (a missing type hint or argument description)."""
+    one (a missing type hint or argument description). A callable whose schema comes
+    from elsewhere (an MCP server's tool, wrapped by an adapter) carries it as
+    ``fn.__tool_schema__``, which is returned as it is."""
     from transformers.utils import get_json_schema
 
+    given = getattr(fn, "__tool_schema__", None)
+    if given is not None:
+        return given
     try:
         return get_json_schema(fn)
     except Exception as exc:  # TypeHintParsingException, DocstringParsingException
