@@ -64,6 +64,7 @@ def rloo_sequence_loss(logp, old_logp, advantages, mask, eps_low, eps_high, turn
     A_i + (G_k - G_0)); the sequence's loss is the sum over its turns. With one turn this
     is the sequence loss above; on-policy (rho = 1) its gradient is REINFORCE with each
     turn's return, sum_k A_k grad log pi(turn k)."""
+    mask = mask.to(logp.dtype)
     if turn_index is None:
         turns = mask.unsqueeze(-1)  # [N, C, 1]: the whole completion is one unit
         adv = advantages.reshape(len(mask), -1)[:, :1]
