@@ -358,8 +358,8 @@ class TrainerConfig:
     lr_scheduler: str = one_of(Schedule, "constant")  # after warmup
     max_grad_norm: float = bounded(1.0, gt=0)
     seed: int = bounded(0, ge=0)
-    # checkpoint every N steps (and always at the end); 0: at the end only
-    save_every: int = bounded(10, ge=0, hint="0: at the end only")
+    # checkpoint every N steps (and always at the end); null: at the end only
+    save_every: int | None = bounded(10, ge=1, hint="null: only at the end")
     keep_last: int = bounded(2, ge=1)  # checkpoints kept
     # held-out examples evaluated; None: the whole split
     eval_size: int | None = bounded(None, ge=1, hint="null: the whole split")

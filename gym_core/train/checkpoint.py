@@ -159,9 +159,12 @@ def verify(path: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
-                    heads: torch.nn.Module | None = None) -> dict[str, Any]:
+                    heads: torch.nn.Module | None = None, *,
+                    setup_checked: bool = False) -> dict[str, Any]:
     """Restore weights (the model's and the heads'), optimizer, scheduler and RNG; returns
-    the saved extras."""
+    the saved extras. ``setup_checked``: the run's model and adapter settings were already
+    found equal to the ones its checkpoints were written with (run.json), so names that do
+    not match can only be a damaged or edited file."""
     verify(path)
     try:
         weights = load_file(str(path / WEIGHTS))
@@ -176,10 +179,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
     if set(weights) != trainable:
         missing = sorted(trainable - set(weights))[:3]
         extra = sorted(set(weights) - trainable)[:3]
+        if setup_checked:
+            raise GymError(
+                f"checkpoint {path} is damaged: its tensor names do not match this run's "
+                f"trainable parameters (missing {missing}, unexpected {extra}) although the "
+                "run's model and model.lora settings are the ones it was written with "
+                "(run.json). Delete that directory to resume from the one before it, or "
+                "start a new run with another run.name.")
         raise GymError(
             f"checkpoint {path} does not match this run's trainable parameters (missing "
-            f"{missing}, unexpected {extra}): was it written with another model or "
-            "model.lora settings? Use a new run.name for a different setup."
+            f"{missing}, unexpected {extra}): it was written with another model or "
+            "model.lora settings, or the file is damaged. Use a new run.name for a "
+            "different setup."
         )
     wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in weights.items()
              if tuple(t.shape) != tuple(params[n].shape)]
