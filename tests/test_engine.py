@@ -64,6 +64,10 @@ def test_the_server_samples_what_the_sampler_samples(llama, temperature):
     engine = Engine(base, tok, max_rows=4)
     try:
         assert isinstance(engine.decoder, fused.FusedDecoder)
+        # the base's q/k/v are views of the engine's stacked matrix: held once
+        q = base.model.layers[0].self_attn.q_proj.weight
+        assert q.untyped_storage().data_ptr() == \
+            engine.decoder.layers[0].qkv.weight.untyped_storage().data_ptr()
         jobs = [(v, chat_ids(tok, p), Params(max_tokens=12, temperature=temperature, seed=7 + i))
                 for i, (v, p) in enumerate([(v, p) for v in (None, variant) for p in PROMPTS])]
         got = served(engine, jobs)
@@ -84,25 +88,30 @@ def test_the_server_samples_what_the_sampler_samples(llama, temperature):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def qwen3():
+def tiny_qwen3(heads: int = 4, kv_heads: int = 2, head_dim: int = 32):
+    """A random Qwen3 whose head size is not hidden_size / heads (Qwen3 sets it apart),
+    tied embeddings, its norms away from 1 so that leaving one out shows."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = tiny_tokenizer()
     tok.padding_side = "left"  # as gym loads tokenizers: completions line up
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=32,  # not hidden_size / heads: Qwen3 sets it apart
-                      max_position_embeddings=256, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.eos_token_id)
+                      num_hidden_layers=2, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     torch.manual_seed(3)
     model = Qwen3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms away from 1, so that leaving one out shows
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight", "layernorm.weight")):
                 p.uniform_(0.5, 1.5)
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return tiny_qwen3()
 
 
 def test_qwen3_decodes_in_the_engine_as_its_own_forward(qwen3):
@@ -143,10 +152,9 @@ def test_qwen3_exports_to_gguf(qwen3, tmp_path):
     path = tmp_path / "qwen3.gguf"
     write_gguf(model, tok, path, "f32", name="tiny-qwen3")
     reader = gguf.GGUFReader(str(path))
-    arch = reader.fields["general.architecture"]
-    assert bytes(arch.parts[arch.data[0]]).decode() == "qwen3"
-    head = reader.fields["qwen3.attention.key_length"]
-    assert int(head.parts[head.data[0]][0]) == 32
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "qwen3"
+    assert field("qwen3.attention.key_length") == 32 and field("qwen3.block_count") == 2
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
     state = model.state_dict()
@@ -158,6 +166,22 @@ def test_qwen3_exports_to_gguf(qwen3, tmp_path):
             got = tensors[f"blk.{i}.{theirs}.weight"].reshape(state[att + ours].shape)
             assert torch.equal(got, state[att + ours]), theirs
     assert len(tensors) == 2 + 2 * 11  # embeddings, final norm; 11 per layer
+
+
+def test_qwen3_gguf_reads_back_with_transformers(tmp_path):
+    """transformers' GGUF loader gives the same logits (its Qwen3 mapping reads no
+    key_length and keeps Qwen3Config's head size, 128, which every Qwen3 has)."""
+    from transformers import AutoModelForCausalLM
+
+    from gym_core.deltas.gguf_file import write_gguf
+
+    model, tok = tiny_qwen3(heads=2, kv_heads=1, head_dim=128)
+    write_gguf(model, tok, tmp_path / "q.gguf", "f32", name="tiny-qwen3")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf",
+                                                dtype=torch.float32).eval()
+    ids = torch.tensor([chat_ids(tok, PROMPTS[2])])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------

@@ -46,11 +46,13 @@ _PRE_CHECK_TEXT = (
     "sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
 # Hashes as llama.cpp's converter lists them, for the byte-level BPE tokenizers found in
-# Llama-architecture models (SmolLM / SmolLM2, Llama 3, GPT-2's).
+# Llama- and Qwen3-architecture models (SmolLM / SmolLM2, Llama 3, GPT-2's, Qwen's).
 _PRE_BY_HASH = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5..2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
 }
 
 

@@ -248,7 +248,10 @@ class _Layer:
     k_norm: torch.Tensor | None = None
 
 
-def _stacked(names: dict, *modules) -> _Linear | None:
+def _stacked(names: dict, *modules, share: bool = False) -> _Linear | None:
+    """The layers stacked (:func:`merged_linear`), with each one's name and columns.
+    ``share``: plain (unadapted) layers then hold views of the stacked matrix, so the
+    weights are in memory once (the server's frozen base)."""
     merged = merged_linear(*modules)
     if merged is None:
         return None
@@ -257,7 +260,14 @@ def _stacked(names: dict, *modules) -> _Linear | None:
         out = (m.get_base_layer() if hasattr(m, "get_base_layer") else m).out_features
         parts.append((names[id(m)], col, col + out))
         col += out
-    return _Linear(*merged, parts)
+    weight, bias = merged
+    if share and len(modules) > 1 and all(type(m) is torch.nn.Linear for m in modules):
+        with torch.no_grad():
+            for m, (_, lo, hi) in zip(modules, parts):
+                m.weight.data = weight[lo:hi]
+                if m.bias is not None:
+                    m.bias.data = bias[lo:hi]
+    return _Linear(weight, bias, parts)
 
 
 def _reason(hf, total_length: int) -> str | None:
@@ -296,14 +306,15 @@ class FusedDecoder:
         self.ops = kernels() if fast else TorchOps
 
     @classmethod
-    def build(cls, model, total_length: int) -> FusedDecoder | None:
+    def build(cls, model, total_length: int, share: bool = False) -> FusedDecoder | None:
         """The decoder of ``model`` (a plain Hugging Face causal LM or a peft model
         around one) with its adapters merged, or None when the model is not one this
         path reproduces (then the caller uses the model's own forward; a warning says
-        so once per reason)."""
+        so once per reason). ``share``: the model's own q/k/v and gate/up weights become
+        views of the stacked matrices (a frozen model served: its weights held once)."""
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         reason = _reason(hf, total_length)
-        decoder = None if reason else cls._of(hf)
+        decoder = None if reason else cls._of(hf, share)
         if reason is None and decoder is None:
             reason = (f"this {hf.config.model_type} model has a layer the engine cannot merge "
                       "(a LoRA variant such as DoRA, a quantized or biased MLP layer)")
@@ -312,7 +323,7 @@ class FusedDecoder:
         return decoder
 
     @classmethod
-    def _of(cls, hf) -> FusedDecoder | None:
+    def _of(cls, hf, share: bool) -> FusedDecoder | None:
         inner = hf.model
         names = {id(m): name for name, m in hf.named_modules()}
         head = _stacked(names, hf.get_output_embeddings())
@@ -324,8 +335,9 @@ class FusedDecoder:
         with torch.no_grad():
             for layer in inner.layers:
                 att, mlp = layer.self_attn, layer.mlp
-                parts = [_stacked(names, att.q_proj, att.k_proj, att.v_proj),
-                         _stacked(names, att.o_proj), _stacked(names, mlp.gate_proj, mlp.up_proj),
+                parts = [_stacked(names, att.q_proj, att.k_proj, att.v_proj, share=share),
+                         _stacked(names, att.o_proj),
+                         _stacked(names, mlp.gate_proj, mlp.up_proj, share=share),
                          _stacked(names, mlp.down_proj)]
                 if any(p is None for p in parts) or parts[2].bias is not None \
                         or parts[3].bias is not None:

@@ -239,8 +239,9 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos = eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # the decode engine's rows, or the model's own forward outside its table
-        self.decoder = FusedDecoder.build(model, self.max_len)
+        # the decode engine's rows (the model's q/k/v and gate/up weights then views of its
+        # stacked matrices: held once), or the model's own forward outside its table
+        self.decoder = FusedDecoder.build(model, self.max_len, share=True)
         if self.decoder is None:
             self.decoder = OwnForward(model)
         else:
