@@ -284,7 +284,7 @@ def _reason(hf, total_length: int) -> str | None:
     window = getattr(config, "sliding_window", None)
     sliding = window is not None and (kind not in ("qwen2", "qwen3") or config.use_sliding_window)
     if sliding and total_length > window:
-        return f"{total_length} positions are more than this {kind} model's sliding window"
+        return f"this {kind} model's sliding window is shorter than the positions asked for"
     return None
 
 
