@@ -130,17 +130,42 @@ def test_qwen3_decodes_in_the_engine_as_its_own_forward(qwen3):
         torch.testing.assert_close(lp_f, lp, rtol=0, atol=1e-4)
 
 
-def test_qwen3_serves_the_samplers_tokens(qwen3):
+def test_qwen3_serves_the_samplers_tokens(qwen3, tmp_path):
+    """Base rows and LoRA rows (their deltas added per original layer of the stacked
+    q/k/v and gate/up) in one batch get the sampler's tokens of the base and of the
+    merged adapter."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from gym_core.config.schema import ALL_LINEAR
+
     model, tok = qwen3
-    engine = Engine(model, tok, max_rows=2)
+    torch.manual_seed(4)
+    adapted = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8,
+                                                              target_modules=ALL_LINEAR))
+    for n, p in adapted.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    adapted.save_pretrained(tmp_path / "lora")
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "lora") \
+        .merge_and_unload().eval()
+    variant = load_variant("q3", tmp_path / "lora", Base.of(model, model_cfg(), "qwen3"),
+                           bootstrap())
+    engine = Engine(copy.deepcopy(model), tok, max_rows=3)
     try:
-        jobs = [(None, chat_ids(tok, p), Params(max_tokens=10, temperature=t, seed=5))
-                for p in PROMPTS for t in (0.0, 0.9)]
+        jobs = [(v, chat_ids(tok, p), Params(max_tokens=10, temperature=t, seed=5))
+                for v in (None, variant) for p in PROMPTS for t in (0.0, 0.9)]
         got = served(engine, jobs)
     finally:
         engine.stop()
-    for (_, ids, params), tokens in zip(jobs, got):
-        assert tokens == sampled(model, tok, ids, 10, params.temperature, params.seed)
+    outputs = set()
+    for (v, ids, params), tokens in zip(jobs, got):
+        want = sampled(merged if v is not None else model, tok, ids, 10, params.temperature,
+                       params.seed)
+        assert tokens == want, (v is not None, params.temperature)
+        outputs.add(tuple(tokens))
+    assert len(outputs) > len(PROMPTS) * 2  # the variant changes what is said
 
 
 def test_qwen3_exports_to_gguf(qwen3, tmp_path):
