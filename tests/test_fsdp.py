@@ -124,6 +124,7 @@ def test_fsdp_checkpoints_resume_as_an_uninterrupted_run(tmp_path, tiny_override
     solo = launch([*[a for a in args if a != "trainer.batch_size=2"], "trainer.batch_size=4",
                    "trainer.max_steps=3", "run.name=solo"], tmp_path, path)
     assert solo.returncode == 0, solo.stderr[-3000:]
+    assert "from step 2" in solo.stdout
     same_trajectory(rows(tmp_path / "runs/whole"), rows(tmp_path / "runs/solo"))
 
 
