@@ -133,3 +133,27 @@ def test_fsdp_in_one_process_trains_unsharded_with_a_note(tmp_path, tiny_overrid
                   "run.name=one"], tmp_path, str(REPO))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "trainer.strategy=fsdp with one process: nothing to shard" in out.stdout
+
+
+def test_a_model_without_decoder_layers_is_refused_in_one_line():
+    import torch
+
+    from gym_core.base.errors import GymError
+    from gym_core.model.policy import LogprobScorer
+    from gym_core.train.fsdp import Sharded
+
+    with pytest.raises(GymError, match=r"^trainer.strategy=fsdp: Linear names no decoder "
+                       r"layers to shard .*use trainer.strategy=ddp$"):
+        Sharded.shard(LogprobScorer(torch.nn.Linear(2, 2)), torch.device("cpu"))
+
+
+def test_the_decoder_layers_are_the_units(tiny_overrides):
+    """The tiny Llama's layers (LoRA-wrapped too) are found as FSDP's units."""
+    from tests.conftest import tiny_lora_policy
+
+    from gym_core.train.fsdp import decoder_layers
+
+    policy = tiny_lora_policy()
+    layers = decoder_layers(policy.model)
+    assert layers and all(type(m).__name__ == "LlamaDecoderLayer" for m in layers)
+    assert len(layers) == policy.model.get_base_model().config.num_hidden_layers
