@@ -149,9 +149,8 @@ def test_a_model_without_decoder_layers_is_refused_in_one_line():
 
 def test_the_decoder_layers_are_the_units(tiny_overrides):
     """The tiny Llama's layers (LoRA-wrapped too) are found as FSDP's units."""
-    from tests.conftest import tiny_lora_policy
-
     from gym_core.train.fsdp import decoder_layers
+    from tests.conftest import tiny_lora_policy
 
     policy = tiny_lora_policy()
     layers = decoder_layers(policy.model)

@@ -141,7 +141,7 @@ class Sharded:
 
         state = get_model_state_dict(self.scorer, options=_options(
             cpu_offload=True, ignore_frozen_params=True))
-        if not torch.distributed.get_rank() == 0:
+        if torch.distributed.get_rank() != 0:
             return None
         trainable = {n for n, p in self.scorer.named_parameters() if p.requires_grad}
         return {self._checkpoint_name(n, heads_prefix): t.detach().contiguous()
@@ -172,7 +172,7 @@ class Sharded:
 
         full = get_optimizer_state_dict(self.scorer, optimizer,
                                         options=_options(cpu_offload=True))
-        if not torch.distributed.get_rank() == 0:
+        if torch.distributed.get_rank() != 0:
             return None
         index = {n: i for i, n in enumerate(self._order(optimizer))}
         return {"state": {index[n]: v for n, v in full["state"].items()},
