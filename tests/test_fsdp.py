@@ -101,6 +101,24 @@ def test_fsdp_online_methods_equal_ddp(tmp_path, digits_plugin_path, tiny_overri
                  1e-5)
 
 
+def test_fsdp_dpo_full_fine_tune_with_its_sharded_reference_equals_ddp(tmp_path,
+                                                                       tiny_overrides):
+    common = [o for o in tiny_overrides if not o.startswith("algorithm.")]
+    args = [*common, "algorithm=dpo", "model.finetune=full", "algorithm.lr=1e-3",
+            "trainer.max_steps=2", "trainer.eval_size=8", "trainer.eval_before=false"]
+    path = str(REPO)
+    ddp = launch([*args, "run.name=ddp"], tmp_path, path, nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fsdp = launch([*args, "trainer.strategy=fsdp", "run.name=fsdp"], tmp_path, path, nproc=2)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    a, b = rows(tmp_path / "runs/ddp"), rows(tmp_path / "runs/fsdp")
+    same_trajectory(a, b)
+    for ra, rb in zip(a, b):
+        assert rb["rewards/margins"] == pytest.approx(ra["rewards/margins"], rel=1e-3,
+                                                      abs=1e-6)
+    assert abs(b[-1]["rewards/margins"]) > 1e-6  # the reference and policy differ by then
+
+
 def test_fsdp_checkpoints_resume_as_an_uninterrupted_run(tmp_path, tiny_overrides):
     """An FSDP run stopped after step 2 and resumed to step 3, under FSDP and (from the
     same checkpoint) in one process with the same global batch, follows the

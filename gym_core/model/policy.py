@@ -264,8 +264,10 @@ class Policy:
                 raise ValueError("detached= and heads= apply to completion batches only")
             args = (batch.input_ids, batch.position_ids, batch.target_mask,
                     batch.shared_prefix)
-            if self.sharded is not None and (self.lora or not reference):
-                with self._sharded_pass(reference):  # FSDP: every pass through the root scorer
+            if self.sharded is not None:  # FSDP: every pass through a root scorer
+                if reference and not self.lora:
+                    return self.sharded.score_reference(*args, fn=sequence_logprobs)
+                with self._sharded_pass(reference):
                     return self.scorer(*args, fn=sequence_logprobs)
             if reference:
                 with torch.no_grad(), self.reference() as ref:
@@ -277,8 +279,10 @@ class Policy:
                 batch.completion_mask, detached)
         if reference and heads:
             raise ValueError("policy.logprobs: the reference policy has no heads")
-        if self.sharded is not None and (self.lora or not reference):
-            with self._sharded_pass(reference):  # FSDP: every pass through the root scorer
+        if self.sharded is not None:  # FSDP: every pass through a root scorer
+            if reference and not self.lora:
+                return self.sharded.score_reference(*args, temperature=self.temperature)
+            with self._sharded_pass(reference):
                 return self.scorer(*args, temperature=self.temperature, heads=heads)
         if reference:
             with torch.no_grad(), self.reference() as ref:
@@ -290,14 +294,11 @@ class Policy:
 
     @contextlib.contextmanager
     def _sharded_pass(self, reference: bool):
-        """A pass of the sharded model: the reference one (no gradients) is the same
-        scorer with the LoRA adapter disabled; a full fine-tune's frozen copy is not
-        sharded and is scored directly (:meth:`logprobs` never gets here for it)."""
+        """A pass of the sharded model; the reference one (LoRA: no gradients) is the
+        same scorer with the adapter disabled."""
         if not reference:
             yield
             return
-        if not self.lora:
-            raise RuntimeError("the full fine-tune's reference is scored unsharded")
         with torch.no_grad(), self.model.disable_adapter():
             yield
 
@@ -378,6 +379,7 @@ class Policy:
         self.scorer = self.sharded.gather()
         self.model = self.scorer.model
         self.sharded = None
+        self._ref_copy = None  # a full fine-tune's sharded reference: training is over
 
     def distribute(self, device: torch.device, strategy: str = "ddp") -> None:
         """``ddp``: wrap the scorer in DDP (gradients all-reduced, averaged, across
@@ -386,7 +388,8 @@ class Policy:
         if strategy == "fsdp":
             from gym_core.train.fsdp import Sharded
 
-            self.sharded = Sharded.shard(self.scorer, device)
+            self.sharded = Sharded.shard(self.scorer, device, reference=None if (
+                self._ref_copy is None) else LogprobScorer(self._ref_copy))
             return
         from torch.nn.parallel import DistributedDataParallel
 

@@ -7,7 +7,8 @@ accelerate wraps them) is one FSDP unit, and the root unit is the policy's
 :meth:`~gym_core.model.policy.Policy.add_head`). Every weight is sharded, a LoRA run's frozen
 base too; each rank keeps 1/world of each weight, its gradient and its AdamW state, and
 gathers one layer at a time for a forward or backward pass. Every pass goes through the
-root scorer (``policy.logprobs``), which is where FSDP gathers the root's weights.
+root scorer (``policy.logprobs``), which is where FSDP gathers the root's weights. A full
+fine-tune's frozen reference copy is sharded the same way, as a root of its own.
 
 Where the full weights are needed (sampling rollouts, evaluation during training, the
 end of training) every rank gathers them together (``get_model_state_dict`` with
@@ -71,8 +72,9 @@ def _options(**kw):
 class Sharded:
     """The sharded scorer and a meta-device copy of it for the full weights."""
 
-    def __init__(self, scorer: torch.nn.Module, skeleton: torch.nn.Module):
-        self.scorer, self.skeleton = scorer, skeleton
+    def __init__(self, scorer: torch.nn.Module, skeleton: torch.nn.Module,
+                 reference: torch.nn.Module | None = None):
+        self.scorer, self.skeleton, self.reference = scorer, skeleton, reference
         # tied weights (embeddings and LM head): [(module, name)] sharing one parameter,
         # tied again after each fill (loading by name gives each its own tensor)
         shared: dict[int, list[tuple[torch.nn.Module, str]]] = {}
@@ -83,8 +85,11 @@ class Sharded:
         self.tied = [places for places in shared.values() if len(places) > 1]
 
     @classmethod
-    def shard(cls, scorer: torch.nn.Module, device: torch.device) -> Sharded:
-        """Shard ``scorer`` (a LogprobScorer: ``.model`` and ``.heads``) in place."""
+    def shard(cls, scorer: torch.nn.Module, device: torch.device,
+              reference: torch.nn.Module | None = None) -> Sharded:
+        """Shard ``scorer`` (a LogprobScorer: ``.model`` and ``.heads``) in place, and
+        ``reference`` (a LogprobScorer of a full fine-tune's frozen reference copy) the
+        same way."""
         from torch.distributed.fsdp import fully_shard
 
         layers = decoder_layers(scorer.model)
@@ -93,15 +98,25 @@ class Sharded:
                 f"trainer.strategy=fsdp: {type(scorer.model).__name__} names no decoder "
                 "layers to shard (no _no_split_modules); use trainer.strategy=ddp")
         skeleton = _meta_copy(scorer)
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(scorer)
+        for module in [scorer] if reference is None else [scorer, reference]:
+            for layer in decoder_layers(module.model):
+                fully_shard(layer)
+            fully_shard(module)
         held = sum(local(p).numel() for p in scorer.parameters())
         total = sum(p.numel() for p in scorer.parameters())
         print(f"gym: trainer.strategy=fsdp: rank {torch.distributed.get_rank()} holds "
               f"{held} of the {total} weights ({len(layers)} decoder layers and the root "
               "sharded)", flush=True)
-        return cls(scorer, skeleton)
+        return cls(scorer, skeleton, reference)
+
+    def score_reference(self, *args, **kw):
+        """Log-probs under the sharded reference copy (no gradients), its root's weights
+        freed again after the pass (no backward pass would free them)."""
+        with torch.no_grad():
+            try:
+                return self.reference(*args, **kw)
+            finally:
+                self.reference.reshard()
 
     # --- full weights -------------------------------------------------------------------
     def _fill(self) -> torch.nn.Module:
