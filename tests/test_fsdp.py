@@ -179,3 +179,16 @@ def test_the_decoder_layers_are_the_units(tiny_overrides):
     layers = decoder_layers(policy.model)
     assert layers and all(type(m).__name__ == "LlamaDecoderLayer" for m in layers)
     assert len(layers) == policy.model.get_base_model().config.num_hidden_layers
+
+
+def test_a_log_prob_pass_outside_the_scorer_is_refused(tmp_path, tiny_overrides):
+    """An algorithm that calls completion_logprobs on the sharded model itself (not
+    through policy.logprobs) sees shards: refused in one line, not a DTensor traceback."""
+    from tests.test_distributed import replica_path
+
+    out = launch([*tiny_overrides, "algorithm=raw_logprobs", "trainer.max_steps=1",
+                  "trainer.eval_before=false", "trainer.strategy=fsdp", "run.name=raw"],
+                 tmp_path, replica_path(tmp_path), nproc=2)
+    assert out.returncode != 0
+    assert ("completion_logprobs was called on the FSDP-sharded model outside the scorer"
+            in out.stderr), out.stderr[-3000:]
