@@ -353,8 +353,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 # that blows them up without a NaN shows here first
                 ratio = weight_norm(params) / max(start_norm, 1e-12)
                 metrics["weight_norm_ratio"] = ratio
-                if not math.isfinite(ratio) and not all(bool(local(p).isfinite().all())
-                                                        for p in params):
+                if not math.isfinite(ratio) and not weights_finite(params, dist):
                     raise GymError(
                         f"at step {step} the trainable weights became infinite or NaN; lower "
                         f"algorithm.lr (now {acfg.lr:g}); "
@@ -430,6 +429,15 @@ def weight_norm(params) -> float:
         return sharded_norm(params)
     with torch.no_grad():
         return float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
+
+
+def weights_finite(params, dist: Dist) -> bool:
+    """Whether every trainable weight is finite; sharded weights (FSDP): on every rank,
+    so that all ranks agree whether to stop."""
+    finite = all(bool(local(p).isfinite().all()) for p in params)
+    if any(is_sharded(p) for p in params):
+        finite = dist.all_reduce_max([0.0 if finite else 1.0])[0] == 0.0
+    return finite
 
 
 def check_replicas(params, dist: Dist, step: int) -> None:
