@@ -37,6 +37,7 @@ ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_trunc
                                  "sequence_mask"]
 Schedule = Literal["constant", "linear", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal["ddp", "fsdp"]
 #: the token-loss normalisers of gym_core.train.losses.aggregate_token_loss (for plugins'
 #: loss_type fields: cheap to import, unlike LOSS_TYPES beside the function)
 TokenLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
@@ -392,6 +393,10 @@ class TrainerConfig:
     # torch: this process (or each process torchrun starts); ray: Ray Train's TorchTrainer
     # runs the same job on ray.num_workers workers (docs/scale.md "Ray")
     backend: str = one_of(("torch", "ray"), "torch")
+    # With several processes (torchrun, trainer.backend=ray): ddp replicates the weights
+    # and all-reduces the gradients; fsdp (PyTorch FSDP2) shards weights, gradients and
+    # optimizer state over the ranks (docs/scale.md "FSDP"). One process: both train unsharded.
+    strategy: str = one_of(Strategy, "ddp")
     # online methods: every step's rollouts (prompts, completions, rewards, the sampler's
     # log-probs, staleness) appended to <run dir>/rollouts/ as Parquet (gym_core/sampling/buffer.py)
     rollout_buffer: bool = True

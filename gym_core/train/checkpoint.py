@@ -96,14 +96,20 @@ def save_checkpoint(
     keep_last: int,
     heads: torch.nn.Module | None = None,
     protect: set[int] | frozenset[int] = frozenset(),
+    gathered: tuple[dict, dict | None] | None = None,
 ) -> Path:
+    """``gathered``: (trainable weights, optimizer state) already gathered from the
+    shards of an FSDP run (:mod:`gym_core.train.fsdp`), written instead of the model's
+    and optimizer's own, in the same layout."""
     final = checkpoints_dir(run_dir) / f"step-{step:06d}"
     # re-saving the same step (the end of a resumed, finished run) replaces it
     with atomic_path(final, folder=True) as tmp:
-        save_file(trainable_state(model, heads), str(tmp / WEIGHTS))
+        weights, optimizer_state = gathered if gathered is not None else (
+            trainable_state(model, heads), optimizer.state_dict() if optimizer else None)
+        save_file(weights, str(tmp / WEIGHTS))
         state = {"rng": rng_state(), **extra}
         if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
+            state["optimizer"] = optimizer_state
             state["scheduler"] = scheduler.state_dict()
         # through a Python file object, so that a full disk surfaces as the OS error
         # (torch's own writer reports only "unexpected pos")
@@ -159,10 +165,12 @@ def verify(path: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
-                    heads: torch.nn.Module | None = None, *,
+                    heads: torch.nn.Module | None = None, sharded=None, *,
                     setup_checked: bool = False) -> dict[str, Any]:
     """Restore weights (the model's and the heads'), optimizer, scheduler and RNG; returns
-    the saved extras. ``setup_checked``: the run's model and adapter settings were already
+    the saved extras. ``sharded``: the FSDP-sharded policy's
+    :class:`gym_core.train.fsdp.Sharded` (every rank reads the full checkpoint and keeps
+    its shards). ``setup_checked``: the run's model and adapter settings were already
     found equal to the ones its checkpoints were written with (run.json), so names that do
     not match can only be a damaged or edited file."""
     verify(path)
@@ -201,11 +209,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
             f"has {list(ours)}{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}: "
             "it was written for a model of another shape; use a new run.name for a "
             "different model")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device))
+    if sharded is not None:
+        sharded.load_trainable(weights, HEADS_PREFIX)
+    else:
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t.to(params[n].device))
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded is not None:
+            sharded.load_optimizer_state(optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}
