@@ -55,7 +55,7 @@ def run_gym_grpo(
         f"algorithm.num_generations={num_generations}",
         f"algorithm.max_completion_length={max_completion_length}",
         f"trainer.max_steps={steps}", f"trainer.batch_size={prompts_per_step}",
-        "trainer.warmup_steps=0", "trainer.save_every=0", f"trainer.seed={seed}",
+        "trainer.warmup_steps=0", "trainer.save_every=null", f"trainer.seed={seed}",
         "trainer.progress=false", "trainer.tensorboard=false",
         *([f"trainer.threads={threads}"] if threads else []), *(overrides or []),
     ])

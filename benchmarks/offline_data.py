@@ -44,7 +44,7 @@ def gym_overrides(algorithm: str, model_dir: str, steps: int) -> list[str]:
         f"data={DATA[algorithm]}",
         f"trainer.max_steps={steps}", f"trainer.batch_size={BATCH[algorithm]}",
         "trainer.grad_accum=1", "trainer.lr_scheduler=constant", "trainer.warmup_steps=0",
-        "trainer.save_every=0", f"trainer.seed={SEED}",
+        "trainer.save_every=null", f"trainer.seed={SEED}",
         "trainer.progress=false", "trainer.tensorboard=false",
     ]
     if algorithm == "sft":

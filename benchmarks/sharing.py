@@ -43,7 +43,7 @@ def settings(name: str, cpus: int) -> tuple[dict, list[str], list[str]]:
 def start_neighbour(env: dict, overrides: list[str], root: Path) -> subprocess.Popen:
     """A small gym run, in training once this returns (its first step is logged)."""
     cmd = [sys.executable, "-m", "gym_core", "trainer.max_steps=100000",
-           "trainer.batch_size=1", "trainer.eval_before=false", "trainer.save_every=0",
+           "trainer.batch_size=1", "trainer.eval_before=false", "trainer.save_every=null",
            "trainer.progress=false", "trainer.tensorboard=false", f"run.root={root}",
            "run.name=neighbour", *overrides]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -18,7 +18,9 @@ def ops():
     return k
 
 
-def attend_inputs(b, g, kv, rep, d, plen, width, slot, seed=0):
+def attend_inputs(b, g, kv, rep, d, plen, width, slot, seed=0, norms=False):
+    """Rows at different lengths (the server's): row 0 at ``slot``, the others at or
+    before it."""
     gen = torch.Generator().manual_seed(seed)
     heads, n = kv * rep, b * g
     qkv = torch.randn(n, (heads + 2 * kv) * d, generator=gen)
@@ -32,32 +34,43 @@ def attend_inputs(b, g, kv, rep, d, plen, width, slot, seed=0):
     group = group[torch.randperm(n, generator=gen)]  # rows after compaction: any order
     keys = torch.randn(n, kv, d, fused._padded(width), generator=gen)
     values = torch.randn(n, kv, fused._padded(width), d, generator=gen)
-    angle = torch.rand(d, generator=gen)
-    return [qkv, prompt_keys, prompt_values, bias, group, keys, values, slot,
-            angle.cos(), angle.sin(), heads, d ** -0.5]
+    slots = torch.randint(0, slot + 1, (n,), generator=gen)
+    slots[0] = slot
+    angle = torch.rand(plen + width, d, generator=gen) * 3
+    q_norm, k_norm = (torch.rand(d, generator=gen) + 0.5, torch.rand(d, generator=gen) + 0.5) \
+        if norms else (None, None)
+    return [qkv, prompt_keys, prompt_values, bias, group, keys, values, slots, slots + plen,
+            angle.cos(), angle.sin(), heads, d ** -0.5, q_norm, k_norm, 1e-6]
 
 
-@pytest.mark.parametrize("kv,rep,d,plen,slot", [
-    (3, 3, 64, 70, 20),  # SmolLM2's shape
-    (1, 1, 16, 5, 0),  # first decode step, one head
-    (2, 4, 24, 33, 31),  # head size not a whole vector, the cache's last slot
-    (1, 10, 32, 17, 3),  # more query heads per group than the unrolled kernels
+@pytest.mark.parametrize("kv,rep,d,plen,slot,norms", [
+    (3, 3, 64, 70, 20, False),  # SmolLM2's shape
+    (1, 1, 16, 5, 0, False),  # first decode step, one head
+    (2, 4, 24, 33, 31, False),  # head size not a whole vector, the cache's last slot
+    (1, 10, 32, 17, 3, False),  # more query heads per group than the unrolled kernels
+    (2, 2, 32, 9, 12, True),  # Qwen3: q and k normalized per head before rotary
+    (2, 2, 32, 0, 12, True),  # the server's rows: no shared prompt, each its own
 ])
-def test_attend_matches_torch(ops, kv, rep, d, plen, slot):
-    args = attend_inputs(3, 4, kv, rep, d, plen, 32, slot)
+def test_attend_matches_torch(ops, kv, rep, d, plen, slot, norms):
+    args = attend_inputs(3, 4, kv, rep, d, plen, 32, slot, norms=norms)
+    if plen == 0:
+        args[1], args[2], args[3] = args[1][:1], args[2][:1], args[3][:1]
+        args[4] = torch.zeros_like(args[4])
     ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     out = ops.attend(*args)
     expected = TorchOps.attend(*ref)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    # the new key (rotated) and value were written into the rows' own cache at slot
-    torch.testing.assert_close(args[5], ref[5], rtol=0, atol=1e-6)
+    # the new key (rotated) and value were written into the rows' own cache at their slots
+    torch.testing.assert_close(args[5], ref[5], rtol=0, atol=1e-5)
     assert torch.equal(args[6], ref[6])
 
 
 def test_attend_ignores_what_padding_and_other_prompts_hold(ops):
     """Keys under a prompt's padding, other prompts' caches and the rows' positions after
-    slot do not change a row's output."""
+    their slots do not change a row's output."""
     args = attend_inputs(2, 2, 3, 3, 64, 40, 16, 5)
+    args[7][:] = 5
+    args[8] = args[7] + 40
     base = ops.attend(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
     noisy = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     noisy[1][0, ..., : 40 // 3] += 100.0  # prompt 0's padding

@@ -128,6 +128,27 @@ def test_ray_train_equals_torchrun(tmp_path, ray_cluster, common):
     assert [r["step"] for r in rows(ray_run)] == [1, 2, 3, 4]
 
 
+def test_ray_train_with_fsdp_equals_torchrun_ddp(tmp_path, ray_cluster, common):
+    """trainer.strategy=fsdp under Ray Train (2 workers): the sharded run follows
+    torchrun's DDP run, losses and final adapter (tests/test_fsdp.py has the rest)."""
+    args = [*common, "trainer.max_steps=2"]
+    tr = launch([*args, "run.name=torchrun"], tmp_path, nproc=2)
+    assert tr.returncode == 0, tr.stderr[-3000:]
+    rr = launch([*args, "run.name=ray-fsdp", "trainer.backend=ray", "trainer.strategy=fsdp",
+                 f"ray.address={ray_cluster}", "ray.num_workers=2"], tmp_path)
+    assert rr.returncode == 0, rr.stdout[-3000:] + rr.stderr[-3000:]
+    a, b = rows(tmp_path / "runs/torchrun"), rows(tmp_path / "runs/ray-fsdp")
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6)
+        assert rb["reward_mean"] == pytest.approx(ra["reward_mean"], rel=1e-6)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3)
+    wa, wb = adapter(tmp_path / "runs/torchrun"), adapter(tmp_path / "runs/ray-fsdp")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= 1e-5, k
+
+
 def _worker_pids(run_dir: Path) -> list[int]:
     """The processes of Ray Train workers running this job (their command lines are Ray's;
     the job's folder is found in their open files' cwd-independent environment)."""

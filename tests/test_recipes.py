@@ -21,7 +21,8 @@ def test_every_recipe_is_tested_here():
     shipped = {f.name.removesuffix(".yaml")
                for f in resources.files("gym_core.conf").joinpath("recipe").iterdir()
                if f.name.endswith(".yaml")}
-    assert shipped == {"sft_then_grpo", "dpo_pairs", "grpo_loss_sweep"}
+    # tfgrpo_api runs against a served model: tests/plugins/test_cl_grpo_api.py
+    assert shipped == {"sft_then_grpo", "dpo_pairs", "grpo_loss_sweep", "tfgrpo_api"}
 
 
 def test_sft_then_grpo_runs_both_stages_each_in_its_folder(tmp_path):

@@ -37,6 +37,7 @@ ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_trunc
                                  "sequence_mask"]
 Schedule = Literal["constant", "linear", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal["ddp", "fsdp"]
 #: the token-loss normalisers of gym_core.train.losses.aggregate_token_loss (for plugins'
 #: loss_type fields: cheap to import, unlike LOSS_TYPES beside the function)
 TokenLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
@@ -358,8 +359,8 @@ class TrainerConfig:
     lr_scheduler: str = one_of(Schedule, "constant")  # after warmup
     max_grad_norm: float = bounded(1.0, gt=0)
     seed: int = bounded(0, ge=0)
-    # checkpoint every N steps (and always at the end); 0: at the end only
-    save_every: int = bounded(10, ge=0, hint="0: at the end only")
+    # checkpoint every N steps (and always at the end); null: at the end only
+    save_every: int | None = bounded(10, ge=1, hint="null: only at the end")
     keep_last: int = bounded(2, ge=1)  # checkpoints kept
     # held-out examples evaluated; None: the whole split
     eval_size: int | None = bounded(None, ge=1, hint="null: the whole split")
@@ -392,6 +393,10 @@ class TrainerConfig:
     # torch: this process (or each process torchrun starts); ray: Ray Train's TorchTrainer
     # runs the same job on ray.num_workers workers (docs/scale.md "Ray")
     backend: str = one_of(("torch", "ray"), "torch")
+    # With several processes (torchrun, trainer.backend=ray): ddp replicates the weights
+    # and all-reduces the gradients; fsdp (PyTorch FSDP2) shards weights, gradients and
+    # optimizer state over the ranks (docs/scale.md "FSDP"). One process: both train unsharded.
+    strategy: str = one_of(Strategy, "ddp")
     # online methods: every step's rollouts (prompts, completions, rewards, the sampler's
     # log-probs, staleness) appended to <run dir>/rollouts/ as Parquet (gym_core/sampling/buffer.py)
     rollout_buffer: bool = True

@@ -1,8 +1,11 @@
-"""Write a Llama-architecture model and its byte-level BPE tokenizer as a GGUF file, the
-way llama.cpp's ``convert_hf_to_gguf.py`` does for ``LlamaForCausalLM``, with the ``gguf``
-package: llama.cpp's tensor names and hyperparameter keys, the Q/K row permutation,
-norms kept in f32, and the tokenizer as ``tokenizer.ggml.model = gpt2`` with its chat
-template. llama.cpp runs the file; transformers' GGUF loader reads it back.
+"""Write a Llama- or Qwen3-architecture model and its byte-level BPE tokenizer as a GGUF
+file, the way llama.cpp's ``convert_hf_to_gguf.py`` does for ``LlamaForCausalLM`` and
+``Qwen3ForCausalLM``, with the ``gguf`` package: llama.cpp's tensor names and
+hyperparameter keys, the Q/K row permutation (Llama only: llama.cpp rotates Qwen3's
+heads in NEOX order, as transformers does), Qwen3's per-head q/k norms as
+``blk.N.attn_q_norm`` / ``attn_k_norm``, norms kept in f32, and the tokenizer as
+``tokenizer.ggml.model = gpt2`` with its chat template. llama.cpp runs the file;
+transformers' GGUF loader reads it back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import torch
 
 from gym_core.base.errors import GymError
 
-ARCHITECTURES = ("LlamaForCausalLM",)
+#: Hugging Face architecture -> (its model_type, llama.cpp's architecture)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", gguf.MODEL_ARCH.LLAMA),
+    "Qwen3ForCausalLM": ("qwen3", gguf.MODEL_ARCH.QWEN3),
+}
 
 # outtype -> (file type recorded in general.file_type, tensor type of the 2-D weights).
 # Norms and other 1-D tensors stay f32, as llama.cpp's converter keeps them.
@@ -39,21 +46,23 @@ _PRE_CHECK_TEXT = (
     "sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
 # Hashes as llama.cpp's converter lists them, for the byte-level BPE tokenizers found in
-# Llama-architecture models (SmolLM / SmolLM2, Llama 3, GPT-2's).
+# Llama- and Qwen3-architecture models (SmolLM / SmolLM2, Llama 3, GPT-2's, Qwen's).
 _PRE_BY_HASH = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5..2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
 }
 
 
 def check_supported(model) -> None:
     """One-line errors for models this writer cannot represent exactly."""
-    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-    if arch not in ARCHITECTURES or model.config.model_type != "llama":
+    arch = _architecture(model)
+    if arch not in ARCHITECTURES or model.config.model_type != ARCHITECTURES[arch][0]:
         raise GymError(
-            f"format=gguf writes Llama-architecture models ({', '.join(ARCHITECTURES)}); this "
-            f"run's model is {arch}. Export it with format=hf (or format=lora) instead"
+            f"format=gguf writes {', '.join(ARCHITECTURES)} models; this run's model is "
+            f"{arch}. Export it with format=hf (or format=lora) instead"
         )
     cfg = model.config
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
@@ -65,11 +74,17 @@ def check_supported(model) -> None:
         unsupported.append("attention/MLP biases")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         unsupported.append(f"activation {cfg.hidden_act!r}")
+    if getattr(cfg, "use_sliding_window", False):
+        unsupported.append("sliding-window attention")
     if unsupported:
         raise GymError(
-            f"format=gguf writes plain Llama models; this one has {', '.join(unsupported)}, "
+            f"format=gguf writes plain {arch} models; this one has {', '.join(unsupported)}, "
             "which the export does not write. Export it with format=hf instead"
         )
+
+
+def _architecture(model) -> str:
+    return (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
 
 
 def _bpe_json(tokenizer) -> dict:
@@ -153,7 +168,8 @@ class _Writer(gguf.GGUFWriter):
 
 def write_gguf(model, tokenizer, path: Path, outtype: str, name: str,
                base_name: str | None = None) -> None:
-    """Write ``model`` (a LlamaForCausalLM, fp32 weights) and ``tokenizer`` to ``path``."""
+    """Write ``model`` (a LlamaForCausalLM or Qwen3ForCausalLM, fp32 weights) and
+    ``tokenizer`` to ``path``."""
     if outtype not in OUTTYPES:
         raise GymError(f"gguf.outtype={outtype!r} is not one of {', '.join(OUTTYPES)}")
     check_supported(model)
@@ -161,8 +177,9 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str,
     data = _bpe_json(tokenizer)
     file_type, weight_type = OUTTYPES[outtype]
     weight_qtype = gguf.GGMLQuantizationType[weight_type]
+    arch = ARCHITECTURES[_architecture(model)][1]
 
-    writer = _Writer(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = _Writer(path, gguf.MODEL_ARCH_NAMES[arch])
     n_params = sum(p.numel() for p in model.parameters())
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -213,22 +230,24 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str,
     special.add_to_gguf(writer, quiet=True)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    permute = arch == gguf.MODEL_ARCH.LLAMA
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: llama.cpp reuses token_embd (no output.weight in the file)
         new = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise GymError(f"the model's tensor {key!r} has no llama.cpp name; format=gguf "
-                           "writes plain LlamaForCausalLM weights only")
+                           f"writes plain {', '.join(ARCHITECTURES)} weights only")
         w = tensor.detach().to(torch.float32).cpu()
         # transformers' Llama rotates the dimension pairs (i, i + d/2) of each head
         # (rotate_half); llama.cpp's, like the original Llama checkpoints, rotates adjacent
         # pairs (2i, 2i + 1). So convert_hf_to_gguf.py reorders the rows of Q and K within
         # each head (LlamaModel.permute), and transformers' GGUF loader reorders them back.
-        if key.endswith("q_proj.weight"):
+        # llama.cpp rotates Qwen3 as transformers does (NEOX order): no permutation.
+        if permute and key.endswith("q_proj.weight"):
             w = _permute(w, cfg.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
+        elif permute and key.endswith("k_proj.weight"):
             w = _permute(w, cfg.num_key_value_heads)
         arr = w.numpy()
         qtype = gguf.GGMLQuantizationType.F32 if arr.ndim <= 1 or new.endswith("_norm.weight") \

@@ -47,12 +47,15 @@ class DuringTraining:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def __call__(self, step: int, policy) -> dict[str, float]:
-        """Score every task on the policy's current weights; {eval/<task>/<metric>: v}."""
+    def __call__(self, step: int, policy, model=None) -> dict[str, float]:
+        """Score every task on the policy's current weights (``model``: the policy's
+        model with its full weights, as :meth:`Policy.full_model` gives it under FSDP);
+        {eval/<task>/<metric>: v}."""
+        model = policy.model if model is None else model
         out, rows = {}, []
         for task in self.tasks:
             system_prompt = task.system_prompt
-            scores = score_local(policy.model, policy.tokenizer, task.examples,
+            scores = score_local(model, policy.tokenizer, task.examples,
                                  task.metric_fn, self.settings, system_prompt=system_prompt)
             values = summarise(scores, self.settings, task.metric)
             settings = {"task": task.digest(), "limit": self.limit,

@@ -235,6 +235,9 @@ class Policy:
     temperature: float = 1.0
     _ref_copy: torch.nn.Module | None = field(default=None, repr=False)
     scorer: torch.nn.Module | None = field(default=None, repr=False)
+    # trainer.strategy=fsdp while training: the sharded scorer (gym_core.train.fsdp.Sharded);
+    # every pass then goes through the scorer, and full weights are gathered when needed
+    sharded: object | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.scorer is None:
@@ -261,6 +264,11 @@ class Policy:
                 raise ValueError("detached= and heads= apply to completion batches only")
             args = (batch.input_ids, batch.position_ids, batch.target_mask,
                     batch.shared_prefix)
+            if self.sharded is not None:  # FSDP: every pass through a root scorer
+                if reference and not self.lora:
+                    return self.sharded.score_reference(*args, fn=sequence_logprobs)
+                with self._sharded_pass(reference):
+                    return self.scorer(*args, fn=sequence_logprobs)
             if reference:
                 with torch.no_grad(), self.reference() as ref:
                     return sequence_logprobs(ref, *args)
@@ -269,15 +277,30 @@ class Policy:
             return self.scorer(*args, fn=sequence_logprobs)
         args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                 batch.completion_mask, detached)
+        if reference and heads:
+            raise ValueError("policy.logprobs: the reference policy has no heads")
+        if self.sharded is not None:  # FSDP: every pass through a root scorer
+            if reference and not self.lora:
+                return self.sharded.score_reference(*args, temperature=self.temperature)
+            with self._sharded_pass(reference):
+                return self.scorer(*args, temperature=self.temperature, heads=heads)
         if reference:
-            if heads:
-                raise ValueError("policy.logprobs: the reference policy has no heads")
             with torch.no_grad(), self.reference() as ref:
                 return completion_logprobs(ref, *args, temperature=self.temperature)
         if not torch.is_grad_enabled():  # nothing to synchronise: skip the DDP wrapper
             return score_completions(self.model, self.heads if heads else None, *args,
                                      temperature=self.temperature)
         return self.scorer(*args, temperature=self.temperature, heads=heads)
+
+    @contextlib.contextmanager
+    def _sharded_pass(self, reference: bool):
+        """A pass of the sharded model; the reference one (LoRA: no gradients) is the
+        same scorer with the adapter disabled."""
+        if not reference:
+            yield
+            return
+        with torch.no_grad(), self.model.disable_adapter():
+            yield
 
     @property
     def heads(self) -> torch.nn.ModuleDict:
@@ -289,7 +312,8 @@ class Policy:
         positions that predict completion tokens (a PPO value head). Its parameters join
         the trainable parameters (optimizer, checkpoints, DDP's all-reduce); call it
         from the algorithm's ``__init__`` or ``setup``, before training starts."""
-        if self.scorer is not getattr(self.scorer, "module", self.scorer):
+        if self.sharded is not None or self.scorer is not getattr(self.scorer, "module",
+                                                                  self.scorer):
             raise RuntimeError("policy.add_head must be called before training starts")
         if name in self.heads:
             raise ValueError(f"policy already has a head named {name!r}")
@@ -330,13 +354,43 @@ class Policy:
         sampler's log-prob of each token."""
         from gym_core.sampling.generation import sample
 
-        return sample(self.model, self.tokenizer, prompts, system_prompt=self.system_prompt,
-                      max_new_tokens=max_new_tokens, sampling=sampling,
-                      num_samples=num_samples, row_seeds=row_seeds,
-                      max_prompt_length=max_prompt_length, with_logprobs=with_logprobs)
+        with self.full_model() as model:
+            return sample(model, self.tokenizer, prompts, system_prompt=self.system_prompt,
+                          max_new_tokens=max_new_tokens, sampling=sampling,
+                          num_samples=num_samples, row_seeds=row_seeds,
+                          max_prompt_length=max_prompt_length, with_logprobs=with_logprobs)
 
-    def distribute(self, device: torch.device) -> None:
-        """Wrap the scorer in DDP: gradients are all-reduced (averaged) across ranks."""
+    @contextlib.contextmanager
+    def full_model(self):
+        """The model with its full current weights, for sampling and evaluation: the
+        model itself, or while FSDP shards it a plain copy every rank gathers together
+        (a collective: every rank must enter it) and frees at the end."""
+        if self.sharded is None:
+            yield self.model
+            return
+        with self.sharded.full_model() as model:
+            yield model
+
+    def gather(self) -> None:
+        """End of an FSDP run (a collective): the policy becomes a plain model with the
+        full trained weights on every rank, as after an unsharded run."""
+        if self.sharded is None:
+            return
+        self.scorer = self.sharded.gather()
+        self.model = self.scorer.model
+        self.sharded = None
+        self._ref_copy = None  # a full fine-tune's sharded reference: training is over
+
+    def distribute(self, device: torch.device, strategy: str = "ddp") -> None:
+        """``ddp``: wrap the scorer in DDP (gradients all-reduced, averaged, across
+        ranks). ``fsdp``: shard the scorer with FSDP2 (:mod:`gym_core.train.fsdp`); call
+        it before the optimizer is built (its parameters are replaced by shards)."""
+        if strategy == "fsdp":
+            from gym_core.train.fsdp import Sharded
+
+            self.sharded = Sharded.shard(self.scorer, device, reference=None if (
+                self._ref_copy is None) else LogprobScorer(self._ref_copy))
+            return
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -348,7 +402,9 @@ class Policy:
                                               find_unused_parameters=len(self.heads) > 0)
 
     def no_sync(self):
-        """Skip the gradient all-reduce (for all but the last micro-batch of a step)."""
+        """Skip the gradient all-reduce (for all but the last micro-batch of a step).
+        FSDP reduce-scatters every micro-batch's gradients (its no_sync would keep the
+        full unsharded gradients until the last one)."""
         return self.scorer.no_sync() if hasattr(self.scorer, "no_sync") else contextlib.nullcontext()
 
     @contextlib.contextmanager

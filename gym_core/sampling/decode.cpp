@@ -1,4 +1,4 @@
-// The small operations of a decode step, one call each (gym_core/fused.py).
+// The small operations of a decode step, one call each (gym_core/sampling/fused.py).
 //
 // At batch 32 a decode step of SmolLM2-135M spends about half its time outside the
 // matmuls when each small operation is a separate torch call: RMSNorm is seven ops,
@@ -7,14 +7,18 @@
 // (Sleef's exp), on torch's thread pool for the few that are worth splitting.
 //
 //   rms_norm(x, delta?, w, eps)   x += delta (in place, when given); returns w * x / rms(x)
-//   attend(qkv, prompt_keys, prompt_values, prompt_bias, group, keys, values, slot, cos, sin,
-//          heads, scale)
-//                                 rotary on q and k; k and v written into the rows' own
-//                                 cache at slot; grouped-query attention of the one new
-//                                 query over its prompt's cache (shared by the rows of a
-//                                 prompt: group[row] names it; prompt_bias is -inf on its
-//                                 padding, 0 elsewhere)
-//                                 and its own positions 0..slot; returns [n, heads * d].
+//   attend(qkv, prompt_keys, prompt_values, prompt_bias, group, keys, values, slots,
+//          positions, cos, sin, heads, scale, q_norm?, k_norm?, norm_eps)
+//                                 per-head RMSNorm of q and k (when q_norm / k_norm are
+//                                 given: Qwen3), then rotary at each row's position
+//                                 (cos / sin are tables [T, d], positions [n]); k and v
+//                                 written into the row's own cache at its slot (slots [n]:
+//                                 rows may be at different lengths, as a server's are);
+//                                 grouped-query attention of the one new query over its
+//                                 prompt's cache (shared by the rows of a prompt: group[row]
+//                                 names it; prompt_bias is -inf on its padding, 0 elsewhere;
+//                                 P = 0 when rows hold their prompt in their own cache) and
+//                                 its own positions 0..slot; returns [n, heads * d].
 //                                 Keys are stored transposed ([.., d, T]): a query's
 //                                 scores are then d vector updates, no horizontal sums
 //   silu_mul(gate_up)             silu(gate) * up, gate_up = [gate | up] along the last dim
@@ -111,6 +115,12 @@ void rotate(const float* x, const float* cos, const float* sin, float* out, int6
   for (int64_t i = half; i < d; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
+// out = w * x / rms(x) over one head (Qwen3's q_norm / k_norm)
+void head_norm(const float* x, const float* w, float eps, float* out, int64_t d) {
+  const float inv = 1.f / std::sqrt(dot(x, x, d) / float(d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
 int64_t round_up(int64_t x) { return (x + Vec::size() - 1) / Vec::size() * Vec::size(); }
 
 // The R query heads that share a key/value head, together: each key or value vector is
@@ -176,18 +186,21 @@ void attend_heads(const float* q, const float* ptk, const float* ptv, const floa
 
 at::Tensor attend(const at::Tensor& qkv, const at::Tensor& prompt_keys, const at::Tensor& prompt_values,
                   const at::Tensor& prompt_bias, const at::Tensor& group, at::Tensor keys,
-                  at::Tensor values, int64_t slot, const at::Tensor& cos, const at::Tensor& sin,
-                  int64_t heads, double scale) {
+                  at::Tensor values, const at::Tensor& slots, const at::Tensor& positions,
+                  const at::Tensor& cos, const at::Tensor& sin, int64_t heads, double scale,
+                  const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                  double norm_eps) {
   check_float(qkv, "qkv", 2);
   check_float(prompt_keys, "prompt_keys", 4);
   check_float(prompt_values, "prompt_values", 4);
   check_float(keys, "keys", 4);
   check_float(values, "values", 4);
-  check_float(cos, "cos", 1);
-  check_float(sin, "sin", 1);
+  check_float(cos, "cos", 2);
+  check_float(sin, "sin", 2);
   check_float(prompt_bias, "prompt_bias", 2);
-  TORCH_CHECK(group.scalar_type() == at::kLong && group.is_contiguous() && group.dim() == 1,
-              "group must be int64 [n]");
+  for (const at::Tensor* t : {&group, &slots, &positions})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
+                "group, slots and positions must be int64 [n]");
   const int64_t np = prompt_keys.size(0), kv = prompt_keys.size(1), d = prompt_keys.size(2),
                 pstride = prompt_keys.size(3), plen = prompt_bias.size(1);
   const int64_t n = keys.size(0), width = keys.size(3);
@@ -201,13 +214,31 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& prompt_keys, const at
               "values must be [n, kv, T, d]");
   TORCH_CHECK(heads % kv == 0, "heads must be a multiple of the key/value heads");
   TORCH_CHECK(qkv.size(0) == n && qkv.size(1) == (heads + 2 * kv) * d, "qkv must be [n, (heads + 2 kv) d]");
-  TORCH_CHECK(group.size(0) == n, "group must have one entry per row");
-  TORCH_CHECK(cos.size(0) == d && sin.size(0) == d, "cos and sin must be [d]");
-  TORCH_CHECK(slot >= 0 && slot < width, "slot outside the cache");
+  TORCH_CHECK(group.size(0) == n && slots.size(0) == n && positions.size(0) == n,
+              "group, slots and positions must have one entry per row");
+  TORCH_CHECK(cos.size(1) == d && sin.sizes() == cos.sizes(), "cos and sin must be [T, d]");
+  const float* qn = nullptr;
+  const float* kn = nullptr;
+  if (q_norm.has_value() || k_norm.has_value()) {
+    TORCH_CHECK(q_norm.has_value() && k_norm.has_value(), "q_norm and k_norm come together");
+    check_float(*q_norm, "q_norm", 1);
+    check_float(*k_norm, "k_norm", 1);
+    TORCH_CHECK(q_norm->size(0) == d && k_norm->size(0) == d, "q_norm and k_norm must be [d]");
+    qn = q_norm->data_ptr<float>();
+    kn = k_norm->data_ptr<float>();
+  }
   const int64_t* gp = group.data_ptr<int64_t>();
-  for (int64_t b = 0; b < n; ++b) TORCH_CHECK(gp[b] >= 0 && gp[b] < np, "group index out of range");
-  const int64_t rep = heads / kv, clen = slot + 1, qw = (heads + 2 * kv) * d;
-  const int64_t ld = plen + round_up(clen);  // one row of scores per query head
+  const int64_t* slp = slots.data_ptr<int64_t>();
+  const int64_t* psp = positions.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    TORCH_CHECK(gp[b] >= 0 && gp[b] < np, "group index out of range");
+    TORCH_CHECK(slp[b] >= 0 && slp[b] < width, "slot outside the cache");
+    TORCH_CHECK(psp[b] >= 0 && psp[b] < cos.size(0), "position outside the rotary table");
+    longest = std::max(longest, slp[b] + 1);
+  }
+  const int64_t rep = heads / kv, qw = (heads + 2 * kv) * d;
+  const int64_t ld = plen + round_up(longest);  // one row of scores per query head
   at::Tensor out = at::empty({n, heads * d}, qkv.options());
   const float* src = qkv.data_ptr<float>();
   const float* pk = prompt_keys.data_ptr<float>();
@@ -218,23 +249,36 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& prompt_keys, const at
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float sc = float(scale);
+  const float sc = float(scale), eps = float(norm_eps);
   // units ordered (kv head, row): consecutive rows of one prompt reuse its keys in cache
   at::parallel_for(0, n * kv, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> q(rep * d), kr(d), s(std::max<int64_t>(rep, 8) * ld + Vec::size());
+    std::vector<float> q(rep * d), kr(d), normed(d), s(std::max<int64_t>(rep, 8) * ld + Vec::size());
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t g = u / n, b = u % n, p = gp[b];
+      const int64_t g = u / n, b = u % n, p = gp[b], slot = slp[b], clen = slot + 1;
+      const float* c = cp + psp[b] * d;
+      const float* si = sp + psp[b] * d;
       const float* row = src + b * qw;
       const float* ptk = pk + (p * kv + g) * d * pstride;
       const float* ptv = pv + (p * kv + g) * plen * d;
       float* ctk = kp + (b * kv + g) * d * width;
       float* ctv = vp + (b * kv + g) * width * d;
-      rotate(row + (heads + g) * d, cp, sp, kr.data(), d);
+      const float* k = row + (heads + g) * d;
+      if (kn != nullptr) {
+        head_norm(k, kn, eps, normed.data(), d);
+        k = normed.data();
+      }
+      rotate(k, c, si, kr.data(), d);
       for (int64_t i = 0; i < d; ++i) ctk[i * width + slot] = kr[i];
       std::copy(row + (heads + kv + g) * d, row + (heads + kv + g + 1) * d, ctv + slot * d);
       const float* m = pm + p * plen;
-      for (int64_t r = 0; r < rep; ++r)
-        rotate(row + (g * rep + r) * d, cp, sp, q.data() + r * d, d);
+      for (int64_t r = 0; r < rep; ++r) {
+        const float* x = row + (g * rep + r) * d;
+        if (qn != nullptr) {
+          head_norm(x, qn, eps, normed.data(), d);
+          x = normed.data();
+        }
+        rotate(x, c, si, q.data() + r * d, d);
+      }
       float* o = op + b * heads * d + g * rep * d;  // this group's heads are contiguous
       switch (rep) {
 #define GYM_ATTEND_CASE(R)                                                                   \
@@ -334,7 +378,8 @@ std::tuple<at::Tensor, at::Tensor> draw(const at::Tensor& logits, const at::Tens
 TORCH_LIBRARY(gym_decode, m) {
   m.def("rms_norm(Tensor(a!) x, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("attend(Tensor qkv, Tensor prompt_keys, Tensor prompt_values, Tensor prompt_bias, Tensor group, "
-        "Tensor(a!) keys, Tensor(b!) values, int slot, Tensor cos, Tensor sin, int heads, float scale) -> Tensor");
+        "Tensor(a!) keys, Tensor(b!) values, Tensor slots, Tensor positions, Tensor cos, Tensor sin, int heads, "
+        "float scale, Tensor? q_norm, Tensor? k_norm, float norm_eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("draw(Tensor logits, Tensor u, float temperature) -> (Tensor, Tensor)");
 }

@@ -1,5 +1,6 @@
-"""A lean prefill and decode step for Llama-family models (Llama, Qwen2, Mistral): the
-sampler's fast path.
+"""gym's one decode engine: a lean prefill and decode step for the architectures of
+:data:`ARCHS` (Llama, Qwen2, Mistral, Qwen3), under the sampler (:mod:`gym_core.sampling.
+generation`, :mod:`gym_core.sampling.episodes`) and the server (:mod:`gym_core.serve.engine`).
 
 Each decode step of a Hugging Face model with a peft adapter runs about 70 Python-level
 operations per layer (three matmuls per adapted linear layer, a cache that grows by
@@ -9,6 +10,17 @@ the q/k/v and gate/up projections stacked into one matrix each; the prompts run 
 their KV cache is kept once per prompt, shared by its rows, beside a preallocated cache per
 row; everything but the matmuls is one call each to the C++ kernels of decode.cpp
 (:class:`TorchOps` is the same in torch), and the matmuls see only the rows still running.
+
+One KV-cache layout serves both: per layer, keys ``[rows, kv, d, T]`` (transposed) and
+values ``[rows, kv, T, d]``, one row per running sequence, beside an optional shared prefix
+(the sampler's prompts, once per prompt for its G rows; empty for the server, whose rows
+hold their own prompt). Each row has its own length (``slots``) and rotary position, so
+rows can join and leave at any step (:meth:`FusedDecoder.open_rows`). A row may add a
+variant's delta to every linear layer (:class:`RowDeltas`: the server's per-row variants),
+applied per original layer on the stacked q/k/v and gate/up matrices.
+
+A model outside the table runs on its own Hugging Face forward, with one warning
+(:func:`FusedDecoder.build` returns None).
 
 Merging changes rounding (``(W + BA) x`` is not bit for bit ``W x + B(A x)``), so the
 sampler is the trained policy up to float32 rounding; :mod:`gym_core.sampling.generation` records
@@ -25,8 +37,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-#: model_type values whose decoder layers this module reproduces exactly
-ARCHS = ("llama", "qwen2", "mistral")
+#: model_type values whose decoder layers this module reproduces exactly (qwen3: a per-head
+#: RMSNorm of q and k before rotary, ``q_norm`` / ``k_norm``)
+ARCHS = ("llama", "qwen2", "mistral", "qwen3")
+
+_warned: set[str] = set()
+
+
+def _outside(reason: str) -> None:
+    """Say once per process why a model decodes on its own forward."""
+    if reason not in _warned:
+        _warned.add(reason)
+        from gym_core.base.errors import warn
+
+        warn(f"{reason}: it decodes through its own Hugging Face forward (slower; gym's "
+             f"decode engine reproduces {', '.join(ARCHS)})")
 
 
 def _lora_layer_type():
@@ -94,9 +119,13 @@ class _Linear:
     size (a decode step's matmuls are small enough that re-packing the weight on every
     call costs more than the product; the packed product is bit for bit F.linear's)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 parts: list[tuple[str, int, int]] = ()):
         self.weight, self.bias = weight, bias
         self.packed, self.rows = None, 0
+        # (module name, first and last output column): the original layers stacked here,
+        # where a row's variant adds its delta
+        self.parts = list(parts)
 
     def pack(self, rows: int) -> None:
         self.packed, self.rows = None, 0
@@ -112,6 +141,87 @@ class _Linear:
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class RowDeltas:
+    """Per-row variant deltas on linear layers: after ``y = x W^T + b`` for the whole batch,
+    each group of rows sharing a variant gets ``x_rows @ D^T`` added, one
+    :meth:`~gym_core.deltas.delta.DeltaOperator.add_to` call per operator class. A variant is
+    anything with ``ops`` (module name -> operator); rows of the base are in no group and
+    cost nothing."""
+
+    def __init__(self):
+        self.variants: list = []  # the current pass's groups
+        self.groups = None  # RowGroups over the flattened rows of the pass, or None
+        # per layer: [(operator class, ops per group, prepared)], kept while the batch's
+        # variants stay the same (most decode steps), so steps do not rebuild them
+        self._plans: dict[str, list] = {}
+
+    def set(self, variants: list, groups) -> None:
+        if len(variants) != len(self.variants) or \
+                any(a is not b for a, b in zip(variants, self.variants)):
+            self._plans = {}
+        self.variants, self.groups = variants, groups
+
+    def set_rows(self, variants: list, spans: list[tuple[int, int]]) -> None:
+        """Group the flattened rows by variant: ``spans[i]`` is row i's range of rows,
+        ``variants[i]`` its variant (None: the base, in no group)."""
+        from gym_core.deltas.delta import RowGroups
+
+        order: dict[int, list[int]] = {}
+        chosen: list = []
+        for v, span in zip(variants, spans):
+            if v is None:
+                continue
+            if id(v) not in order:
+                order[id(v)] = []
+                chosen.append(v)
+            order[id(v)].extend(range(*span))
+        if not chosen:
+            self.set([], None)
+            return
+        idx, offs = [], [0]
+        for v in chosen:
+            idx += order[id(v)]
+            offs.append(len(idx))
+        self.set(chosen, RowGroups(torch.tensor(idx, dtype=torch.int32), offs))
+
+    def clear(self) -> None:
+        """After a pass: no groups (the plans stay for the next step)."""
+        self.groups = None
+
+    def forget(self) -> None:
+        self.variants, self.groups, self._plans = [], None, {}
+
+    def _plan(self, key: str) -> list:
+        plan = self._plans.get(key)
+        if plan is None:
+            by_class: dict[type, list] = {}
+            for g, variant in enumerate(self.variants):
+                op = variant.ops.get(key)
+                if op is not None:
+                    by_class.setdefault(type(op), [None] * len(self.variants))[g] = op
+            plan = self._plans[key] = [(cls, ops, cls.prepare(ops)) for cls, ops in by_class.items()]
+        return plan
+
+    def add(self, parts, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y [N, out]`` (fp32, contiguous) += each group's delta of each original layer
+        ``(name, first, last column)`` in ``parts``, from ``x [N, in]``."""
+        if self.groups is None:
+            return
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        for key, lo, hi in parts:
+            plan = self._plan(key)
+            if not plan:
+                continue
+            whole = lo == 0 and hi == y.shape[1] and y.dtype == torch.float32 \
+                and y.is_contiguous()
+            out = y if whole else torch.zeros(y.shape[0], hi - lo, device=y.device)
+            for cls, ops, prepared in plan:
+                cls.add_to(x, out, self.groups, ops, prepared)
+            if not whole:
+                y[:, lo:hi] += out.to(y.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -134,61 +244,115 @@ class _Layer:
     o: _Linear
     gate_up: _Linear
     down: _Linear
+    q_norm: torch.Tensor | None = None  # qwen3: per-head RMSNorm weights [d]
+    k_norm: torch.Tensor | None = None
+
+
+def _stacked(names: dict, *modules, share: bool = False) -> _Linear | None:
+    """The layers stacked (:func:`merged_linear`), with each one's name and columns.
+    ``share``: plain (unadapted) layers then hold views of the stacked matrix, so the
+    weights are in memory once (the server's frozen base)."""
+    merged = merged_linear(*modules)
+    if merged is None:
+        return None
+    parts, col = [], 0
+    for m in modules:
+        out = (m.get_base_layer() if hasattr(m, "get_base_layer") else m).out_features
+        parts.append((names[id(m)], col, col + out))
+        col += out
+    weight, bias = merged
+    if share and len(modules) > 1 and all(type(m) is torch.nn.Linear for m in modules):
+        with torch.no_grad():
+            for m, (_, lo, hi) in zip(modules, parts):
+                m.weight.data = weight[lo:hi]
+                if m.bias is not None:
+                    m.bias.data = bias[lo:hi]
+    return _Linear(weight, bias, parts)
+
+
+def _reason(hf, total_length: int) -> str | None:
+    """Why ``hf`` is not one the fused decoder reproduces (None: it is)."""
+    config = getattr(hf, "config", None)
+    inner = getattr(hf, "model", None)
+    kind = getattr(config, "model_type", type(hf).__name__)
+    if config is None or kind not in ARCHS:
+        return f"model type {kind!r} is not in gym's decode engine"
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return f"this {kind} model has no decoder layers / rotary module where expected"
+    if getattr(config, "hidden_act", None) != "silu" or getattr(config, "mlp_bias", False):
+        return f"this {kind} model's MLP (activation or bias) is not the engine's"
+    window = getattr(config, "sliding_window", None)
+    sliding = window is not None and (kind not in ("qwen2", "qwen3") or config.use_sliding_window)
+    if sliding and total_length > window:
+        return f"this {kind} model's sliding window is shorter than the positions asked for"
+    return None
 
 
 class FusedDecoder:
-    """The model's decode step over a preallocated KV cache, for rows that may leave."""
+    """The model's prefill and decode step over preallocated KV caches, for rows that may
+    join and leave."""
 
     def __init__(self, hf, layers: list[_Layer], lm_head: _Linear, norm, eps, scaling,
-                 n_heads, n_kv, head_dim):
+                 n_heads, n_kv, head_dim, qk_eps=0.0):
         self.hf, self.layers = hf, layers
         self.lm_head, self.norm, self.eps = lm_head, norm, eps
         self.scaling, self.n_heads, self.n_kv, self.head_dim = scaling, n_heads, n_kv, head_dim
+        self.qk_eps = qk_eps
         self.embed = hf.get_input_embeddings().weight
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.ops = kernels() if self.embed.device.type == "cpu" else TorchOps
+        self.deltas = RowDeltas()
+        fast = self.embed.device.type == "cpu" and self.embed.dtype == torch.float32
+        self.ops = kernels() if fast else TorchOps
 
     @classmethod
-    def build(cls, model, total_length: int) -> FusedDecoder | None:
+    def build(cls, model, total_length: int, share: bool = False) -> FusedDecoder | None:
         """The decoder of ``model`` (a plain Hugging Face causal LM or a peft model
         around one) with its adapters merged, or None when the model is not one this
-        path reproduces (then the caller uses the model's own forward)."""
+        path reproduces (then the caller uses the model's own forward; a warning says
+        so once per reason). ``share``: the model's own q/k/v and gate/up weights become
+        views of the stacked matrices (a frozen model served: its weights held once)."""
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        config = getattr(hf, "config", None)
-        inner = getattr(hf, "model", None)
-        if (config is None or config.model_type not in ARCHS or inner is None
-                or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb")
-                or getattr(config, "hidden_act", None) != "silu"
-                or getattr(config, "mlp_bias", False)):
-            return None
-        window = getattr(config, "sliding_window", None)
-        sliding = window is not None and (config.model_type != "qwen2"
-                                          or config.use_sliding_window)
-        if sliding and total_length > window:
-            return None
-        head = merged_linear(hf.get_output_embeddings())
+        reason = _reason(hf, total_length)
+        decoder = None if reason else cls._of(hf, share)
+        if reason is None and decoder is None:
+            reason = (f"this {hf.config.model_type} model has a layer the engine cannot merge "
+                      "(a LoRA variant such as DoRA, a quantized or biased MLP layer)")
+        if reason:
+            _outside(reason)
+        return decoder
+
+    @classmethod
+    def _of(cls, hf, share: bool) -> FusedDecoder | None:
+        inner = hf.model
+        names = {id(m): name for name, m in hf.named_modules()}
+        head = _stacked(names, hf.get_output_embeddings())
         if head is None or any(type(m) is not type(inner.norm) for m in
                                [x.input_layernorm for x in inner.layers]):
             return None
         layers = []
+        qk_eps = 0.0
         with torch.no_grad():
             for layer in inner.layers:
                 att, mlp = layer.self_attn, layer.mlp
-                parts = [merged_linear(att.q_proj, att.k_proj, att.v_proj),
-                         merged_linear(att.o_proj), merged_linear(mlp.gate_proj, mlp.up_proj),
-                         merged_linear(mlp.down_proj)]
-                if any(p is None for p in parts) or parts[2][1] is not None \
-                        or parts[3][1] is not None:
+                parts = [_stacked(names, att.q_proj, att.k_proj, att.v_proj, share=share),
+                         _stacked(names, att.o_proj),
+                         _stacked(names, mlp.gate_proj, mlp.up_proj, share=share),
+                         _stacked(names, mlp.down_proj)]
+                if any(p is None for p in parts) or parts[2].bias is not None \
+                        or parts[3].bias is not None:
                     return None
+                norms = [getattr(att, "q_norm", None), getattr(att, "k_norm", None)]
+                if norms[0] is not None:
+                    qk_eps = norms[0].variance_epsilon
                 layers.append(_Layer(layer.input_layernorm.weight,
-                                     layer.post_attention_layernorm.weight,
-                                     *(_Linear(*p) for p in parts)))
+                                     layer.post_attention_layernorm.weight, *parts,
+                                     *(n.weight if n is not None else None for n in norms)))
         att = inner.layers[0].self_attn
-        head_dim = att.head_dim
-        return cls(hf, layers, _Linear(*head), inner.norm.weight, inner.norm.variance_epsilon,
+        config = hf.config
+        return cls(hf, layers, head, inner.norm.weight, inner.norm.variance_epsilon,
                    att.scaling, config.num_attention_heads, config.num_key_value_heads,
-                   head_dim)
+                   att.head_dim, qk_eps)
 
     def rotary(self, length: int, device) -> None:
         """cos and sin for positions 0..length-1, from the model's own rotary module (so
@@ -197,54 +361,99 @@ class FusedDecoder:
         probe = self.embed[:1].unsqueeze(0)
         cos, sin = self.hf.model.rotary_emb(probe, pos)
         half = self.head_dim // 2
-        self.cos = cos[0]
+        self.cos = cos[0].contiguous()
         # rotate_half(x) * sin == roll(x, half) * cat(-sin[:half], sin[half:]) exactly
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
+    def _linear(self, lin: _Linear, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        y = lin.plain(x) if plain else lin(x)
+        if self.deltas.groups is not None:
+            self.deltas.add(lin.parts, x, y)
+        return y
+
+    def _qk_norm(self, layer: _Layer, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [.., heads + 2 kv, d] with q and k normalized per head (qwen3)."""
+        if layer.q_norm is None:
+            return qkv
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        return torch.cat([F.rms_norm(qkv[..., :h, :], (d,), layer.q_norm, self.qk_eps),
+                          F.rms_norm(qkv[..., h:h + kv, :], (d,), layer.k_norm, self.qk_eps),
+                          qkv[..., h + kv:, :]], dim=-2)
+
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int,
-                max_new_tokens: int) -> torch.Tensor:
-        """Run the left-padded prompts [B, P] once (positions 0..P-1, as the model's own
-        forward numbers them; padding hidden from every real token), keep their KV cache
-        once per prompt for its ``repeats`` rows (read one after another, so from the
-        CPU's cache) with room for each row's own ``max_new_tokens`` positions, and return
-        the logits [B, V] that predict each prompt's first new token. Keys are stored
-        transposed, [.., d, T]."""
+    def _prompts(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 variants: list | None = None):
+        """The left-padded prompts [B, P] through every layer (padding hidden from every
+        real token; ``positions`` [B, P] their rotary positions; ``variants``: each
+        prompt's variant or None): per layer the rotated keys and the values
+        [B, kv, P, d], and the logits [B, V] that predict each prompt's next token."""
         ops = self.ops
         b, plen = ids.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
-        n, width = b * repeats, _padded(max_new_tokens)
         valid = mask.bool()
-        self.prompt_len = plen
-        self.prompt_bias = torch.zeros(b, plen, device=ids.device).masked_fill(~valid, float("-inf"))
-        self.group = torch.arange(b, device=ids.device).repeat_interleave(repeats)
         # causal, padding keys hidden; a padding query sees itself (its row stays finite)
         eye = torch.eye(plen, dtype=torch.bool, device=ids.device)
         allowed = (valid[:, None, :] | eye) & torch.ones_like(eye).tril()
-        cos, sin = self.cos[:plen, None], self.sin[:plen, None]
-        self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        keys, values = [], []
+        if variants is not None:  # each prompt's tokens, then its last one at the head
+            real = mask.sum(1).tolist()
+            self.deltas.set_rows(variants, [(i * plen + plen - r, (i + 1) * plen)
+                                            for i, r in enumerate(real)])
         x = F.embedding(ids, self.embed).reshape(b * plen, -1)
         delta = None
         for layer in self.layers:
             y = ops.rms_norm(x, delta, layer.ln1, self.eps)
-            qkv = layer.qkv.plain(y).view(b, plen, h + 2 * kv, d)
+            qkv = self._qk_norm(layer, self._linear(layer.qkv, y, True).view(b, plen, h + 2 * kv, d))
             qk = _rotate(qkv[:, :, : h + kv], cos, sin)
             q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
             v = qkv[:, :, h + kv:].transpose(1, 2)
-            keys = k.new_zeros(b, kv, d, _padded(plen))
-            keys[..., :plen] = k.transpose(2, 3)
-            self.prompt_keys.append(keys)
-            self.prompt_values.append(v.contiguous())
-            self.keys.append(k.new_zeros(n, kv, d, width))
-            self.values.append(v.new_zeros(n, kv, width, d))
+            keys.append(k)
+            values.append(v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
                                                  scale=self.scaling, enable_gqa=True)
             out = out.transpose(1, 2).reshape(b * plen, h * d)
-            y = ops.rms_norm(x, layer.o.plain(out), layer.ln2, self.eps)
-            delta = layer.down.plain(ops.silu_mul(layer.gate_up.plain(y)))
+            y = ops.rms_norm(x, self._linear(layer.o, out, True), layer.ln2, self.eps)
+            delta = self._linear(layer.down, ops.silu_mul(self._linear(layer.gate_up, y, True)),
+                                 True)
         last = torch.arange(1, b + 1, device=ids.device) * plen - 1
         x = x.index_select(0, last) + delta.index_select(0, last)
-        return self.lm_head.plain(ops.rms_norm(x, None, self.norm, self.eps))
+        y = ops.rms_norm(x, None, self.norm, self.eps)
+        if variants is None:
+            return keys, values, self.lm_head.plain(y)
+        self.deltas.set_rows(variants, [(i, i + 1) for i in range(b)])
+        try:
+            return keys, values, self._linear(self.lm_head, y, True)
+        finally:
+            self.deltas.clear()
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int,
+                max_new_tokens: int) -> torch.Tensor:
+        """The sampler's prefill: run the left-padded prompts [B, P] once (positions
+        0..P-1, as the model's own forward numbers them), keep their KV cache once per
+        prompt for its ``repeats`` rows (read one after another, so from the CPU's cache)
+        with room for each row's own ``max_new_tokens`` positions, and return the logits
+        [B, V] that predict each prompt's first new token. Keys are stored transposed,
+        [.., d, T]."""
+        b, plen = ids.shape
+        kv, d = self.n_kv, self.head_dim
+        n, width = b * repeats, _padded(max_new_tokens)
+        positions = torch.arange(plen, device=ids.device).expand(b, plen)
+        keys, values, logits = self._prompts(ids, mask, positions)
+        self.prompt_len = plen
+        self.prompt_bias = torch.zeros(b, plen, device=ids.device).masked_fill(~mask.bool(),
+                                                                                float("-inf"))
+        self.group = torch.arange(b, device=ids.device).repeat_interleave(repeats)
+        self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
+        for k, v in zip(keys, values):
+            stored = k.new_zeros(b, kv, d, _padded(plen))
+            stored[..., :plen] = k.transpose(2, 3)
+            self.prompt_keys.append(stored)
+            self.prompt_values.append(v.contiguous())
+            self.keys.append(k.new_zeros(n, kv, d, width))
+            self.values.append(v.new_zeros(n, kv, width, d))
+        return logits
 
     def pack(self, rows: int) -> None:
         """Pack every weight for decode steps of ``rows`` rows."""
@@ -263,21 +472,127 @@ class FusedDecoder:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits [n, V] for the next position, given each row's token [n] at position
-        ``pos`` (the same for all rows: prompts are left-padded)."""
+        """The sampler's step: logits [n, V] for the next position, given each row's
+        token [n] at position ``pos`` (the same for all rows: prompts are left-padded)."""
+        n = tokens.shape[0]
+        slots = torch.full((n,), pos - self.prompt_len, dtype=torch.long, device=tokens.device)
+        return self._step(tokens, self.keys, self.values, self.group, slots, slots + self.prompt_len)
+
+    def _step(self, tokens, keys, values, group, slots, positions) -> torch.Tensor:
         ops = self.ops
         x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[pos], self.sin[pos]
-        slot = pos - self.prompt_len
+        norms = self.layers[0].q_norm is not None
         delta = None
         for i, layer in enumerate(self.layers):
             y = ops.rms_norm(x, delta, layer.ln1, self.eps)  # x += delta first
-            out = ops.attend(layer.qkv(y), self.prompt_keys[i], self.prompt_values[i],
-                             self.prompt_bias, self.group, self.keys[i], self.values[i], slot,
-                             cos, sin, self.n_heads, self.scaling)
-            y = ops.rms_norm(x, layer.o(out), layer.ln2, self.eps)
-            delta = layer.down(ops.silu_mul(layer.gate_up(y)))
-        return self.lm_head(ops.rms_norm(x, delta, self.norm, self.eps))
+            out = ops.attend(self._linear(layer.qkv, y), self.prompt_keys[i],
+                             self.prompt_values[i], self.prompt_bias, group, keys[i], values[i],
+                             slots, positions, self.cos, self.sin, self.n_heads, self.scaling,
+                             layer.q_norm if norms else None, layer.k_norm if norms else None,
+                             self.qk_eps)
+            y = ops.rms_norm(x, self._linear(layer.o, out), layer.ln2, self.eps)
+            delta = self._linear(layer.down, ops.silu_mul(self._linear(layer.gate_up, y)))
+        y = ops.rms_norm(x, delta, self.norm, self.eps)
+        return self._linear(self.lm_head, y)
+
+    # -- rows that join and leave (the server) ---------------------------------------
+
+    def open_rows(self, max_rows: int, max_len: int) -> None:
+        """Serve up to ``max_rows`` rows of up to ``max_len`` positions, each holding its
+        own prompt (no shared prefix): :meth:`join`, :meth:`leave`, :meth:`advance`. The
+        cache grows with the longest row and is freed when the last row leaves."""
+        device = self.embed.device
+        kv, d = self.n_kv, self.head_dim
+        self.max_rows, self.max_len = max_rows, max_len
+        self.prompt_len = 0
+        self.prompt_keys = [self.embed.new_zeros(1, kv, d, 0)] * len(self.layers)
+        self.prompt_values = [self.embed.new_zeros(1, kv, 0, d)] * len(self.layers)
+        self.prompt_bias = self.embed.new_zeros(1, 0)
+        self.lengths: list[int] = []
+        self.keys, self.values = [], []
+        self.rotary(max_len, device)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def _fit(self, length: int) -> None:
+        """Room for a row of ``length`` positions (and its next token)."""
+        width = self.keys[0].shape[3] if self.keys else 0
+        if length < width:
+            return
+        new = _padded(min(max(length + 1, int(width * 1.5), 64), self.max_len + 1))
+        kv, d, n = self.n_kv, self.head_dim, self.rows
+        keys = [self.embed.new_zeros(self.max_rows, kv, d, new) for _ in self.layers]
+        values = [self.embed.new_zeros(self.max_rows, kv, new, d) for _ in self.layers]
+        for old, fresh in zip(self.keys, keys):
+            fresh[:n, :, :, :width] = old[:n]
+        for old, fresh in zip(self.values, values):
+            fresh[:n, :, :width] = old[:n]
+        self.keys, self.values = keys, values
+
+    @torch.no_grad()
+    def join(self, prompts: list[list[int]], variants: list) -> torch.Tensor:
+        """Prefill the prompts (token ids, each at positions 0..len-1; ``variants``: each
+        one's variant or None) in one pass, append them as rows ``rows..rows+len(prompts)
+        -1`` and return the logits [len, V] that predict their first new tokens."""
+        lengths = [len(p) for p in prompts]
+        b, width = len(prompts), max(lengths)
+        if self.rows + b > self.max_rows:
+            raise ValueError(f"{self.rows} + {b} rows are more than {self.max_rows}")
+        ids = torch.zeros(b, width, dtype=torch.long, device=self.embed.device)
+        mask = torch.zeros(b, width, dtype=torch.long, device=ids.device)
+        for i, p in enumerate(prompts):
+            ids[i, width - lengths[i]:] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - lengths[i]:] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        try:
+            keys, values, logits = self._prompts(ids, mask, positions, variants)
+        finally:
+            self.deltas.clear()
+        self._fit(width)
+        for k, v, kbuf, vbuf in zip(keys, values, self.keys, self.values):
+            for i, n in enumerate(lengths):
+                kbuf[self.rows + i, :, :, :n] = k[i, :, width - n:].transpose(1, 2)
+                vbuf[self.rows + i, :, :n] = v[i, :, width - n:]
+        self.lengths += lengths
+        return logits
+
+    def leave(self, row: int) -> None:
+        """Drop row ``row``; the last row moves into its place."""
+        last = self.rows - 1
+        if row != last:
+            for buf in self.keys + self.values:
+                buf[row] = buf[last]
+            self.lengths[row] = self.lengths[last]
+        self.lengths.pop()
+        if not self.lengths:
+            self.release()
+
+    def release(self) -> None:
+        """No rows: free the cache."""
+        self.lengths, self.keys, self.values = [], [], []
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor, variants: list) -> torch.Tensor:
+        """One decode step of every row: ``tokens`` [rows] at each row's next position,
+        ``variants`` each row's variant or None; returns the logits [rows, V]."""
+        n = self.rows
+        self._fit(max(self.lengths))
+        slots = torch.tensor(self.lengths, dtype=torch.long, device=tokens.device)
+        group = torch.zeros(n, dtype=torch.long, device=tokens.device)
+        self.deltas.set_rows(variants, [(i, i + 1) for i in range(n)])
+        try:
+            logits = self._step(tokens, [k[:n] for k in self.keys],
+                                [v[:n] for v in self.values], group, slots, slots)
+        finally:
+            self.deltas.clear()
+        self.lengths = [x + 1 for x in self.lengths]
+        return logits
 
 
 class TorchOps:
@@ -292,19 +607,28 @@ class TorchOps:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
     @staticmethod
-    def attend(qkv, prompt_keys, prompt_values, prompt_bias, group, keys, values, slot, cos,
-               sin, heads, scale):
+    def attend(qkv, prompt_keys, prompt_values, prompt_bias, group, keys, values, slots,
+               positions, cos, sin, heads, scale, q_norm=None, k_norm=None, norm_eps=0.0):
         n, kv, d, _ = keys.shape
-        qk = _rotate(qkv[:, : (heads + kv) * d].view(n, heads + kv, d), cos, sin)
-        keys[:, :, :, slot] = qk[:, heads:]
-        values[:, :, slot] = qkv[:, (heads + kv) * d:].view(n, kv, d)
+        x = qkv[:, : (heads + kv) * d].view(n, heads + kv, d)
+        if q_norm is not None:
+            x = torch.cat([F.rms_norm(x[:, :heads], (d,), q_norm, norm_eps),
+                           F.rms_norm(x[:, heads:], (d,), k_norm, norm_eps)], 1)
+        qk = _rotate(x, cos[positions][:, None], sin[positions][:, None])
+        rows = torch.arange(n, device=keys.device)
+        keys[rows, :, :, slots] = qk[:, heads:]
+        values[rows, :, slots] = qkv[:, (heads + kv) * d:].view(n, kv, d)
         # one query token: its heads grouped under their key/value head
         q = qk[:, :heads].reshape(n, kv, heads // kv, d)
-        plen = prompt_bias.shape[1]
-        scores = torch.cat([q @ prompt_keys[group][..., :plen], q @ keys[..., : slot + 1]], -1)
-        bias = torch.cat([prompt_bias[group], prompt_bias.new_zeros(n, slot + 1)], -1)
+        plen, longest = prompt_bias.shape[1], int(slots.max()) + 1
+        own = torch.arange(longest, device=keys.device)
+        own_bias = qkv.new_zeros(n, longest).masked_fill(own[None] > slots[:, None],
+                                                         float("-inf"))
+        scores = torch.cat([q @ prompt_keys[group][..., :plen], q @ keys[..., :longest]], -1)
+        bias = torch.cat([prompt_bias[group], own_bias], -1)
         probs = (scores * scale + bias[:, None, None]).softmax(-1)
-        out = probs[..., :plen] @ prompt_values[group] + probs[..., plen:] @ values[:, :, : slot + 1]
+        out = probs[..., :plen] @ prompt_values[group] + \
+            probs[..., plen:] @ values[:, :, :longest]
         return out.reshape(n, heads * d)
 
     @staticmethod

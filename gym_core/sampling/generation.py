@@ -115,8 +115,9 @@ def generate(
 
     Each prompt is prefilled once and its KV cache shared by its rows; prefill and decode
     steps run on :class:`gym_core.sampling.fused.FusedDecoder` (adapters merged, a preallocated
-    cache, finished rows out of the batch) when the architecture is one it reproduces,
-    else on the model's own forward (the prompt's cache then repeated for its rows).
+    cache, finished rows out of the batch) when the architecture is in its table, else on
+    the model's own forward (the prompt's cache then repeated for its rows; a warning
+    says so once).
     ``fused``: True / False forces one path (True raises for an unsupported model), None
     picks.
     ``with_logprobs``: also return the sampler's log-prob of each drawn token [N, T]

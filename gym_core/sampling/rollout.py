@@ -151,11 +151,14 @@ class RolloutEngine:
 
         cfg, g = self.cfg, self.cfg.num_generations
         env_cls, env_cfg = self.env
-        out = sample_episodes(
-            self.policy.model, self.policy.tokenizer, env_cls, env_cfg, examples,
-            num_samples=g, sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
-            row_seeds=None if seeds is None else [s * 1009 + i for s in seeds for i in range(g)],
-            system_prompt=self.policy.system_prompt, max_prompt_length=cfg.max_prompt_length)
+        with self.policy.full_model() as model:  # FSDP: the full weights, every rank
+            out = sample_episodes(
+                model, self.policy.tokenizer, env_cls, env_cfg, examples,
+                num_samples=g, sampling=Sampling(True, cfg.temperature, cfg.top_p, cfg.top_k),
+                row_seeds=None if seeds is None else [s * 1009 + i for s in seeds
+                                                      for i in range(g)],
+                system_prompt=self.policy.system_prompt,
+                max_prompt_length=cfg.max_prompt_length)
         recs = out.records
         turn_rewards = [r.rewards for r in recs]
         gamma = float(env_cfg.gamma)

@@ -1,16 +1,16 @@
-"""The serving engine: one thread owns the model and runs continuous batching.
+"""The serving engine: one thread owns the model and runs continuous batching on gym's
+decode engine (:class:`gym_core.sampling.fused.FusedDecoder`, the sampler's).
 
-Every step, waiting requests are prefilled (their prompts in one forward pass) and join the
+Every step, waiting requests are prefilled (their prompts in one pass) and join the
 batch; then all running rows decode one token together; rows that finished, or whose
-client left, leave the batch. Rows of different variants share each forward pass: the base
+client left, leave the batch. Rows of different variants share each pass: the base
 layer's matmul runs once for the whole batch and each variant's delta operators add their
-term to their own rows (:class:`VariantLayers`, docs/serve.md).
+term to their own rows (:class:`gym_core.sampling.fused.RowDeltas`, docs/serve.md).
 
-The KV cache (:class:`KVSlots`) keeps one slot per running row in preallocated
-per-layer buffers; all rows end at the same column and each row's tokens are the last
-``length`` columns before it (left padding, masked). A row joining copies its prompt's
-keys and values into a free slot, a row leaving is replaced by the last slot: neither
-touches the other rows.
+The KV cache is the decode engine's: one row per running request, each at its own
+length; a row joining writes its prompt's keys and values into the next free row, a row
+leaving is replaced by the last row: neither touches the other rows. A model outside the
+engine's table is served through its own forward (:class:`OwnForward`, one warning).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from gym_core.deltas.delta import RowGroups
+from gym_core.sampling.fused import FusedDecoder, RowDeltas
 from gym_core.sampling.generation import Sampling, next_tokens, row_generators
 from gym_core.serve.variants import Variant
 
@@ -36,239 +37,78 @@ log = logging.getLogger("gym.serve")
 
 
 # ----------------------------------------------------------------------------------------
-# variants inside one forward pass
+# a model outside the decode engine's table
 # ----------------------------------------------------------------------------------------
 
 
-class VariantLayers:
-    """Forward hooks on every linear layer of the base: after ``y = x W^T + b`` for the
-    whole batch, each group of rows sharing a variant gets ``x_rows @ D^T`` added, one
-    :meth:`~gym_core.deltas.delta.DeltaOperator.add_to` call per operator class. Rows of the base
-    model are in no group and cost nothing."""
+class OwnForward:
+    """:class:`~gym_core.sampling.fused.FusedDecoder`'s rows (``join`` / ``leave`` /
+    ``advance``) for a model outside the decode engine's table: its own Hugging Face
+    forward, one row at a time, each row with its own cache; a row's variant through
+    forward hooks on the linear layers (:class:`~gym_core.sampling.fused.RowDeltas`)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.variants: list[Variant] = []  # the current forward pass's groups
-        self.groups: RowGroups | None = None
-        # per layer: [(operator class, ops per group, prepared)], kept while the batch's
-        # variants stay the same (most decode steps), so steps do not rebuild them
-        self._plans: dict[str, list] = {}
-        self._handles = []
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-
-    def set(self, variants: list[Variant], groups: RowGroups | None) -> None:
-        if len(variants) != len(self.variants) or \
-                any(a is not b for a, b in zip(variants, self.variants)):
-            self._plans = {}
-        self.variants, self.groups = variants, groups
-
-    def clear(self) -> None:
-        """After a forward pass: no groups (the plans stay for the next step)."""
-        self.groups = None
-
-    def forget(self) -> None:
-        self.variants, self.groups, self._plans = [], None, {}
-
-    def _plan(self, key: str) -> list:
-        by_class: dict[type, list] = {}
-        for g, variant in enumerate(self.variants):
-            op = variant.ops.get(key)
-            if op is not None:
-                by_class.setdefault(type(op), [None] * len(self.variants))[g] = op
-        return [(cls, ops, cls.prepare(ops)) for cls, ops in by_class.items()]
+        self.model = model
+        self.deltas = RowDeltas()
+        self.caches: list[DynamicCache] = []
+        self._variant = None  # the variant of the row being run
+        self._handles = [m.register_forward_hook(self._hook(name))
+                         for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
     def _hook(self, key: str):
         def hook(module, args, output):
-            if self.groups is None:
-                return None
-            plan = self._plans.get(key)
-            if plan is None:
-                plan = self._plans[key] = self._plan(key)
-            if not plan:
+            if self._variant is None:
                 return None
             x = args[0].reshape(-1, module.in_features)
-            x = x.float().contiguous() if x.dtype != torch.float32 else x.contiguous()
-            if output.dtype == torch.float32 and output.is_contiguous():
-                y, cast = output.view(-1, module.out_features), False
-            else:
-                y, cast = torch.zeros(x.shape[0], module.out_features), True
-            for cls, ops, prepared in plan:
-                cls.add_to(x, y, self.groups, ops, prepared)
-            if cast:
-                output = output + y.view(output.shape).to(output.dtype)
-            return output
+            y = torch.zeros(x.shape[0], module.out_features, device=output.device)
+            self.deltas.groups = RowGroups.single(x.shape[0])
+            self.deltas.add([(key, 0, module.out_features)], x, y)
+            return output + y.view(output.shape).to(output.dtype)
 
         return hook
+
+    def _run(self, ids: list[int], cache, variant) -> torch.Tensor:
+        self._variant = variant
+        self.deltas.set([variant] if variant is not None else [], None)
+        try:
+            out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        finally:
+            self._variant, self.deltas.groups = None, None
+        return out.logits[:, -1].float()
+
+    @property
+    def rows(self) -> int:
+        return len(self.caches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for c in self.caches for layer in c.layers
+                   for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+    def join(self, prompts: list[list[int]], variants: list) -> torch.Tensor:
+        logits = []
+        for ids, variant in zip(prompts, variants):
+            self.caches.append(DynamicCache())
+            logits.append(self._run(ids, self.caches[-1], variant))
+        return torch.cat(logits)
+
+    def advance(self, tokens: torch.Tensor, variants: list) -> torch.Tensor:
+        return torch.cat([self._run([int(t)], c, v)
+                          for t, c, v in zip(tokens.tolist(), self.caches, variants)])
+
+    def leave(self, row: int) -> None:
+        last = self.caches.pop()
+        if row < len(self.caches):
+            self.caches[row] = last
+
+    def release(self) -> None:
+        self.caches = []
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-def row_groups(variants: list[Variant | None], spans: list[tuple[int, int]]):
-    """The rows of each distinct variant (token indices of the flattened batch):
-    ``spans[i]`` is row i's token range. Base rows (None) are left out."""
-    order: dict[int, list[int]] = {}
-    chosen: list[Variant] = []
-    for i, v in enumerate(variants):
-        if v is None:
-            continue
-        key = id(v)
-        if key not in order:
-            order[key] = []
-            chosen.append(v)
-        order[key].extend(range(*spans[i]))
-    if not chosen:
-        return [], None
-    idx, offs = [], [0]
-    for v in chosen:
-        idx += order[id(v)]
-        offs.append(len(idx))
-    return chosen, RowGroups(torch.tensor(idx, dtype=torch.int32), offs)
-
-
-# ----------------------------------------------------------------------------------------
-# the KV cache
-# ----------------------------------------------------------------------------------------
-
-
-class _SlotLayer(DynamicLayer):
-    """One layer's view of :class:`KVSlots` for a forward pass: the new keys and values
-    are written in place at the shared end column; nothing is concatenated."""
-
-    def __init__(self, kbuf, vbuf, rows: int, start: int, end: int):
-        super().__init__()
-        self.kbuf, self.vbuf, self.rows, self.start, self.end = kbuf, vbuf, rows, start, end
-        self.is_initialized = True
-        self.device = kbuf.device
-        self.keys = kbuf[:rows, :, start:end]
-        self.values = vbuf[:rows, :, start:end]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        s = key_states.shape[-2]
-        self.kbuf[: self.rows, :, self.end : self.end + s] = key_states
-        self.vbuf[: self.rows, :, self.end : self.end + s] = value_states
-        self.end += s
-        self.keys = self.kbuf[: self.rows, :, self.start : self.end]
-        self.values = self.vbuf[: self.rows, :, self.start : self.end]
-        return self.keys, self.values
-
-
-class _SlotCache(DynamicCache):
-    def __init__(self, layers):
-        super(DynamicCache, self).__init__(layers=layers)
-
-
-class KVSlots:
-    """Per-layer key/value buffers ``[max_rows, heads, capacity, head_dim]``; rows
-    ``0..n-1`` are running. Every row's tokens end at column ``end``; row r's real tokens
-    are the ``lengths[r]`` columns before it, the mask marks them."""
-
-    def __init__(self, num_layers: int, heads: int, head_dim: int, dtype, max_rows: int):
-        self.shape = (num_layers, heads, head_dim)
-        self.dtype, self.max_rows = dtype, max_rows
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.capacity = self.start = self.end = self.n = 0
-        self.lengths: list[int] = []
-
-    def _relocate(self, capacity: int) -> None:
-        """New buffers of ``capacity`` columns, the live window moved to column 0."""
-        layers, heads, dim = self.shape
-        k = [torch.zeros(self.max_rows, heads, capacity, dim, dtype=self.dtype) for _ in range(layers)]
-        v = [torch.zeros(self.max_rows, heads, capacity, dim, dtype=self.dtype) for _ in range(layers)]
-        mask = torch.zeros(self.max_rows, capacity, dtype=torch.long)
-        width = self.end - self.start
-        if self.n and width:
-            for new, old in zip(k + v, self.k + self.v):
-                new[: self.n, :, :width] = old[: self.n, :, self.start : self.end]
-            mask[: self.n, :width] = self.mask[: self.n, self.start : self.end]
-        self.k, self.v, self.mask, self.capacity = k, v, mask, capacity
-        self.start, self.end = 0, width
-
-    def _fit(self, end: int, width: int) -> None:
-        """Make sure the window can end at column ``end`` (and one decode column after
-        it) while ``width`` columns wide: move it to column 0, or grow the buffers."""
-        if end + 1 <= self.capacity:
-            return
-        capacity = self.capacity
-        if width + 1 + 16 > capacity:  # compacting alone would soon run out again
-            capacity = max(width + 64, int(capacity * 1.5))
-        self._relocate(capacity)
-
-    def add(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> int:
-        """Append a row whose prompt's keys/values are ``[heads, length, dim]`` per layer;
-        returns its slot."""
-        if self.n == 0:
-            self.start = self.end = 0
-        width = max(self.end - self.start, length)
-        self._fit(self.end + max(0, length - self.end), width)
-        shift = max(0, length - self.end)  # the prompt must fit before the shared end
-        if shift:
-            if self.n:
-                for buf in self.k + self.v:
-                    buf[: self.n, :, self.start + shift : self.end + shift] = \
-                        buf[: self.n, :, self.start : self.end].clone()
-                self.mask[: self.n, self.start + shift : self.end + shift] = \
-                    self.mask[: self.n, self.start : self.end].clone()
-                self.mask[: self.n, self.start : self.start + shift] = 0
-            self.start += shift
-            self.end += shift
-        slot = self.n
-        for buf, src in zip(self.k, keys):
-            buf[slot, :, self.end - length : self.end] = src
-        for buf, src in zip(self.v, values):
-            buf[slot, :, self.end - length : self.end] = src
-        self.mask[slot].zero_()
-        self.mask[slot, self.end - length : self.end] = 1
-        self.start = min(self.start, self.end - length)
-        self.lengths.append(length)
-        self.n += 1
-        return slot
-
-    def remove(self, slot: int) -> None:
-        """Drop a row; the last row moves into its slot."""
-        last = self.n - 1
-        if slot != last:
-            for buf in self.k + self.v:
-                buf[slot, :, self.start : self.end] = buf[last, :, self.start : self.end]
-            self.mask[slot, self.start : self.end] = self.mask[last, self.start : self.end]
-            self.lengths[slot] = self.lengths[last]
-        self.mask[last].zero_()
-        self.lengths.pop()
-        self.n = last
-        if self.n == 0:
-            self.release()
-        else:  # columns no running row uses any more
-            self.start = self.end - max(self.lengths)
-            self.mask[: self.n, : self.start] = 0
-
-    def release(self) -> None:
-        """Free the buffers (the batch is empty)."""
-        self.k, self.v = [], []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.capacity = self.start = self.end = self.n = 0
-        self.lengths = []
-
-    def step_inputs(self):
-        """Cache, attention mask and position ids for one decode step of all rows."""
-        self._fit(self.end, self.end - self.start)
-        self.mask[: self.n, self.end] = 1
-        layers = [_SlotLayer(k, v, self.n, self.start, self.end) for k, v in zip(self.k, self.v)]
-        mask = self.mask[: self.n, self.start : self.end + 1]
-        positions = torch.tensor(self.lengths, dtype=torch.long).unsqueeze(1)
-        return _SlotCache(layers), mask, positions
-
-    def advance(self) -> None:
-        self.end += 1
-        self.lengths = [n + 1 for n in self.lengths]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -399,11 +239,13 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos = eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = next(model.parameters()).dtype
-        self.kv = KVSlots(cfg.num_hidden_layers, heads, head_dim, dtype, max_rows)
-        self.layers = VariantLayers(model)
+        # the decode engine's rows (the model's q/k/v and gate/up weights then views of its
+        # stacked matrices: held once), or the model's own forward outside its table
+        self.decoder = FusedDecoder.build(model, self.max_len, share=True)
+        if self.decoder is None:
+            self.decoder = OwnForward(model)
+        else:
+            self.decoder.open_rows(max_rows, self.max_len)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self._cv = threading.Condition()
@@ -426,12 +268,13 @@ class Engine:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=30)
-        self.layers.remove()
+        if isinstance(self.decoder, OwnForward):
+            self.decoder.remove()
 
     def load(self) -> dict:
         with self._cv:
             return {"running": len(self.rows), "waiting": len(self.waiting),
-                    "kv_cache_bytes": self.kv.nbytes, **self.stats}
+                    "kv_cache_bytes": self.decoder.nbytes, **self.stats}
 
     # -- the loop --------------------------------------------------------------------
 
@@ -440,7 +283,7 @@ class Engine:
         while True:
             with self._cv:
                 if not self.waiting and not self.rows:
-                    self.layers.forget()  # idle: hold no variant any more
+                    self.decoder.deltas.forget()  # idle: hold no variant any more
                 while not self._stop and not self.waiting and not self.rows:
                     self._cv.wait()
                 if self._stop:
@@ -466,9 +309,7 @@ class Engine:
                     if not any(r.req is req for r in self.rows):
                         req.emit(Event("error", text=f"the engine failed: {exc}"))
                 self.rows = []
-                self.kv.release()
-            finally:
-                self.layers.clear()
+                self.decoder.release()
 
     def _admit(self) -> list[Request]:
         new, tokens = [], 0
@@ -489,57 +330,32 @@ class Engine:
                 self._leave(slot)
 
     def _leave(self, slot: int) -> None:
-        self.kv.remove(slot)
+        self.decoder.leave(slot)
         last = self.rows.pop()
         if slot < len(self.rows):
             self.rows[slot] = last
 
-    def _forward(self, variants, spans, **inputs):
-        chosen, groups = row_groups(variants, spans)
-        self.layers.set(chosen, groups)
-        try:
-            return self.model(**inputs, use_cache=True, logits_to_keep=1)
-        finally:
-            self.layers.clear()
-
     def _prefill(self, reqs: list[Request]) -> None:
         self.stats["prefills"] += 1
-        lengths = [len(r.prompt_ids) for r in reqs]
-        width = max(lengths)
-        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(reqs), width, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, width - lengths[i]:] = torch.tensor(r.prompt_ids)
-            mask[i, width - lengths[i]:] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        spans = [(i * width + width - n, (i + 1) * width) for i, n in enumerate(lengths)]
-        cache = DynamicCache()
-        out = self._forward([r.variant for r in reqs], spans, input_ids=ids, attention_mask=mask,
-                            position_ids=positions, cache=cache)
-        logits = out.logits[:, -1].float()
+        logits = self.decoder.join([r.prompt_ids for r in reqs], [r.variant for r in reqs])
         new_rows = [_Row(r, self.tok, self.eos, self.max_len) for r in reqs]
-        tokens = self._sample(new_rows, logits)
-        for i, (row, token) in enumerate(zip(new_rows, tokens)):
+        tokens = self._sample(new_rows, logits.float())
+        first = len(self.rows)
+        for row, token in zip(new_rows, tokens):
             self.stats["requests"] += 1
             row.push(token)
-            if row.finish or row.req.cancelled.is_set():
-                continue
-            n = lengths[i]
-            keys = [layer.keys[i, :, width - n:] for layer in cache.layers]
-            values = [layer.values[i, :, width - n:] for layer in cache.layers]
-            self.kv.add(keys, values, n)
             self.rows.append(row)
+        for slot in range(len(self.rows) - 1, first - 1, -1):
+            row = self.rows[slot]
+            if row.finish or row.req.cancelled.is_set():
+                self._leave(slot)
 
     def _decode(self) -> None:
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(self.rows))
-        cache, mask, positions = self.kv.step_inputs()
-        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], dtype=torch.long)
-        spans = [(i, i + 1) for i in range(len(self.rows))]
-        out = self._forward([row.req.variant for row in self.rows], spans, input_ids=ids,
-                            attention_mask=mask, position_ids=positions, cache=cache)
-        self.kv.advance()
-        tokens = self._sample(self.rows, out.logits[:, -1].float())
+        ids = torch.tensor([row.tokens[-1] for row in self.rows], dtype=torch.long)
+        logits = self.decoder.advance(ids, [row.req.variant for row in self.rows])
+        tokens = self._sample(self.rows, logits.float())
         for slot in range(len(self.rows) - 1, -1, -1):
             row = self.rows[slot]
             row.push(tokens[slot])

@@ -179,7 +179,10 @@ class Updater:
                 (loss * self.dist.world).backward()
             total += value
             rows.append(metrics)
-        if self.deterministic:
+        if getattr(self.policy, "sharded", None) is not None:  # trainer.strategy=fsdp
+            grad_norm = clip_sharded_grad_norm(self.params, self.max_grad_norm,
+                                               self.deterministic)
+        elif self.deterministic:
             grad_norm = clip_grad_norm_fixed_order(self.params, self.max_grad_norm)
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
@@ -236,3 +239,31 @@ def clip_grad_norm_fixed_order(params, max_norm: float) -> float:
         for g in grads:
             g.mul_(coef)
     return float(total)
+
+
+def sharded_norm(tensors, fixed_order: bool = False) -> float:
+    """The L2 norm of tensors sharded over the ranks (FSDP's DTensors; plain tensors count
+    as this rank's part): each rank's squares summed in float64 (in a fixed order with
+    ``fixed_order``, :func:`fixed_order_sum_of_squares`), the sums added over the ranks."""
+    from gym_core.train.distributed import sum_over_ranks
+    from gym_core.train.fsdp import local
+
+    parts = [fixed_order_sum_of_squares(local(t)) if fixed_order
+             else local(t).detach().double().pow(2).sum() for t in tensors]
+    total = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
+    return float(sum_over_ranks(total).sqrt())
+
+
+def clip_sharded_grad_norm(params, max_norm: float, fixed_order: bool = False) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` for sharded gradients (trainer.strategy=fsdp):
+    the norm of the whole gradient over every rank's shards (:func:`sharded_norm`), each
+    shard scaled by the same ``max_norm / (norm + 1e-6)`` capped at 1."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = sharded_norm(grads, fixed_order)
+    coef = min(1.0, max_norm / (total + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total

@@ -96,14 +96,20 @@ def save_checkpoint(
     keep_last: int,
     heads: torch.nn.Module | None = None,
     protect: set[int] | frozenset[int] = frozenset(),
+    gathered: tuple[dict, dict | None] | None = None,
 ) -> Path:
+    """``gathered``: (trainable weights, optimizer state) already gathered from the
+    shards of an FSDP run (:mod:`gym_core.train.fsdp`), written instead of the model's
+    and optimizer's own, in the same layout."""
     final = checkpoints_dir(run_dir) / f"step-{step:06d}"
     # re-saving the same step (the end of a resumed, finished run) replaces it
     with atomic_path(final, folder=True) as tmp:
-        save_file(trainable_state(model, heads), str(tmp / WEIGHTS))
+        weights, optimizer_state = gathered if gathered is not None else (
+            trainable_state(model, heads), optimizer.state_dict() if optimizer else None)
+        save_file(weights, str(tmp / WEIGHTS))
         state = {"rng": rng_state(), **extra}
         if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
+            state["optimizer"] = optimizer_state
             state["scheduler"] = scheduler.state_dict()
         # through a Python file object, so that a full disk surfaces as the OS error
         # (torch's own writer reports only "unexpected pos")
@@ -159,9 +165,14 @@ def verify(path: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
-                    heads: torch.nn.Module | None = None) -> dict[str, Any]:
+                    heads: torch.nn.Module | None = None, sharded=None, *,
+                    setup_checked: bool = False) -> dict[str, Any]:
     """Restore weights (the model's and the heads'), optimizer, scheduler and RNG; returns
-    the saved extras."""
+    the saved extras. ``sharded``: the FSDP-sharded policy's
+    :class:`gym_core.train.fsdp.Sharded` (every rank reads the full checkpoint and keeps
+    its shards). ``setup_checked``: the run's model and adapter settings were already
+    found equal to the ones its checkpoints were written with (run.json), so names that do
+    not match can only be a damaged or edited file."""
     verify(path)
     try:
         weights = load_file(str(path / WEIGHTS))
@@ -176,10 +187,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
     if set(weights) != trainable:
         missing = sorted(trainable - set(weights))[:3]
         extra = sorted(set(weights) - trainable)[:3]
+        if setup_checked:
+            raise GymError(
+                f"checkpoint {path} is damaged: its tensor names do not match this run's "
+                f"trainable parameters (missing {missing}, unexpected {extra}) although the "
+                "run's model and model.lora settings are the ones it was written with "
+                "(run.json). Delete that directory to resume from the one before it, or "
+                "start a new run with another run.name.")
         raise GymError(
             f"checkpoint {path} does not match this run's trainable parameters (missing "
-            f"{missing}, unexpected {extra}): was it written with another model or "
-            "model.lora settings? Use a new run.name for a different setup."
+            f"{missing}, unexpected {extra}): it was written with another model or "
+            "model.lora settings, or the file is damaged. Use a new run.name for a "
+            "different setup."
         )
     wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in weights.items()
              if tuple(t.shape) != tuple(params[n].shape)]
@@ -190,11 +209,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
             f"has {list(ours)}{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}: "
             "it was written for a model of another shape; use a new run.name for a "
             "different model")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device))
+    if sharded is not None:
+        sharded.load_trainable(weights, HEADS_PREFIX)
+    else:
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t.to(params[n].device))
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded is not None:
+            sharded.load_optimizer_state(optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}

@@ -27,7 +27,7 @@ from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
 from gym_core.train.loop import seed_everything, train
 from gym_core.train.resume import check as check_resume
-from gym_core.train.resume import data_digest, recorded_threads
+from gym_core.train.resume import data_digest, read_record, recorded_threads
 from gym_core.train.resume import record as record_run
 from gym_core.train.rundir import check_run_name, check_run_state, prepare_run_dir, run_lock
 from gym_core.train.trackers import Trackers, open_trackers
@@ -118,6 +118,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         quantizer = plugins.component("quant", cfg.quant.name).load()(cfg.quant)
     # an existing run continues only as itself (gym_core.train.resume)
     digest = data_digest(task.train, task.test)
+    setup_checked = read_record(run_dir) is not None  # compared by check_resume
     changed = check_resume(cfg, run_dir, digest)
     saved_before = read_eval_before(run_dir / "eval_before.json")
 
@@ -181,7 +182,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     if dist.main:
         print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
 
-    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers)
+    result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers,
+                   setup_checked)
     after = score(policy.model, "eval after")
     pref_after = pref_score()
     if not dist.main:

@@ -17,9 +17,10 @@ from gym_core.base.errors import GymError, Interrupted, warn
 from gym_core.base.threads import rebalance
 from gym_core.data.tasks import Sampler
 from gym_core.sampling.rollout import RolloutEngine, rollout_metrics
-from gym_core.train.algorithm import Updater, mean_dicts
+from gym_core.train.algorithm import Updater, mean_dicts, sharded_norm
 from gym_core.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from gym_core.train.distributed import Dist
+from gym_core.train.fsdp import is_sharded, local
 from gym_core.train.metrics import MetricsLog
 
 
@@ -115,17 +116,29 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist | None = None,
-          stop=None, trackers=None) -> TrainResult:
+          stop=None, trackers=None, setup_checked: bool = False) -> TrainResult:
     """Train ``algo`` for ``trainer.max_steps`` steps, resuming from the newest checkpoint
     in ``run_dir``. Under torchrun each rank takes its share of every step's prompts;
     rank 0 alone writes. ``trainer.batch_size`` counts prompts (examples) per process.
     ``stop`` (a :class:`gym_core.train.interrupt.StopRequest`): a signal ends the loop after
-    the current step, with a checkpoint, by raising :class:`Interrupted`. ``trackers``: the
+    the current step, with a checkpoint, by raising :class:`Interrupted`. ``setup_checked``:
+    the run's model and adapter were found equal to its record (run.json) before this start,
+    so a checkpoint whose names do not match is damaged. ``trackers``: the
     run's experiment trackers (:mod:`gym_core.train.trackers`), started here and closed by
     the caller; None: the ones ``cfg.logger`` selects, opened and closed here."""
     dist = dist or Dist()
     tcfg, acfg = cfg.trainer, cfg.algorithm  # checked against the schema by preflight
 
+    strategy = str(tcfg.get("strategy", "ddp"))  # ddp | fsdp, declared in TrainerConfig
+    if algo.needs_reference:  # the starting weights, before any sharding or resume
+        policy.keep_reference()
+    if algo.trains_weights and policy.trainable_parameters():
+        if dist.enabled:  # before the optimizer: FSDP replaces the parameters by shards
+            policy.distribute(dist.device, strategy)
+        elif strategy == "fsdp" and dist.main:
+            print("gym: trainer.strategy=fsdp with one process: nothing to shard, training "
+                  "unsharded (launch with torchrun --nproc_per_node=N or "
+                  "trainer.backend=ray to shard)")
     params = policy.trainable_parameters() if algo.trains_weights else []
     optimizer = scheduler = updater = None
     spec = schedule_spec(tcfg, tcfg.max_steps * algo.updates_per_step)
@@ -134,8 +147,6 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             params, lr=acfg.lr, betas=tuple(acfg.adam_betas), weight_decay=acfg.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, spec["updates"]))
-        if dist.enabled and params:
-            policy.distribute(dist.device)
         updater = Updater(policy, optimizer, scheduler, params, tcfg.max_grad_norm, dist,
                           deterministic=bool(tcfg.get("deterministic", False)))
     sampler = Sampler(len(task.train), tcfg.seed)
@@ -145,7 +156,8 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         step, path = checkpoints[-1]
-        extra = load_checkpoint(path, policy.model, optimizer, scheduler, policy.heads)
+        extra = load_checkpoint(path, policy.model, optimizer, scheduler, policy.heads,
+                                sharded=policy.sharded, setup_checked=setup_checked)
         algo.load_state_dict(extra.get("algorithm", {}))
         start_step, sampler.position = int(extra["step"]), int(extra["data_position"])
         seconds, tokens = float(extra["train_seconds"]), int(extra["completion_tokens"])
@@ -174,8 +186,6 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
         from gym_core.eval.during import DuringTraining
 
         during = DuringTraining(cfg, plugins, run_dir)
-    if algo.needs_reference:
-        policy.keep_reference()
     from gym_core.env.setup import selected_environment
 
     env = selected_environment(cfg, plugins, algo.online, task.train)  # docs/agents.md
@@ -242,10 +252,17 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             "schedule": spec,
             "start_weight_norm": start_norm,
         }
+        gathered = None
+        if policy.sharded is not None:  # every rank sends its shards, rank 0 writes
+            from gym_core.train.checkpoint import HEADS_PREFIX
+
+            gathered = (policy.sharded.trainable_state(HEADS_PREFIX),
+                        policy.sharded.optimizer_state(optimizer) if optimizer else None)
         if dist.main:
             path = save_checkpoint(
                 run_dir, step, policy.model, optimizer, scheduler, extra, tcfg.keep_last,
                 policy.heads, protect=during.protected if during is not None else frozenset(),
+                gathered=gathered,
             )
             if during is not None:
                 during.write_best()
@@ -301,7 +318,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             if updater is not None:
                 updater.step = step + 1
             step_metrics = algo.step(batches, totals, updater)
-            if dist.enabled and params:
+            if dist.enabled and params and policy.sharded is None:  # FSDP: shards differ
                 check_replicas(params, dist, step + 1)
 
             step += 1
@@ -338,7 +355,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                 # that blows them up without a NaN shows here first
                 ratio = weight_norm(params) / max(start_norm, 1e-12)
                 metrics["weight_norm_ratio"] = ratio
-                if not math.isfinite(ratio) and not all(bool(p.isfinite().all()) for p in params):
+                if not math.isfinite(ratio) and not weights_finite(params, dist):
                     raise GymError(
                         f"at step {step} the trainable weights became infinite or NaN; lower "
                         f"algorithm.lr (now {acfg.lr:g}); "
@@ -352,8 +369,10 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
                          f"the updates are exploding; lower algorithm.lr (now {acfg.lr:g})")
             best = False
             if during is not None:
-                if during.due(step) and dist.main:  # rank 0 scores; the others wait
-                    metrics.update(during(step, policy))
+                if during.due(step):  # rank 0 scores; the others wait
+                    with policy.full_model() as model:  # FSDP: every rank gathers
+                        if dist.main:
+                            metrics.update(during(step, policy, model))
                 best = during.improved(step, metrics)
                 if dist.enabled:  # every rank saves the checkpoint together
                     best = bool(dist.broadcast(best))
@@ -394,6 +413,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
             log.close()
         if own_trackers:
             trackers.close(ok=step == tcfg.max_steps)
+    policy.gather()  # FSDP: the full trained weights on every rank, for what follows
     return TrainResult(steps=step, seconds=seconds, completion_tokens=tokens)
 
 
@@ -403,11 +423,23 @@ EXPLODED_RATIO = 100.0
 
 
 def weight_norm(params) -> float:
-    """The L2 norm of all the trainable weights (one fused pass)."""
+    """The L2 norm of all the trainable weights (one fused pass; FSDP: over the shards
+    of every rank)."""
     if not params:
         return 0.0
+    if any(is_sharded(p) for p in params):
+        return sharded_norm(params)
     with torch.no_grad():
         return float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
+
+
+def weights_finite(params, dist: Dist) -> bool:
+    """Whether every trainable weight is finite; sharded weights (FSDP): on every rank,
+    so that all ranks agree whether to stop."""
+    finite = all(bool(local(p).isfinite().all()) for p in params)
+    if any(is_sharded(p) for p in params):
+        finite = dist.all_reduce_max([0.0 if finite else 1.0])[0] == 0.0
+    return finite
 
 
 def check_replicas(params, dist: Dist, step: int) -> None:

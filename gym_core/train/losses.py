@@ -181,6 +181,12 @@ def sequence_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor
 
 
 def _refuse_outside_ddp(model, name: str) -> None:
+    if not getattr(_through_ddp, "active", False) and hasattr(
+            next(model.parameters(), None), "device_mesh"):
+        raise GymError(
+            f"{name} was called on the FSDP-sharded model outside the scorer "
+            "(trainer.strategy=fsdp): its weights are shards there. Compute log-probs with "
+            "self.policy.logprobs(batch), and sample with self.policy.sample(...).")
     if (torch.is_grad_enabled() and not getattr(_through_ddp, "active", False)
             and torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1

@@ -219,6 +219,38 @@ def test_the_same_endpoint_reflects_with_llm_policy(tmp_path, api_overrides, wit
     assert row["llm_calls"] > 0 and by["policy"]["calls"] == 2 * 4 + row["llm_calls"] + 4
 
 
+def test_the_tfgrpo_api_recipe_against_gym_serve(tmp_path, tiny_overrides, served, monkeypatch,
+                                                 with_digit_reward):
+    """``gym train +recipe=tfgrpo_api`` (conf/recipe/tfgrpo_api.yaml) with the endpoint,
+    model and key variable a user gives: the served model acts and reflects under the
+    operations schema, the library fills, the budget and usage are on record."""
+    monkeypatch.setenv("GYM_TEST_KEY", KEY)
+    (tmp_path / "short").mkdir()
+    for name, text in SHORT.items():
+        (tmp_path / "short" / name).write_text(text)
+    cfg = compose(["+recipe=tfgrpo_api", *tiny_overrides, f"policy.base_url={served.url}/v1",
+                   "policy.model=tiny", "policy.api_key_env=GYM_TEST_KEY",
+                   "policy.input_price=0.5", "policy.output_price=2",
+                   "algorithm.num_generations=4", "algorithm.max_completion_length=8",
+                   "algorithm.rewards=[digit_share]", "algorithm.max_experience_words=2",
+                   "algorithm.lessons_per_group=1", "algorithm.summary_max_new_tokens=40",
+                   f"algorithm.prompts_dir={tmp_path}/short", "llm.max_new_tokens=150",
+                   "algorithm.max_operations=1",  # one operation fits in 150 byte tokens
+                   "trainer.eval_size=4", "trainer.max_steps=1", "trainer.eval_before=false"])
+    assert (cfg.algorithm.name, cfg.policy.name, cfg.llm.name) == ("cl_grpo", "api", "policy")
+    assert cfg.llm.structured and cfg.trainer.save_every == 1
+    run = tmp_path / "run"
+    summary = run_mod.run_job(cfg, run_dir=run)
+    by = json.loads((run / "api_usage.json").read_text())["by_endpoint"]
+    assert set(by) == {"policy"}  # one endpoint acted and reflected, as in the paper
+    row = rows_of(run)[0]
+    assert row["llm_calls"] > 0 and row["groups_contrasted"] > 0
+    assert row["lesson_replies_unparsed"] + row["op_replies_unparsed"] == 0
+    assert row["library_size"] > 0, row
+    assert 0 < summary["algorithm_stats"]["api_cost_usd"] <= cfg.algorithm.max_api_cost
+    assert (run / "checkpoints").is_dir()
+
+
 # ---------------------------------------------------------------------------------------
 # a scripted endpoint: budget, resume, bad input
 # ---------------------------------------------------------------------------------------

@@ -157,6 +157,32 @@ def test_a_damaged_checkpoint_is_not_resumed(run, gym_env):
     assert [s for s, _ in list_checkpoints(run)] == [1, 2]
 
 
+def test_a_damaged_tensor_name_is_called_damage_not_other_settings(run, gym_env):
+    """A name in the checkpoint's header damaged where no checksum can tell (a checkpoint
+    written before checksums): the run's record says the model and adapter are the same,
+    so the message blames the file, not the LoRA settings."""
+    import json
+
+    from gym_core.train.checkpoint import INFO
+
+    step, newest = list_checkpoints(run)[-1]
+    weights = newest / WEIGHTS
+    data = weights.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    header = data[:header_end].replace(b"lora_A", b"lora_Q", 1)
+    assert header != data[:header_end]
+    weights.write_bytes(header + data[header_end:])
+    info = json.loads((newest / INFO).read_text())
+    info.pop("sha256")
+    (newest / INFO).write_text(json.dumps(info))
+    proc = cli([*TINY, "trainer.max_steps=3", "trainer.save_every=1", "quant=bitdelta",
+                "run.name=r"], run.parents[1], gym_env)
+    line = assert_one_line_error(proc, f"checkpoint {newest} is damaged", "tensor names",
+                                 "lora_Q", "Delete that directory")
+    assert "written with another model" not in line
+    assert [s for s, _ in list_checkpoints(run)] == [1, 2]
+
+
 def test_a_checkpoint_of_another_model_shape(run, tmp_path, gym_env):
     """Copied into a run of a wider model (no run.json to compare: a run from before it)."""
     other = tmp_path / "runs" / "wide"

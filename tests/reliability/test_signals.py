@@ -48,7 +48,7 @@ def rows_logged(run_dir: Path) -> int:
 def test_a_second_ctrl_c_right_after_the_first_exits_at_once(tmp_path, gym_env):
     """README: a second Ctrl-C exits at once, however soon it follows the first (outside
     torchrun, which doubles a Ctrl-C, no grace period)."""
-    args = [*TINY, "trainer.max_steps=50", "trainer.save_every=0", "run.name=quick"]
+    args = [*TINY, "trainer.max_steps=50", "trainer.save_every=null", "run.name=quick"]
     run_dir = tmp_path / "runs" / "quick"
     proc = start(args, tmp_path, gym_env, delay=4.0)
     wait_for(lambda: rows_logged(run_dir) >= 1, proc, what="a step")
@@ -65,10 +65,10 @@ def test_a_second_ctrl_c_right_after_the_first_exits_at_once(tmp_path, gym_env):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, gym_env, straight, sig):
-    """No checkpoint is due before step 6 (save_every=0): without the handler, the steps
+    """No checkpoint is due before step 6 (save_every=null): without the handler, the steps
     done would be lost. SIGTERM is a scheduler's pre-emption; SIGINT is Ctrl-C."""
     name = f"sig{int(sig)}"
-    args = [*TINY, "trainer.max_steps=6", "trainer.save_every=0", f"run.name={name}"]
+    args = [*TINY, "trainer.max_steps=6", "trainer.save_every=null", f"run.name={name}"]
     run_dir = tmp_path / "runs" / name
     proc = start(args, tmp_path, gym_env)
     wait_for(lambda: rows_logged(run_dir) >= 2, proc, what="two steps")
@@ -181,7 +181,7 @@ def test_under_torchrun_the_ranks_stop_at_the_same_step(tmp_path, gym_env):
     """SIGTERM to rank 1 alone (as a node's pre-emption may): the ranks agree through
     the step's stop flag, rank 0 writes the checkpoint and prints the line; no rank is
     left waiting in a collective."""
-    args = [*TINY, "trainer.max_steps=8", "trainer.save_every=0", "run.name=ddp"]
+    args = [*TINY, "trainer.max_steps=8", "trainer.save_every=null", "run.name=ddp"]
     run_dir = tmp_path / "runs" / "ddp"
     err = tmp_path / "stderr"
     with open(err, "w") as fh:
