@@ -194,26 +194,36 @@ class SamplesSection:
                          .classes("w-full"), "samples-table")
         self.steps: list[int] = []
         self.follow = step is None  # show each new step as it is written
-        self.picker.on_value_change(lambda e: self.show(e.value))
+        self.picker.on_value_change(lambda e: self.pick(e.value))
         self.refresh()
         if step is not None:
             try:
-                self.show(int(step))
+                wanted = int(step)
             except ValueError:
                 self.message.text = f"step {step!r} is not a step number"
+                return
+            if wanted in self.steps:
+                self.picker.value = wanted  # on_value_change shows it
+            else:
+                self.show(wanted)  # the message naming the steps there are
 
     def refresh(self) -> None:
         steps = rollout_steps(self.run_dir)
         if steps == self.steps:
             return
-        last = self.steps[-1] if self.steps else None
         self.steps = steps
         self.picker.options = steps
         self.picker.update()
-        if steps and (self.follow or self.picker.value == last):
+        if not steps:
+            self.caption.text = ("no rollouts recorded in this run (online methods keep them "
+                                 "with trainer.rollout_buffer=true)")
+        elif self.follow:
             self.picker.value = steps[-1]  # on_value_change shows it
-        elif not steps and self.follow:
-            self.show(None)
+
+    def pick(self, step: int | None) -> None:
+        self.follow = bool(self.steps) and step == self.steps[-1]  # the newest: keep up
+        if step is not None:
+            self.show(step)
 
     def show(self, step: int | None) -> None:
         try:
