@@ -174,7 +174,7 @@ def _evaluation_curves(root: Path, run_dir: Path) -> None:
 
 SAMPLE_COLUMNS = [("prompt", "prompt"), ("completion", "completion"), ("reward", "reward"),
                   ("tokens", "tokens"), ("logp_sum", "behaviour log-prob (sum)"),
-                  ("logp_mean", "(mean / token)"), ("staleness", "staleness")]
+                  ("logp_mean", "log-prob / token"), ("staleness", "staleness")]
 
 
 class SamplesSection:
