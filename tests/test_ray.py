@@ -270,6 +270,22 @@ def test_multi_turn_episodes_in_a_rollout_worker_are_the_local_ones(tmp_path, ra
         assert rb["staleness"] == 0
 
 
+@pytest.mark.parametrize("extra, nproc, message", [
+    (["rollout.cpus_per_worker=3", "ray.address={cluster}"], None,
+     "asks for 3 CPUs; the Ray cluster has"),
+    (["trainer.strategy=fsdp"], 2, "rollout.workers > 0 with trainer.strategy=fsdp"),
+])
+def test_bad_rollout_worker_settings_are_one_line(tmp_path, ray_cluster, common, extra,
+                                                  nproc, message):
+    r = launch([*common, "trainer.max_steps=1", "run.name=bad", "rollout.workers=1",
+                *[x.format(cluster=ray_cluster) for x in extra]], tmp_path, nproc=nproc,
+               timeout=300)
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if "gym: error:" in x]
+    assert line and message in line[0], r.stderr[-2000:]
+    assert nproc or (r.returncode == 2 and "Traceback" not in r.stderr)
+
+
 def test_staleness_1_trains_on_the_previous_policy(tmp_path, ray_cluster, common):
     args = [*common, "trainer.max_steps=4", "run.name=async", "rollout.workers=1",
             "rollout.max_staleness=1", "rollout.weight_sync=bitdelta",
