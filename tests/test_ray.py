@@ -226,6 +226,66 @@ def test_one_rollout_worker_at_staleness_0_is_the_local_run(tmp_path, ray_cluste
     assert all(r["grad_norm"] > 0 for r in rows(tmp_path / "runs/local"))
 
 
+def test_ray_train_ranks_share_a_rollout_worker(tmp_path, ray_cluster, common):
+    """Two Ray Train ranks (half a CPU each) and one rollout worker (one CPU) on the
+    2-CPU cluster: rank 0 asks the worker for each rank's share and scatters it, so the
+    run samples what two torchrun ranks sample themselves, token for token, and trains
+    to the same losses."""
+    args = [*common, "trainer.max_steps=2"]
+    tr = launch([*args, "run.name=torchrun"], tmp_path, nproc=2)
+    assert tr.returncode == 0, tr.stderr[-3000:]
+    rr = launch([*args, "run.name=ray-actor", "trainer.backend=ray", "ray.num_workers=2",
+                 "ray.cpus_per_worker=0.5", "rollout.workers=1", "rollout.cpus_per_worker=1",
+                 "rollout.max_staleness=0", f"ray.address={ray_cluster}"], tmp_path,
+                timeout=600)
+    assert rr.returncode == 0, rr.stdout[-3000:] + rr.stderr[-3000:]
+    a, b = buffer_rows(tmp_path / "runs/torchrun"), buffer_rows(tmp_path / "runs/ray-actor")
+    assert len(b) == 2 * 2 * 2 * 4  # steps x ranks x prompts x generations
+    assert [r["completion_ids"] for r in a] == [r["completion_ids"] for r in b]
+    assert {(r["step"], r["policy_version"]) for r in b} == {(1, 0), (2, 1)}
+    for ra, rb in zip(rows(tmp_path / "runs/torchrun"), rows(tmp_path / "runs/ray-actor")):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6)
+        assert rb["staleness"] == 0 and rb["sync_bytes"] > 0
+
+
+def test_multi_turn_episodes_in_a_rollout_worker_are_the_local_ones(tmp_path, ray_cluster,
+                                                                     common):
+    """env=calculator in the worker: the same episodes, token for token (model and
+    environment tokens alike), the same turns and losses as the trainer's own."""
+    args = [*common, "trainer.max_steps=2", "env=calculator", "env.max_tokens=24",
+            "algorithm.num_generations=2"]
+    local = launch([*args, "run.name=local-env"], tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    actor = launch([*args, "run.name=actor-env", "rollout.workers=1",
+                    "rollout.max_staleness=0", f"ray.address={ray_cluster}"], tmp_path)
+    assert actor.returncode == 0, actor.stdout[-3000:] + actor.stderr[-3000:]
+    a, b = buffer_rows(tmp_path / "runs/local-env"), buffer_rows(tmp_path / "runs/actor-env")
+    assert a and [r["completion_ids"] for r in a] == [r["completion_ids"] for r in b]
+    for ra, rb in zip(a, b):  # the trainer trains on the worker's tokens and log-probs
+        assert rb["behaviour_logprobs"] == pytest.approx(ra["behaviour_logprobs"], abs=1e-4)
+    for ra, rb in zip(rows(tmp_path / "runs/local-env"), rows(tmp_path / "runs/actor-env")):
+        assert rb["env/turns"] == ra["env/turns"] and rb["env/errors"] == 0
+        assert rb["env/environment_tokens"] == ra["env/environment_tokens"]
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6)
+        assert rb["staleness"] == 0
+
+
+@pytest.mark.parametrize("extra, nproc, message", [
+    (["rollout.cpus_per_worker=3", "ray.address={cluster}"], None,
+     "asks for 3 CPUs; the Ray cluster has"),
+    (["trainer.strategy=fsdp"], 2, "rollout.workers > 0 with trainer.strategy=fsdp"),
+])
+def test_bad_rollout_worker_settings_are_one_line(tmp_path, ray_cluster, common, extra,
+                                                  nproc, message):
+    r = launch([*common, "trainer.max_steps=1", "run.name=bad", "rollout.workers=1",
+                *[x.format(cluster=ray_cluster) for x in extra]], tmp_path, nproc=nproc,
+               timeout=300)
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    line = [x for x in r.stderr.splitlines() if "gym: error:" in x]
+    assert line and message in line[0], r.stderr[-2000:]
+    assert nproc or (r.returncode == 2 and "Traceback" not in r.stderr)
+
+
 def test_staleness_1_trains_on_the_previous_policy(tmp_path, ray_cluster, common):
     args = [*common, "trainer.max_steps=4", "run.name=async", "rollout.workers=1",
             "rollout.max_staleness=1", "rollout.weight_sync=bitdelta",

@@ -335,3 +335,67 @@ def test_every_page_asset_and_websocket_needs_the_token(tmp_path):
     finally:
         assert ui.stop() == 0, ui.output
 
+
+
+def write_rollouts(run: Path, step: int, n: int = 3) -> None:
+    from gym_core.sampling.buffer import RolloutBuffer
+
+    RolloutBuffer(run).write(step, [{
+        "step": step, "policy_version": step - 2, "staleness": 1, "group": 0,
+        "prompt": f"what is {step}+{i}?", "completion": f"answer-{step}-{i}",
+        "completion_ids": [1, 2], "behaviour_logprobs": [-0.5, -1.5],
+        "reward": float(i), "truncated": False, "answer": str(step + i)} for i in range(n)])
+
+
+def test_run_page_shows_sample_completions_of_a_step_from_the_rollout_buffer(tmp_path):
+    """The run page's Samples: the last step by default, another by ?step=; a step with no
+    file, a damaged file and a run outside the runs folder are messages in the page."""
+    import httpx
+
+    from gym_core.ui.runs import read_samples
+    from tests.test_ui_browser import start_ui
+
+    runs = tmp_path / "runs"
+    run = write_run(runs, "r", after=0.5)
+    for step in (1, 2):
+        write_rollouts(run, step)
+    got = read_samples(run, limit=2)
+    assert (got.step, got.total, [r["completion"] for r in got.rows]) == \
+        (2, 3, ["answer-2-0", "answer-2-1"])
+    assert got.rows[1] | {"prompt": None} == {
+        "prompt": None, "completion": "answer-2-1", "reward": 1.0, "tokens": 2,
+        "logp_sum": -2.0, "logp_mean": -1.0, "staleness": 1, "policy_version": 0}
+    outside = write_run(tmp_path, "outside", after=0.5)
+    write_rollouts(outside, 1)
+    (runs / "link").symlink_to(outside)
+    before = snapshot(tmp_path)
+    ui = start_ui(None, tmp_path, runs)
+    try:
+        cookie = {f"gym_ui_token_{ui.url.rsplit(':', 1)[1]}": ui.token}
+        with httpx.Client(cookies=cookie, timeout=60) as browser:
+            def page(**params) -> str:
+                r = browser.get(ui.url + "/run", params={"root": str(runs), **params})
+                assert r.status_code == 200, r.text
+                return r.text
+
+            last = page(name="r")
+            assert "step 2: 3 of 3 completions" in last and "answer-2-2" in last
+            assert "answer-1-0" not in last
+            first = page(name="r", step="1")
+            assert "answer-1-0" in first and "answer-2-0" not in first
+            missing = page(name="r", step="9")
+            assert "step 9 has no rollouts in" in missing and "recorded steps: 1-2" in missing
+            assert "answer-" not in missing
+            assert "is not a step number" in page(name="r", step="x")
+            for escape in ("../outside", "link", str(outside)):
+                text = page(name=escape)
+                assert "there is no run" in text and "answer-1-0" not in text, escape
+            (run / "rollouts" / "step-000003.parquet").write_bytes(b"PAR1 half a file")
+            damaged = page(name="r")
+            assert "step-000003.parquet is not a readable Parquet file" in damaged
+            assert "answer-2-0" in page(name="r", step="2")  # the rest stays readable
+        assert ui.alive()
+    finally:
+        assert ui.stop() == 0, ui.output
+    (run / "rollouts" / "step-000003.parquet").unlink()
+    assert snapshot(tmp_path) == before

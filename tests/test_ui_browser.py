@@ -184,6 +184,9 @@ def test_runs_page_shows_a_finished_runs_numbers_and_curves(finished, page, tmp_
         assert text_of(page, "summary-after-quant") == f"{ev['after_quant']:.3f}"
         assert text_of(page, "summary-delta-size") == f"{q['delta_bytes'] / 1000:.1f} KB"
         wait_text(page, "curve-loss", rf"loss: {len(rows)} points")
+        # the rollout buffer's last step as sample completions (2 prompts x 4 generations)
+        wait_text(page, "samples-caption", r"step 3: 8 of 8 completions")
+        assert page.get_by_test_id("samples-table").locator("tbody tr").count() == 8
     finally:
         assert ui.stop() == 0, ui.output
 

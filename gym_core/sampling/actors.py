@@ -16,6 +16,12 @@ same rollouts as without workers). Every rollout comes back with the version tha
 it; the trainer's sampler correction (TIS/MIS, docs/algorithms.md §3) weighs the lag with
 the behaviour log-probs the worker recorded, and the step's ``staleness`` is a metric.
 
+Trainer ranks (torchrun, ``trainer.backend=ray``) share the workers through rank 0
+(:class:`RankedRollouts`): rank 0 alone calls the actors and pushes the weights, asking
+for each rank's share of a step separately, and hands every rank its own rollouts over
+``torch.distributed``. One caller keeps the order above (Ray orders an actor's calls per
+caller only), and under torchrun only rank 0 needs a Ray connection.
+
 A worker that dies (``kill -9``, a lost node) is replaced: a new actor gets the full
 weights and the step's rollouts are asked for again (the same seeds, so the same
 completions up to the policy version).
@@ -60,7 +66,12 @@ class RolloutWorker:
         weights = cfg.algorithm.reward_weights or [1.0] * len(names)
         rewards = [(n, plugins.component("reward", n).load(), float(w))
                    for n, w in zip(names, weights)]
-        self.engine = RolloutEngine(policy, cfg.algorithm, rewards)
+        from gym_core.env.setup import selected_environment
+
+        # env=<name>: multi-turn episodes, sampled as the trainer would (the trainer has
+        # checked the environment against its data rows already)
+        env = selected_environment(cfg, plugins, True, [])
+        self.engine = RolloutEngine(policy, cfg.algorithm, rewards, env=env)
         self.receiver = Receiver(model, plugins)
         self.version = -1
         self.index = index
@@ -93,12 +104,16 @@ class RemoteRollouts:
         if not self.ray.is_initialized():
             self._connect(cfg)
         want = float(rcfg.workers) * float(rcfg.cpus_per_worker)
-        have = float(self.ray.cluster_resources().get("CPU", 0))
+        # free CPUs: under Ray Train the trainer ranks hold theirs (ray.cpus_per_worker)
+        have = float(self.ray.available_resources().get("CPU", 0))
+        total = float(self.ray.cluster_resources().get("CPU", 0))
         if want > have + 1e-9:
             self.close()
             raise GymError(f"rollout.workers={rcfg.workers} x rollout.cpus_per_worker="
                            f"{rcfg.cpus_per_worker} asks for {want:g} CPUs; the Ray cluster "
-                           f"has {have:g}: lower one of them")
+                           f"has {have:g} free of {total:g}: lower one of them (fractions "
+                           "work, e.g. rollout.cpus_per_worker=0.5, and "
+                           "ray.cpus_per_worker for trainer ranks)")
         from omegaconf import OmegaConf
 
         self.cfg = cfg
@@ -184,3 +199,56 @@ class RemoteRollouts:
         if self._started:
             self.ray.shutdown()
             self._started = False
+
+
+class RankedRollouts:
+    """:class:`RemoteRollouts` for every trainer rank; the calls are collective (every
+    rank makes them, in the same order). Rank 0 holds the workers: it submits each rank's
+    examples and seeds (the batch that rank would sample itself) as a call of its own, and
+    scatters each rank its rollouts; the weights go out from rank 0 (DDP: every rank holds
+    the same ones). With one process this is :class:`RemoteRollouts` itself."""
+
+    def __init__(self, cfg, policy, plugins, start_version: int, dist):
+        self.dist = dist
+        self.remote, problem = None, None
+        if dist.main:
+            try:
+                self.remote = RemoteRollouts(cfg, policy, plugins, start_version)
+            except GymError as exc:
+                problem = str(exc)
+        problem = dist.broadcast(problem)  # every rank stops when rank 0 could not start
+        if problem is not None:
+            raise GymError(problem)
+
+    def submit(self, step: int, examples: list[dict], seeds: list[int] | None) -> None:
+        shares = self.dist.all_gather((examples, seeds))
+        if self.remote is not None:
+            for r, (ex, sd) in enumerate(shares):
+                self.remote.submit(step * self.dist.world + r, ex, sd)
+
+    def result(self, step: int):
+        """This rank's rollouts of ``step``, the version that sampled them, seconds."""
+        got, problem = None, None
+        if self.remote is not None:
+            try:
+                got = [self.remote.result(step * self.dist.world + r)
+                       for r in range(self.dist.world)]
+            except GymError as exc:
+                problem = str(exc)
+            if problem is not None:
+                got = [problem] * self.dist.world
+        mine = self.dist.scatter(got)
+        if isinstance(mine, str):
+            raise GymError(mine)
+        return mine
+
+    def push(self, version: int) -> dict[str, float]:
+        """The trainer's weights to every worker (from rank 0: the sync's metrics there)."""
+        return self.remote.push(version) if self.remote is not None else {}
+
+    def pids(self) -> list[int]:
+        return self.remote.pids() if self.remote is not None else []
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()

@@ -67,6 +67,14 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def scatter(self, objs: list[Any] | None) -> Any:
+        """Rank 0's ``objs[r]`` (picklable) on rank ``r``; ``objs`` is read on rank 0 only."""
+        if not self.enabled:
+            return objs[0]
+        out: list[Any] = [None]
+        dist.scatter_object_list(out, list(objs) if self.main else None, src=0)
+        return out[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -205,17 +205,13 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     consumed = sampler.position  # the data position of the last step taken (checkpoints)
     rcfg = cfg.get("rollout")
     if engine is not None and rcfg is not None and int(rcfg.workers) > 0:
-        if env is not None:
-            raise GymError(f"rollout.workers > 0 with env={cfg.env.name}: multi-turn episodes "
-                           "are sampled by the trainer itself (not supported in rollout "
-                           "workers yet); set rollout.workers=0")
-        if dist.enabled:
-            raise GymError("rollout.workers > 0 runs with one trainer process (trainer "
-                           "ranks with rollout workers are not supported yet); drop torchrun "
-                           "or set rollout.workers=0")
-        from gym_core.sampling.actors import RemoteRollouts
+        if policy.sharded is not None:
+            raise GymError("rollout.workers > 0 with trainer.strategy=fsdp: the workers get "
+                           "whole weights, which FSDP ranks hold in shards (not supported "
+                           "yet); use trainer.strategy=ddp or rollout.workers=0")
+        from gym_core.sampling.actors import RankedRollouts
 
-        remote = RemoteRollouts(cfg, policy, plugins, start_version=start_step)
+        remote = RankedRollouts(cfg, policy, plugins, start_step, dist)
         lag = int(rcfg.max_staleness)
 
         def plan(s: int) -> None:

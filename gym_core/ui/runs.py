@@ -317,3 +317,88 @@ def resume_overrides(run: Run) -> list[str] | None:
     keep = [str(o) for o in recorded
             if str(o).split("=")[0].lstrip("+~") not in ("run.name", "run.root")]
     return [*keep, f"run.root={quote(str(run.path.parent))}", f"run.name={quote(run.path.name)}"]
+
+
+def run_path(root: str | Path, name: str) -> Path:
+    """The run ``name`` of the runs folder ``root``; a :class:`GymError` when there is none
+    or when ``name`` (``..``, an absolute path, a symlink) leads outside the folder."""
+    folder = check_root(root)
+    base = folder.resolve()
+    path = (base / name).resolve() if name else base
+    if path == base or base not in path.parents:
+        raise GymError(f"there is no run {name!r} in {root} (a run is a folder inside the "
+                       "runs folder)")
+    if not path.is_dir():
+        raise GymError(f"there is no run {name!r} in {root}")
+    return folder / name
+
+
+@dataclass
+class Samples:
+    """Completions of one step of a run's rollout buffer, as the run page shows them."""
+
+    step: int
+    total: int  # completions the step recorded
+    rows: list[dict[str, Any]]  # the first few: prompt, completion, reward, log-probs, staleness
+
+
+def rollout_steps(run_dir: Path) -> list[int]:
+    """The steps with a file in the run's rollout buffer (``rollouts/step-N.parquet``)."""
+    from gym_core.sampling.buffer import FOLDER
+
+    names = [p.name for p in _children(run_dir / FOLDER)]
+    return sorted(int(n[5:-8]) for n in names
+                  if n.startswith("step-") and n.endswith(".parquet") and n[5:-8].isdigit())
+
+
+def read_samples(run_dir: Path, step: int | None = None, limit: int = 8) -> Samples:
+    """The first ``limit`` completions of ``step`` (the last recorded step by default) from
+    ``run_dir``'s rollout buffer; a :class:`GymError` naming the step or the file when it
+    is not there, leads outside the run folder or cannot be read. Reads, never writes."""
+    from gym_core.sampling.buffer import FOLDER, step_file
+
+    steps = rollout_steps(run_dir)
+    if not steps:
+        raise GymError(f"{run_dir / FOLDER} has no rollouts: online methods record them "
+                       "with trainer.rollout_buffer=true")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise GymError(f"step {step} has no rollouts in {run_dir / FOLDER}; recorded steps: "
+                       f"{_ranges(steps)}")
+    path = step_file(run_dir, step)
+    if Path(run_dir).resolve() not in path.resolve().parents:
+        raise GymError(f"{path} leads outside the run folder {run_dir}; it is not read")
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(str(path), columns=[
+            "prompt", "completion", "reward", "behaviour_logprobs", "completion_ids",
+            "staleness", "policy_version"])
+        rows = table.to_pylist()
+    except ImportError:
+        raise GymError("the rollout samples need pyarrow: pip install pyarrow") from None
+    except Exception as exc:  # pyarrow's errors have no common base
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GymError(f"{path} is not a readable Parquet file ({first}); delete it, the "
+                       "other steps stay readable") from None
+    shown = []
+    for r in rows[:max(0, limit)]:
+        logp = [x for x in (r.get("behaviour_logprobs") or []) if x is not None]
+        shown.append({
+            "prompt": r.get("prompt") or "", "completion": r.get("completion") or "",
+            "reward": r.get("reward"), "tokens": len(r.get("completion_ids") or []),
+            "logp_sum": sum(logp) if logp else None,
+            "logp_mean": sum(logp) / len(logp) if logp else None,
+            "staleness": r.get("staleness"), "policy_version": r.get("policy_version")})
+    return Samples(step=step, total=len(rows), rows=shown)
+
+
+def _ranges(steps: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    spans: list[list[int]] = []
+    for s in steps:
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

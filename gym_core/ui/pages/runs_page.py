@@ -24,7 +24,10 @@ from gym_core.ui.runs import (
     fmt_bytes,
     fmt_score,
     metric_names,
+    read_samples,
     resume_overrides,
+    rollout_steps,
+    run_path,
 )
 from gym_core.ui.runs import read_run as _read_run
 from gym_core.ui.runs import scan as _scan
@@ -169,8 +172,81 @@ def _evaluation_curves(root: Path, run_dir: Path) -> None:
                     {"root": str(root), "task": task})).classes("text-primary")
 
 
+SAMPLE_COLUMNS = [("prompt", "prompt"), ("completion", "completion"), ("reward", "reward"),
+                  ("tokens", "tokens"), ("logp_sum", "behaviour log-prob (sum)"),
+                  ("logp_mean", "log-prob / token"), ("staleness", "staleness")]
+
+
+class SamplesSection:
+    """Sample completions of a step from the run's rollout buffer (``rollouts/``): a step
+    picker that follows the newest step until another is picked, and a few rows."""
+
+    def __init__(self, run_dir: Path, step: str | None) -> None:
+        self.run_dir = run_dir
+        ui.label("Samples").classes("text-h6 q-mt-md")
+        with ui.row().classes("items-end"):
+            self.picker = tid(ui.select([], label="step").classes("w-32"), "samples-step")
+            self.caption = tid(ui.label("").classes("text-caption"), "samples-caption")
+        self.message = error_line("samples-error")
+        columns = [{"name": k, "label": lbl, "field": k, "align": "left"}
+                   for k, lbl in SAMPLE_COLUMNS]
+        self.table = tid(ui.table(columns=columns, rows=[], row_key="i").props("wrap-cells")
+                         .classes("w-full"), "samples-table")
+        self.steps: list[int] = []
+        self.follow = step is None  # show each new step as it is written
+        self.picker.on_value_change(lambda e: self.pick(e.value))
+        self.refresh()
+        if step is not None:
+            try:
+                wanted = int(step)
+            except ValueError:
+                self.message.text = f"step {step!r} is not a step number"
+                return
+            if wanted in self.steps:
+                self.picker.value = wanted  # on_value_change shows it
+            else:
+                self.show(wanted)  # the message naming the steps there are
+
+    def refresh(self) -> None:
+        steps = rollout_steps(self.run_dir)
+        if steps == self.steps:
+            return
+        self.steps = steps
+        self.picker.options = steps
+        self.picker.update()
+        if not steps:
+            self.caption.text = ("no rollouts recorded in this run (online methods keep them "
+                                 "with trainer.rollout_buffer=true)")
+        elif self.follow:
+            self.picker.value = steps[-1]  # on_value_change shows it
+
+    def pick(self, step: int | None) -> None:
+        self.follow = bool(self.steps) and step == self.steps[-1]  # the newest: keep up
+        if step is not None:
+            self.show(step)
+
+    def show(self, step: int | None) -> None:
+        try:
+            got = read_samples(self.run_dir, step)
+        except GymError as exc:
+            self.message.text, self.caption.text, self.table.rows = str(exc), "", []
+            self.table.update()
+            return
+        self.message.text = ""
+        self.caption.text = (f"step {got.step}: {len(got.rows)} of {got.total} completions")
+        self.table.rows = [{"i": i, **{k: _cell(r[k]) for k, _ in SAMPLE_COLUMNS}}
+                           for i, r in enumerate(got.rows)]
+        self.table.update()
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 @ui.page("/run")
-def run_page(root: str | None = None, name: str = "") -> None:
+def run_page(root: str | None = None, name: str = "", step: str | None = None) -> None:
     frame("Runs")
     root = _root_arg(root)
     ui.link("← all runs", "/?" + urlencode({"root": root})).classes("text-primary")
@@ -179,9 +255,7 @@ def run_page(root: str | None = None, name: str = "") -> None:
     path = Path(root) / name
     if settings.launcher.job(path) is None:  # a job started here may not have made it yet
         try:
-            path = check_root(root) / name
-            if not name or not path.is_dir():
-                raise GymError(f"there is no run {name!r} in {root}")
+            path = run_path(root, name)
         except GymError as exc:
             message.text = str(exc)
             return
@@ -193,6 +267,7 @@ def run_page(root: str | None = None, name: str = "") -> None:
     picker = tid(ui.select([], multiple=True, label="metrics").classes("w-full"), "run-metrics")
     charts_box = ui.grid(columns=2).classes("w-full gap-4")
     _evaluation_curves(Path(root), path)
+    samples = SamplesSection(path, step)
     log_box = ui.expansion("output of the job started here", value=False).classes("w-full")
     with log_box:
         log = ui.log(max_lines=400).classes("w-full h-64 text-caption")
@@ -227,6 +302,7 @@ def run_page(root: str | None = None, name: str = "") -> None:
     picker.on_value_change(on_pick)
 
     def refresh() -> None:
+        samples.refresh()
         new, reset = state["tail"].read()
         if reset:
             state["rows"] = []
