@@ -5,6 +5,7 @@ settings are one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,22 +34,42 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """A head node on loopback for every Ray test; ``ray stop`` at the end."""
+    """A head node on loopback for every Ray test, in its own process group
+    (``ray start --block``): the end stops that group only, never another Ray cluster on
+    the machine (``ray stop`` would stop every one)."""
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
     tmp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
-    start = subprocess.run(
-        [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-         f"--temp-dir={tmp}"],
-        env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+    log = open(tmp / "head.log", "w")  # noqa: SIM115 (open while the head runs)
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={tmp}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
     try:
-        yield f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:  # up when `ray status` reaches it
+            assert head.poll() is None, (tmp / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp / "head.log").read_text()[-3000:]
+            ok = subprocess.run([str(ray_bin), "status", f"--address={address}"], env=env,
+                                capture_output=True, timeout=60).returncode == 0
+            if ok:
+                break
+            time.sleep(1)
+        yield address
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        try:
+            os.killpg(head.pid, signal.SIGTERM)  # --block stops the node's processes
+            head.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        time.sleep(2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
+        head.wait(timeout=30)
+        log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
