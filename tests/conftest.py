@@ -6,9 +6,17 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import pytest
+# Under pytest-xdist (the README's `-n 2`: one worker a core) every worker and every gym
+# process it starts computes with one thread, fixed: the same count whatever the other
+# worker runs at that moment, so runs compared to the bit (a resume against an
+# uninterrupted run) start alike. Set before torch is imported; tests of the thread
+# choice itself give their own environment.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from gym_core.plugin.startup import compose  # noqa: F401  (re-exported for the tests)
+import pytest  # noqa: E402
+
+from gym_core.plugin.startup import compose  # noqa: F401, E402  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
