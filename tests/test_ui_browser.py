@@ -277,11 +277,11 @@ def test_launch_from_the_page_watch_the_curve_stop_and_resume(page, tmp_path):
     ui = start_ui(page, tmp_path, runs)
     page.ui_url = ui.url
     try:
-        fill_tiny_run(page, "live", 400)
+        fill_tiny_run(page, "live", 20000)  # far more than the test waits for
         cmd = wait_text(page, "new-command", r"trainer\.tensorboard=false").string
         assert cmd.startswith("python -m gym_core model=tiny algorithm=dpo")
         assert f"run.root={runs}" in cmd and "run.name=live" in cmd
-        wait_text(page, "new-yaml", r"max_steps: 400")  # the YAML view follows the fields
+        wait_text(page, "new-yaml", r"max_steps: 20000")  # the YAML view follows the fields
         page.get_by_test_id("new-launch").click()
         page.wait_for_url(re.compile(r"/run\?"))
         wait_text(page, "run-job", r"job: training \(pid \d+\)")

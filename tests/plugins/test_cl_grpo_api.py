@@ -236,17 +236,18 @@ def test_the_tfgrpo_api_recipe_against_gym_serve(tmp_path, tiny_overrides, serve
                    "algorithm.lessons_per_group=1", "algorithm.summary_max_new_tokens=40",
                    f"algorithm.prompts_dir={tmp_path}/short", "llm.max_new_tokens=150",
                    "algorithm.max_operations=1",  # one operation fits in 150 byte tokens
-                   "trainer.eval_size=4", "trainer.max_steps=1", "trainer.eval_before=false"])
+                   "trainer.eval_size=4", "trainer.max_steps=2", "trainer.eval_before=false"])
     assert (cfg.algorithm.name, cfg.policy.name, cfg.llm.name) == ("cl_grpo", "api", "policy")
     assert cfg.llm.structured and cfg.trainer.save_every == 1
     run = tmp_path / "run"
     summary = run_mod.run_job(cfg, run_dir=run)
     by = json.loads((run / "api_usage.json").read_text())["by_endpoint"]
     assert set(by) == {"policy"}  # one endpoint acted and reflected, as in the paper
-    row = rows_of(run)[0]
-    assert row["llm_calls"] > 0 and row["groups_contrasted"] > 0
-    assert row["lesson_replies_unparsed"] + row["op_replies_unparsed"] == 0
-    assert row["library_size"] > 0, row
+    rows = rows_of(run)
+    assert sum(r["llm_calls"] for r in rows) > 0
+    assert sum(r["groups_contrasted"] for r in rows) > 0, rows
+    assert sum(r["lesson_replies_unparsed"] + r["op_replies_unparsed"] for r in rows) == 0
+    assert rows[-1]["library_size"] > 0, rows
     assert 0 < summary["algorithm_stats"]["api_cost_usd"] <= cfg.algorithm.max_api_cost
     assert (run / "checkpoints").is_dir()
 
