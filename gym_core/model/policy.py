@@ -98,11 +98,15 @@ def tiny_tokenizer():
 
 
 def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     # one per TinyArch of the schema, which declares the choices; the shape is checked
     # there too (TinyModelConfig.check_shape)
-    kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    # Qwen3 sets its head size apart from hidden_size / heads (default 128) and normalizes
+    # q and k per head: give it the size the other two derive
+    extra = ({"head_dim": cfg.hidden_size // cfg.num_attention_heads}
+             if cfg.arch == "qwen3" else {})
     config = kinds[cfg.arch](
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -115,6 +119,7 @@ def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=eos_id,
+        **extra,
     )
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
