@@ -51,6 +51,24 @@ def test_labels_format_and_bad_rows_name_file_line_field(tmp_path):
         task(tmp_path, [{"question": "hello"}])
 
 
+def test_auto_reads_a_row_as_its_trl_type_like_data_hf(tmp_path):
+    """data.format=auto and data=hf detect a row's shape the same way (TRL's types), the
+    renamed prompt and answer fields included."""
+    from gym_core.data.formats import detect_type
+    from gym_core.data.tasks import FORMAT_OF_TYPE
+
+    t = task(tmp_path, [{"question": "2+2?", "target": 4}], prompt_field="question",
+             answer_field="target")
+    assert t.train[0]["prompt"] == "2+2?" and t.train[0]["answer"] == "4"
+    assert t.metric == "accuracy"
+    # an answer beside a completion: a prompt-completion row, as data=hf reads it
+    row = {"prompt": "p", "completion": "c", "answer": "a"}
+    assert FORMAT_OF_TYPE[detect_type(row)] == "completion"
+    assert task(tmp_path, [row]).metric is None
+    with pytest.raises(GymError, match="line 1 fits no data format"):
+        task(tmp_path, [{"prompt": "p"}])  # prompt-only, but nothing to verify
+
+
 # ----------------------------------------------------------------------------------------
 # TRL's SFT shapes: prompt-completion, conversational, plain text
 # ----------------------------------------------------------------------------------------

@@ -209,6 +209,29 @@ def test_qwen3_gguf_reads_back_with_transformers(tmp_path):
         torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_tiny_qwen3_trains_a_grpo_step_sampling_in_the_engine(tmp_path, tiny_overrides,
+                                                              capsys, monkeypatch):
+    """``model=tiny model.tiny.arch=qwen3`` is a Qwen3 (q/k norms) that trains, its
+    rollouts decoded by the engine, never by the fallback."""
+    from gym_core.train.job import run_job
+    from tests.conftest import compose
+
+    built = []
+    build = fused.FusedDecoder.build.__func__
+    monkeypatch.setattr(fused.FusedDecoder, "build", classmethod(
+        lambda cls, model, *a, **kw: built.append(
+            (getattr(model, "get_base_model", lambda: model)().config.model_type,
+             build(cls, model, *a, **kw))) or
+        built[-1][1]))
+    monkeypatch.setattr(fused, "_warned", set())
+    capsys.readouterr()
+    summary = run_job(compose([*tiny_overrides, "model.tiny.arch=qwen3", "trainer.max_steps=1",
+                               "trainer.eval_before=false"]), run_dir=tmp_path / "run")
+    assert summary["steps"] == 1 and summary["model"] == "tiny-qwen3"
+    assert built and all(kind == "qwen3" and d is not None for kind, d in built), built
+    assert "its own Hugging Face forward" not in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------
 # outside the table
 # ----------------------------------------------------------------------------------------

@@ -172,3 +172,35 @@ def test_export_rebuilds_a_later_stage_on_the_stages_before_it(tmp_path, sft_sta
     base, _ = load_base(cfg.model)
     apply_delta(base, exact_delta(TrainedRun.open(second)))
     torch.testing.assert_close(logits(base), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init,extra", [
+    (False, ["model.finetune=full"]),
+    (False, ["model.finetune=full", "algorithm.beta=0.1"]),
+    (True, []),
+    (True, ["model.finetune=full", "algorithm.beta=0.1"]),
+], ids=["full", "full-kl", "init-lora", "init-full-kl"])
+def test_a_run_loads_its_base_once(tmp_path, sft_stage, monkeypatch, with_digit_reward, init,
+                                   extra):
+    """A run that quantizes its delta loads the base model once: the base its delta is
+    against and rebuilt on is the one kept from that load (a full fine-tune's reference
+    copy, or after model.init a copy taken before stage 1 was applied: not the start
+    that the reference is), the base's very weights."""
+    from gym_core.model import policy as model_policy
+    from gym_core.train import job
+
+    cfg = compose([*FAST, *ONLINE, "trainer.max_steps=1", "trainer.eval_before=false",
+                   "quant=bitdelta", "algorithm.rewards=[digit_share]", "algorithm.lr=1e-2",
+                   *extra, *([f"model.init={sft_stage[0]}"] if init else [])])
+    want = {k: v.clone() for k, v in load_base(cfg.model)[0].state_dict().items()}
+    loads, bases = [], []
+    build, rebuild = model_policy.tiny_model, job.rebuild
+    monkeypatch.setattr(model_policy, "tiny_model", lambda *a: loads.append(1) or build(*a))
+    monkeypatch.setattr(job, "rebuild", lambda base, delta: bases.append(
+        {k: v.clone() for k, v in base.state_dict().items()}) or rebuild(base, delta))
+    summary = run_job(cfg, run_dir=tmp_path / "run")
+    assert summary["steps"] == 1 and summary["quant_stats"]["delta_params"] > 0
+    assert len(loads) == 1 and len(bases) == 1
+    assert bases[0].keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(bases[0][k], v), k

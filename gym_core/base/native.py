@@ -24,11 +24,8 @@ runtime for the cores.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import functools
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -36,6 +33,7 @@ import time
 from pathlib import Path
 
 from gym_core.base.errors import GymError
+from gym_core.base.lock import FileLock, holder
 
 
 def isa_flags() -> tuple[str, list[str]]:
@@ -75,24 +73,19 @@ def _timeout() -> float:
 def build_lock(root: Path, name: str):
     """Hold ``<root>/<name>.lock`` (flock) for one build; wait for a live holder up to
     ``GYM_BUILD_TIMEOUT`` seconds (saying so once), then raise :class:`GymError`."""
+    path = root / f"{name}.lock"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        path = root / f"{name}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(path)
     except OSError as exc:
         raise GymError(f"cannot write gym's compiled kernels in {root} ({exc.strerror}): "
                        "make it writable, or point TORCH_EXTENSIONS_DIR at a writable "
                        "folder") from None
     try:
         deadline, said = time.monotonic() + _timeout(), False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise GymError(f"cannot lock {path}: {exc.strerror}") from None
-            who = _holder(path)
+        while not lock.try_lock({"pid": os.getpid()}):
+            pid = (holder(path) or {}).get("pid")
+            who = f"process {pid}" if pid else "another process"
             if time.monotonic() >= deadline:
                 raise GymError(
                     f"gym's {name} kernel is being compiled by {who} and it did not finish "
@@ -103,20 +96,9 @@ def build_lock(root: Path, name: str):
                       file=sys.stderr, flush=True)
                 said = True
             time.sleep(0.2)
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the flock
-
-
-def _holder(path: Path) -> str:
-    try:
-        pid = json.loads(path.read_text() or "{}").get("pid")
-    except (OSError, ValueError, AttributeError):
-        pid = None
-    return f"process {pid}" if pid else "another process"
+        lock.close()
 
 
 @functools.cache

@@ -27,7 +27,7 @@ from gym_core.base.errors import GymError
 from gym_core.config.fields import bounded, one_of
 
 #: the choices of the core's fields (the schema's single source; code may use them as types)
-TinyArch = Literal["llama", "qwen2"]
+TinyArch = Literal["llama", "qwen2", "qwen3"]
 ModelSource = Literal["smollm2", "local", "tiny"]
 Finetune = Literal["lora", "full"]
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]

@@ -222,19 +222,25 @@ def _kind(p: Path) -> str:
     return "not a file"
 
 
+#: the JSONL format each of TRL's dataset types is read as (gym_core.data.formats): a
+#: prompt-only row is a verifiable one, whose answer the held-out accuracy checks
+FORMAT_OF_TYPE = {"prompt_only": "answer", "preference": "pairs",
+                  "unpaired_preference": "labels", "prompt_completion": "completion"}
+
+
 def _detect_format(row: dict, cfg, path) -> str:
-    if cfg.answer_field in row:
-        return "answer"
-    if "chosen" in row and "rejected" in row:
-        return "pairs"
-    if "completion" in row and "label" in row:
-        return "labels"
-    if "messages" in row:
-        return "messages"
-    if "completion" in row:
-        return "completion"
-    if "text" in row:
-        return "text"
+    """``data.format=auto``: the format of the first row, by its TRL dataset type
+    (:func:`gym_core.data.formats.detect_type`, the one that ``data=hf`` uses), the
+    fields ``data.prompt_field`` and ``data.answer_field`` read as prompt and answer."""
+    from gym_core.data.formats import detect_type
+
+    rename = {cfg.prompt_field: "prompt", cfg.answer_field: "answer"}
+    columns = {rename.get(k, k) for k in row}
+    kind = detect_type(columns)
+    if kind == "language_modeling":
+        return "messages" if "messages" in columns else "text"
+    if kind is not None and (kind != "prompt_only" or "answer" in columns):
+        return FORMAT_OF_TYPE[kind]
     raise GymError(
         f"{path}: line 1 fits no data format (fields: {', '.join(sorted(row))}); expected "
         f"{cfg.prompt_field}+{cfg.answer_field}, prompt+chosen+rejected, "

@@ -10,8 +10,10 @@ The two functions every program uses for a run's weights:
   the same way. The server applies deltas to activations instead (``operators``).
 
 A run loads its base model once: under a LoRA policy the base is the policy's own frozen
-weights (:func:`lora_base`, nothing copied), and a rebuilt model shares every weight the
-delta does not change with that base, so it costs the changed matrices only.
+weights (:func:`lora_base`, nothing copied), under a full fine-tune its frozen reference
+copy, after ``model.init`` a copy kept before the earlier runs were applied
+(:class:`gym_core.train.job.RunBase`); a rebuilt model shares every weight the delta does
+not change with that base, so it costs the changed matrices only.
 
 A finished run's trained model as one plain model: base + the LoRA adapter in ``final/``
 (exact), or base + the quantized delta in ``delta/`` (what the quantizer kept). Used by

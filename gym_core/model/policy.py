@@ -98,11 +98,15 @@ def tiny_tokenizer():
 
 
 def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     # one per TinyArch of the schema, which declares the choices; the shape is checked
     # there too (TinyModelConfig.check_shape)
-    kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    # Qwen3 sets its head size apart from hidden_size / heads (default 128) and normalizes
+    # q and k per head: give it the size the other two derive
+    extra = ({"head_dim": cfg.hidden_size // cfg.num_attention_heads}
+             if cfg.arch == "qwen3" else {})
     config = kinds[cfg.arch](
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -115,6 +119,7 @@ def tiny_model(cfg, vocab_size: int, pad_id: int, eos_id: int):
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=eos_id,
+        **extra,
     )
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
@@ -234,6 +239,8 @@ class Policy:
     # algorithm.temperature, the distribution its rollouts are sampled from (§0.2).
     temperature: float = 1.0
     _ref_copy: torch.nn.Module | None = field(default=None, repr=False)
+    # after model.init, the base model's weights kept for the run's delta (load_policy)
+    _base: torch.nn.Module | None = field(default=None, repr=False)
     scorer: torch.nn.Module | None = field(default=None, repr=False)
     # trainer.strategy=fsdp while training: the sharded scorer (gym_core.train.fsdp.Sharded);
     # every pass then goes through the scorer, and full weights are gathered when needed
@@ -421,7 +428,7 @@ class Policy:
 
     def keep_reference(self) -> None:
         if not self.lora and self._ref_copy is None:
-            self._ref_copy = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._ref_copy = frozen_copy(self.model)
 
     def trainable_parameters(self):
         """The model's trainable parameters, then the heads'."""
@@ -476,35 +483,53 @@ def apply_stages(model: torch.nn.Module, chain: list[dict]) -> torch.nn.Module:
     return model
 
 
-def load_start(model_cfg, chain: list[dict] | None = None
-               ) -> tuple[torch.nn.Module, object, list[dict]]:
-    """The model a run with ``model.init`` starts from: the base model with every stage of
-    the chain (:func:`gym_core.model.stages.check_init`, which a job's preflight has run
-    and passes in; checked here when not given) applied in order, its tokenizer and the
-    chain."""
-    if chain is None:
+def load_start(model_cfg, chain: list[dict] | None = None, keep_base: bool = False
+               ) -> tuple[torch.nn.Module, object, torch.nn.Module | None]:
+    """The model a run starts from (eval mode), its tokenizer, and the base model kept
+    beside it: the base model, or with ``model.init`` the base with every stage of the
+    chain (:func:`gym_core.model.stages.check_init`, which a job's preflight has run and
+    passes in; checked here when not given) applied in order. ``keep_base`` with
+    ``model.init``: a frozen copy of the base on the CPU, taken before the stages change
+    its weights (for the run's delta, which is against the base); otherwise None."""
+    if getattr(model_cfg, "init", None) and chain is None:
         from gym_core.model.stages import check_init
 
         chain = check_init(model_cfg)
     model, tok = load_base(model_cfg)
+    if not chain:
+        return model, tok, None
+    base = frozen_copy(model) if keep_base else None
     model = apply_stages(model, chain)
     model.eval()
-    return model, tok, chain
+    return model, tok, base
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` in eval mode without gradients, which training leaves alone."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def load_policy(cfg, device: torch.device, system_prompt: str | None = None,
-                chain: list[dict] | None = None) -> Policy:
+                chain: list[dict] | None = None, keep_base: bool = False) -> Policy:
     """The policy to train: the base model, or with ``model.init`` the result of an
     earlier run (:mod:`gym_core.model.stages`; ``chain``: its checked chain, as the job's
-    preflight returned it), as a LoRA model or fully trainable."""
-    if getattr(cfg, "init", None):
-        model, tok, _ = load_start(cfg, chain)
-    else:
-        model, tok = load_base(cfg)
+    preflight returned it), as a LoRA model or fully trainable.
+
+    ``keep_base``: the run needs the base model's weights again at its end (its delta):
+    keep them from this one load rather than load them again
+    (:class:`gym_core.train.job.RunBase`). A LoRA policy without ``model.init`` holds them
+    anyway (its frozen weights); a full fine-tune without it keeps its reference copy now
+    (:meth:`Policy.keep_reference`: its starting weights are the base, so a method with a
+    KL term pays nothing more); after ``model.init`` a frozen copy of the base is taken
+    before the earlier runs are applied (:func:`load_start`). Either copy costs one model's
+    memory during training, which the load at the end would take anyway."""
+    model, tok, base = load_start(cfg, chain, keep_base=keep_base)
     model.to(device)
     if cfg.finetune == "full":  # or lora: the schema's Finetune
         model.requires_grad_(True)
-        policy = Policy(model, tok, lora=False, system_prompt=system_prompt)
+        policy = Policy(model, tok, lora=False, system_prompt=system_prompt, _base=base)
+        if keep_base and base is None:  # no model.init: the starting weights are the base
+            policy.keep_reference()
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -528,8 +553,9 @@ def load_policy(cfg, device: torch.device, system_prompt: str | None = None,
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
                                     FutureWarning)
             peft_model = get_peft_model(model, lcfg)
-        policy = Policy(peft_model, tok, lora=True, system_prompt=system_prompt)
+        policy = Policy(peft_model, tok, lora=True, system_prompt=system_prompt, _base=base)
     return policy
+
 
 
 def describe(cfg) -> str:

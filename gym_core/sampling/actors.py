@@ -45,7 +45,7 @@ class RolloutWorker:
         import torch
         from omegaconf import OmegaConf
 
-        from gym_core.model.policy import Policy, load_base, load_start
+        from gym_core.model.policy import Policy, load_start
         from gym_core.plugin.startup import bootstrap
         from gym_core.sampling.rollout import RolloutEngine
         from gym_core.sampling.weight_sync import Receiver
@@ -54,10 +54,7 @@ class RolloutWorker:
             torch.set_num_threads(int(threads))
         cfg = OmegaConf.create(config)  # the trainer's resolved config
         plugins = bootstrap()
-        if cfg.model.get("init"):
-            model, tok, _ = load_start(cfg.model)
-        else:
-            model, tok = load_base(cfg.model)
+        model, tok, _ = load_start(cfg.model)
         model.eval()
         model.requires_grad_(False)
         policy = Policy(model, tok, lora=False, system_prompt=cfg.data.system_prompt)

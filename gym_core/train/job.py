@@ -123,8 +123,13 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     saved_before = read_eval_before(run_dir / "eval_before.json")
 
     seed_everything(cfg.trainer.seed)  # the adapter's initialisation draws from it
+    # rank 0 alone quantizes the run's delta at the end: it keeps the base's weights from
+    # this load (RunBase). Not under FSDP, which shards a full fine-tune's frozen copy on
+    # every rank alike and frees it at the end: there the base is loaded again.
+    sharded = dist.enabled and cfg.trainer.get("strategy", "ddp") == "fsdp"
     policy = load_policy(cfg.model, dist.device, system_prompt=cfg.data.system_prompt,
-                         chain=chain)
+                         chain=chain, keep_base=quantizer is not None and dist.main
+                         and not sharded)
     if algo_cls.online:  # score what was sampled: softmax(logits / T) (docs/algorithms.md §0.2)
         policy.temperature = float(cfg.algorithm.temperature)
     algo = algo_cls(cfg.algorithm, policy)
@@ -297,10 +302,12 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
 
 
 class RunBase:
-    """The run's base model for its delta and rebuilds, loaded at most once: a LoRA
-    policy trained from the base holds it (its frozen weights: :func:`gym_core.deltas.merge.
-    lora_base`, nothing loaded or copied); otherwise (a full fine-tune changed it, a run
-    that started from an earlier one never held it) it is loaded once, on first use."""
+    """The run's base model for its delta and rebuilds, loaded once per run: the policy
+    holds it (a LoRA policy's frozen weights, :func:`gym_core.deltas.merge.lora_base`,
+    nothing loaded or copied; a full fine-tune's reference copy, its starting weights;
+    after ``model.init``, the copy :func:`gym_core.model.policy.load_policy` kept before the
+    earlier runs were applied). Only a policy that kept none (FSDP) loads it again, on
+    first use."""
 
     def __init__(self, cfg, policy):
         self.cfg, self.policy = cfg, policy
@@ -320,10 +327,16 @@ class RunBase:
         """The base model (eval mode, on the policy's device). Shared: read it, never
         modify it."""
         if self._model is None:
+            policy = self.policy
             if self.in_policy:
-                self._model = lora_base(self.policy.model)
-            else:
-                self._model = load_base(self.cfg.model)[0].to(self.policy.device)
+                self._model = lora_base(policy.model)
+            elif self.cfg.model.init:
+                self._model = policy._base
+            else:  # a full fine-tune from the base: its starting weights are the base
+                self._model = policy._ref_copy
+            if self._model is None:
+                self._model = load_base(self.cfg.model)[0]
+            self._model = self._model.to(policy.device)
         return self._model
 
 

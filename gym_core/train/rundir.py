@@ -16,9 +16,6 @@ use directly) locks the same directory again; the second lock is the first one, 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import json
 import os
 import socket
 import sys
@@ -35,10 +32,12 @@ from gym_core.base.files import (
     size_of,
     unwritable,
 )
+from gym_core.base.lock import FileLock
+from gym_core.base.lock import holder as lock_holder
 
 LOCK_NAME = ".gym.lock"
 
-_held: dict[Path, list] = {}  # resolved run dir -> [fd, count]
+_held: dict[Path, list] = {}  # resolved run dir -> [FileLock, count]
 _guard = threading.Lock()
 
 
@@ -53,10 +52,7 @@ class RunInUse(GymError):
 def holder(run_dir: str | Path) -> dict | None:
     """What the lock file of ``run_dir`` says about its holder (pid, host, command), or
     None; says nothing about whether that process still holds it."""
-    try:
-        return json.loads((Path(run_dir) / LOCK_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return lock_holder(Path(run_dir) / LOCK_NAME)
 
 
 def acquire(run_dir: str | Path) -> None:
@@ -74,15 +70,18 @@ def acquire(run_dir: str | Path) -> None:
                            "(or move the file away)")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            lock = FileLock(run_dir / LOCK_NAME)
         except OSError as exc:  # a read-only or full disk: nothing can be written there
             raise unwritable(run_dir, exc) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise GymError(f"cannot lock {run_dir / LOCK_NAME}: {exc.strerror}") from None
+            locked = lock.try_lock({
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]})
+        except GymError:
+            lock.close()
+            raise
+        if not locked:
+            lock.close()
             info = holder(run_dir) or {}
             pid = info.get("pid")
             who = f"process {pid}" if pid else "another process"
@@ -91,15 +90,8 @@ def acquire(run_dir: str | Path) -> None:
             raise RunInUse(
                 f"run directory {run_dir} is in use by {who} "
                 f"({info.get('command') or 'command unknown'}); wait for it to end, stop it, "
-                "or pick another run.name", run_dir, pid) from None
-        # the holder's record is for the next process's message only, so a plain write
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps({
-                "pid": os.getpid(), "host": socket.gethostname(),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
-            }) + "\n").encode(), 0)
-        _held[run_dir] = [fd, 1]
+                "or pick another run.name", run_dir, pid)
+        _held[run_dir] = [lock, 1]
 
 
 def release(run_dir: str | Path) -> None:
@@ -112,7 +104,7 @@ def release(run_dir: str | Path) -> None:
         entry[1] -= 1
         if entry[1] == 0:
             del _held[run_dir]
-            os.close(entry[0])  # closing the only descriptor releases the flock
+            entry[0].close()
 
 
 @contextlib.contextmanager

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from gym_core.base.errors import GymError
+from gym_core.base.lock import held_by
 from gym_core.train.sweep import objective
 
-#: the run directory's lock file (gym_core.runlock): held (flock) while a job runs in it
+#: the run directory's lock file (gym_core.train.rundir): held (flock) while a job runs in it
 LOCK_NAME = ".gym.lock"
 
 
@@ -278,26 +279,9 @@ def metric_names(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def lock_holder(run_dir: Path) -> int | None:
-    """The process id holding ``run_dir``'s lock (gym_core.runlock) while a job runs in
-    it, else None. Read from /proc/locks (Linux), so the lock is never touched: taking it
-    even briefly could make a starting job fail."""
-    lock = Path(run_dir) / LOCK_NAME
-    try:
-        st = lock.stat()
-        table = Path("/proc/locks").read_text()
-    except OSError:
-        return None
-    for line in table.splitlines():
-        parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:56789 0 EOF" ("->" marks waiters)
-        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
-            continue
-        dev_inode = parts[5].split(":")
-        if len(dev_inode) == 3 and dev_inode[2].isdigit() and int(dev_inode[2]) == st.st_ino:
-            major, minor = (int(x, 16) for x in dev_inode[:2])
-            if os.makedev(major, minor) == st.st_dev and parts[4].isdigit():
-                return int(parts[4])
-    return None
+    """The process id holding ``run_dir``'s lock (:mod:`gym_core.train.rundir`) while a job
+    runs in it, else None, without touching the lock (:func:`gym_core.base.lock.held_by`)."""
+    return held_by(Path(run_dir) / LOCK_NAME)
 
 
 def resume_overrides(run: Run) -> list[str] | None:
