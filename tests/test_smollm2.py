@@ -126,3 +126,24 @@ def test_real_model_rloo_and_ppo_short_runs(tmp_path, algorithm):
         assert rows[0]["value_mean"] == 0.0  # the head starts at zero
         if rows[0]["reward_mean"] > 0:  # non-zero returns: the value loss moved the head
             assert rows[1]["value_mean"] != 0.0
+
+
+def test_converting_the_gguf_leaves_the_seeded_generator_alone(tmp_path):
+    """The first run on a machine converts SmolLM2's GGUF; a run seeds torch's generator
+    before loading its model (the adapter's initialisation draws from it), so the
+    conversion must not draw from that generator: the first run would otherwise differ
+    from every later one with the same seed (it did: seed 0's adapter, a 2% different
+    first gradient)."""
+    import torch
+
+    from gym_core.model.policy import smollm2_folder
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    folder = smollm2_folder(str(tmp_path / "cache"))  # converts: the cache is empty
+    assert (folder / "model.safetensors").is_file()
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(0)
+    assert smollm2_folder(str(tmp_path / "cache")) == folder  # cached: nothing drawn
+    assert torch.equal(torch.rand(4), expected)

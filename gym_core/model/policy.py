@@ -61,19 +61,25 @@ def smollm2_folder(cfg_cache_dir: str | None = None) -> Path:
         raise GymError("reading the SmolLM2 GGUF needs the gguf package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
-    # save_pretrained refuses a model loaded from GGUF: rebuild a plain one and save that.
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
-    with atomic_path(target, folder=True) as tmp:  # never a half-written cache
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    # The conversion draws from torch's global generator (from_config initialises the
+    # plain model before its weights are copied in), and a run seeds that generator
+    # before loading its model: without its own generator state here, the first run on a
+    # machine (which converts) would initialise its adapter differently from every later
+    # run (which reads the cache) with the same seed.
+    with torch.random.fork_rng():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+        # save_pretrained refuses a model loaded from GGUF: rebuild a plain one, save that
+        config = copy.deepcopy(gguf_model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        with atomic_path(target, folder=True) as tmp:  # never a half-written cache
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     return target
 
 
