@@ -61,10 +61,12 @@ def test_auto_reads_a_row_as_its_trl_type_like_data_hf(tmp_path):
              answer_field="target")
     assert t.train[0]["prompt"] == "2+2?" and t.train[0]["answer"] == "4"
     assert t.metric == "accuracy"
-    # an answer beside a completion: a prompt-completion row, as data=hf reads it
-    row = {"prompt": "p", "completion": "c", "answer": "a"}
+    row = {"prompt": "p", "completion": "c"}
     assert FORMAT_OF_TYPE[detect_type(row)] == "completion"
     assert task(tmp_path, [row]).metric is None
+    # an answer beside a completion: still a verifiable row, scored by held-out accuracy
+    # (SFT trains on its completion: tests/test_smollm2.py)
+    assert task(tmp_path, [{**row, "answer": "a"}]).metric == "accuracy"
     with pytest.raises(GymError, match="line 1 fits no data format"):
         task(tmp_path, [{"prompt": "p"}])  # prompt-only, but nothing to verify
 

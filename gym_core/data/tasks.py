@@ -229,13 +229,18 @@ FORMAT_OF_TYPE = {"prompt_only": "answer", "preference": "pairs",
 
 
 def _detect_format(row: dict, cfg, path) -> str:
-    """``data.format=auto``: the format of the first row, by its TRL dataset type
+    """``data.format=auto``: the format of the first row: a prompt with an answer is a
+    verifiable row; any other by its TRL dataset type
     (:func:`gym_core.data.formats.detect_type`, the one that ``data=hf`` uses), the
     fields ``data.prompt_field`` and ``data.answer_field`` read as prompt and answer."""
     from gym_core.data.formats import detect_type
 
     rename = {cfg.prompt_field: "prompt", cfg.answer_field: "answer"}
     columns = {rename.get(k, k) for k in row}
+    if "prompt" in columns and "answer" in columns:
+        # a verifiable row, whatever else it holds: the held-out accuracy checks its
+        # answer, and a method that trains on its completion or pair still reads those
+        return "answer"
     kind = detect_type(columns)
     if kind == "language_modeling":
         return "messages" if "messages" in columns else "text"
