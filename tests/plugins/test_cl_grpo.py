@@ -301,20 +301,12 @@ def test_episodes_are_the_trajectories_the_library_learns_from(
     monkeypatch.setattr(episode_mod.Episode, "start", start)
     load = run_mod.load_policy
 
-    def eos_biased(*args, **kwargs):  # turns that end within a few tokens
-        import torch
+    def eos_biased_load(*args, **kwargs):  # turns that end within a few tokens
+        from tests.episode_helpers import eos_biased
 
-        p = load(*args, **kwargs)
-        hf = p.model.get_base_model()
-        head = torch.nn.Linear(hf.lm_head.in_features, hf.lm_head.out_features, bias=True)
-        with torch.no_grad():
-            head.weight.copy_(hf.lm_head.weight)
-            head.bias.zero_()
-            head.bias[p.tokenizer.eos_token_id] = 2.5
-        hf.lm_head = head
-        return p
+        return eos_biased(load(*args, **kwargs))
 
-    monkeypatch.setattr(run_mod, "load_policy", eos_biased)
+    monkeypatch.setattr(run_mod, "load_policy", eos_biased_load)
     with FakeChatServer(teacher) as server:
         summary = run_mod.run_job(compose([
             *cl_overrides, *openai_overrides(server.base_url), "experience_store=json",
