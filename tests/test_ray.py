@@ -323,21 +323,36 @@ def test_staleness_1_trains_on_the_previous_policy(tmp_path, ray_cluster, common
 
 def test_a_dead_rollout_worker_is_replaced(tmp_path, ray_cluster, common):
     """kill -9 of the actor's process mid-run: the step is asked for again on a new
-    actor and the run finishes."""
-    args = [*common, "trainer.max_steps=6", "trainer.save_every=1", "run.name=actor-dies",
-            "rollout.workers=1", f"ray.address={ray_cluster}"]
+    actor and the run finishes. The driver is stopped (SIGSTOP) while the actor is killed,
+    so a fast run cannot finish between seeing step 2 and the kill."""
+    steps = 20
+    args = [*common, f"trainer.max_steps={steps}", "trainer.save_every=1",
+            "run.name=actor-dies", "rollout.workers=1", f"ray.address={ray_cluster}"]
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115  (the driver writes it)
     proc = launch(args, tmp_path, stdout=log, stderr=subprocess.STDOUT)
     run = tmp_path / "runs/actor-dies"
-    wait_for(run / "checkpoints/step-000002", proc, tmp_path / "driver.log")
-    out = subprocess.run(["pgrep", "-f", "RolloutWorker"], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
-    assert pids, "no rollout worker process found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 900
+    def done() -> int:  # complete lines only: the driver may be mid-write
+        f = run / "metrics.jsonl"
+        return f.read_text().count("\n") if f.exists() else 0
+
+    while done() < 2:
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run did not reach step 2 in 900 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert done() < steps, "the run finished before the actor could be killed"
+        out = subprocess.run(["pgrep", "-f", "RolloutWorker"], capture_output=True, text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        assert pids, "no rollout worker process found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
     assert proc.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-4000:]
     m = rows(run)
-    assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
+    assert [x["step"] for x in m] == list(range(1, steps + 1))
     assert m[-1]["rollout_workers_replaced"] >= 1
 
 
