@@ -142,7 +142,7 @@ def test_every_model_kind_on_data_and_jsonl_tasks(trained, digits):
     assert got[(str(trained["export"].resolve()), -1, jsonl, "digit_share")] == final
     from gym_core.eval.models import resolve
 
-    ckpt = resolve(str(run / "checkpoints"), None, None)[-1]
+    ckpt = resolve(str(run / "checkpoints"), eval_cfg([]).model, None)[-1]
     assert ckpt.kind == "checkpoint" and ckpt.step == 4
     assert (f"{key}#bitdelta", 4, jsonl, "digit_share") in got
     assert ("base:tiny-llama", 0, jsonl, "digit_share") in got
@@ -194,20 +194,65 @@ def test_bad_names_are_one_line_errors(trained, tmp_path):
         evaluate([*root, f"eval.models=[{tmp_path / 'empty'}]"])
     with pytest.raises(GymError, match="does not answer"):
         evaluate([*root, "eval.models=[served:x]", "eval.server=http://127.0.0.1:9"])
-    # a model of another base: the run's checkpoint under a config naming a wider model
-    other = tmp_path / "other"
-    (other / "checkpoints").mkdir(parents=True)
+
+
+def test_models_of_another_base_are_refused_before_anything_loads(trained, tmp_path):
+    """Every model kind whose base model is not eval's (model=tiny here), or whose base
+    cannot be established, is one error naming the entry, its base and eval's."""
     import shutil
 
-    shutil.copytree(trained["run"] / "checkpoints" / "step-000004",
-                    other / "checkpoints" / "step-000004")
-    (other / ".hydra").mkdir()
-    cfg = OmegaConf.load(trained["run"] / ".hydra" / "config.yaml")
+    from gym_core.eval.models import resolve
+
+    mine = eval_cfg([]).model
+    # the trained run as if trained on a wider tiny model: its record and its config say so
+    other = tmp_path / "other"
+    shutil.copytree(trained["run"], other)
+    record = json.loads((other / "final" / "gym.json").read_text())
+    record["base"]["tiny"]["hidden_size"] = 32
+    (other / "final" / "gym.json").write_text(json.dumps(record))
+    cfg = OmegaConf.load(other / ".hydra" / "config.yaml")
     cfg.model.tiny.hidden_size = 32
     OmegaConf.save(cfg, other / ".hydra" / "config.yaml")
-    report = evaluate([*root, f"eval.models=[{other / 'checkpoints' / 'step-000004'}]",
-                       "eval.limit=2"])
-    assert not report.rows and "does not fit the model its run names" in report.failures[0]
+    step = other / "checkpoints" / "step-000004"
+    for spec in (str(other), f"delta:{other}", str(other / "checkpoints"), str(step)):
+        with pytest.raises(GymError, match="another base") as e:
+            resolve(spec, mine, None)
+        assert repr(spec) in str(e.value) and "'hidden_size': 32" in str(e.value)
+        assert "'hidden_size': 64" in str(e.value) and "\n" not in str(e.value)
+    # exported folders record their run's base model
+    export = tmp_path / "export"
+    shutil.copytree(trained["export"], export)
+    assert resolve(str(export), mine, None)[0].kind == "folder"
+    meta = json.loads((export / "gym_export.json").read_text())
+    meta["base_model"] = record["base"]
+    (export / "gym_export.json").write_text(json.dumps(meta))
+    with pytest.raises(GymError, match="another base.*'hidden_size': 32"):
+        resolve(str(export), mine, None)
+    del meta["base_model"]  # an older export: its run's record says, while the run is there
+    meta["run"] = str(tmp_path / "gone")
+    (export / "gym_export.json").write_text(json.dumps(meta))
+    with pytest.raises(GymError, match="cannot be established"):
+        resolve(str(export), mine, None)
+    # a model folder gym did not export is its own base (model=local model.path=it)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    with pytest.raises(GymError, match=f"another base \\(model=local model.path={plain}\\)"):
+        resolve(str(plain), mine, None)
+    # a LoRA adapter folder is of its base folder's base
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    shutil.copy(trained["run"] / "final" / "adapter_model.safetensors", adapter)
+    conf = json.loads((trained["run"] / "final" / "adapter_config.json").read_text())
+    for base, ok in ((trained["export"], True), (plain, False), (tmp_path / "nowhere", None)):
+        conf["base_model_name_or_path"] = str(base)
+        (adapter / "adapter_config.json").write_text(json.dumps(conf))
+        if ok:
+            assert resolve(str(adapter), mine, None)[0].kind == "folder"
+            continue
+        with pytest.raises(GymError, match="another base" if ok is False
+                           else "cannot be established"):
+            resolve(str(adapter), mine, None)
 
 
 def test_cli_table_json_and_a_failing_task_keeps_the_others(trained, tmp_path):

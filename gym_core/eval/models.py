@@ -60,10 +60,15 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
         if not server:
             raise GymError(f"eval.models entry {spec!r} needs eval.server=URL (the address "
                            "of a running python -m gym_core.serve, e.g. http://127.0.0.1:8000)")
-        names = served_models(server, api_key)  # answers, or a one-line error
-        if name not in names:
+        cards = served_models(server, api_key)  # answers, or a one-line error
+        if name not in cards:
             raise GymError(f"eval.models entry {spec!r}: {server} serves no model {name!r} "
-                           f"(it serves: {', '.join(names)})")
+                           f"(it serves: {', '.join(cards)})")
+        base = cards[name].get("base")
+        check_base(spec, f"the served model {name!r}",
+                   base.get("identity") if isinstance(base, dict) else None, model_cfg,
+                   why=f"{server} does not report it in /v1/models (not a gym_core.serve, "
+                       "or an older one)")
         return [ModelRef(spec, "served", f"served:{server.rstrip('/')}#{name}", None, -1,
                          name=name)]
     kind = "run"
@@ -81,6 +86,7 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
 
         run = TrainedRun.open(path)
         run.delta_file()  # a missing delta is an error before any model loads
+        check_run_base(spec, path, model_cfg)
         return [ModelRef(spec, "delta", f"{path}#{run.quant}", str(path), _final_step(path))]
     if path.name == "checkpoints" and (path.parent / CONFIG).is_file():
         from gym_core.train.checkpoint import list_checkpoints
@@ -88,15 +94,22 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
         found = list_checkpoints(path.parent)
         if not found:
             raise GymError(f"eval.models entry {spec!r}: {path} holds no complete checkpoint")
-        return [_checkpoint(spec, p) for _, p in found]
+        refs = [_checkpoint(spec, p) for _, p in found]
+        check_run_base(spec, path.parent, model_cfg)
+        return refs
     if _STEP.match(path.name) and path.parent.name == "checkpoints":
-        return [_checkpoint(spec, path)]
+        ref = _checkpoint(spec, path)
+        check_run_base(spec, path.parent.parent, model_cfg)
+        return [ref]
     if (path / CONFIG).is_file():
         from gym_core.deltas.merge import TrainedRun
 
         TrainedRun.open(path)  # finished, readable config
+        check_run_base(spec, path, model_cfg)
         return [ModelRef(spec, "run", str(path), str(path), _final_step(path), path=path)]
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        theirs, what = folder_base(path, model_cfg)
+        check_base(spec, what, theirs, model_cfg)
         return [ModelRef(spec, "folder", str(path), None, -1, path=path)]
     jobs = sorted(p.name for p in path.iterdir() if (p / CONFIG).is_file()) \
         if path.is_dir() else []
@@ -106,6 +119,68 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
     raise GymError(f"eval.models entry {spec!r}: {path} is not a run folder (.hydra/config.yaml), "
                    "a checkpoint (checkpoints/step-N), an exported model folder (config.json "
                    "or adapter_config.json), nor a run's checkpoints folder")
+
+
+def check_base(spec: str, what: str, theirs: dict | None, model_cfg, why: str = "") -> None:
+    """Refuse a model whose base model (a :func:`gym_core.model.stages.base_identity`)
+    is not the one this evaluation is configured for, or cannot be established."""
+    from gym_core.model.stages import base_identity, describe_identity
+
+    mine = base_identity(model_cfg)
+    if theirs is None:
+        raise GymError(f"eval.models entry {spec!r}: the base model of {what} cannot be "
+                       f"established ({why or 'nothing records it'}), so it cannot be checked "
+                       f"against this evaluation's base ({describe_identity(mine)}); evaluate "
+                       "models of that base only")
+    if theirs != mine:
+        raise GymError(f"eval.models entry {spec!r}: {what} is of another base "
+                       f"({describe_identity(theirs)}) than this evaluation's "
+                       f"({describe_identity(mine)}); evaluate it in its own python -m "
+                       "gym_core.eval with that base's model= settings")
+
+
+def check_run_base(spec: str, run: Path, model_cfg) -> None:
+    from gym_core.model.stages import recorded_base
+
+    check_base(spec, f"the run {run}", recorded_base(run), model_cfg,
+               why=f"no final/gym.json nor readable {CONFIG}")
+
+
+def folder_base(path: Path, model_cfg) -> tuple[dict | None, str]:
+    """(the base model of a model folder, what to call the folder in an error). A folder
+    gym exported records its run's base (``gym_export.json``); an adapter folder names its
+    base model's folder; any other model folder is its own base (``model=local``)."""
+    from gym_core.export import RECORD
+    from gym_core.model.stages import base_identity, recorded_base
+
+    what = f"the model folder {path}"
+    record = path / RECORD
+    if record.is_file():
+        try:
+            got = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            got = {}
+        if isinstance(got.get("base_model"), dict):
+            return got["base_model"], what
+        if got.get("run") and Path(got["run"]).is_dir():  # an export older than base_model
+            return recorded_base(Path(got["run"])), what
+        return None, what
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get(
+                "base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        if not base or not Path(base).expanduser().is_dir():
+            return None, f"the adapter folder {path} (its base {base!r} is not a local folder)"
+        return folder_base(Path(base).expanduser().resolve(), model_cfg)[0], \
+            f"the adapter folder {path}"
+    if model_cfg.source == "smollm2":
+        from gym_core.model.policy import cache_root
+
+        if path == (cache_root(model_cfg.cache_dir) / "smollm2-135m-instruct").resolve():
+            return base_identity(model_cfg), what
+    return {"source": "local", "path": str(path)}, what
 
 
 def _checkpoint(spec: str, path: Path) -> ModelRef:
@@ -273,10 +348,11 @@ def _request(server: str, path: str, body: dict | None, api_key: str | None,
                        "python -m gym_core.serve, or fix the address") from None
 
 
-def served_models(server: str, api_key: str | None) -> list[str]:
-    """The model names a running server lists (its base and variants)."""
+def served_models(server: str, api_key: str | None) -> dict[str, dict]:
+    """The models a running server lists (its base and variants): {name: model card};
+    gym_core.serve's cards say which base model they sit on (``base``)."""
     got = _request(server, "/v1/models", None, api_key, timeout=10)
-    return [m["id"] for m in got.get("data", [])]
+    return {m["id"]: m for m in got.get("data", []) if isinstance(m, dict) and "id" in m}
 
 
 def served_completions(server: str, name: str, messages: list[dict], *, n: int,
