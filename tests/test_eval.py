@@ -335,5 +335,39 @@ def test_served_variant_through_the_api_and_lm_eval_local_completions(trained, d
             assert value == pytest.approx(local[key], abs=1e-6), key
         with pytest.raises(GymError, match="serves no model 'nope'"):
             evaluate([*common[:3], "eval.models=[served:nope]"])
+        # the server reports its base model (/v1/models): eval configured for another
+        # base refuses its base and its variants alike
+        for name in ("tiny", "v"):
+            with pytest.raises(GymError, match=f"served:{name}'.*another base.*"
+                               "'hidden_size': 64.*'hidden_size': 32"):
+                evaluate([*common[:3], f"eval.models=[served:{name}]",
+                          "model.tiny.hidden_size=32"])
     finally:
         srv.stop()
+
+
+def test_a_served_model_whose_base_is_not_reported_is_refused(tmp_path):
+    """An OpenAI server that does not say which base its models sit on (not gym's)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with pytest.raises(GymError, match="'served:m'.*base model of the served model 'm' "
+                           "cannot be established.*does not report it"):
+            evaluate([f"eval.root={tmp_path}", "eval.models=[served:m]", f"eval.server={url}"])
+    finally:
+        httpd.shutdown()
