@@ -270,6 +270,19 @@ def test_cli_table_json_and_a_failing_task_keeps_the_others(trained, tmp_path):
     errors = [x for x in got.stderr.splitlines() if x.startswith("gym: error:")]
     assert len(errors) == 1 and "does not exist" in errors[0]
     assert Store(tmp_path).query(task="arithmetic")  # stored although another task failed
+    # bad names, a model of another base among them: one line and exit 2 before anything
+    # is scored; what the store holds stays
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    for bad, says in ((f"eval.models=[base,{plain}]", f"'{plain}': the model folder {plain} "
+                       "is of another base"), ("eval.tasks=[nope]", "'nope' is not a task")):
+        got = subprocess.run([*args, bad], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=600)
+        errors = [x for x in got.stderr.splitlines() if x.startswith("gym: error:")]
+        assert got.returncode == 2 and not got.stdout and len(errors) == 1, got.stderr
+        assert says in errors[0], errors[0]
+    assert len(Store(tmp_path).query(task="arithmetic")) == 1
     from gym_core.eval.runner import Report
 
     table = Report(Store(tmp_path).query(), cached={0}).table()
