@@ -46,11 +46,17 @@ class ModelRef:
             else f"{self.key}@{self.step}"
 
 
-def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
-            ) -> list[ModelRef]:
+def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None, *,
+            same_base: bool = True) -> list[ModelRef]:
     """The models one ``eval.models`` entry names (a ``checkpoints`` folder: several),
-    checked; a bad entry is a one-line error naming it."""
+    checked; a bad entry is a one-line error naming it. ``same_base``: refuse a model
+    whose base model is not ``model_cfg``'s, or is not known (:func:`check_base`)."""
     spec = str(spec).strip()
+
+    def verify(what: str, theirs: dict | None, why: str = "") -> None:
+        if same_base:
+            check_base(spec, what, theirs, model_cfg, why)
+
     if spec == "base":
         from gym_core.model.policy import describe
 
@@ -65,9 +71,9 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
             raise GymError(f"eval.models entry {spec!r}: {server} serves no model {name!r} "
                            f"(it serves: {', '.join(cards)})")
         base = cards[name].get("base")
-        check_base(spec, f"the served model {name!r}",
-                   base.get("identity") if isinstance(base, dict) else None, model_cfg,
-                   why=f"{server} does not report it in /v1/models (not a gym_core.serve, "
+        verify(f"the served model {name!r}",
+               base.get("identity") if isinstance(base, dict) else None,
+               why=f"{server} does not report it in /v1/models (not a gym_core.serve, "
                        "or an older one)")
         return [ModelRef(spec, "served", f"served:{server.rstrip('/')}#{name}", None, -1,
                          name=name)]
@@ -86,7 +92,7 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
 
         run = TrainedRun.open(path)
         run.delta_file()  # a missing delta is an error before any model loads
-        check_run_base(spec, path, model_cfg)
+        verify(*run_base(path))
         return [ModelRef(spec, "delta", f"{path}#{run.quant}", str(path), _final_step(path))]
     if path.name == "checkpoints" and (path.parent / CONFIG).is_file():
         from gym_core.train.checkpoint import list_checkpoints
@@ -95,21 +101,20 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
         if not found:
             raise GymError(f"eval.models entry {spec!r}: {path} holds no complete checkpoint")
         refs = [_checkpoint(spec, p) for _, p in found]
-        check_run_base(spec, path.parent, model_cfg)
+        verify(*run_base(path.parent))
         return refs
     if _STEP.match(path.name) and path.parent.name == "checkpoints":
         ref = _checkpoint(spec, path)
-        check_run_base(spec, path.parent.parent, model_cfg)
+        verify(*run_base(path.parent.parent))
         return [ref]
     if (path / CONFIG).is_file():
         from gym_core.deltas.merge import TrainedRun
 
         TrainedRun.open(path)  # finished, readable config
-        check_run_base(spec, path, model_cfg)
+        verify(*run_base(path))
         return [ModelRef(spec, "run", str(path), str(path), _final_step(path), path=path)]
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-        theirs, what = folder_base(path, model_cfg)
-        check_base(spec, what, theirs, model_cfg)
+        verify(*folder_base(path, model_cfg))
         return [ModelRef(spec, "folder", str(path), None, -1, path=path)]
     jobs = sorted(p.name for p in path.iterdir() if (p / CONFIG).is_file()) \
         if path.is_dir() else []
@@ -139,15 +144,15 @@ def check_base(spec: str, what: str, theirs: dict | None, model_cfg, why: str = 
                        "gym_core.eval with that base's model= settings")
 
 
-def check_run_base(spec: str, run: Path, model_cfg) -> None:
+def run_base(run: Path) -> tuple[str, dict | None, str]:
+    """(what to call a run in an error, its base model, why that may be unknown)."""
     from gym_core.model.stages import recorded_base
 
-    check_base(spec, f"the run {run}", recorded_base(run), model_cfg,
-               why=f"no final/gym.json nor readable {CONFIG}")
+    return f"the run {run}", recorded_base(run), f"no final/gym.json nor readable {CONFIG}"
 
 
-def folder_base(path: Path, model_cfg) -> tuple[dict | None, str]:
-    """(the base model of a model folder, what to call the folder in an error). A folder
+def folder_base(path: Path, model_cfg) -> tuple[str, dict | None]:
+    """(what to call a model folder in an error, its base model). A folder
     gym exported records its run's base (``gym_export.json``); an adapter folder names its
     base model's folder; any other model folder is its own base (``model=local``)."""
     from gym_core.export import RECORD
@@ -161,10 +166,10 @@ def folder_base(path: Path, model_cfg) -> tuple[dict | None, str]:
         except (OSError, ValueError):
             got = {}
         if isinstance(got.get("base_model"), dict):
-            return got["base_model"], what
+            return what, got["base_model"]
         if got.get("run") and Path(got["run"]).is_dir():  # an export older than base_model
-            return recorded_base(Path(got["run"])), what
-        return None, what
+            return what, recorded_base(Path(got["run"]))
+        return what, None
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         try:
             base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get(
@@ -172,15 +177,15 @@ def folder_base(path: Path, model_cfg) -> tuple[dict | None, str]:
         except (OSError, ValueError):
             base = None
         if not base or not Path(base).expanduser().is_dir():
-            return None, f"the adapter folder {path} (its base {base!r} is not a local folder)"
-        return folder_base(Path(base).expanduser().resolve(), model_cfg)[0], \
-            f"the adapter folder {path}"
+            return f"the adapter folder {path} (its base {base!r} is not a local folder)", None
+        return f"the adapter folder {path}", \
+            folder_base(Path(base).expanduser().resolve(), model_cfg)[1]
     if model_cfg.source == "smollm2":
         from gym_core.model.policy import cache_root
 
         if path == (cache_root(model_cfg.cache_dir) / "smollm2-135m-instruct").resolve():
-            return base_identity(model_cfg), what
-    return {"source": "local", "path": str(path)}, what
+            return what, base_identity(model_cfg)
+    return what, {"source": "local", "path": str(path)}
 
 
 def _checkpoint(spec: str, path: Path) -> ModelRef:
