@@ -384,3 +384,27 @@ def test_a_served_model_whose_base_is_not_reported_is_refused(tmp_path):
             evaluate([f"eval.root={tmp_path}", "eval.models=[served:m]", f"eval.server={url}"])
     finally:
         httpd.shutdown()
+
+
+def test_lm_eval_tasks_whose_data_is_missing_fail_alone(tmp_path):
+    """A harness task whose local file is gone, or whose hub data set is not on this
+    machine: each is a one-line failure naming the task, and the other task's results
+    are reported and stored."""
+    from tests.test_eval_harness import write_tasks
+
+    write_tasks(tmp_path / "tasks", tmp_path / "data")
+    (tmp_path / "data" / "qa.jsonl").unlink()
+    (tmp_path / "tasks" / "hub.yaml").write_text(
+        "task: gym_hub\ndataset_path: nobody/not-on-this-machine\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "metric_list:\n  - metric: exact_match\n")
+    report = evaluate([f"eval.root={tmp_path}", "eval.models=[base]", "eval.limit=2",
+                       "eval.max_new_tokens=4", "eval.lm_eval_builtin=false",
+                       f"eval.lm_eval_include=[{tmp_path / 'tasks'}]",
+                       "eval.tasks=[lm_eval:gym_gen,lm_eval:gym_hub,arithmetic]"])
+    assert [(r.task, r.metric) for r in report.rows] == [("arithmetic", "accuracy")]
+    assert len(report.failures) == 2
+    gen, hub = report.failures
+    assert "lm_eval:gym_gen" in gen and "qa.jsonl" in gen and "\n" not in gen
+    assert "lm_eval:gym_hub" in hub and "not-on-this-machine" in hub and "\n" not in hub
+    assert [r.task for r in Store(tmp_path).query()] == ["arithmetic"]
