@@ -11,6 +11,11 @@
   PEFT adapter folder pointing at its base);
 - ``served:NAME``: the model NAME (the base or a variant) of a running
   ``python -m gym_core.serve`` at ``eval.server``, through its OpenAI API.
+
+Every model must sit on the base model of ``model=`` (:func:`check_base`): runs record
+their base (``final/gym.json``, ``.hydra/config.yaml``), gym's exports theirs
+(``gym_export.json``), an adapter folder names its base's folder, and the server's
+``/v1/models`` cards carry theirs (``base.identity``).
 """
 
 from __future__ import annotations
