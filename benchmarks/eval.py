@@ -46,7 +46,7 @@ def write_task(folder: Path, examples: int, max_gen: int) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--model", default="smollm2", help="model= option of the base (smollm2, tiny)")
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--max-gen", type=int, default=32)

@@ -183,6 +183,7 @@ def export(cfg: Any, plugins) -> ExportResult:
     """Run one export (``cfg``: an :class:`ExportAppConfig`); returns what it wrote."""
     from gym_core.base.errors import GymError
     from gym_core.deltas.merge import TrainedRun, describe
+    from gym_core.model.stages import base_identity
 
     _check_options(cfg)
     run = TrainedRun.open(cfg.run)
@@ -214,6 +215,8 @@ def export(cfg: Any, plugins) -> ExportResult:
             if is_dir:
                 record = {"format": fmt, "source": source, "run": str(run.path.resolve()),
                           "base": describe(run),
+                          # what gym_core.eval checks a folder's base model against
+                          "base_model": base_identity(run.model),
                           "quant": run.quant if source == "delta" else None,
                           **({"dtype": cfg.hf.dtype} if fmt == "hf" else {})}
                 write_json(tmp / RECORD, record)

@@ -142,7 +142,7 @@ def test_every_model_kind_on_data_and_jsonl_tasks(trained, digits):
     assert got[(str(trained["export"].resolve()), -1, jsonl, "digit_share")] == final
     from gym_core.eval.models import resolve
 
-    ckpt = resolve(str(run / "checkpoints"), None, None)[-1]
+    ckpt = resolve(str(run / "checkpoints"), eval_cfg([]).model, None)[-1]
     assert ckpt.kind == "checkpoint" and ckpt.step == 4
     assert (f"{key}#bitdelta", 4, jsonl, "digit_share") in got
     assert ("base:tiny-llama", 0, jsonl, "digit_share") in got
@@ -194,20 +194,65 @@ def test_bad_names_are_one_line_errors(trained, tmp_path):
         evaluate([*root, f"eval.models=[{tmp_path / 'empty'}]"])
     with pytest.raises(GymError, match="does not answer"):
         evaluate([*root, "eval.models=[served:x]", "eval.server=http://127.0.0.1:9"])
-    # a model of another base: the run's checkpoint under a config naming a wider model
-    other = tmp_path / "other"
-    (other / "checkpoints").mkdir(parents=True)
+
+
+def test_models_of_another_base_are_refused_before_anything_loads(trained, tmp_path):
+    """Every model kind whose base model is not eval's (model=tiny here), or whose base
+    cannot be established, is one error naming the entry, its base and eval's."""
     import shutil
 
-    shutil.copytree(trained["run"] / "checkpoints" / "step-000004",
-                    other / "checkpoints" / "step-000004")
-    (other / ".hydra").mkdir()
-    cfg = OmegaConf.load(trained["run"] / ".hydra" / "config.yaml")
+    from gym_core.eval.models import resolve
+
+    mine = eval_cfg([]).model
+    # the trained run as if trained on a wider tiny model: its record and its config say so
+    other = tmp_path / "other"
+    shutil.copytree(trained["run"], other)
+    record = json.loads((other / "final" / "gym.json").read_text())
+    record["base"]["tiny"]["hidden_size"] = 32
+    (other / "final" / "gym.json").write_text(json.dumps(record))
+    cfg = OmegaConf.load(other / ".hydra" / "config.yaml")
     cfg.model.tiny.hidden_size = 32
     OmegaConf.save(cfg, other / ".hydra" / "config.yaml")
-    report = evaluate([*root, f"eval.models=[{other / 'checkpoints' / 'step-000004'}]",
-                       "eval.limit=2"])
-    assert not report.rows and "does not fit the model its run names" in report.failures[0]
+    step = other / "checkpoints" / "step-000004"
+    for spec in (str(other), f"delta:{other}", str(other / "checkpoints"), str(step)):
+        with pytest.raises(GymError, match="another base") as e:
+            resolve(spec, mine, None)
+        assert repr(spec) in str(e.value) and "'hidden_size': 32" in str(e.value)
+        assert "'hidden_size': 64" in str(e.value) and "\n" not in str(e.value)
+    # exported folders record their run's base model
+    export = tmp_path / "export"
+    shutil.copytree(trained["export"], export)
+    assert resolve(str(export), mine, None)[0].kind == "folder"
+    meta = json.loads((export / "gym_export.json").read_text())
+    meta["base_model"] = record["base"]
+    (export / "gym_export.json").write_text(json.dumps(meta))
+    with pytest.raises(GymError, match="another base.*'hidden_size': 32"):
+        resolve(str(export), mine, None)
+    del meta["base_model"]  # an older export: its run's record says, while the run is there
+    meta["run"] = str(tmp_path / "gone")
+    (export / "gym_export.json").write_text(json.dumps(meta))
+    with pytest.raises(GymError, match="cannot be established"):
+        resolve(str(export), mine, None)
+    # a model folder gym did not export is its own base (model=local model.path=it)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    with pytest.raises(GymError, match=f"another base \\(model=local model.path={plain}\\)"):
+        resolve(str(plain), mine, None)
+    # a LoRA adapter folder is of its base folder's base
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    shutil.copy(trained["run"] / "final" / "adapter_model.safetensors", adapter)
+    conf = json.loads((trained["run"] / "final" / "adapter_config.json").read_text())
+    for base, ok in ((trained["export"], True), (plain, False), (tmp_path / "nowhere", None)):
+        conf["base_model_name_or_path"] = str(base)
+        (adapter / "adapter_config.json").write_text(json.dumps(conf))
+        if ok:
+            assert resolve(str(adapter), mine, None)[0].kind == "folder"
+            continue
+        with pytest.raises(GymError, match="another base" if ok is False
+                           else "cannot be established"):
+            resolve(str(adapter), mine, None)
 
 
 def test_cli_table_json_and_a_failing_task_keeps_the_others(trained, tmp_path):
@@ -225,6 +270,19 @@ def test_cli_table_json_and_a_failing_task_keeps_the_others(trained, tmp_path):
     errors = [x for x in got.stderr.splitlines() if x.startswith("gym: error:")]
     assert len(errors) == 1 and "does not exist" in errors[0]
     assert Store(tmp_path).query(task="arithmetic")  # stored although another task failed
+    # bad names, a model of another base among them: one line and exit 2 before anything
+    # is scored; what the store holds stays
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    for bad, says in ((f"eval.models=[base,{plain}]", f"'{plain}': the model folder {plain} "
+                       "is of another base"), ("eval.tasks=[nope]", "'nope' is not a task")):
+        got = subprocess.run([*args, bad], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=600)
+        errors = [x for x in got.stderr.splitlines() if x.startswith("gym: error:")]
+        assert got.returncode == 2 and not got.stdout and len(errors) == 1, got.stderr
+        assert says in errors[0], errors[0]
+    assert len(Store(tmp_path).query(task="arithmetic")) == 1
     from gym_core.eval.runner import Report
 
     table = Report(Store(tmp_path).query(), cached={0}).table()
@@ -290,5 +348,63 @@ def test_served_variant_through_the_api_and_lm_eval_local_completions(trained, d
             assert value == pytest.approx(local[key], abs=1e-6), key
         with pytest.raises(GymError, match="serves no model 'nope'"):
             evaluate([*common[:3], "eval.models=[served:nope]"])
+        # the server reports its base model (/v1/models): eval configured for another
+        # base refuses its base and its variants alike
+        for name in ("tiny", "v"):
+            with pytest.raises(GymError, match=f"served:{name}'.*another base.*"
+                               "'hidden_size': 64.*'hidden_size': 32"):
+                evaluate([*common[:3], f"eval.models=[served:{name}]",
+                          "model.tiny.hidden_size=32"])
     finally:
         srv.stop()
+
+
+def test_a_served_model_whose_base_is_not_reported_is_refused(tmp_path):
+    """An OpenAI server that does not say which base its models sit on (not gym's)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with pytest.raises(GymError, match="'served:m'.*base model of the served model 'm' "
+                           "cannot be established.*does not report it"):
+            evaluate([f"eval.root={tmp_path}", "eval.models=[served:m]", f"eval.server={url}"])
+    finally:
+        httpd.shutdown()
+
+
+def test_lm_eval_tasks_whose_data_is_missing_fail_alone(tmp_path):
+    """A harness task whose local file is gone, or whose hub data set is not on this
+    machine: each is a one-line failure naming the task, and the other task's results
+    are reported and stored."""
+    from tests.test_eval_harness import write_tasks
+
+    write_tasks(tmp_path / "tasks", tmp_path / "data")
+    (tmp_path / "data" / "qa.jsonl").unlink()
+    (tmp_path / "tasks" / "hub.yaml").write_text(
+        "task: gym_hub\ndataset_path: nobody/not-on-this-machine\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "metric_list:\n  - metric: exact_match\n")
+    report = evaluate([f"eval.root={tmp_path}", "eval.models=[base]", "eval.limit=2",
+                       "eval.max_new_tokens=4", "eval.lm_eval_builtin=false",
+                       f"eval.lm_eval_include=[{tmp_path / 'tasks'}]",
+                       "eval.tasks=[lm_eval:gym_gen,lm_eval:gym_hub,arithmetic]"])
+    assert [(r.task, r.metric) for r in report.rows] == [("arithmetic", "accuracy")]
+    assert len(report.failures) == 2
+    gen, hub = report.failures
+    assert "lm_eval:gym_gen" in gen and "qa.jsonl" in gen and "\n" not in gen
+    assert "lm_eval:gym_hub" in hub and "not-on-this-machine" in hub and "\n" not in hub
+    assert [r.task for r in Store(tmp_path).query()] == ["arithmetic"]

@@ -128,6 +128,7 @@ def test_hf_folder_loads_without_gym_and_equals_base_plus_adapter(runs, tmp_path
     record = json.loads((out / "gym_export.json").read_text())
     assert record["format"] == "hf" and record["source"] == "final"
     assert record["run"] == str(run.resolve()) and record["base"] == "tiny-llama"
+    assert record["base_model"]["source"] == "tiny"  # what gym_core.eval checks
     (out / "stale.txt").write_text("from an earlier export")
     with pytest.raises(GymError, match="already exists: add overwrite=true"):
         export(options(run))  # again: refused, the earlier export kept

@@ -13,7 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.serve_helpers import PROMPTS, ServerProcess, greedy_text, http, make_run, merged_model
+from tests.serve_helpers import (
+    PROMPTS,
+    ServerProcess,
+    greedy_text,
+    http,
+    make_run,
+    merged_model,
+    model_cfg,
+)
 
 # eight variants of the tiny base: four BitDelta, two DeltaQuant, two LoRA adapters
 KINDS = {"bd0": ("bitdelta", {}), "bd1": ("bitdelta", {}), "bd2": ("bitdelta", {}),
@@ -84,6 +92,11 @@ def test_models_lists_the_base_and_every_variant(client):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == "tiny" and sorted(ids[1:]) == sorted(KINDS)
     assert client.models.retrieve("bd0").id == "bd0"
+    # every card says which base model it sits on (gym_core.eval checks it)
+    cards = [m.to_dict() for m in client.models.list()]
+    assert all(c["base"] == cards[0]["base"] for c in cards)
+    assert cards[0]["base"]["identity"] == {"source": "tiny", "tiny": dict(
+        model_cfg().tiny)} and cards[0]["base"]["digest"].startswith("sha256:")
 
 
 @pytest.mark.parametrize("model", ["tiny", *KINDS])

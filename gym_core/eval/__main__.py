@@ -8,8 +8,9 @@
 
 Prints a table (``--json``: JSON) of (model, step, task, metric, value); every result is
 kept in ``<eval.root>/results.sqlite`` and read back instead of recomputed unless
-``eval.force=true``. A bad name is one line and exit 2 before anything loads; a task
-that fails later is listed after the others' results, and the exit status is 2.
+``eval.force=true``. A bad name, or a model of another base than ``model=``'s, is one
+line and exit 2 before anything loads; a task that fails later is listed after the
+others' results, and the exit status is 2.
 """
 
 from __future__ import annotations

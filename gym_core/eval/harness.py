@@ -235,7 +235,9 @@ def _load(pretrained: str, base: str):
 
     plugins = bootstrap()
     model_cfg = compose([f"model={base}"]).model
-    refs = models.resolve(pretrained, model_cfg, None)
+    # one model, compared with none: runs and checkpoints load on their own base, and
+    # base= says only what pretrained="base" is
+    refs = models.resolve(pretrained, model_cfg, None, same_base=False)
     if len(refs) != 1 or refs[0].kind == "served":
         raise GymError(f"pretrained={pretrained!r} must name one local model")
     return models.load(refs[0], model_cfg, plugins)

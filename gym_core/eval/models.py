@@ -11,6 +11,11 @@
   PEFT adapter folder pointing at its base);
 - ``served:NAME``: the model NAME (the base or a variant) of a running
   ``python -m gym_core.serve`` at ``eval.server``, through its OpenAI API.
+
+Every model must sit on the base model of ``model=`` (:func:`check_base`): runs record
+their base (``final/gym.json``, ``.hydra/config.yaml``), gym's exports theirs
+(``gym_export.json``), an adapter folder names its base's folder, and the server's
+``/v1/models`` cards carry theirs (``base.identity``).
 """
 
 from __future__ import annotations
@@ -46,11 +51,17 @@ class ModelRef:
             else f"{self.key}@{self.step}"
 
 
-def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
-            ) -> list[ModelRef]:
+def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None, *,
+            same_base: bool = True) -> list[ModelRef]:
     """The models one ``eval.models`` entry names (a ``checkpoints`` folder: several),
-    checked; a bad entry is a one-line error naming it."""
+    checked; a bad entry is a one-line error naming it. ``same_base``: refuse a model
+    whose base model is not ``model_cfg``'s, or is not known (:func:`check_base`)."""
     spec = str(spec).strip()
+
+    def verify(what: str, theirs: dict | None, why: str = "") -> None:
+        if same_base:
+            check_base(spec, what, theirs, model_cfg, why)
+
     if spec == "base":
         from gym_core.model.policy import describe
 
@@ -60,10 +71,15 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
         if not server:
             raise GymError(f"eval.models entry {spec!r} needs eval.server=URL (the address "
                            "of a running python -m gym_core.serve, e.g. http://127.0.0.1:8000)")
-        names = served_models(server, api_key)  # answers, or a one-line error
-        if name not in names:
+        cards = served_models(server, api_key)  # answers, or a one-line error
+        if name not in cards:
             raise GymError(f"eval.models entry {spec!r}: {server} serves no model {name!r} "
-                           f"(it serves: {', '.join(names)})")
+                           f"(it serves: {', '.join(cards)})")
+        base = cards[name].get("base")
+        verify(f"the served model {name!r}",
+               base.get("identity") if isinstance(base, dict) else None,
+               why=f"{server} does not report it in /v1/models (not a gym_core.serve, "
+                       "or an older one)")
         return [ModelRef(spec, "served", f"served:{server.rstrip('/')}#{name}", None, -1,
                          name=name)]
     kind = "run"
@@ -81,6 +97,7 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
 
         run = TrainedRun.open(path)
         run.delta_file()  # a missing delta is an error before any model loads
+        verify(*run_base(path))
         return [ModelRef(spec, "delta", f"{path}#{run.quant}", str(path), _final_step(path))]
     if path.name == "checkpoints" and (path.parent / CONFIG).is_file():
         from gym_core.train.checkpoint import list_checkpoints
@@ -88,15 +105,21 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
         found = list_checkpoints(path.parent)
         if not found:
             raise GymError(f"eval.models entry {spec!r}: {path} holds no complete checkpoint")
-        return [_checkpoint(spec, p) for _, p in found]
+        refs = [_checkpoint(spec, p) for _, p in found]
+        verify(*run_base(path.parent))
+        return refs
     if _STEP.match(path.name) and path.parent.name == "checkpoints":
-        return [_checkpoint(spec, path)]
+        ref = _checkpoint(spec, path)
+        verify(*run_base(path.parent.parent))
+        return [ref]
     if (path / CONFIG).is_file():
         from gym_core.deltas.merge import TrainedRun
 
         TrainedRun.open(path)  # finished, readable config
+        verify(*run_base(path))
         return [ModelRef(spec, "run", str(path), str(path), _final_step(path), path=path)]
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        verify(*folder_base(path, model_cfg))
         return [ModelRef(spec, "folder", str(path), None, -1, path=path)]
     jobs = sorted(p.name for p in path.iterdir() if (p / CONFIG).is_file()) \
         if path.is_dir() else []
@@ -106,6 +129,68 @@ def resolve(spec: str, model_cfg, server: str | None, api_key: str | None = None
     raise GymError(f"eval.models entry {spec!r}: {path} is not a run folder (.hydra/config.yaml), "
                    "a checkpoint (checkpoints/step-N), an exported model folder (config.json "
                    "or adapter_config.json), nor a run's checkpoints folder")
+
+
+def check_base(spec: str, what: str, theirs: dict | None, model_cfg, why: str = "") -> None:
+    """Refuse a model whose base model (a :func:`gym_core.model.stages.base_identity`)
+    is not the one this evaluation is configured for, or cannot be established."""
+    from gym_core.model.stages import base_identity, describe_identity
+
+    mine = base_identity(model_cfg)
+    if theirs is None:
+        raise GymError(f"eval.models entry {spec!r}: the base model of {what} cannot be "
+                       f"established ({why or 'nothing records it'}), so it cannot be checked "
+                       f"against this evaluation's base ({describe_identity(mine)}); evaluate "
+                       "models of that base only")
+    if theirs != mine:
+        raise GymError(f"eval.models entry {spec!r}: {what} is of another base "
+                       f"({describe_identity(theirs)}) than this evaluation's "
+                       f"({describe_identity(mine)}); evaluate it in its own python -m "
+                       "gym_core.eval with that base's model= settings")
+
+
+def run_base(run: Path) -> tuple[str, dict | None, str]:
+    """(what to call a run in an error, its base model, why that may be unknown)."""
+    from gym_core.model.stages import recorded_base
+
+    return f"the run {run}", recorded_base(run), f"no final/gym.json nor readable {CONFIG}"
+
+
+def folder_base(path: Path, model_cfg) -> tuple[str, dict | None]:
+    """(what to call a model folder in an error, its base model). A folder
+    gym exported records its run's base (``gym_export.json``); an adapter folder names its
+    base model's folder; any other model folder is its own base (``model=local``)."""
+    from gym_core.export import RECORD
+    from gym_core.model.stages import base_identity, recorded_base
+
+    what = f"the model folder {path}"
+    record = path / RECORD
+    if record.is_file():
+        try:
+            got = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            got = {}
+        if isinstance(got.get("base_model"), dict):
+            return what, got["base_model"]
+        if got.get("run") and Path(got["run"]).is_dir():  # an export older than base_model
+            return what, recorded_base(Path(got["run"]))
+        return what, None
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get(
+                "base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        if not base or not Path(base).expanduser().is_dir():
+            return f"the adapter folder {path} (its base {base!r} is not a local folder)", None
+        return f"the adapter folder {path}", \
+            folder_base(Path(base).expanduser().resolve(), model_cfg)[1]
+    if model_cfg.source == "smollm2":
+        from gym_core.model.policy import cache_root
+
+        if path == (cache_root(model_cfg.cache_dir) / "smollm2-135m-instruct").resolve():
+            return what, base_identity(model_cfg)
+    return what, {"source": "local", "path": str(path)}
 
 
 def _checkpoint(spec: str, path: Path) -> ModelRef:
@@ -273,10 +358,11 @@ def _request(server: str, path: str, body: dict | None, api_key: str | None,
                        "python -m gym_core.serve, or fix the address") from None
 
 
-def served_models(server: str, api_key: str | None) -> list[str]:
-    """The model names a running server lists (its base and variants)."""
+def served_models(server: str, api_key: str | None) -> dict[str, dict]:
+    """The models a running server lists (its base and variants): {name: model card};
+    gym_core.serve's cards say which base model they sit on (``base``)."""
     got = _request(server, "/v1/models", None, api_key, timeout=10)
-    return [m["id"] for m in got.get("data", [])]
+    return {m["id"]: m for m in got.get("data", []) if isinstance(m, dict) and "id" in m}
 
 
 def served_completions(server: str, name: str, messages: list[dict], *, n: int,

@@ -37,7 +37,14 @@ def base_identity(model_cfg) -> dict[str, Any]:
     return {"source": model_cfg.source}
 
 
-def _describe_identity(ident: dict[str, Any]) -> str:
+def identity_digest(ident: dict[str, Any]) -> str:
+    """A short fingerprint of a :func:`base_identity` (what ``gym_core.serve`` reports)."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_identity(ident: dict[str, Any]) -> str:
     if ident.get("source") == "local":
         return f"model=local model.path={ident.get('path')}"
     if ident.get("source") == "tiny":
@@ -67,7 +74,7 @@ def read_stage(init: str) -> dict[str, Any]:
     if not weights.is_file():
         raise GymError(f"model.init={init!r}: {final} holds no final weights ({weights.name} "
                        "is missing)")
-    base = record.get("base") or _hydra_base(run)
+    base = record.get("base") or hydra_base(run)
     if base is None:
         raise GymError(f"model.init={init!r}: the run does not record which base model it was "
                        f"trained on (no 'base' in {record_file}, no .hydra/config.yaml)")
@@ -75,7 +82,24 @@ def read_stage(init: str) -> dict[str, Any]:
             "algorithm": record.get("algorithm"), "chain": list(record.get("chain") or [])}
 
 
-def _hydra_base(run: Path) -> dict[str, Any] | None:
+def recorded_base(run: Path) -> dict[str, Any] | None:
+    """The base model a run (finished or not) was trained on: its ``final/gym.json``
+    record, else Hydra's copy of its config; None when neither says."""
+    record_file = Path(run) / "final" / RECORD
+    if record_file.is_file():
+        try:
+            base = json.loads(record_file.read_text()).get("base")
+        except (OSError, ValueError):
+            base = None
+        if base:
+            return base
+    try:
+        return hydra_base(Path(run))
+    except Exception:  # a damaged YAML file: the base is not known
+        return None
+
+
+def hydra_base(run: Path) -> dict[str, Any] | None:
     """The base model of a run that predates the record, from Hydra's copy of its config."""
     path = run / ".hydra" / "config.yaml"
     if not path.is_file():
@@ -101,8 +125,8 @@ def check_init(model_cfg) -> list[dict[str, Any]] | None:
     if stage["base"] != mine:
         raise GymError(
             f"model.init={init!r} was trained on another base model "
-            f"({_describe_identity(stage['base'])}) than this run's "
-            f"({_describe_identity(mine)}): start from a run of the same model")
+            f"({describe_identity(stage['base'])}) than this run's "
+            f"({describe_identity(mine)}): start from a run of the same model")
     for earlier in stage["chain"]:
         if not Path(earlier["run"], "final", RECORD).is_file():
             raise GymError(f"model.init={init!r} started from {earlier['run']}, whose final "

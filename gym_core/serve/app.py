@@ -222,11 +222,20 @@ def create_app(server: Server) -> FastAPI:
         return {"status": "ok", "base": server.base_name,
                 "variants": len(server.registry.names()), **server.engine.load()}
 
+    from gym_core.model.policy import describe
+    from gym_core.model.stages import base_identity, identity_digest
+
+    # which base model every listed model sits on (variants are checked against it when
+    # they load): what gym_core.eval compares with the base it is configured for
+    identity = base_identity(server.base.model_cfg)
+    base_card = {"name": describe(server.base.model_cfg), "identity": identity,
+                 "digest": identity_digest(identity)}
+
     def model_card(name: str, variant: Variant | None) -> dict:
         return {"id": name, "object": "model", "owned_by": "gym",
                 "created": variant.created if variant else server.created,
                 "root": server.base_name, "parent": server.base_name if variant else None,
-                "max_model_len": server.engine.max_len}
+                "max_model_len": server.engine.max_len, "base": base_card}
 
     @app.get("/v1/models")
     async def models():
