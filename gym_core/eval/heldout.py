@@ -101,7 +101,8 @@ def evaluate_episodes(model, tokenizer, env_cls, env_cfg, examples, *, system_pr
     - ``mean_turns``, ``error_share`` (the environment failed), ``truncated_share``.
 
     Under torchrun each rank plays every world-th example and the sums are all-reduced.
-    None without examples."""
+    ``fused``: as :func:`~gym_core.sampling.episodes.sample_episodes` (None: the fused
+    decoder when the model has one). None without examples."""
     from gym_core.sampling.episodes import sample_episodes
 
     dist = dist or Dist()
