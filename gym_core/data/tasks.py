@@ -281,7 +281,7 @@ def check_conversation(messages: Any, where: str, field: str, *, reply: bool = F
     """Raise :class:`GymError` naming ``where`` and ``field`` unless ``messages`` is a
     conversation in turn order: ``{"role", "content"}`` dicts, a system message only
     first, then a user turn, no two user (or assistant) turns in a row, and at least one
-    assistant turn with content. ``reply``: the messages answer a prompt (they start
+    assistant turn with content (or tool calls: a tool-use trace). ``reply``: the messages answer a prompt (they start
     with an assistant turn)."""
     if not isinstance(messages, list) or not messages:
         raise GymError(f"{where}: field '{field}' must be a non-empty list of messages")
@@ -307,7 +307,7 @@ def check_conversation(messages: Any, where: str, field: str, *, reply: bool = F
         if wrong:
             raise GymError(f"{where}: field '{field}' is out of turn order at message {i} "
                            f"(role {role!r} after {previous or 'the start'}): {wrong}")
-        if role == "assistant" and not m["content"].strip():
+        if role == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise GymError(f"{where}: field '{field}' message {i} is an empty assistant turn")
         previous = role
     if not any(m["role"] == "assistant" for m in messages):

@@ -76,3 +76,65 @@ def preference_accuracy(policy, examples, *, batch_size=32, max_prompt_length=25
     model.train(was_training)
     policy.temperature = temperature
     return dist.all_reduce_sum([wins])[0] / total
+
+
+#: An episode counts as solved when the environment ended it and the reward of its last
+#: turn reaches this: the pass threshold of ``gym_core.eval`` (a verifier score of 1).
+SOLVED_AT = 1.0
+
+
+@torch.no_grad()
+def evaluate_episodes(model, tokenizer, env_cls, env_cfg, examples, *, system_prompt=None,
+                      batch_size=64, desc="eval", dist: Dist | None = None,
+                      max_prompt_length: int | None = None, progress: bool = False,
+                      fused: bool | None = None) -> dict | None:
+    """Greedy episodes of ``examples`` with the environment (one per example, batched
+    like :func:`evaluate`, the environment's limits as in training), summarised:
+
+    - ``accuracy``: the share of episodes the environment ended (``done``) with a last
+      turn's reward of at least :data:`SOLVED_AT` (calculator: the final answer's last
+      number is right; wordle: the word was found);
+    - ``mean_return``: the mean of the episodes' summed turn rewards (undiscounted);
+    - ``tool_call_share``: episodes with at least one well-formed tool call;
+    - ``tool_ok_share``: episodes with at least one tool call and no tool error (no
+      malformed call, no call whose result was ``error: ...``), no environment error;
+    - ``mean_turns``, ``error_share`` (the environment failed), ``truncated_share``.
+
+    Under torchrun each rank plays every world-th example and the sums are all-reduced.
+    ``fused``: as :func:`~gym_core.sampling.episodes.sample_episodes` (None: the fused
+    decoder when the model has one). None without examples."""
+    from gym_core.sampling.episodes import sample_episodes
+
+    dist = dist or Dist()
+    if not examples:
+        return None
+    total = len(examples)
+    examples = examples[dist.rank :: dist.world]
+    keys = ("accuracy", "mean_return", "tool_call_share", "tool_ok_share", "mean_turns",
+            "error_share", "truncated_share")
+    sums = [0.0] * len(keys)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(examples), desc=desc, unit="episode")
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        rebalance()
+        out = sample_episodes(model, tokenizer, env_cls, env_cfg, chunk, num_samples=1,
+                              sampling=Sampling(do_sample=False), system_prompt=system_prompt,
+                              max_prompt_length=max_prompt_length, fused=fused)
+        for rec in out.records:
+            called = rec.tool_calls > 0
+            solved = rec.done and rec.error is None and bool(rec.rewards) \
+                and rec.rewards[-1] >= SOLVED_AT
+            values = (solved, sum(rec.rewards), called,
+                      called and rec.tool_errors == 0 and rec.error is None,
+                      rec.turns, rec.error is not None, rec.truncated)
+            sums = [s + float(v) for s, v in zip(sums, values)]
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    sums = dist.all_reduce_sum(sums)
+    return {**{k: s / total for k, s in zip(keys, sums)}, "episodes": total}

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gym_core.base import threads
 from gym_core.base.errors import GymError
@@ -18,7 +18,7 @@ from gym_core.config.checks import preflight
 from gym_core.data.formats import check_task, rows_to_check
 from gym_core.deltas.delta import load_packed, reconstruction_error, save_packed
 from gym_core.deltas.merge import lora_base, rebuild, run_delta
-from gym_core.eval.heldout import evaluate, preference_accuracy
+from gym_core.eval.heldout import evaluate, evaluate_episodes, preference_accuracy
 from gym_core.model.policy import describe, load_base, load_policy, save_final
 from gym_core.model.stages import base_identity
 from gym_core.plugin.startup import bootstrap, check_named_components
@@ -143,9 +143,21 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
                   f"{'; '.join(changed)}")
         record_run(cfg, run_dir, digest)
     test = task.test[: tcfg.eval_size] if tcfg.eval_size else task.test
+    # with env=...: the held-out evaluation plays greedy episodes (docs/agents.md)
+    from gym_core.env.setup import selected_environment
+
+    env = selected_environment(cfg, plugins, algo_cls.online, task.train)
+    metric = task.metric if env is None else f"env={env[1].name} accuracy"
 
     def score(model, desc, shared=dist):
-        """Held-out score; the test prompts are split over the ranks of ``shared``."""
+        """Held-out score; the test prompts are split over the ranks of ``shared``. With
+        an environment: its episodes' statistics (a dict, ``accuracy`` the score)."""
+        if env is not None:
+            return evaluate_episodes(
+                model, policy.tokenizer, *env, algo.transform_examples(test),
+                system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
+                desc=desc, dist=shared, max_prompt_length=cfg.algorithm.get("max_prompt_length"),
+                progress=tcfg.progress and shared.main)
         if metric_fn is None:  # e.g. preference data without verifiable answers
             return None
         shown = algo.transform_examples(test)
@@ -172,37 +184,50 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     before = pref_before = None
     # the "before" score counts only if taken on the same held-out examples, the same way
     how = {"eval_size": tcfg.eval_size, "eval_max_new_tokens": tcfg.eval_max_new_tokens}
+    if env is not None:  # the episodes depend on the environment and its limits
+        how["env"] = OmegaConf.to_container(env[1], resolve=True)
     saved = saved_before
+    env_before = None  # with an environment: its episodes' statistics
     if saved is not None and saved.get("settings", how) == how:
         before, pref_before = saved["accuracy"], saved.get("preference_accuracy")
+        env_before = saved.get("env")
     elif tcfg.eval_before:
         if saved is not None and dist.main:
             print(f"gym: trainer.eval_* changed since {before_file.name} was written: "
                   "scoring the starting model again")
         before = score(policy.model, "eval before")
+        if env is not None:
+            env_before, before = before, _accuracy(before)
         pref_before = pref_score()
         if dist.main:
             write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before,
-                                     "settings": how})
+                                     "env": env_before, "settings": how})
     if dist.main:
-        print(f"gym: held-out {task.metric} before training: {_fmt(before)}")
+        print(f"gym: held-out {metric} before training: {_fmt(before)}")
 
     result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers,
                    setup_checked)
-    after = score(policy.model, "eval after")
+    after = env_after = score(policy.model, "eval after")
+    if env is not None:
+        after = _accuracy(env_after)
     pref_after = pref_score()
     if not dist.main:
         return {"steps": result.steps, "eval": {"after": after}}
-    print(f"gym: held-out {task.metric} after training: {_fmt(after)}")
+    print(f"gym: held-out {metric} after training: {_fmt(after)}")
     save_final(policy, run_dir / "final", record={
         "base": base_identity(cfg.model), "algorithm": cfg.algorithm.name, "chain": chain or []})
 
-    after_quant, quant_stats = None, None
+    after_quant, quant_stats, env_after_quant = None, None, None
     if quantizer is not None:  # rank 0 alone: the others are done
         after_quant, quant_stats = quantize_and_score(
             cfg, policy, quantizer, run_dir, lambda model, desc: score(model, desc, Dist()),
             task=task,
         )
+        if env is not None:
+            env_after_quant, after_quant = after_quant, _accuracy(after_quant)
+            if isinstance(quant_stats.get("after_quant_uncalibrated"), dict):
+                quant_stats["after_quant_uncalibrated"] = _accuracy(
+                    quant_stats["after_quant_uncalibrated"])
 
     summary = {
         "algorithm": cfg.algorithm.name,
@@ -213,10 +238,14 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         "train_seconds": round(result.seconds, 2),
         "tokens_per_second": round(result.tokens_per_second, 2),
         "total_seconds": round(time.perf_counter() - started, 2),
-        "eval": {"metric": task.metric, "before": before, "after": after,
+        # with env=...: before/after are the episodes' accuracy, eval.env their statistics
+        "eval": {"metric": metric, "before": before, "after": after,
                  "after_quant": after_quant, "test_examples": len(test),
                  # held-out pairs whose chosen completion the policy prefers (log-prob)
-                 "preference_accuracy": {"before": pref_before, "after": pref_after}},
+                 "preference_accuracy": {"before": pref_before, "after": pref_after},
+                 **({} if env is None else {"env": {
+                     "name": env[1].name, "before": env_before, "after": env_after,
+                     "after_quant": env_after_quant}})},
         "quant_stats": quant_stats,
         "algorithm_stats": algo.report(),
         # model.init: the run this one started from, and the whole chain from the base
@@ -282,7 +311,7 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
     rebuilt = rebuild(base.get(), restored)
     quant_seconds = time.perf_counter() - t0
     after_quant = score(rebuilt, "eval after quant")
-    print(f"gym: held-out accuracy after {cfg.quant.name}: {_fmt(after_quant)}")
+    print(f"gym: held-out accuracy after {cfg.quant.name}: {_fmt(_accuracy(after_quant))}")
     stats = {
         "bits_per_weight": round(packed.bits_per_weight, 4),
         "compression_ratio": round(packed.compression_ratio, 3) if num else None,
@@ -362,6 +391,12 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _accuracy(score):
+    """The score of a held-out evaluation: the number itself, an episode evaluation's
+    ``accuracy``."""
+    return score.get("accuracy") if isinstance(score, dict) else score
+
+
 def summary_table(s: dict[str, Any]) -> str:
     ev = s["eval"]
     rows = [
@@ -375,6 +410,12 @@ def summary_table(s: dict[str, Any]) -> str:
         (f"held-out {ev['metric']} after", _fmt(ev["after"])),
         (f"held-out {ev['metric']} after quant", _fmt(ev["after_quant"])),
     ]
+    for when in ("before", "after", "after_quant"):
+        e = (ev.get("env") or {}).get(when)
+        if e:
+            rows.append((f"episodes {when.replace('_', ' ')}",
+                         f"tool called {e['tool_call_share']:.3f}, without error "
+                         f"{e['tool_ok_share']:.3f}, turns {e['mean_turns']:.2f}"))
     pref = ev.get("preference_accuracy") or {}
     if pref.get("after") is not None:
         rows += [("preference accuracy before", _fmt(pref.get("before"))),
