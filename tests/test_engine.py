@@ -15,7 +15,7 @@ from gym_core.model.policy import load_base, tiny_tokenizer
 from gym_core.plugin.startup import bootstrap
 from gym_core.sampling import fused
 from gym_core.sampling.generation import Sampling, generate
-from gym_core.serve.engine import Engine, OwnForward, Params, Request
+from gym_core.serve.engine import Engine, Params, Request
 from gym_core.serve.variants import Base, load_variant
 from tests.serve_helpers import chat_ids, make_run, merged_model, model_cfg
 
@@ -252,7 +252,7 @@ def test_a_model_outside_the_table_samples_and_serves_on_its_own_forward(capsys,
     assert sampled(model, tok, ids, 8) == want
     engine = Engine(model, tok, max_rows=2, max_len=128)
     try:
-        assert isinstance(engine.decoder, OwnForward)
+        assert isinstance(engine.decoder, fused.OwnForward)
         got = served(engine, [(None, ids, Params(max_tokens=8, temperature=0)),
                               (None, ids[5:], Params(max_tokens=8, temperature=0))])
     finally:

@@ -2,8 +2,9 @@
 after each model turn the environment's reply is appended as token ids while generation
 continues from the KV cache; the history is never re-tokenised.
 
-Rows move in lock-step, one position per decode step (the fused decoder's and the
-model's cache both take one token per row per step): a row in a model turn feeds the
+Rows move in lock-step, one position per decode step, on the sampler's decoder
+(:func:`gym_core.sampling.fused.build_decoder`: gym's decode engine, or the model's own
+forward for a model outside its table; one loop drives either): a row in a model turn feeds the
 token it sampled; a row whose environment has replied feeds that reply's tokens one by
 one (forced; their logits are not sampled from). The tokens recorded for training are
 the tokens fed, so what is trained on is exactly what the model sampled and saw, and
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from gym_core.env.episode import Episode, EpisodeRecord
-from gym_core.sampling.generation import COMPACT_AT, Sampling, draw, row_generators
+from gym_core.sampling.fused import build_decoder
+from gym_core.sampling.generation import Sampling, draw, row_generators
 
 
 @dataclass
@@ -98,24 +100,9 @@ def _decode(model, tokenizer, episodes: list[Episode], prompt_ids, prompt_mask, 
     n = len(episodes)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     total = prompt_ids.shape[1] + max_tokens
-    decoder = None
-    if fused is not False and max_tokens > 1:
-        from gym_core.sampling.fused import FusedDecoder
-
-        decoder = FusedDecoder.build(model, total)
-        if decoder is None and fused:
-            raise ValueError(f"{type(model).__name__} has no fused decode path")
-    if decoder is not None:
-        decoder.rotary(total, prompt_ids.device)
-        logits = decoder.prefill(prompt_ids, prompt_mask, g, max_tokens)
-        cache, attn = None, None
-    else:
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                    logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        if g > 1:
-            cache.batch_repeat_interleave(g)
-        attn = prompt_mask.repeat_interleave(g, dim=0)
+    decoder = build_decoder(model, total, fused=fused if max_tokens > 1 else False)
+    decoder.rotary(total, prompt_ids.device)
+    logits = decoder.prefill(prompt_ids, prompt_mask, g, max_tokens)
     if g > 1:
         logits = logits.repeat_interleave(g, dim=0)
     generators = None
@@ -132,9 +119,8 @@ def _decode(model, tokenizer, episodes: list[Episode], prompt_ids, prompt_mask, 
     turn_ids: list[list[int]] = [[] for _ in range(n)]
     turns = [0] * n
     alive = [not e.over for e in episodes]
-    rows = list(range(n))  # the output row of each batch row (the fused batch compacts)
-    if decoder is not None:
-        decoder.pack(n)
+    rows = list(range(n))  # the output row of each batch row (the batch compacts)
+    decoder.pack(n)
     for step in range(max_tokens):
         live = [i for i, r in enumerate(rows) if alive[r]]
         if not live:
@@ -171,19 +157,13 @@ def _decode(model, tokenizer, episodes: list[Episode], prompt_ids, prompt_mask, 
         if step + 1 == max_tokens or not any(alive[r] for r in rows):
             break
         fed = fed.to(logits.device)
-        if decoder is not None:
-            still = [i for i, r in enumerate(rows) if alive[r]]
-            if len(still) <= len(rows) * COMPACT_AT:
-                keep = torch.tensor(still, device=logits.device)
-                decoder.keep_rows(keep)
-                rows = [rows[i] for i in still]
-                fed = fed.index_select(0, keep)
-            logits = decoder.step(fed, prompt_ids.shape[1] + step)
-        else:
-            attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=attn.device)], 1)
-            out = model(input_ids=fed.unsqueeze(1), attention_mask=attn, past_key_values=cache,
-                        use_cache=True)
-            logits = out.logits[:, -1]
+        still = [i for i, r in enumerate(rows) if alive[r]]
+        if len(still) < len(rows) and len(still) <= len(rows) * decoder.compact_at:
+            keep = torch.tensor(still, device=logits.device)
+            decoder.keep_rows(keep)
+            rows = [rows[i] for i in still]
+            fed = fed.index_select(0, keep)
+        logits = decoder.step(fed, prompt_ids.shape[1] + step)
     for r in range(n):  # the budget ran out mid-reply or mid-turn
         if alive[r]:
             episodes[r].record.truncated = True

@@ -19,8 +19,11 @@ rows can join and leave at any step (:meth:`FusedDecoder.open_rows`). A row may 
 variant's delta to every linear layer (:class:`RowDeltas`: the server's per-row variants),
 applied per original layer on the stacked q/k/v and gate/up matrices.
 
-A model outside the table runs on its own Hugging Face forward, with one warning
-(:func:`FusedDecoder.build` returns None).
+A model outside the table runs on its own Hugging Face forward through one fallback,
+:class:`OwnForward`: the same decoder interface (the sampler's prefill / step / keep_rows,
+the server's join / advance / leave) over the model's own caches, so the sampler, the
+multi-turn episodes and the server each have one loop; :func:`build_decoder` picks, with one
+warning per reason.
 
 Merging changes rounding (``(W + BA) x`` is not bit for bit ``W x + B(A x)``), so the
 sampler is the trained policy up to float32 rounding; :mod:`gym_core.sampling.generation` records
@@ -292,6 +295,12 @@ class FusedDecoder:
     """The model's prefill and decode step over preallocated KV caches, for rows that may
     join and leave."""
 
+    #: the sampler compacts the batch when at most this share of its rows is still running:
+    #: the weights are packed for one batch size, and a packed product costs about the same
+    #: for any number of rows up to it (the weights' memory traffic dominates), so a
+    #: finished row stays, fed its EOS, until half the batch has finished
+    compact_at = 0.5
+
     def __init__(self, hf, layers: list[_Layer], lm_head: _Linear, norm, eps, scaling,
                  n_heads, n_kv, head_dim, qk_eps=0.0):
         self.hf, self.layers = hf, layers
@@ -309,8 +318,8 @@ class FusedDecoder:
     def build(cls, model, total_length: int, share: bool = False) -> FusedDecoder | None:
         """The decoder of ``model`` (a plain Hugging Face causal LM or a peft model
         around one) with its adapters merged, or None when the model is not one this
-        path reproduces (then the caller uses the model's own forward; a warning says
-        so once per reason). ``share``: the model's own q/k/v and gate/up weights become
+        path reproduces (then :func:`build_decoder` takes :class:`OwnForward`; a warning
+        says so once per reason). ``share``: the model's own q/k/v and gate/up weights become
         views of the stacked matrices (a frozen model served: its weights held once)."""
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         reason = _reason(hf, total_length)
@@ -593,6 +602,202 @@ class FusedDecoder:
             self.deltas.clear()
         self.lengths = [x + 1 for x in self.lengths]
         return logits
+
+
+def build_decoder(model, total_length: int, *, fused: bool | None = None,
+                  share: bool = False) -> FusedDecoder | OwnForward:
+    """The decoder of ``model`` for positions up to ``total_length``: the engine
+    (:meth:`FusedDecoder.build`) when its table has the model, else :class:`OwnForward` (a
+    warning says why, once per reason). ``fused``: True demands the engine (an error for a
+    model outside it), False takes :class:`OwnForward` (the reference the engine is tested
+    against), None picks. ``share``: as :meth:`FusedDecoder.build` (the server)."""
+    if fused is not False:
+        decoder = FusedDecoder.build(model, total_length, share=share)
+        if decoder is not None:
+            return decoder
+        if fused:
+            raise ValueError(f"{type(model).__name__} has no fused decode path")
+    return OwnForward(model)
+
+
+@dataclass
+class _Group:
+    """Rows of one length in one batched cache of the model's own forward."""
+
+    cache: object  # the model's cache (transformers' DynamicCache), batch = len(rows)
+    rows: list[int]  # the decoder row of each batch row
+    variant: object = None  # the server's variant of every row here, or None
+
+
+class OwnForward:
+    """:class:`FusedDecoder`'s interface on the model's own Hugging Face forward: gym's one
+    fallback, for a model outside :data:`ARCHS` (and the reference the engine is tested
+    against: ``fused=False``). The sampler's :meth:`prefill` / :meth:`pack` /
+    :meth:`step` / :meth:`keep_rows` and the server's :meth:`open_rows` / :meth:`join` /
+    :meth:`advance` / :meth:`leave` / :meth:`release`.
+
+    Rows of one length decode in one forward over one batched cache (a :class:`_Group`),
+    so no row needs padding or an attention mask: the sampler runs each prompt once without
+    its padding (the prompts with as many tokens together, at positions 0..len-1) and
+    repeats its cache for its rows; the server's prompts that join in one call with one
+    length and one variant form a group. A finished row leaves its group at once (nothing
+    is packed for a batch size, so there is nothing to gain by keeping it). A variant adds
+    its delta through forward hooks on the linear layers (:class:`RowDeltas`), attached
+    only for the passes of its rows."""
+
+    #: the sampler compacts the batch as soon as a row finishes
+    compact_at = 1.0
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.deltas = RowDeltas()
+        self.linears = [(name, m) for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear)]
+        self.groups: list[_Group] = []
+        self.max_rows: int | None = None
+
+    def _hook(self, key: str):
+        def hook(module, args, output):
+            from gym_core.deltas.delta import RowGroups
+
+            x = args[0].reshape(-1, module.in_features)
+            y = torch.zeros(x.shape[0], module.out_features, device=output.device)
+            self.deltas.groups = RowGroups.single(x.shape[0])
+            self.deltas.add([(key, 0, module.out_features)], x, y)
+            return output + y.view(output.shape).to(output.dtype)
+
+        return hook
+
+    def _run(self, ids: torch.Tensor, cache, variant=None):
+        """(logits [k, V] of each row's last position, the cache) after ``ids`` [k, t]."""
+        from gym_core.model.kv import cache_kw, cache_of
+
+        handles = []
+        if variant is not None:
+            self.deltas.set([variant], None)
+            handles = [m.register_forward_hook(self._hook(name)) for name, m in self.linears]
+        try:
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kw(cache))
+        finally:
+            for h in handles:
+                h.remove()
+            self.deltas.groups = None
+        return out.logits[:, -1], cache_of(out)
+
+    # -- the sampler -----------------------------------------------------------------
+
+    def rotary(self, length: int, device) -> None:
+        """Nothing to prepare: the model's forward numbers positions from its cache."""
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int,
+                max_new_tokens: int) -> torch.Tensor:
+        """:meth:`FusedDecoder.prefill`: the logits [B, V] that predict each left-padded
+        prompt's first new token; prompt b's cache (its tokens without the padding) held
+        for its rows ``b * repeats ..``."""
+        real = mask.bool()
+        lengths = real.sum(1).tolist()
+        by_length: dict[int, list[int]] = {}
+        for b, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(b)
+        self.groups = []
+        logits = None
+        for prompts in by_length.values():
+            batch = torch.stack([ids[b][real[b]] for b in prompts])
+            lg, cache = self._run(batch, None)
+            if repeats > 1:
+                cache.batch_repeat_interleave(repeats)
+            self.groups.append(_Group(cache, [b * repeats + j for b in prompts
+                                              for j in range(repeats)]))
+            if logits is None:
+                logits = lg.new_empty(ids.shape[0], lg.shape[-1])
+            logits[prompts] = lg
+        return logits
+
+    def pack(self, rows: int) -> None:
+        """Nothing to pack: the model's own layers run."""
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """The logits [n, V] for each row's next position after its token ``tokens`` [n]
+        (``pos``: every cache knows its own length)."""
+        logits = None
+        for g in self.groups:
+            index = torch.tensor(g.rows, device=tokens.device)
+            lg, g.cache = self._run(tokens.index_select(0, index).unsqueeze(1), g.cache,
+                                    g.variant)
+            if logits is None:
+                logits = lg.new_empty(tokens.shape[0], lg.shape[-1])
+            logits[index] = lg
+        return logits
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Rows ``index`` stay, in that order (row i is the old row ``index[i]``)."""
+        new = {old: i for i, old in enumerate(index.tolist())}
+        groups = []
+        for g in self.groups:
+            at = [j for j, row in enumerate(g.rows) if row in new]
+            if not at:
+                continue
+            if len(at) < len(g.rows):
+                g.cache.batch_select_indices(torch.tensor(at, device=self.device))
+            g.rows = [new[g.rows[j]] for j in at]
+            groups.append(g)
+        self.groups = groups
+
+    # -- rows that join and leave (the server) ---------------------------------------
+
+    def open_rows(self, max_rows: int, max_len: int) -> None:
+        """Serve up to ``max_rows`` rows (``max_len``: the model's own limit applies)."""
+        self.max_rows = max_rows
+        self.release()
+
+    @property
+    def rows(self) -> int:
+        return sum(len(g.rows) for g in self.groups)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for g in self.groups for layer in g.cache.layers
+                   for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+    @torch.no_grad()
+    def join(self, prompts: list[list[int]], variants: list) -> torch.Tensor:
+        """:meth:`FusedDecoder.join`: the prompts' logits [len, V]; the prompts of one
+        length and one variant prefill together, as one group."""
+        first = self.rows
+        if self.max_rows is not None and first + len(prompts) > self.max_rows:
+            raise ValueError(f"{first} + {len(prompts)} rows are more than {self.max_rows}")
+        together: dict[tuple[int, int], list[int]] = {}
+        for i, (ids, variant) in enumerate(zip(prompts, variants)):
+            together.setdefault((len(ids), id(variant)), []).append(i)
+        logits = None
+        for members in together.values():
+            variant = variants[members[0]]
+            ids = torch.tensor([prompts[i] for i in members], dtype=torch.long,
+                               device=self.device)
+            lg, cache = self._run(ids, None, variant)
+            self.groups.append(_Group(cache, [first + i for i in members], variant))
+            if logits is None:
+                logits = lg.new_empty(len(prompts), lg.shape[-1])
+            logits[members] = lg
+        return logits
+
+    def advance(self, tokens: torch.Tensor, variants: list) -> torch.Tensor:
+        """One decode step of every row (a row's variant is the one it joined with)."""
+        return self.step(tokens.to(self.device), 0)
+
+    def leave(self, row: int) -> None:
+        """Drop row ``row``; the last row moves into its place."""
+        keep = list(range(self.rows - 1))
+        if row < len(keep):
+            keep[row] = len(keep)
+        self.keep_rows(torch.tensor(keep, dtype=torch.long))
+
+    def release(self) -> None:
+        """No rows: free the caches."""
+        self.groups = []
 
 
 class TorchOps:

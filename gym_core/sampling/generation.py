@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from gym_core.data.tasks import render_prompts
-from gym_core.model.kv import cache_kw, cache_of
 
 
 @dataclass
@@ -114,12 +113,13 @@ def generate(
     ``row_seeds`` (one per output row) make each row's sampling independent of the batch.
 
     Each prompt is prefilled once and its KV cache shared by its rows; prefill and decode
-    steps run on :class:`gym_core.sampling.fused.FusedDecoder` (adapters merged, a preallocated
-    cache, finished rows out of the batch) when the architecture is in its table, else on
-    the model's own forward (the prompt's cache then repeated for its rows; a warning
-    says so once).
-    ``fused``: True / False forces one path (True raises for an unsupported model), None
-    picks.
+    steps run on the decoder :func:`gym_core.sampling.fused.build_decoder` picks:
+    :class:`~gym_core.sampling.fused.FusedDecoder` (adapters merged, a preallocated cache,
+    finished rows out of the batch) when the architecture is in its table, else
+    :class:`~gym_core.sampling.fused.OwnForward`, the model's own forward (each prompt's
+    cache repeated for its rows; a warning says so once). One loop drives either.
+    ``fused``: True forces the engine (an error for an unsupported model), False the
+    model's own forward (the engine's reference), None picks.
     ``with_logprobs``: also return the sampler's log-prob of each drawn token [N, T]
     (0 after a row's end), for the trainer's mismatch correction (docs/algorithms.md §3).
     ``logits_mask``: per-row constrained decoding, an object with ``apply(rows, logits)
@@ -129,29 +129,16 @@ def generate(
     [m] and the tokens so far [N, width]; rows it returns True for [m] end there, as at
     EOS (stop strings: an evaluation's ``until``).
     """
-    total = prompt_ids.shape[1] + max_new_tokens
-    decoder = None
-    if fused is not False and max_new_tokens > 1:
-        from gym_core.sampling.fused import FusedDecoder
+    from gym_core.sampling.fused import build_decoder
 
-        decoder = FusedDecoder.build(model, total)
-        if decoder is None and fused:
-            raise ValueError(f"{type(model).__name__} has no fused decode path")
-    if decoder is not None:
-        decoder.rotary(total, prompt_ids.device)
-        logits = decoder.prefill(prompt_ids, prompt_mask, num_samples, max_new_tokens)
-    else:
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                    logits_to_keep=1)
-        cache = cache_of(out)
-        logits = out.logits[:, -1]
-        del out
-    mask = prompt_mask
+    total = prompt_ids.shape[1] + max_new_tokens
+    # one token: no decode step, so the engine's merge and packing would cost more than
+    # they save
+    decoder = build_decoder(model, total, fused=fused if max_new_tokens > 1 else False)
+    decoder.rotary(total, prompt_ids.device)
+    logits = decoder.prefill(prompt_ids, prompt_mask, num_samples, max_new_tokens)
     if num_samples > 1:
-        if decoder is None:
-            cache.batch_repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
-        mask = mask.repeat_interleave(num_samples, dim=0)
     n = logits.shape[0]
     generators = None
     if row_seeds is not None and sampling.do_sample:
@@ -161,52 +148,16 @@ def generate(
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long,
                         device=logits.device)
     logps = torch.zeros(n, max_new_tokens, device=logits.device) if with_logprobs else None
-    prompt_len = prompt_ids.shape[1]
-    if decoder is not None:
-        return _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
-                           eos_token_id, logits_mask, stop_fn)
-    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    every_row = torch.arange(n)
-    width = 0
-    for step in range(max_new_tokens):
-        if logits_mask is not None:
-            logits = logits_mask.apply(every_row, logits)
-        tok, lp = draw(logits, sampling, generators, with_logprobs=logps is not None)
-        if logits_mask is not None:
-            live = (~done).nonzero().squeeze(1).cpu()
-            logits_mask.advance(live, tok.cpu()[live])
-        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
-        tokens[:, step] = tok
-        if logps is not None:
-            logps[:, step] = lp.masked_fill(done, 0.0)
-        width = step + 1
-        done |= tok == eos_token_id
-        if stop_fn is not None and not bool(done.all()):
-            running = (~done).nonzero().squeeze(1)
-            done[running] = stop_fn(running, tokens[:, :width])
-        if step + 1 == max_new_tokens or bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], 1)
-        out = model(input_ids=tok.unsqueeze(1), attention_mask=mask, **cache_kw(cache),
-                    use_cache=True)
-        logits = out.logits[:, -1]
-    ids = tokens[:, :width]
-    if logps is not None:
-        return ids, logps[:, :width]
-    return ids
+    return _decode(decoder, logits, prompt_ids.shape[1], tokens, logps, sampling, generators,
+                   eos_token_id, logits_mask, stop_fn)
 
 
-#: the fused loop compacts its batch when at most this share of the rows is still running
-COMPACT_AT = 0.5
-
-
-def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators,
-                eos_token_id, logits_mask=None, stop_fn=None):
-    """The decode loop on :class:`gym_core.sampling.fused.FusedDecoder`. Its weights are packed for
-    one batch size, and a packed product costs about the same for any number of rows
-    up to it (the weights' memory traffic dominates), so a finished row stays in the
-    batch, fed its EOS, without being sampled, until half the batch has finished; then
-    the finished rows leave and the weights are packed for the smaller batch."""
+def _decode(decoder, logits, prompt_len, tokens, logps, sampling, generators,
+            eos_token_id, logits_mask=None, stop_fn=None):
+    """The decode loop, on either decoder of :func:`gym_core.sampling.fused.build_decoder`.
+    Only running rows are sampled; a finished row is fed its EOS until the decoder's
+    ``compact_at`` share of the rows or fewer still runs, then the finished rows leave
+    the batch (:meth:`~gym_core.sampling.fused.FusedDecoder.keep_rows`)."""
     n, width = logits.shape[0], 0
     rows = torch.arange(n, device=logits.device)  # the output row of each batch row
     alive = torch.ones(n, dtype=torch.bool, device=logits.device)
@@ -240,14 +191,13 @@ def _fused_loop(decoder, logits, prompt_len, tokens, logps, sampling, generators
         live = int(alive.sum())
         if step + 1 == tokens.shape[1] or live == 0:
             break
-        if live <= alive.numel() * COMPACT_AT:  # enough rows finished: the rest move up
-            keep = alive.nonzero().squeeze(1)
+        if live < alive.numel() and live <= alive.numel() * decoder.compact_at:
+            keep = alive.nonzero().squeeze(1)  # enough rows finished: the rest move up
             rows, fed, alive = rows[keep], fed[keep], alive[keep]
             if generators is not None:
                 generators = [generators[i] for i in keep.tolist()]
             decoder.keep_rows(keep)
-        pos = prompt_len + step
-        logits = decoder.step(fed, pos)
+        logits = decoder.step(fed, prompt_len + step)
     ids = tokens[:, :width]
     if logps is not None:
         return ids, logps[:, :width]

@@ -10,7 +10,8 @@ term to their own rows (:class:`gym_core.sampling.fused.RowDeltas`, docs/serve.m
 The KV cache is the decode engine's: one row per running request, each at its own
 length; a row joining writes its prompt's keys and values into the next free row, a row
 leaving is replaced by the last row: neither touches the other rows. A model outside the
-engine's table is served through its own forward (:class:`OwnForward`, one warning).
+engine's table is served through its own forward, by the sampler's one fallback
+(:class:`gym_core.sampling.fused.OwnForward`, the same rows; one warning).
 """
 
 from __future__ import annotations
@@ -26,89 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from gym_core.deltas.delta import RowGroups
-from gym_core.sampling.fused import FusedDecoder, RowDeltas
+from gym_core.sampling.fused import build_decoder
 from gym_core.sampling.generation import Sampling, next_tokens, row_generators
 from gym_core.serve.variants import Variant
 
 log = logging.getLogger("gym.serve")
-
-
-# ----------------------------------------------------------------------------------------
-# a model outside the decode engine's table
-# ----------------------------------------------------------------------------------------
-
-
-class OwnForward:
-    """:class:`~gym_core.sampling.fused.FusedDecoder`'s rows (``join`` / ``leave`` /
-    ``advance``) for a model outside the decode engine's table: its own Hugging Face
-    forward, one row at a time, each row with its own cache; a row's variant through
-    forward hooks on the linear layers (:class:`~gym_core.sampling.fused.RowDeltas`)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.deltas = RowDeltas()
-        self.caches: list[DynamicCache] = []
-        self._variant = None  # the variant of the row being run
-        self._handles = [m.register_forward_hook(self._hook(name))
-                         for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-    def _hook(self, key: str):
-        def hook(module, args, output):
-            if self._variant is None:
-                return None
-            x = args[0].reshape(-1, module.in_features)
-            y = torch.zeros(x.shape[0], module.out_features, device=output.device)
-            self.deltas.groups = RowGroups.single(x.shape[0])
-            self.deltas.add([(key, 0, module.out_features)], x, y)
-            return output + y.view(output.shape).to(output.dtype)
-
-        return hook
-
-    def _run(self, ids: list[int], cache, variant) -> torch.Tensor:
-        self._variant = variant
-        self.deltas.set([variant] if variant is not None else [], None)
-        try:
-            out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
-        finally:
-            self._variant, self.deltas.groups = None, None
-        return out.logits[:, -1].float()
-
-    @property
-    def rows(self) -> int:
-        return len(self.caches)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for c in self.caches for layer in c.layers
-                   for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-
-    def join(self, prompts: list[list[int]], variants: list) -> torch.Tensor:
-        logits = []
-        for ids, variant in zip(prompts, variants):
-            self.caches.append(DynamicCache())
-            logits.append(self._run(ids, self.caches[-1], variant))
-        return torch.cat(logits)
-
-    def advance(self, tokens: torch.Tensor, variants: list) -> torch.Tensor:
-        return torch.cat([self._run([int(t)], c, v)
-                          for t, c, v in zip(tokens.tolist(), self.caches, variants)])
-
-    def leave(self, row: int) -> None:
-        last = self.caches.pop()
-        if row < len(self.caches):
-            self.caches[row] = last
-
-    def release(self) -> None:
-        self.caches = []
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,11 +165,8 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # the decode engine's rows (the model's q/k/v and gate/up weights then views of its
         # stacked matrices: held once), or the model's own forward outside its table
-        self.decoder = FusedDecoder.build(model, self.max_len, share=True)
-        if self.decoder is None:
-            self.decoder = OwnForward(model)
-        else:
-            self.decoder.open_rows(max_rows, self.max_len)
+        self.decoder = build_decoder(model, self.max_len, share=True)
+        self.decoder.open_rows(max_rows, self.max_len)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self._cv = threading.Condition()
@@ -268,8 +189,6 @@ class Engine:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=30)
-        if isinstance(self.decoder, OwnForward):
-            self.decoder.remove()
 
     def load(self) -> dict:
         with self._cv:
