@@ -83,6 +83,37 @@ def test_the_server_samples_what_the_sampler_samples(llama, temperature):
         assert tokens == want, (v is not None, tok.decode(ids))
 
 
+def test_the_fallback_serves_what_the_fallback_samples(llama, monkeypatch):
+    """The one fallback (:class:`fused.OwnForward`, the model's own forward) under the
+    server: base and variant rows in one batch, rows of equal-length prompts sharing a
+    cache and leaving it at different steps, rows joining while others run, get the
+    sampler's tokens on the same fallback (a variant through forward hooks: the merged
+    model's tokens)."""
+    base, tok, variant, merged = llama
+    monkeypatch.setattr(fused.FusedDecoder, "build", classmethod(lambda cls, *a, **kw: None))
+    engine = Engine(base, tok, max_rows=5)
+    try:
+        assert isinstance(engine.decoder, fused.OwnForward)
+        jobs = [(v, chat_ids(tok, p), Params(max_tokens=m, temperature=t, seed=seed))
+                for v in (None, variant)
+                for p, t, seed, m in ((PROMPTS[0], 0.0, 0, 12), (PROMPTS[0], 0.8, 1, 12),
+                                      (PROMPTS[0], 0.8, 2, 5), (PROMPTS[2], 0.8, 3, 9))]
+        got = served(engine, jobs)
+        for _ in range(100):  # "done" is sent before the row leaves
+            if engine.load()["running"] == 0:
+                break
+            time.sleep(0.05)
+        assert engine.load()["kv_cache_bytes"] == 0
+    finally:
+        engine.stop()
+    assert not any(m._forward_hooks for m in base.modules())  # hooks only during a pass
+    for (v, ids, params), tokens in zip(jobs, got):
+        want = sampled(merged if v is not None else base, tok, ids, params.max_tokens,
+                       params.temperature, params.seed, fused_path=False)
+        assert tokens == want, (v is not None, params)
+    assert got[:4] != got[4:]  # the variant changes what is said
+
+
 # ----------------------------------------------------------------------------------------
 # Qwen3
 # ----------------------------------------------------------------------------------------
