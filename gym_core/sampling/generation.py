@@ -4,7 +4,9 @@ Group methods sample G completions per prompt. ``model.generate(num_return_seque
 copies every prompt G times before the prefill, so the prompt is computed G times;
 here each distinct prompt is prefilled once and its KV cache repeated G times, then all
 B*G rows decode together. The same sharing applies when training
-(:func:`gym_core.train.losses.completion_logprobs`).
+(:func:`gym_core.train.losses.completion_logprobs`). One loop drives the decoder
+:func:`gym_core.sampling.fused.build_decoder` picks: gym's decode engine for the
+architectures of its table, the model's own forward (one fallback) for any other.
 """
 
 from __future__ import annotations
