@@ -622,11 +622,21 @@ def build_decoder(model, total_length: int, *, fused: bool | None = None,
 
 @dataclass
 class _Group:
-    """Rows of one length in one batched cache of the model's own forward."""
+    """Rows in one batched cache of the model's own forward: rows of one length, or
+    (``mask``) left-padded rows."""
 
     cache: object  # the model's cache (transformers' DynamicCache), batch = len(rows)
     rows: list[int]  # the decoder row of each batch row
     variant: object = None  # the server's variant of every row here, or None
+    mask: torch.Tensor | None = None  # [k, T] 0 on padding (None: no padding)
+    positions: torch.Tensor | None = None  # [k] each padded row's next position
+
+    def select(self, at: list[int], device) -> None:
+        """Keep batch rows ``at``."""
+        index = torch.tensor(at, device=device)
+        self.cache.batch_select_indices(index)
+        if self.mask is not None:
+            self.mask, self.positions = self.mask[index], self.positions[index]
 
 
 class OwnForward:
@@ -636,14 +646,14 @@ class OwnForward:
     :meth:`step` / :meth:`keep_rows` and the server's :meth:`open_rows` / :meth:`join` /
     :meth:`advance` / :meth:`leave` / :meth:`release`.
 
-    Rows of one length decode in one forward over one batched cache (a :class:`_Group`),
-    so no row needs padding or an attention mask: the sampler runs each prompt once without
-    its padding (the prompts with as many tokens together, at positions 0..len-1) and
-    repeats its cache for its rows; the server's prompts that join in one call with one
-    length and one variant form a group. A finished row leaves its group at once (nothing
-    is packed for a batch size, so there is nothing to gain by keeping it). A variant adds
-    its delta through forward hooks on the linear layers (:class:`RowDeltas`), attached
-    only for the passes of its rows."""
+    Rows in one batched cache (a :class:`_Group`) decode in one forward. The sampler's
+    rows are one group: the left-padded prompts run once (padding masked, each row's
+    positions counted from its first real token, as transformers' ``generate`` counts
+    them) and each prompt's cache is repeated for its rows. The server's prompts that join
+    in one call with one length and one variant form a group (no padding). A finished row
+    leaves its group at once (nothing is packed for a batch size, so there is nothing to
+    gain by keeping it). A variant adds its delta through forward hooks on the linear
+    layers (:class:`RowDeltas`), attached only for the passes of its rows."""
 
     #: the sampler compacts the batch as soon as a row finishes
     compact_at = 1.0
@@ -652,8 +662,7 @@ class OwnForward:
         self.model = model
         self.device = next(model.parameters()).device
         self.deltas = RowDeltas()
-        self.linears = [(name, m) for name, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear)]
+        self.linears: list | None = None  # (name, module) of each linear layer, when needed
         self.groups: list[_Group] = []
         self.max_rows: int | None = None
 
@@ -669,16 +678,21 @@ class OwnForward:
 
         return hook
 
-    def _run(self, ids: torch.Tensor, cache, variant=None):
-        """(logits [k, V] of each row's last position, the cache) after ``ids`` [k, t]."""
+    def _run(self, ids: torch.Tensor, cache, variant=None, **padding):
+        """(logits [k, V] of each row's last position, the cache) after ``ids`` [k, t];
+        ``padding``: the ``attention_mask`` and ``position_ids`` of padded rows."""
         from gym_core.model.kv import cache_kw, cache_of
 
         handles = []
         if variant is not None:
+            if self.linears is None:
+                self.linears = [(name, m) for name, m in self.model.named_modules()
+                                if isinstance(m, torch.nn.Linear)]
             self.deltas.set([variant], None)
             handles = [m.register_forward_hook(self._hook(name)) for name, m in self.linears]
         try:
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kw(cache))
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding,
+                             **cache_kw(cache))
         finally:
             for h in handles:
                 h.remove()
@@ -694,25 +708,20 @@ class OwnForward:
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int,
                 max_new_tokens: int) -> torch.Tensor:
         """:meth:`FusedDecoder.prefill`: the logits [B, V] that predict each left-padded
-        prompt's first new token; prompt b's cache (its tokens without the padding) held
-        for its rows ``b * repeats ..``."""
-        real = mask.bool()
-        lengths = real.sum(1).tolist()
-        by_length: dict[int, list[int]] = {}
-        for b, n in enumerate(lengths):
-            by_length.setdefault(n, []).append(b)
-        self.groups = []
-        logits = None
-        for prompts in by_length.values():
-            batch = torch.stack([ids[b][real[b]] for b in prompts])
-            lg, cache = self._run(batch, None)
-            if repeats > 1:
-                cache.batch_repeat_interleave(repeats)
-            self.groups.append(_Group(cache, [b * repeats + j for b in prompts
-                                              for j in range(repeats)]))
-            if logits is None:
-                logits = lg.new_empty(ids.shape[0], lg.shape[-1])
-            logits[prompts] = lg
+        prompt's first new token; prompt b's cache held for its rows ``b * repeats ..``."""
+        padded = not bool(mask.bool().all())
+        padding = {}
+        if padded:
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            padding = dict(attention_mask=mask, position_ids=positions)
+        logits, cache = self._run(ids, None, **padding)
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        group = _Group(cache, list(range(ids.shape[0] * repeats)))
+        if padded:
+            group.mask = mask.repeat_interleave(repeats, dim=0)
+            group.positions = positions[:, -1].repeat_interleave(repeats) + 1
+        self.groups = [group]
         return logits
 
     def pack(self, rows: int) -> None:
@@ -725,8 +734,13 @@ class OwnForward:
         logits = None
         for g in self.groups:
             index = torch.tensor(g.rows, device=tokens.device)
+            padding = {}
+            if g.mask is not None:
+                g.mask = torch.cat([g.mask, g.mask.new_ones(len(g.rows), 1)], 1)
+                padding = dict(attention_mask=g.mask, position_ids=g.positions[:, None])
+                g.positions = g.positions + 1
             lg, g.cache = self._run(tokens.index_select(0, index).unsqueeze(1), g.cache,
-                                    g.variant)
+                                    g.variant, **padding)
             if logits is None:
                 logits = lg.new_empty(tokens.shape[0], lg.shape[-1])
             logits[index] = lg
@@ -741,7 +755,7 @@ class OwnForward:
             if not at:
                 continue
             if len(at) < len(g.rows):
-                g.cache.batch_select_indices(torch.tensor(at, device=self.device))
+                g.select(at, self.device)
             g.rows = [new[g.rows[j]] for j in at]
             groups.append(g)
         self.groups = groups
