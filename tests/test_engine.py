@@ -1,7 +1,8 @@
 """One decode engine under the sampler and the server: the server's tokens are the
 sampler's (greedy and seeded, base and variant); Qwen3 (per-head q/k norms) is in the
 engine's table, decodes as its own forward does, serves and exports to GGUF; a model
-outside the table samples and serves through its own forward with one warning."""
+outside the table samples and serves through its own forward (one fallback) with one
+warning, left-padded prompts as each alone."""
 
 from __future__ import annotations
 
@@ -291,3 +292,27 @@ def test_a_model_outside_the_table_samples_and_serves_on_its_own_forward(capsys,
     assert got[0] == want and got[1] == sampled(model, tok, ids[5:], 8, fused_path=False)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "gym: warning" in line]
     assert len(warnings) == 1 and "'gpt2'" in warnings[0], warnings
+
+
+def test_the_fallback_samples_padded_prompts_as_each_alone():
+    """Left padding changes nothing on the fallback, even for absolute positions (GPT-2):
+    a row's positions count from its prompt's first token, and its log-probs are its own."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
+                                       n_positions=128)).eval()
+    kw = dict(num_samples=3, max_new_tokens=16, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, sampling=Sampling(temperature=0.8),
+              with_logprobs=True, fused=False)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    ids, lp = generate(model, enc.input_ids, enc.attention_mask, row_seeds=list(range(9)), **kw)
+    for i, text in enumerate(PROMPTS):
+        one = tok([text], return_tensors="pt")
+        alone, lp_alone = generate(model, one.input_ids, one.attention_mask,
+                                   row_seeds=list(range(3 * i, 3 * i + 3)), **kw)
+        rows = slice(3 * i, 3 * i + 3)
+        assert torch.equal(ids[rows, :alone.shape[1]], alone)
+        torch.testing.assert_close(lp[rows, :alone.shape[1]], lp_alone, rtol=0, atol=1e-5)
