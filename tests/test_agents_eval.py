@@ -5,6 +5,7 @@ first stage of SFT -> GRPO on env=calculator."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -33,7 +34,8 @@ class ScriptedLM(torch.nn.Module):
     prompt to that episode's turns (each ends with the end-of-turn token). It reads the
     environment's replies (the tokens fed while it is not in a turn) until the next
     assistant header, then plays its next turn; after its last one it ends every turn at
-    once. The sampler's own plain (not fused) decode path drives it."""
+    once. The sampler's fallback (the model's own forward, ``OwnForward``) drives it; its
+    "cache" is the rows' states, repeated and dropped with the rows."""
 
     def __init__(self, tok, scripts: dict[str, list[str]]):
         super().__init__()
@@ -44,8 +46,16 @@ class ScriptedLM(torch.nn.Module):
         self.header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
         self.state: list[dict] = []
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, **_):
-        if past_key_values is None:  # the prefill: which script each row plays
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.state = [copy.deepcopy(st) for st in self.state for _ in range(repeats)]
+
+    def batch_select_indices(self, index: torch.Tensor) -> None:
+        self.state = [self.state[i] for i in index.tolist()]
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, cache=None, **_):
+        if attention_mask is None:  # no padding
+            attention_mask = torch.ones_like(input_ids)
+        if past_key_values is None and cache is None:  # the prefill: each row's script
             self.state = []
             for ids, m in zip(input_ids, attention_mask):
                 text = self.tok.decode(ids[m.bool()])
@@ -68,7 +78,7 @@ class ScriptedLM(torch.nn.Module):
             logits[i, 0, nxt] = 1.0
         from types import SimpleNamespace
 
-        return SimpleNamespace(logits=logits, past_key_values="cache")
+        return SimpleNamespace(logits=logits, past_key_values=self, cache=self)
 
 
 def call(expression: str) -> str:
