@@ -351,6 +351,35 @@ def test_a_misbehaving_environment_ends_its_episode_not_the_run(eos_policy, cls,
         assert int(out.completion_mask.sum()) == 0
 
 
+def test_max_seconds_counts_the_environments_time_not_the_models(tok, monkeypatch):
+    """env.max_seconds bounds the time spent in the environment: a batch of 64 greedy
+    episodes on a busy machine took longer than 60 s to reach its first turn's end, and
+    every episode was cut before its tool call ran (held-out accuracy then depended on
+    the batch size). The model's turns are bounded by tokens instead."""
+    from types import SimpleNamespace
+
+    from gym_core.env import episode as episode_mod
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(episode_mod, "time", SimpleNamespace(monotonic=lambda: clock.now))
+
+    class Slow(Scripted):
+        TURNS = 10
+
+        def step(self, action):
+            clock.now += 40.0  # the environment's own time
+            return super().step(action)
+
+    ep = episode_mod.Episode(Slow, env_cfg(max_turns=10, max_seconds=60), {"prompt": "a"}, tok)
+    assert ep.start() is not None
+    turn = tok.encode("hello", add_special_tokens=False) + [tok.eos_token_id]
+    clock.now += 1000.0  # the model's first turn, however long, does not count
+    assert ep.after_turn(turn, True, 100) is not None  # 40 s in the environment
+    clock.now += 1000.0
+    assert ep.after_turn(turn, True, 100) is None  # 80 s: over the limit
+    assert ep.record.truncated and ep.record.turns == 2 and ep.record.rewards == [0.5, 0.5]
+
+
 def test_a_huge_observation_is_cut(eos_policy):
     out = _run(eos_policy, Huge, env_cfg(max_tokens=200, max_observation_tokens=20,
                                          max_turns=3), [{"prompt": "alpha"}])

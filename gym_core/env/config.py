@@ -18,7 +18,8 @@ class EnvConfig:
     max_turns: int = bounded(4, ge=1)  # model turns per episode; the episode ends (done) after the last
     # tokens of the whole episode after the prompt, the model's and the environment's
     max_tokens: int = bounded(256, ge=2)
-    max_seconds: float = bounded(60.0, gt=0)  # wall clock per episode (environment and tool time)
+    # seconds an episode may spend in the environment (creating it, reset, steps, tools)
+    max_seconds: float = bounded(60.0, gt=0)
     # an observation longer than this (tokens) is cut, with a note saying so
     max_observation_tokens: int = bounded(128, ge=1)
     gamma: float = bounded(1.0, ge=0, le=1)  # discount of turn-level returns: G_k = sum_j gamma^(j-k) r_j

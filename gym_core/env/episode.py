@@ -55,12 +55,22 @@ class Episode:
         self.record = EpisodeRecord()
         self.env = None
         self.schemas: list[dict] | None = None
-        self.deadline = time.monotonic() + float(cfg.max_seconds)
+        # seconds spent in the environment (creating it, reset, steps and their tools):
+        # env.max_seconds bounds those. The model's own turns are bounded by tokens
+        # (env.max_tokens), and their wall time depends on how many episodes share the
+        # batch and the machine, so it must not decide an episode's outcome.
+        self.env_seconds = 0.0
         self.used = 0  # episode tokens so far (after the prompt)
+        t0 = time.monotonic()
         try:
             self.env = env_cls(cfg)
         except Exception as exc:
             self.fail(f"env={cfg.name}: creating the environment raised {_short(exc)}")
+        self.env_seconds += time.monotonic() - t0
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.env_seconds > float(self.cfg.max_seconds)
 
     def fail(self, message: str) -> None:
         self.record.error = message
@@ -85,11 +95,14 @@ class Episode:
             return None
         from gym_core.env.base import Observation
 
+        t0 = time.monotonic()
         try:
             obs = self.env.reset(self.row)
         except Exception as exc:
             self.fail(f"env={self.cfg.name}: reset raised {_short(exc)}")
             return None
+        finally:
+            self.env_seconds += time.monotonic() - t0
         if isinstance(obs, (str, list)):
             obs = Observation(_as_messages(obs, "user"))
         if not isinstance(obs, Observation) or not isinstance(obs.messages, list) or not all(
@@ -127,19 +140,22 @@ class Episode:
             rec.truncated = True
             self.close()
             return None
-        if time.monotonic() > self.deadline:
+        if self.out_of_time:
             rec.truncated = True
             rec.infos.append({"limit": f"env.max_seconds={self.cfg.max_seconds}"})
             self.close()
             return None
         rec.tool_calls += len(calls)
         action = Action(text, list(ids), calls, error, finished)
+        t0 = time.monotonic()
         try:
             out = self.env.step(action)
         except Exception as exc:
             rec.rewards.append(0.0)
             self.fail(f"env={self.cfg.name}: step raised {_short(exc)}")
             return None
+        finally:
+            self.env_seconds += time.monotonic() - t0
         checked = _check_step(out)
         if isinstance(checked, str):
             rec.rewards.append(0.0)
@@ -154,7 +170,7 @@ class Episode:
             rec.done = True
             self.close()
             return None
-        if rec.turns >= self.cfg.max_turns or time.monotonic() > self.deadline:
+        if rec.turns >= self.cfg.max_turns or self.out_of_time:
             rec.truncated = True
             self.close()
             return None
