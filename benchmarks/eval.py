@@ -42,7 +42,11 @@ def write_task(folder: Path, examples: int, max_gen: int) -> None:
         f"    test: {folder / 'add.jsonl'}\ntest_split: test\noutput_type: generate_until\n"
         'doc_to_text: "Q: {{question}}\\nA: "\ndoc_to_target: "{{answer}}"\n'
         f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {max_gen}\n'
-        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
+        # the answer's last number ("42", "42.", "12 + 30 = 42": 42)
+        'filter_list:\n  - name: last_number\n    filter:\n      - function: regex\n'
+        '        regex_pattern: "(-?\\\\d+)"\n        group_select: -1\n'
+        '      - function: take_first\n')
 
 
 def main() -> int:
