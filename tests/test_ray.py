@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,6 +41,15 @@ def ray_cluster(tmp_path_factory):
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
     tmp = tmp_path_factory.mktemp("ray")
+    # Token authentication, explicitly: Ray >= 2.59 turns it on for a head that finds a
+    # token in ~/.ray/auth_token (which any local ray.init() writes), while its CLI
+    # client sends none unless RAY_AUTH_MODE=token, so `ray status` and the jobs could not
+    # reach the head. Every process of the tests gets the mode and a token of its own.
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)  # launch() passes os.environ to the jobs
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     log = open(tmp / "head.log", "w")  # noqa: SIM115 (open while the head runs)
     head = subprocess.Popen(
@@ -70,6 +80,11 @@ def ray_cluster(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
         head.wait(timeout=30)
         log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
 
 
