@@ -149,15 +149,19 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     env = selected_environment(cfg, plugins, algo_cls.online, task.train)
     metric = task.metric if env is None else f"env={env[1].name} accuracy"
 
+    env_stats: dict[str, Any] = {}  # with an environment: each evaluation's statistics
+
     def score(model, desc, shared=dist):
         """Held-out score; the test prompts are split over the ranks of ``shared``. With
-        an environment: its episodes' statistics (a dict, ``accuracy`` the score)."""
+        an environment: its episodes' accuracy (their statistics in ``env_stats[desc]``)."""
         if env is not None:
-            return evaluate_episodes(
+            stats = evaluate_episodes(
                 model, policy.tokenizer, *env, algo.transform_examples(test),
                 system_prompt=cfg.data.system_prompt, batch_size=tcfg.eval_batch_size,
                 desc=desc, dist=shared, max_prompt_length=cfg.algorithm.get("max_prompt_length"),
                 progress=tcfg.progress and shared.main)
+            env_stats[desc] = stats
+            return None if stats is None else stats["accuracy"]
         if metric_fn is None:  # e.g. preference data without verifiable answers
             return None
         shown = algo.transform_examples(test)
@@ -187,29 +191,24 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     if env is not None:  # the episodes depend on the environment and its limits
         how["env"] = OmegaConf.to_container(env[1], resolve=True)
     saved = saved_before
-    env_before = None  # with an environment: its episodes' statistics
     if saved is not None and saved.get("settings", how) == how:
         before, pref_before = saved["accuracy"], saved.get("preference_accuracy")
-        env_before = saved.get("env")
+        env_stats["eval before"] = saved.get("env")
     elif tcfg.eval_before:
         if saved is not None and dist.main:
             print(f"gym: trainer.eval_* changed since {before_file.name} was written: "
                   "scoring the starting model again")
         before = score(policy.model, "eval before")
-        if env is not None:
-            env_before, before = before, _accuracy(before)
         pref_before = pref_score()
         if dist.main:
             write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before,
-                                     "env": env_before, "settings": how})
+                                     "env": env_stats.get("eval before"), "settings": how})
     if dist.main:
         print(f"gym: held-out {metric} before training: {_fmt(before)}")
 
     result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers,
                    setup_checked)
-    after = env_after = score(policy.model, "eval after")
-    if env is not None:
-        after = _accuracy(env_after)
+    after = score(policy.model, "eval after")
     pref_after = pref_score()
     if not dist.main:
         return {"steps": result.steps, "eval": {"after": after}}
@@ -217,17 +216,12 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     save_final(policy, run_dir / "final", record={
         "base": base_identity(cfg.model), "algorithm": cfg.algorithm.name, "chain": chain or []})
 
-    after_quant, quant_stats, env_after_quant = None, None, None
+    after_quant, quant_stats = None, None
     if quantizer is not None:  # rank 0 alone: the others are done
         after_quant, quant_stats = quantize_and_score(
             cfg, policy, quantizer, run_dir, lambda model, desc: score(model, desc, Dist()),
             task=task,
         )
-        if env is not None:
-            env_after_quant, after_quant = after_quant, _accuracy(after_quant)
-            if isinstance(quant_stats.get("after_quant_uncalibrated"), dict):
-                quant_stats["after_quant_uncalibrated"] = _accuracy(
-                    quant_stats["after_quant_uncalibrated"])
 
     summary = {
         "algorithm": cfg.algorithm.name,
@@ -244,8 +238,9 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
                  # held-out pairs whose chosen completion the policy prefers (log-prob)
                  "preference_accuracy": {"before": pref_before, "after": pref_after},
                  **({} if env is None else {"env": {
-                     "name": env[1].name, "before": env_before, "after": env_after,
-                     "after_quant": env_after_quant}})},
+                     "name": env[1].name, "before": env_stats.get("eval before"),
+                     "after": env_stats.get("eval after"),
+                     "after_quant": env_stats.get("eval after quant")}})},
         "quant_stats": quant_stats,
         "algorithm_stats": algo.report(),
         # model.init: the run this one started from, and the whole chain from the base
@@ -311,7 +306,7 @@ def quantize_and_score(cfg, policy, quantizer, run_dir: Path, score, task=None):
     rebuilt = rebuild(base.get(), restored)
     quant_seconds = time.perf_counter() - t0
     after_quant = score(rebuilt, "eval after quant")
-    print(f"gym: held-out accuracy after {cfg.quant.name}: {_fmt(_accuracy(after_quant))}")
+    print(f"gym: held-out accuracy after {cfg.quant.name}: {_fmt(after_quant)}")
     stats = {
         "bits_per_weight": round(packed.bits_per_weight, 4),
         "compression_ratio": round(packed.compression_ratio, 3) if num else None,
@@ -389,12 +384,6 @@ def _overrides() -> list[str]:
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def _accuracy(score):
-    """The score of a held-out evaluation: the number itself, an episode evaluation's
-    ``accuracy``."""
-    return score.get("accuracy") if isinstance(score, dict) else score
 
 
 def summary_table(s: dict[str, Any]) -> str:
