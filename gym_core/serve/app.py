@@ -508,20 +508,23 @@ async def _complete(server: Server, http: Request, body: _Sampling, variant, pro
 
     texts = [""] * len(reqs)
     finals: dict[int, Event] = {}
-    checked = time.monotonic()
+    left = object()
+
+    async def watch() -> None:
+        # a client that leaves frees its rows at once, not at the next poll: the
+        # request's receive() returns http.disconnect when the connection closes
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        for r in reqs:
+            r.cancel()
+        queue.put_nowait((None, left))
+
+    watcher = asyncio.create_task(watch())
     try:
         while len(finals) < len(reqs):
-            try:
-                index, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                index = ev = None
-            # a client that left frees its rows: checked while tokens keep coming too
-            if time.monotonic() - checked >= 0.25 or ev is None:
-                checked = time.monotonic()
-                if await http.is_disconnected():
-                    return JSONResponse(status_code=499, content={})
-            if ev is None:
-                continue
+            index, ev = await queue.get()
+            if ev is left:
+                return JSONResponse(status_code=499, content={})
             if ev.kind == "text":
                 texts[index] += ev.text
             elif ev.kind == "error":
@@ -529,8 +532,9 @@ async def _complete(server: Server, http: Request, body: _Sampling, variant, pro
             else:
                 finals[index] = ev
     finally:
+        watcher.cancel()
         for r in reqs:
-            r.cancel()  # no-op for finished ones; frees the rows of a client that left
+            r.cancel()  # no-op for finished ones
     choices = []
     for i, text in enumerate(texts):
         fin = finals[i].finish_reason
