@@ -101,6 +101,29 @@ def test_generate_until_matches_hf(setup, hf_lm, gym_lm):
     assert any(len(gym_lm.tok_encode(s)) < 12 for s in ours)
 
 
+def test_rows_join_as_others_leave_and_keep_their_own_settings(setup, gym_lm):
+    """generate_until runs up to batch_size rows and a waiting request joins as one
+    leaves; each request keeps its own stop strings, length and seed, so the answers do
+    not depend on the batch size or on which requests share a call."""
+    from lm_eval.api.instance import Instance
+
+    def req(i, q, **kw):
+        return Instance("generate_until", None, (f"Q: {q}\nA:", kw), i)
+
+    greedy = {"until": ["\n"], "max_gen_toks": 10, "do_sample": False}
+    sampled = {"until": ["."], "max_gen_toks": 6, "do_sample": True, "temperature": 0.9}
+    reqs = [req(i, q, **(sampled if i % 2 else greedy)) for i, (q, _) in enumerate(QUESTIONS)]
+    one_by_one = [gym_lm.generate_until([r]) for r in reqs]
+    wide = GymLM(pretrained=str(setup["folder"]), base="tiny", batch_size=16)
+    narrow = GymLM(pretrained=str(setup["folder"]), base="tiny", batch_size=2)
+    together = narrow.generate_until(reqs)
+    assert together == wide.generate_until(reqs)
+    for i, (r, text) in enumerate(zip(reqs, together)):
+        assert all(s not in text for s in r.args[1]["until"])
+        if i % 2 == 0:  # greedy rows: the same alone (seeds are the request's index)
+            assert [text] == one_by_one[i]
+
+
 def test_loglikelihood_and_rolling_match_hf(setup, hf_lm, gym_lm):
     reqs = instances(setup, "gym_mc")
     ours, theirs = gym_lm.loglikelihood(reqs), hf_lm.loglikelihood(reqs)

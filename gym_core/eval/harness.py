@@ -15,8 +15,6 @@ weights (tests/test_eval_harness.py checks it)."""
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -150,83 +148,80 @@ class GymLM(TemplateLM):
         return totals
 
     # --- generation ---------------------------------------------------------------------
-    @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Every request through gym's decode engine with continuous batching (the
+        serving engine, :class:`gym_core.serve.engine.Engine`): up to ``batch_size`` rows
+        run at once, a row leaves at its stop string, EOS or ``max_gen_toks`` and the next
+        request's prompt joins in its place, so no row waits for the longest of a batch.
+        Each row keeps its own sampling parameters and seed (``seed`` + its index)."""
+        import threading
+
         from lm_eval.models.utils import (
             handle_stop_sequences,
             normalize_gen_kwargs,
             postprocess_generated_text,
         )
 
-        from gym_core.sampling.generation import Sampling, generate
+        from gym_core.serve.engine import Engine, Params, Request
 
         tok = self.tokenizer
         eos = tok.decode(self.eot_token_id, skip_special_tokens=False)
-        groups: dict[str, list[int]] = defaultdict(list)
+        texts: list[list[str]] = [[] for _ in requests]
+        stops: list[list[str]] = []
+        errors: list[str] = []
+        left = [len(requests)]
+        finished = threading.Event()
+        lock = threading.Lock()
+
+        def emitter(i: int):
+            def emit(ev) -> None:
+                if ev.kind == "text":
+                    texts[i].append(ev.text)
+                    return
+                with lock:
+                    if ev.kind == "error":
+                        errors.append(ev.text)
+                    left[0] -= 1
+                    if left[0] == 0 or errors:
+                        finished.set()
+            return emit
+
+        jobs = []
         for i, req in enumerate(requests):
-            groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
-        out: list[str] = [""] * len(requests)
+            kwargs = normalize_gen_kwargs(dict(req.args[1]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            temperature = float(kwargs.get("temperature") or 0.0)
+            do_sample = bool(kwargs.get("do_sample")) and temperature > 0
+            keep = self.max_length - max_gen
+            if keep <= 0:
+                raise GymError(f"max_gen_toks={max_gen} leaves no room for a prompt in "
+                               f"the model's {self.max_length} tokens")
+            ids = self.tok_encode(req.args[0])[-keep:]
+            params = Params(max_tokens=max_gen, temperature=temperature if do_sample else 0.0,
+                            top_p=float(kwargs.get("top_p") or 1.0) if do_sample else 1.0,
+                            seed=self.seed + i, stop=[s for s in until if s])
+            stops.append(until)
+            jobs.append(Request(ids, None, params, emitter(i)))
+        if not jobs:
+            return []
         was_training = self.model.training
         self.model.eval()
+        engine = Engine(self.model, tok, max_rows=self.batch_size, max_len=self.max_length,
+                        share=False)
         try:
-            for members in groups.values():
-                kwargs = normalize_gen_kwargs(dict(requests[members[0]].args[1]),
-                                              self.max_gen_toks)
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-                max_gen = int(kwargs.pop("max_gen_toks"))
-                temperature = float(kwargs.get("temperature") or 0.0)
-                do_sample = bool(kwargs.get("do_sample")) and temperature > 0
-                sampling = (Sampling(do_sample=True, temperature=temperature,
-                                     top_p=float(kwargs.get("top_p") or 1.0))
-                            if do_sample else Sampling(do_sample=False))
-                keep = self.max_length - max_gen
-                if keep <= 0:
-                    raise GymError(f"max_gen_toks={max_gen} leaves no room for a prompt in "
-                                   f"the model's {self.max_length} tokens")
-                encoded = {i: self.tok_encode(requests[i].args[0])[-keep:] for i in members}
-                members = sorted(members, key=lambda i: (-len(encoded[i]), requests[i].args[0]))
-                for start in range(0, len(members), self.batch_size):
-                    idx = members[start : start + self.batch_size]
-                    texts = self._generate([encoded[i] for i in idx], max_gen, sampling,
-                                           until, [self.seed + i for i in idx], generate)
-                    for i, text in zip(idx, texts):
-                        out[i] = postprocess_generated_text(generation=text, stop=until,
-                                                            think_end_token=None)
+            # longest prompts first, as the harness orders them: joins of like lengths
+            for job in sorted(jobs, key=lambda j: -len(j.prompt_ids)):
+                engine.submit(job)
+            finished.wait()
         finally:
+            engine.stop()
             self.model.train(was_training)
-        return out
-
-    def _generate(self, prompts, max_gen, sampling, until, seeds, generate):
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(x) for x in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, x in enumerate(prompts):
-            ids[r, width - len(x):] = torch.tensor(x)
-            mask[r, width - len(x):] = 1
-        stops = [s for s in until if s]
-        span = max((len(s) for s in stops), default=0) + 1
-
-        def stop_fn(rows, tokens):
-            # a stop string completed at this step lies within its last `span` tokens
-            hit = torch.zeros(rows.numel(), dtype=torch.bool)
-            for j, r in enumerate(rows.tolist()):
-                tail = tok.decode(tokens[r, -span:].tolist(), skip_special_tokens=True)
-                hit[j] = any(s in tail for s in stops)
-            return hit.to(rows.device)
-
-        got = generate(self.model, ids.to(self._device), mask.to(self._device),
-                       num_samples=1, max_new_tokens=max_gen, eos_token_id=tok.eos_token_id,
-                       pad_token_id=pad, sampling=sampling,
-                       row_seeds=seeds if sampling.do_sample else None,
-                       stop_fn=stop_fn if stops else None)
-        texts = []
-        for row in got.tolist():
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            texts.append(tok.decode(row, skip_special_tokens=True))
-        return texts
+        if errors:
+            raise GymError(f"generation failed: {errors[0]}")
+        return [postprocess_generated_text(generation="".join(t), stop=until,
+                                           think_end_token=None)
+                for t, until in zip(texts, stops)]
 
 
 def _load(pretrained: str, base: str):

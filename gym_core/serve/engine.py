@@ -150,7 +150,7 @@ class Engine:
     """Owns the model; :meth:`submit` from any thread."""
 
     def __init__(self, model, tokenizer, *, max_rows: int = 64, max_len: int | None = None,
-                 prefill_tokens: int = 4096):
+                 prefill_tokens: int = 4096, share: bool = True):
         # its own tokenizer: a fast tokenizer used from two threads at once (the HTTP
         # thread encoding prompts, this one decoding) can fail with "Already borrowed"
         self.model, self.tok = model, copy.deepcopy(tokenizer)
@@ -163,9 +163,10 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos = eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # the decode engine's rows (the model's q/k/v and gate/up weights then views of its
-        # stacked matrices: held once), or the model's own forward outside its table
-        self.decoder = build_decoder(model, self.max_len, share=True)
+        # the decode engine's rows (``share``: the model's q/k/v and gate/up weights then
+        # views of its stacked matrices, held once; a model that trains on keeps its own),
+        # or the model's own forward outside its table
+        self.decoder = build_decoder(model, self.max_len, share=share)
         self.decoder.open_rows(max_rows, self.max_len)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
