@@ -234,6 +234,7 @@ def test_the_tokens_trained_on_are_the_tokens_sampled(eos_policy, fused_episodes
         assert out.action_mask[i, :n].tolist() == act
         multi += len(rec.trace) > 1
     assert multi >= 2, "the test needs episodes with several turns"
+    assert out.completion_ids.shape[1] == int(out.completion_mask.sum(1).max())
     from gym_core.sampling.rollout import Rollout
 
     roll = Rollout(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask,
@@ -244,6 +245,15 @@ def test_the_tokens_trained_on_are_the_tokens_sampled(eos_policy, fused_episodes
     act = out.action_mask.bool()
     assert torch.allclose(logp[act], out.logprobs[act], atol=2e-4)
     assert (out.logprobs[~act] == 0).all()
+
+
+def test_episodes_are_as_wide_as_the_longest_not_the_budget(eos_policy):
+    """The training pass runs on every column of the episodes: a 256-token budget with
+    short episodes must not give 256 columns (it cost 4x the memory of a GRPO step)."""
+    out = _run(eos_policy, Scripted, env_cfg(max_tokens=256, max_turns=2), ROWS)
+    lengths = out.completion_mask.sum(1)
+    assert out.completion_ids.shape == out.action_mask.shape == out.logprobs.shape
+    assert out.completion_ids.shape[1] == int(lengths.max()) < 256
 
 
 def test_fused_and_plain_paths_sample_the_same_episodes(eos_policy, fused_episodes):

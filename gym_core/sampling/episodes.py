@@ -84,7 +84,10 @@ def sample_episodes(model, tokenizer, env_cls, env_cfg, rows: list[dict], *,
         for e in episodes:
             e.close()
     tokens, lengths, action, turn, logps = out
-    n, cw = tokens.shape
+    # as wide as the longest episode, not the token budget: the training pass runs on
+    # every column (a budget of 192 with episodes of ~50 tokens cost 4x its memory)
+    cw = max(1, max(lengths, default=0))
+    tokens, action, turn, logps = (t[:, :cw] for t in (tokens, action, turn, logps))
     positions = torch.arange(cw).unsqueeze(0)
     mask = (positions < torch.tensor(lengths).unsqueeze(1)).long()
     tokens = tokens.masked_fill(mask == 0, tokenizer.pad_token_id)
