@@ -164,6 +164,19 @@ def verify(path: Path) -> None:
                 "another run.name.")
 
 
+def _name_mismatch(file: Path, missing: list[str], unexpected: list[str]) -> str:
+    """The part of a message that says which tensor names ``file`` lacks and which it
+    holds that the run has not (at most three of each, and how many in all)."""
+    def some(names):
+        shown = ", ".join(repr(n) for n in names[:3])
+        return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    parts = ([f"holds {some(unexpected)}, which this run's trainable parameters do not "
+              "have"] if unexpected else [])
+    parts += [f"lacks {some(missing)}"] if missing else []
+    return f"{file} " + " and ".join(parts)
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
                     heads: torch.nn.Module | None = None, sharded=None, *,
                     setup_checked: bool = False) -> dict[str, Any]:
@@ -185,21 +198,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
     params = trainable_params(model, heads)
     trainable = set(params)
     if set(weights) != trainable:
-        missing = sorted(trainable - set(weights))[:3]
-        extra = sorted(set(weights) - trainable)[:3]
+        names = _name_mismatch(path / WEIGHTS, sorted(trainable - set(weights)),
+                               sorted(set(weights) - trainable))
         if setup_checked:
             raise GymError(
-                f"checkpoint {path} is damaged: its tensor names do not match this run's "
-                f"trainable parameters (missing {missing}, unexpected {extra}) although the "
-                "run's model and model.lora settings are the ones it was written with "
-                "(run.json). Delete that directory to resume from the one before it, or "
-                "start a new run with another run.name.")
+                f"checkpoint {path} is damaged: {names}, although the run's model and "
+                "model.lora settings are the ones it was written with (run.json), so the file "
+                "was damaged or edited. Delete that directory to resume from the one before "
+                "it, or start a new run with another run.name.")
         raise GymError(
-            f"checkpoint {path} does not match this run's trainable parameters (missing "
-            f"{missing}, unexpected {extra}): it was written with another model or "
-            "model.lora settings, or the file is damaged. Use a new run.name for a "
-            "different setup."
-        )
+            f"checkpoint {path} does not fit this run: {names}. Either the file is damaged "
+            "(delete that directory to resume from the one before it) or it was written with "
+            "another model or model.lora settings (use a new run.name for a different setup).")
     wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in weights.items()
              if tuple(t.shape) != tuple(params[n].shape)]
     if wrong:

@@ -157,30 +157,55 @@ def test_a_damaged_checkpoint_is_not_resumed(run, gym_env):
     assert [s for s, _ in list_checkpoints(run)] == [1, 2]
 
 
-def test_a_damaged_tensor_name_is_called_damage_not_other_settings(run, gym_env):
-    """A name in the checkpoint's header damaged where no checksum can tell (a checkpoint
-    written before checksums): the run's record says the model and adapter are the same,
-    so the message blames the file, not the LoRA settings."""
+@pytest.mark.parametrize("checksum", ["absent", "recomputed", "recomputed, no run.json"])
+def test_a_damaged_tensor_name_is_called_damage_not_other_settings(run, gym_env, checksum):
+    """A name in the checkpoint's header damaged where the checksum cannot tell (a
+    checkpoint written before checksums, or one whose checksum was written again after the
+    edit). The message names the file, the name it holds and the one it lacks, and what to
+    do; with the run's record (run.json: same model and adapter) it blames the file, not
+    the LoRA settings; without one it names both causes and both fixes."""
     import json
 
-    from gym_core.train.checkpoint import INFO
+    from gym_core.train.checkpoint import INFO, file_sha256
+    from gym_core.train.resume import RECORD
 
     step, newest = list_checkpoints(run)[-1]
     weights = newest / WEIGHTS
     data = weights.read_bytes()
     header_end = 8 + int.from_bytes(data[:8], "little")
-    header = data[:header_end].replace(b"lora_A", b"lora_Q", 1)
-    assert header != data[:header_end]
+    header = data[:header_end]
+    key = next(k for k in json.loads(header[8:]) if "lora_A" in k)
+    header = header.replace(key.encode(), key.replace("lora_A", "lora_Q").encode(), 1)
     weights.write_bytes(header + data[header_end:])
     info = json.loads((newest / INFO).read_text())
-    info.pop("sha256")
+    if checksum == "absent":
+        info.pop("sha256")
+    else:
+        info["sha256"][WEIGHTS] = file_sha256(weights)
     (newest / INFO).write_text(json.dumps(info))
+    if checksum.endswith("no run.json"):
+        (run / RECORD).unlink()
+    before = weights_and_results(run)
     proc = cli([*TINY, "trainer.max_steps=3", "trainer.save_every=1", "quant=bitdelta",
                 "run.name=r"], run.parents[1], gym_env)
-    line = assert_one_line_error(proc, f"checkpoint {newest} is damaged", "tensor names",
-                                 "lora_Q", "Delete that directory")
-    assert "written with another model" not in line
-    assert [s for s, _ in list_checkpoints(run)] == [1, 2]
+    named = [str(weights), f"holds '{key.replace('lora_A', 'lora_Q')}'", f"lacks '{key}'"]
+    if checksum.endswith("no run.json"):
+        line = assert_one_line_error(proc, f"checkpoint {newest} does not fit this run",
+                                     *named, "Either the file is damaged (delete that "
+                                     "directory", "or it was written with another model")
+    else:
+        line = assert_one_line_error(proc, f"checkpoint {newest} is damaged", *named,
+                                     "Delete that directory to resume from the one before")
+        assert "written with another model" not in line
+    assert line.count("\n") == 0 and len(line) < 700, line
+    assert weights_and_results(run) == before  # no checkpoint written or removed
+
+
+def weights_and_results(run):
+    """The run's folder but the record of its last start (run.json, .hydra/: written once
+    the config is checked, before the checkpoint is read)."""
+    return {k: v for k, v in tree(run).items() if k != "run.json" and
+            not k.startswith(".hydra")}
 
 
 def test_a_checkpoint_of_another_model_shape(run, tmp_path, gym_env):
