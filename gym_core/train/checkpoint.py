@@ -166,13 +166,13 @@ def verify(path: Path) -> None:
 
 def _name_mismatch(file: Path, missing: list[str], unexpected: list[str]) -> str:
     """The part of a message that says which tensor names ``file`` lacks and which it
-    holds that the run has not (at most three of each, and how many in all)."""
+    holds that the run has not (three of each at most, then how many more)."""
     def some(names):
         shown = ", ".join(repr(n) for n in names[:3])
         return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-    parts = ([f"holds {some(unexpected)}, which this run's trainable parameters do not "
-              "have"] if unexpected else [])
+    parts = [f"holds {some(unexpected)} (not a trainable parameter of this run)"] \
+        if unexpected else []
     parts += [f"lacks {some(missing)}"] if missing else []
     return f"{file} " + " and ".join(parts)
 

@@ -72,13 +72,15 @@ def test_export_where_nothing_can_be_written(run, tmp_path, gym_env):
     assert_one_line_error(proc, "cannot write out=/proc/gym-export.safetensors")
 
 
-def test_export_of_a_truncated_adapter(run, tmp_path, gym_env):
+@pytest.mark.parametrize("fmt", ["hf", "lora", "gguf"])
+def test_export_of_a_truncated_adapter(run, tmp_path, gym_env, fmt):
+    """format=lora, which copies the adapter, used to export the damaged file as it was."""
     adapter = run / "final" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
-    proc = cli([f"run={run}", "format=hf", f"out={tmp_path / 'hf'}"], tmp_path, gym_env,
+    proc = cli([f"run={run}", f"format={fmt}", f"out={tmp_path / 'out'}"], tmp_path, gym_env,
                app="gym_core.export")
-    assert_one_line_error(proc, str(run))
-    assert not (tmp_path / "hf").exists()
+    assert_one_line_error(proc, f"{adapter} is damaged", "cut short or edited")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_soup_is_not_written_into_a_run_nor_over_a_file(run, tmp_path, gym_env):
