@@ -250,6 +250,12 @@ def test_a_disabled_plugins_options_get_one_message_and_leave_nothing(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
-def test_serve_with_a_port_out_of_range(tmp_path, gym_env):
-    proc = cli(["--base", "tiny", "--port", "8000000"], tmp_path, gym_env, app="gym_core.serve")
-    assert_one_line_error(proc, "--port 8000000 is not a port number")
+@pytest.mark.parametrize("args,needle", [
+    (["--port", "8000000"], "--port 8000000 is not a port number"),
+    (["--max-num-seqs", "0"], "--max-num-seqs 0 must be at least 1"),
+    (["--max-model-len", "1"], "--max-model-len 1 must be at least 2"),
+    (["--max-body-bytes", "10"], "--max-body-bytes 10 is too small"),
+])
+def test_serve_with_a_port_out_of_range(tmp_path, gym_env, args, needle):
+    proc = cli(["--base", "tiny", *args], tmp_path, gym_env, app="gym_core.serve")
+    assert_one_line_error(proc, needle)
