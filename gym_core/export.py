@@ -148,6 +148,23 @@ def _check_out(out: Path, run, is_dir: bool, overwrite: bool = False) -> None:
                        "pick another out=")
 
 
+def _check_weights(run) -> None:
+    """Each weights file in the run's ``final/`` opens (its header parses and covers the
+    file: a file cut short or edited fails here, before anything is written)."""
+    from safetensors import safe_open
+
+    from gym_core.base.errors import GymError
+
+    for file in sorted(run.final.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:  # SafetensorError, or an OSError reading it
+            raise GymError(f"{file} is damaged ({exc}): it was cut short or edited; export "
+                           "another run, or train this one again under a new run.name"
+                           ) from None
+
+
 @contextlib.contextmanager
 def _writing(out: Path, run):
     """One line for what fails while an export reads the run and writes ``out``: a folder
@@ -198,6 +215,8 @@ def export(cfg: Any, plugins) -> ExportResult:
                            "adapter: use format=hf source=delta for base + delta")
     if source == "delta":
         run.delta_file()  # a missing delta fails before any model loads
+    else:
+        _check_weights(run)  # a damaged file fails here, for every format (lora copies it)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(run, fmt, source, cfg.gguf.outtype)
     is_dir = fmt in ("hf", "lora")
     _check_out(out, run, is_dir, bool(cfg.get("overwrite", False)))

@@ -68,9 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         refuse(f"--host {args.host} lets other machines in, and the server has no API key: "
                "give one with --api-key (or $GYM_SERVE_API_KEY), or listen on 127.0.0.1")
     if args.max_num_seqs < 1:
-        p.error("--max-num-seqs must be at least 1")
+        refuse(f"--max-num-seqs {args.max_num_seqs} must be at least 1")
     if args.max_model_len is not None and args.max_model_len < 2:
-        p.error("--max-model-len must be at least 2")
+        refuse(f"--max-model-len {args.max_model_len} must be at least 2")
     return args
 
 

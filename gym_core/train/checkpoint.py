@@ -164,16 +164,73 @@ def verify(path: Path) -> None:
                 "another run.name.")
 
 
+def _name_mismatch(file: Path, missing: list[str], unexpected: list[str]) -> str:
+    """The part of a message that says which tensor names ``file`` lacks and which it
+    holds that the run has not (three of each at most, then how many more)."""
+    def some(names):
+        shown = ", ".join(repr(n) for n in names[:3])
+        return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    parts = [f"holds {some(unexpected)} (not a trainable parameter of this run)"] \
+        if unexpected else []
+    parts += [f"lacks {some(missing)}"] if missing else []
+    return f"{file} " + " and ".join(parts)
+
+
+def check_checkpoint(path: Path, model: torch.nn.Module, heads: torch.nn.Module | None = None,
+                     *, setup_checked: bool = False) -> None:
+    """Refuse, in one line, a checkpoint this run cannot resume from: files that do not
+    match their checksums, a weights file that does not open, tensor names or shapes that
+    are not this run's trainable parameters'. Reads only the weights file's header, so a
+    start can call it before it writes anything (gym_core.train.job). ``setup_checked``:
+    the run's model and adapter settings were found equal to the ones its checkpoints were
+    written with (run.json), so names that do not match can only be a damaged file."""
+    from safetensors import safe_open
+
+    verify(path)
+    try:
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise GymError(
+            f"checkpoint {path} is unreadable ({exc}). Delete that directory to resume from "
+            "the one before it, or start a new run with another run.name.") from None
+    params = trainable_params(model, heads)
+    trainable = set(params)
+    if set(shapes) != trainable:
+        names = _name_mismatch(path / WEIGHTS, sorted(trainable - set(shapes)),
+                               sorted(set(shapes) - trainable))
+        if setup_checked:
+            raise GymError(
+                f"checkpoint {path} is damaged: {names}, although the run's model and "
+                "model.lora settings are the ones it was written with (run.json), so the file "
+                "was damaged or edited. Delete that directory to resume from the one before "
+                "it, or start a new run with another run.name.")
+        raise GymError(
+            f"checkpoint {path} does not fit this run: {names}. Either the file is damaged "
+            "(delete that directory to resume from the one before it) or it was written with "
+            "another model or model.lora settings (use a new run.name for a different setup).")
+    wrong = [(n, theirs, tuple(params[n].shape)) for n, theirs in shapes.items()
+             if theirs != tuple(params[n].shape)]
+    if wrong:
+        n, theirs, ours = wrong[0]
+        raise GymError(
+            f"checkpoint {path} holds '{n}' of shape {list(theirs)} where this run's model "
+            f"has {list(ours)}{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}: "
+            "it was written for a model of another shape; use a new run.name for a "
+            "different model")
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
                     heads: torch.nn.Module | None = None, sharded=None, *,
-                    setup_checked: bool = False) -> dict[str, Any]:
+                    checked: bool = False) -> dict[str, Any]:
     """Restore weights (the model's and the heads'), optimizer, scheduler and RNG; returns
     the saved extras. ``sharded``: the FSDP-sharded policy's
     :class:`gym_core.train.fsdp.Sharded` (every rank reads the full checkpoint and keeps
-    its shards). ``setup_checked``: the run's model and adapter settings were already
-    found equal to the ones its checkpoints were written with (run.json), so names that do
-    not match can only be a damaged or edited file."""
-    verify(path)
+    its shards). ``checked``: the caller has run :func:`check_checkpoint` on it already
+    (otherwise it runs here)."""
+    if not checked:
+        check_checkpoint(path, model, heads)
     try:
         weights = load_file(str(path / WEIGHTS))
         state = torch.load(path / STATE, weights_only=True, map_location="cpu")
@@ -183,32 +240,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
             "the one before it, or start a new run with another run.name."
         ) from exc
     params = trainable_params(model, heads)
-    trainable = set(params)
-    if set(weights) != trainable:
-        missing = sorted(trainable - set(weights))[:3]
-        extra = sorted(set(weights) - trainable)[:3]
-        if setup_checked:
-            raise GymError(
-                f"checkpoint {path} is damaged: its tensor names do not match this run's "
-                f"trainable parameters (missing {missing}, unexpected {extra}) although the "
-                "run's model and model.lora settings are the ones it was written with "
-                "(run.json). Delete that directory to resume from the one before it, or "
-                "start a new run with another run.name.")
-        raise GymError(
-            f"checkpoint {path} does not match this run's trainable parameters (missing "
-            f"{missing}, unexpected {extra}): it was written with another model or "
-            "model.lora settings, or the file is damaged. Use a new run.name for a "
-            "different setup."
-        )
-    wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in weights.items()
-             if tuple(t.shape) != tuple(params[n].shape)]
-    if wrong:
-        n, theirs, ours = wrong[0]
-        raise GymError(
-            f"checkpoint {path} holds '{n}' of shape {list(theirs)} where this run's model "
-            f"has {list(ours)}{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}: "
-            "it was written for a model of another shape; use a new run.name for a "
-            "different model")
     if sharded is not None:
         sharded.load_trainable(weights, HEADS_PREFIX)
     else:

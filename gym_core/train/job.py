@@ -23,6 +23,7 @@ from gym_core.model.policy import describe, load_base, load_policy, save_final
 from gym_core.model.stages import base_identity
 from gym_core.plugin.startup import bootstrap, check_named_components
 from gym_core.train import reference
+from gym_core.train.checkpoint import check_checkpoint, list_checkpoints
 from gym_core.train.distributed import Dist, setup, teardown
 from gym_core.train.interrupt import StopRequest, interrupted_line
 from gym_core.train.loop import seed_everything, train
@@ -137,6 +138,12 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     algo.check_data(rows_to_check(task.train))
     algo.setup(cfg, run_dir, plugins)
     tcfg = cfg.trainer
+    # the checkpoint it resumes from, checked before the start is recorded (a refused
+    # start leaves run.json and .hydra/ as they were)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        check_checkpoint(checkpoints[-1][1], policy.model, policy.heads,
+                         setup_checked=setup_checked)
     if dist.main:
         if changed:
             print(f"gym: {run_dir} continues with changed settings (applied from here on): "
@@ -207,7 +214,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         print(f"gym: held-out {metric} before training: {_fmt(before)}")
 
     result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers,
-                   setup_checked)
+                   checkpoint_checked=True)
     after = score(policy.model, "eval after")
     pref_after = pref_score()
     if not dist.main:

@@ -116,14 +116,13 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist | None = None,
-          stop=None, trackers=None, setup_checked: bool = False) -> TrainResult:
+          stop=None, trackers=None, checkpoint_checked: bool = False) -> TrainResult:
     """Train ``algo`` for ``trainer.max_steps`` steps, resuming from the newest checkpoint
     in ``run_dir``. Under torchrun each rank takes its share of every step's prompts;
     rank 0 alone writes. ``trainer.batch_size`` counts prompts (examples) per process.
     ``stop`` (a :class:`gym_core.train.interrupt.StopRequest`): a signal ends the loop after
-    the current step, with a checkpoint, by raising :class:`Interrupted`. ``setup_checked``:
-    the run's model and adapter were found equal to its record (run.json) before this start,
-    so a checkpoint whose names do not match is damaged. ``trackers``: the
+    the current step, with a checkpoint, by raising :class:`Interrupted`. ``checkpoint_checked``:
+    the caller checked the newest checkpoint already (:func:`check_checkpoint`). ``trackers``: the
     run's experiment trackers (:mod:`gym_core.train.trackers`), started here and closed by
     the caller; None: the ones ``cfg.logger`` selects, opened and closed here."""
     dist = dist or Dist()
@@ -157,7 +156,7 @@ def train(cfg, policy, algo, task, rewards, plugins, run_dir: Path, dist: Dist |
     if checkpoints:
         step, path = checkpoints[-1]
         extra = load_checkpoint(path, policy.model, optimizer, scheduler, policy.heads,
-                                sharded=policy.sharded, setup_checked=setup_checked)
+                                sharded=policy.sharded, checked=checkpoint_checked)
         algo.load_state_dict(extra.get("algorithm", {}))
         start_step, sampler.position = int(extra["step"]), int(extra["data_position"])
         seconds, tokens = float(extra["train_seconds"]), int(extra["completion_tokens"])

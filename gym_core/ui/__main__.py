@@ -38,19 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "else a new random one, printed in the address at start); '' turns "
                         "it off, on 127.0.0.1 only")
     args = p.parse_args(argv)
+    from gym_core.serve.__main__ import is_loopback, refuse
+
     if not 0 <= args.port < 65536:
-        p.error(f"--port {args.port} is not a port number (0..65535)")
+        refuse(f"--port {args.port} is not a port number (0..65535; 0 picks a free one)")
     if args.token is None:
         import secrets
 
         args.token = secrets.token_urlsafe(24)
-    from gym_core.serve.__main__ import is_loopback
-
     if not args.token and not is_loopback(args.host):
-        print(f"gym: error: --host {args.host} lets other machines in, and the UI launches "
-              "processes: keep its token (leave --token out, or give one), or listen on "
-              "127.0.0.1", file=sys.stderr)
-        raise SystemExit(2)
+        refuse(f"--host {args.host} lets other machines in, and the UI launches processes: "
+               "keep its token (leave --token out, or give one), or listen on 127.0.0.1")
     return args
 
 

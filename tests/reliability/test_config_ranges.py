@@ -252,25 +252,28 @@ def nothing_but(cwd, *names):
     return sorted(tree(cwd)) == sorted(names)
 
 
-@pytest.mark.parametrize("rows,needle", [
-    ([{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": {"value": 4}}],
+@pytest.mark.parametrize("method,rows,needle", [
+    ("grpo", [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": {"value": 4}}],
      "rows.jsonl:2: field 'answer' must be a string or a finite number, got an object"),
-    ([{"prompt": "1+1?", "answer": "2"}, '{"prompt": "2+2?", "answer": NaN}\n'],
+    ("grpo", [{"prompt": "1+1?", "answer": "2"}, '{"prompt": "2+2?", "answer": NaN}\n'],
      "rows.jsonl:2: field 'answer' must be a string or a finite number, got float nan"),
-    ([{"prompt": "1+1?", "chosen": "2", "rejected": "3"},
-      {"prompt": "2+2?", "chosen": 4, "rejected": "5"}],
+    ("dpo", [{"prompt": "1+1?", "chosen": "2", "rejected": "3"},
+             {"prompt": "2+2?", "chosen": 4, "rejected": "5"}],
      "rows.jsonl:2: field 'chosen' must be a string or a list of messages, got int 4"),
-    ([{"prompt": "1+1?", "completion": "2", "label": True},
-      {"prompt": "2+2?", "completion": "5", "label": "false"}],
+    ("kto", [{"prompt": "1+1?", "completion": "2", "label": True},
+             {"prompt": "2+2?", "completion": "5", "label": "false"}],
      "rows.jsonl:2: field 'label' must be true or false (a JSON boolean), got the string "
      "'false'"),
 ])
-def test_bad_rows_name_the_file_line_and_field(tmp_path, monkeypatch, capsys, rows, needle):
+def test_bad_rows_name_the_file_line_and_field(tmp_path, monkeypatch, capsys, method, rows,
+                                               needle):
+    """Each with the method that trains on such rows (DPO's pairs, KTO's labels)."""
     from gym_core.__main__ import entry
 
     path = rows_file(tmp_path, rows)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["gym", *FAST, "data=jsonl", f"data.train_file={path}"])
+    monkeypatch.setattr(sys, "argv", ["gym", *FAST, f"algorithm={method}", "data=jsonl",
+                                      f"data.train_file={path}"])
     with pytest.raises(SystemExit) as exc:
         entry()
     err = capsys.readouterr().err

@@ -72,13 +72,15 @@ def test_export_where_nothing_can_be_written(run, tmp_path, gym_env):
     assert_one_line_error(proc, "cannot write out=/proc/gym-export.safetensors")
 
 
-def test_export_of_a_truncated_adapter(run, tmp_path, gym_env):
+@pytest.mark.parametrize("fmt", ["hf", "lora", "gguf"])
+def test_export_of_a_truncated_adapter(run, tmp_path, gym_env, fmt):
+    """format=lora, which copies the adapter, used to export the damaged file as it was."""
     adapter = run / "final" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
-    proc = cli([f"run={run}", "format=hf", f"out={tmp_path / 'hf'}"], tmp_path, gym_env,
+    proc = cli([f"run={run}", f"format={fmt}", f"out={tmp_path / 'out'}"], tmp_path, gym_env,
                app="gym_core.export")
-    assert_one_line_error(proc, str(run))
-    assert not (tmp_path / "hf").exists()
+    assert_one_line_error(proc, f"{adapter} is damaged", "cut short or edited")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_soup_is_not_written_into_a_run_nor_over_a_file(run, tmp_path, gym_env):
@@ -150,37 +152,57 @@ def test_a_damaged_checkpoint_is_not_resumed(run, gym_env):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0x10  # one bit of the tensor data, past the header
     weights.write_bytes(bytes(data))
+    before = tree(run)
     proc = cli([*TINY, "trainer.max_steps=3", "trainer.save_every=1", "quant=bitdelta",
                 "run.name=r"], run.parents[1], gym_env)
     assert_one_line_error(proc, f"checkpoint {newest} is damaged", WEIGHTS,
                           "Delete that directory")
-    assert [s for s, _ in list_checkpoints(run)] == [1, 2]
+    assert tree(run) == before  # run.json and .hydra/ too: checked before the start's record
 
 
-def test_a_damaged_tensor_name_is_called_damage_not_other_settings(run, gym_env):
-    """A name in the checkpoint's header damaged where no checksum can tell (a checkpoint
-    written before checksums): the run's record says the model and adapter are the same,
-    so the message blames the file, not the LoRA settings."""
+@pytest.mark.parametrize("checksum", ["absent", "recomputed", "recomputed, no run.json"])
+def test_a_damaged_tensor_name_is_called_damage_not_other_settings(run, gym_env, checksum):
+    """A name in the checkpoint's header damaged where the checksum cannot tell (a
+    checkpoint written before checksums, or one whose checksum was written again after the
+    edit). The message names the file, the name it holds and the one it lacks, and what to
+    do; with the run's record (run.json: same model and adapter) it blames the file, not
+    the LoRA settings; without one it names both causes and both fixes."""
     import json
 
-    from gym_core.train.checkpoint import INFO
+    from gym_core.train.checkpoint import INFO, file_sha256
+    from gym_core.train.resume import RECORD
 
     step, newest = list_checkpoints(run)[-1]
     weights = newest / WEIGHTS
     data = weights.read_bytes()
     header_end = 8 + int.from_bytes(data[:8], "little")
-    header = data[:header_end].replace(b"lora_A", b"lora_Q", 1)
-    assert header != data[:header_end]
+    header = data[:header_end]
+    key = next(k for k in json.loads(header[8:]) if "lora_A" in k)
+    header = header.replace(key.encode(), key.replace("lora_A", "lora_Q").encode(), 1)
     weights.write_bytes(header + data[header_end:])
     info = json.loads((newest / INFO).read_text())
-    info.pop("sha256")
+    if checksum == "absent":
+        info.pop("sha256")
+    else:
+        info["sha256"][WEIGHTS] = file_sha256(weights)
     (newest / INFO).write_text(json.dumps(info))
+    if checksum.endswith("no run.json"):
+        (run / RECORD).unlink()
+    before = tree(run)
     proc = cli([*TINY, "trainer.max_steps=3", "trainer.save_every=1", "quant=bitdelta",
                 "run.name=r"], run.parents[1], gym_env)
-    line = assert_one_line_error(proc, f"checkpoint {newest} is damaged", "tensor names",
-                                 "lora_Q", "Delete that directory")
-    assert "written with another model" not in line
-    assert [s for s, _ in list_checkpoints(run)] == [1, 2]
+    named = [str(weights), f"holds '{key.replace('lora_A', 'lora_Q')}'", f"lacks '{key}'"]
+    if checksum.endswith("no run.json"):
+        line = assert_one_line_error(proc, f"checkpoint {newest} does not fit this run",
+                                     *named, "Either the file is damaged (delete that "
+                                     "directory", "or it was written with another model")
+    else:
+        line = assert_one_line_error(proc, f"checkpoint {newest} is damaged", *named,
+                                     "Delete that directory to resume from the one before")
+        assert "written with another model" not in line
+    assert line.count("\n") == 0 and len(line) < 700, line
+    assert tree(run) == before  # nothing written: no checkpoint, not the start's record
+
 
 
 def test_a_checkpoint_of_another_model_shape(run, tmp_path, gym_env):
@@ -223,6 +245,12 @@ def test_a_disabled_plugins_options_get_one_message_and_leave_nothing(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
-def test_serve_with_a_port_out_of_range(tmp_path, gym_env):
-    proc = cli(["--base", "tiny", "--port", "8000000"], tmp_path, gym_env, app="gym_core.serve")
-    assert_one_line_error(proc, "--port 8000000 is not a port number")
+@pytest.mark.parametrize("args,needle", [
+    (["--port", "8000000"], "--port 8000000 is not a port number"),
+    (["--max-num-seqs", "0"], "--max-num-seqs 0 must be at least 1"),
+    (["--max-model-len", "1"], "--max-model-len 1 must be at least 2"),
+    (["--max-body-bytes", "10"], "--max-body-bytes 10 is too small"),
+])
+def test_serve_with_a_port_out_of_range(tmp_path, gym_env, args, needle):
+    proc = cli(["--base", "tiny", *args], tmp_path, gym_env, app="gym_core.serve")
+    assert_one_line_error(proc, needle)

@@ -91,3 +91,16 @@ def test_a_build_another_process_holds_is_waited_for_then_refused_in_one_line(tm
     assert len(errors) == 1, proc.stderr
     assert f"process {holder.pid}" in errors[0] and "GYM_BUILD_TIMEOUT" in errors[0]
     assert f"waiting for process {holder.pid}" in proc.stderr
+
+
+def test_two_environments_never_share_a_build_folder(monkeypatch, tmp_path):
+    """Two virtual environments sharing one cache rebuilt each other's kernels every 15-30 s;
+    each now has its own folder (named after its sys.prefix), in the same cache."""
+    from gym_core.base import native
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    roots = set()
+    for prefix in (tmp_path / "venv-a", tmp_path / "venv-b"):
+        monkeypatch.setattr(sys, "prefix", str(prefix))
+        roots.add(native.build_root())
+    assert len(roots) == 2 and {r.parent for r in roots} == {tmp_path}
