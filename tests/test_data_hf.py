@@ -402,6 +402,43 @@ def test_cli_bad_input_exit_2_nothing_written(tmp_path):
     assert written(runs) <= {"__main__.log", ".gym.lock"}  # Hydra's log and the run's lock
 
 
+def hub_cache(cache: Path, repo: str, rows: list[dict]) -> None:
+    """What an earlier online ``load_dataset(repo)`` leaves in ``cache``: the prepared
+    Arrow table under ``<org>___<name>/default/0.0.0/<hash>`` (datasets' layout, which
+    its offline mode searches); built here from a local file, with no hub."""
+    import shutil
+
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    src = cache.parent / "hub_rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    org, name = repo.split("/")
+    builder = Json(cache_dir=str(cache.parent / "build"), dataset_name=name,
+                   config_name="default", hash="0123abcd",
+                   data_files=DataFilesDict.from_patterns({"train": [str(src)]}))
+    builder.download_and_prepare()
+    shutil.copytree(builder.cache_dir, cache / f"{org}___{name}" / "default" / "0.0.0" / "0123abcd")
+
+
+def test_a_cached_hub_dataset_trains_offline(tmp_path):
+    """HF_DATASETS_OFFLINE=1 and a hub id whose dataset is in the local cache: it loads
+    (datasets finds the cached table) and the run trains on its rows."""
+    from tests.conftest import run_cli
+
+    rows = [{"prompt": f"What is {i} + 1?", "completion": str(i + 1)} for i in range(40)]
+    hub_cache(tmp_path / "cache", "someorg/tiny_rows", rows)
+    runs = tmp_path / "runs"
+    proc = run_cli(["model=tiny", "algorithm=sft", "data=hf", "data.path=someorg/tiny_rows",
+                    "data.test_size=8", f"data.cache_dir={tmp_path / 'cache'}",
+                    "trainer.max_steps=1", "trainer.batch_size=2", f"run.root={runs}",
+                    "run.name=offline"], cwd=tmp_path,
+                   env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((runs / "offline" / "summary.json").read_text())
+    assert summary["steps"] == 1
+
+
 def test_the_data_page_shows_hf_mixture_and_reasoning_gym_rows(tmp_path):
     from gym_core.ui.data_view import view
 
