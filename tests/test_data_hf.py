@@ -193,6 +193,15 @@ def test_columns_rename_eval_split_and_lazy_rows(tmp_path):
     b = hf(tmp_path, path=str(folder), split="train", test_size=3, seed=1,
            columns={"question": "prompt", "solution": "answer"})
     assert a.test[:] == b.test[:] and a.train.digest() == b.train.digest()
+    # training and held-out rows split the table: each row in exactly one, none lost
+    whole = hf(tmp_path, path=str(folder), split="train", test_size=0.25, seed=3,
+               columns={"question": "prompt", "solution": "answer"})
+    train, test = [r["prompt"] for r in whole.train[:]], [r["prompt"] for r in whole.test[:]]
+    assert len(test) == 3 and len(train) == 12 and not set(train) & set(test)
+    assert sorted(train + test) == sorted(f"{i}+1?" for i in range(15))
+    other = hf(tmp_path, path=str(folder), split="train", test_size=0.25, seed=4,
+               columns={"question": "prompt", "solution": "answer"})
+    assert other.test[:] != whole.test[:] and other.train.digest() != whole.train.digest()
 
 
 def test_builder_with_data_files_and_streaming(tmp_path):

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gym_core.base.errors import GymError
 from gym_core.data.formats import KNOWN, TYPE_COLUMNS, detect_type, normalize
 from gym_core.data.tasks import Task
@@ -39,12 +41,22 @@ class Rows(Sequence):
     is a list. ``source`` (a mixture's source name) is added to each example."""
 
     def __init__(self, ds, kind: str, where: str, source: str | None = None,
-                 transform=None) -> None:
+                 transform=None, skip=None) -> None:
         self.ds, self.kind, self.where, self.source = ds, kind, where, source
         self.transform = transform  # row -> row before normalising (LLaMA-Factory's)
+        # the rows held out of ``ds`` (sorted table indices): row i of these Rows is the
+        # i-th table row not in ``skip``, so a training split needs no index of its own
+        self.skip = skip
+        if skip is not None:
+            self._shift = skip - np.arange(len(skip))  # table row = i + #(shift <= i)
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.ds) - (0 if self.skip is None else len(self.skip))
+
+    def _table_row(self, i: int) -> int:
+        if self.skip is None:
+            return i
+        return i + int(np.searchsorted(self._shift, i, side="right"))
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -52,6 +64,7 @@ class Rows(Sequence):
         i = int(i)
         if i < 0:
             i += len(self)
+        i = self._table_row(i)
         row = self.ds[i]
         where = f"{self.where} row {i}"
         if self.transform is not None:
@@ -82,6 +95,8 @@ class Rows(Sequence):
             for row in self.ds:
                 h.update(repr(sorted(row.items())).encode())
             fp = h.hexdigest()
+        if self.skip is not None:
+            fp += ":" + hashlib.sha256(self.skip.astype(np.int64).tobytes()).hexdigest()[:16]
         return f"{fp}:{self.kind}:{self.source}:{len(self)}"
 
 
@@ -118,16 +133,17 @@ def load_source(src, cfg, label: str) -> tuple[Rows, Rows]:
     train = _rename(train, src, where)
     kind = _check_columns(train, where)
     _check_features(train, where)
+    skip = None
     if test is None:
-        train, test = _hold_out(train, src, cfg, where)
+        skip, test = _hold_out(train, src, cfg, where)
     else:
         test = _rename(test, src, where)
         _check_features(test, where)
-    if len(train) == 0:
+    rows = Rows(train, kind, where, source, skip=skip), Rows(test, kind, where, source)
+    if len(rows[0]) == 0:
         raise GymError(f"{where}: the training split {src.split!r} is empty")
     if len(test) == 0:
         raise GymError(f"{where}: the held-out split is empty")
-    rows = Rows(train, kind, where, source), Rows(test, kind, where, source)
     rows[0][0]  # a bad first row fails now, with its source and row number
     return rows
 
@@ -318,12 +334,16 @@ def _describe(feat) -> str:
 
 
 def _hold_out(train, src, cfg, where):
-    """A seeded held-out split (``data.test_size``: a fraction below 1, else a count)."""
+    """A seeded held-out split (``data.test_size``: a fraction below 1, else a count): the
+    held-out table rows (sorted; the training :class:`Rows` skip them) and their dataset."""
     size = src.test_size
     n = len(train)
     count = int(size) if size >= 1 else max(1, int(n * size))
     if size <= 0 or count >= n:
         raise GymError(f"{where}: {n} rows are too few to hold out data.test_size={size}; "
                        "lower it or give data.eval_split")
-    parts = train.train_test_split(test_size=count, seed=cfg.seed, shuffle=True)
-    return parts["train"], parts["test"]
+    # a seeded sample of ``count`` rows (numpy draws it in memory of its size, Floyd's
+    # method, where datasets' train_test_split permutes and indexes every row: 0.75 GB
+    # on 13.8 M rows); the training rows are the rest of the table, read around it
+    held = np.sort(np.random.default_rng(cfg.seed).choice(n, size=count, replace=False))
+    return held, train.select(held)

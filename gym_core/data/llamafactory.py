@@ -121,9 +121,9 @@ def load_registered(src, cfg, label: str, source: str | None):
     def transform(row: dict, at: str) -> dict:
         return convert(row, columns, tags, ranking, at)
 
-    train, test = _hold_out(ds, src, cfg, where)
-    rows = Rows(train, kind, where, source, transform), Rows(test, kind, where, source,
-                                                             transform)
+    skip, test = _hold_out(ds, src, cfg, where)
+    rows = (Rows(ds, kind, where, source, transform, skip=skip),
+            Rows(test, kind, where, source, transform))
     rows[0][0]
     return rows
 
