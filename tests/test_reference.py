@@ -33,8 +33,16 @@ def test_the_table_places_each_score():
 
 
 def test_the_numbers_are_the_readmes():
+    """Row by row: the README table's mean and range are REFERENCE's, for the seeds it
+    names."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## What the main job does", 1)[1].split("\n## ", 1)[0]
-    for mean, low, high in reference.REFERENCE["scores"].values():
-        for value in {mean, low, high}:
-            assert f"{value:.2f}" in section, value
+    rows = {"before": "| before training |", "after": "| after 30 GRPO steps (LoRA) |",
+            "after_quant": "| after BitDelta "}
+    for key, (mean, low, high) in reference.REFERENCE["scores"].items():
+        (line,) = [ln for ln in section.splitlines() if ln.startswith(rows[key])]
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        assert cells[1:3] == [f"{mean:.2f}", f"{low:.2f} - {high:.2f}"], (key, cells)
+    seeds = reference.REFERENCE["seeds"]
+    assert f"seeds {', '.join(map(str, seeds[:-1]))} and {seeds[-1]}" in section
+    assert "seed 0, 1, 2 |" in section and len(seeds) == 3
