@@ -18,6 +18,9 @@ def test_real_model_grpo_bitdelta_short_run(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # no library warning a user cannot act on (transformers' and peft's deprecations are
+    # avoided at the source: README, "What the main job does")
+    assert "warn" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
     s = json.loads((tmp_path / "runs" / "real" / "summary.json").read_text())
     assert s["model"] == "SmolLM2-135M-Instruct" and s["steps"] == 2
     ev = s["eval"]
