@@ -9,7 +9,7 @@ from importlib import resources
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 TINY = ["model=tiny", "trainer.eval_size=8", "trainer.batch_size=2",
         "trainer.eval_max_new_tokens=4", "trainer.progress=false", "logger=[]",
@@ -21,8 +21,11 @@ def test_every_recipe_is_tested_here():
     shipped = {f.name.removesuffix(".yaml")
                for f in resources.files("gym_core.conf").joinpath("recipe").iterdir()
                if f.name.endswith(".yaml")}
-    # tfgrpo_api runs against a served model: tests/plugins/test_cl_grpo_api.py
     assert shipped == {"sft_then_grpo", "dpo_pairs", "grpo_loss_sweep", "tfgrpo_api"}
+    # tfgrpo_api runs against a model gym_core.serve serves, beside that test's fixtures
+    api_tests = (REPO / "tests" / "plugins" / "test_cl_grpo_api.py").read_text()
+    assert "def test_the_tfgrpo_api_recipe_against_gym_serve(" in api_tests
+    assert '"+recipe=tfgrpo_api"' in api_tests
 
 
 def test_sft_then_grpo_runs_both_stages_each_in_its_folder(tmp_path):

@@ -45,6 +45,22 @@ def test_cli_tiny_run_writes_outputs_and_resumes(tmp_path, tiny_overrides):
     assert [s for s, _ in list_checkpoints(run_dir)] == [2, 4]  # keep_last=2
 
 
+def test_every_phase_shows_a_bar_and_no_library_warns(tmp_path, tiny_overrides):
+    """The main job's phases, progress on (the default): each evaluation, the preference
+    scoring and training has its progress bar, the start says what runs where, and no
+    library prints a warning the user cannot act on (README, "What the main job does")."""
+    args = [o for o in tiny_overrides if o != "trainer.progress=false"]
+    out = run_cli([*args, "trainer.max_steps=1", "quant=bitdelta", "run.name=shown"],
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for bar in ("eval before:", "preference before:", "train:", "eval after:",
+                "preference after:", "eval after quant:"):
+        assert f"{bar} 100%" in out.stderr, (bar, out.stderr[-3000:])
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("gym: grpo on arithmetic, tiny-llama") and "runs/shown" in first
+    assert "warn" not in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+
+
 def test_resumed_run_matches_uninterrupted_one(tmp_path, tiny_overrides, with_digit_reward):
     from gym_core.train.job import run_job
 

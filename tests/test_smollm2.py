@@ -18,6 +18,9 @@ def test_real_model_grpo_bitdelta_short_run(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # no library warning a user cannot act on (transformers' and peft's deprecations are
+    # avoided at the source: README, "What the main job does")
+    assert "warn" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
     s = json.loads((tmp_path / "runs" / "real" / "summary.json").read_text())
     assert s["model"] == "SmolLM2-135M-Instruct" and s["steps"] == 2
     ev = s["eval"]
@@ -128,7 +131,7 @@ def test_real_model_rloo_and_ppo_short_runs(tmp_path, algorithm):
             assert rows[1]["value_mean"] != 0.0
 
 
-def test_converting_the_gguf_leaves_the_seeded_generator_alone(tmp_path):
+def test_converting_the_gguf_leaves_the_seeded_generator_alone(tmp_path, capsys):
     """The first run on a machine converts SmolLM2's GGUF; a run seeds torch's generator
     before loading its model (the adapter's initialisation draws from it), so the
     conversion must not draw from that generator: the first run would otherwise differ
@@ -144,6 +147,10 @@ def test_converting_the_gguf_leaves_the_seeded_generator_alone(tmp_path):
     folder = smollm2_folder(str(tmp_path / "cache"))  # converts: the cache is empty
     assert (folder / "model.safetensors").is_file()
     assert torch.equal(torch.rand(4), expected)
+    # the conversion says what the wait is, once
+    assert f"gym: converting SmolLM2-135M-Instruct.Q4_1.gguf to a Hugging Face folder, " \
+        f"once: {folder}" in capsys.readouterr().out
     torch.manual_seed(0)
     assert smollm2_folder(str(tmp_path / "cache")) == folder  # cached: nothing drawn
     assert torch.equal(torch.rand(4), expected)
+    assert "converting" not in capsys.readouterr().out

@@ -74,11 +74,20 @@ def test_a_third_party_tracker_gets_every_call_in_order(tracked):
 def test_tensorboard_events(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _ = tracked
+    run_dir, summary = tracked
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     assert events.Scalars("eval/after")[0].step == STEPS
+
+    def text(tag):  # the Text tab's one string
+        (event,) = events.Tensors(f"{tag}/text_summary")
+        return event.tensor_proto.string_val[0].decode()
+
+    assert "```yaml\nmodel:" in text("config") and "algorithm:" in text("config")
+    shown = json.loads(text("summary").removeprefix("```json\n").removesuffix("\n```"))
+    assert shown["eval"]["after"] == summary["eval"]["after"]
+    assert f"final: `{run_dir / 'final'}`" in text("artifacts")
 
 
 def wandb_records(run_dir: Path):

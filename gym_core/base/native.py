@@ -123,6 +123,11 @@ def load_ops(name: str, source: str, extra_flags: tuple[str, ...] = ()) -> None:
         with contextlib.suppress(FileNotFoundError):
             (folder / "lock").unlink()
         folder.mkdir(parents=True, exist_ok=True)
+        built = folder / f"{full}.so"
+        if not built.is_file() or built.stat().st_mtime < Path(source).stat().st_mtime:
+            # g++ -O3 against torch's headers takes a while: say what the wait is
+            print(f"gym: compiling gym's {name} kernel for this environment (once) in {folder}",
+                  file=sys.stderr, flush=True)
         try:
             cpp_extension.load(
                 name=full, sources=[str(Path(source))], is_python_module=False,

@@ -45,10 +45,12 @@ def evaluate(model, tokenizer, examples, metric_fn, *, system_prompt=None, batch
 
 @torch.no_grad()
 def preference_accuracy(policy, examples, *, batch_size=32, max_prompt_length=256,
-                        max_completion_length=64, dist: Dist | None = None) -> float | None:
+                        max_completion_length=64, dist: Dist | None = None,
+                        desc: str = "preference", progress: bool = False) -> float | None:
     """Share of held-out pairs whose chosen completion has the higher log-probability
     under the policy (summed over its tokens), prompts rendered as in training. None when
-    the examples hold no pairs."""
+    the examples hold no pairs. ``progress``: a progress bar named ``desc``, counting
+    pairs."""
     dist = dist or Dist()
     pairs = [ex for ex in examples if "chosen" in ex and "rejected" in ex]
     if not pairs:
@@ -62,6 +64,11 @@ def preference_accuracy(policy, examples, *, batch_size=32, max_prompt_length=25
     # trained method samples and scores at
     policy.temperature = 1.0
     wins = 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pairs), desc=desc, unit="pair")
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = policy.encode([ex["prompt"] for ex in chunk],
@@ -73,6 +80,10 @@ def preference_accuracy(policy, examples, *, batch_size=32, max_prompt_length=25
         logp = policy.logprobs(batch)
         sums = (logp * batch.completion_mask).sum(-1).view(-1, 2)
         wins += (sums[:, 0] > sums[:, 1]).float().sum().item()
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     policy.temperature = temperature
     return dist.all_reduce_sum([wins])[0] / total

@@ -61,6 +61,8 @@ def smollm2_folder(cfg_cache_dir: str | None = None) -> Path:
         raise GymError("reading the SmolLM2 GGUF needs the gguf package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"gym: converting {SMOLLM2_GGUF} to a Hugging Face folder, once: {target}",
+          flush=True)
     # The conversion draws from torch's global generator (from_config initialises the
     # plain model before its weights are copied in), and a run seeds that generator
     # before loading its model: without its own generator state here, the first run on a

@@ -102,6 +102,11 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
         check_run_state(run_dir)
     dist.barrier()
     started = time.perf_counter()
+    if dist.main:  # the first line: what runs where (loading and a first evaluation follow)
+        n = threads.in_use()
+        print(f"gym: {cfg.algorithm.name} on {cfg.data.name}, {describe(cfg.model)}"
+              f"{'' if n is None else f', {n} thread' + ('s' if n > 1 else '')}, "
+              f"in {run_dir}: loading", flush=True)
 
     # Resolve every named component before the slow work, so a typo fails in a second.
     algo_cls = plugins.component("algorithm", cfg.algorithm.name).load()
@@ -183,8 +188,9 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
                         progress=tcfg.progress and shared.main)
 
     # The starting policy's score is kept in the run directory: a resumed run reuses it.
-    def pref_score():
-        return preference_accuracy(policy, test, dist=dist, **lengths)
+    def pref_score(desc):
+        return preference_accuracy(policy, test, dist=dist, desc=desc,
+                                   progress=tcfg.progress and dist.main, **lengths)
 
     # preference evaluation cuts texts like an offline method's training does
     lengths = {} if algo_cls.online else {
@@ -206,7 +212,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
             print(f"gym: trainer.eval_* changed since {before_file.name} was written: "
                   "scoring the starting model again")
         before = score(policy.model, "eval before")
-        pref_before = pref_score()
+        pref_before = pref_score("preference before")
         if dist.main:
             write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before,
                                      "env": env_stats.get("eval before"), "settings": how})
@@ -216,7 +222,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers,
                    checkpoint_checked=True)
     after = score(policy.model, "eval after")
-    pref_after = pref_score()
+    pref_after = pref_score("preference after")
     if not dist.main:
         return {"steps": result.steps, "eval": {"after": after}}
     print(f"gym: held-out {metric} after training: {_fmt(after)}")

@@ -17,6 +17,7 @@ trackers; a tracker that fails stops the run with an error naming it.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -133,17 +134,27 @@ def open_trackers(cfg, plugins) -> Trackers:
     return Trackers(items)
 
 
+def _fenced(text: str, lang: str = "") -> str:
+    """``text`` as a Markdown code block (TensorBoard's Text tab renders Markdown)."""
+    return f"```{lang}\n{text.rstrip()}\n```"
+
+
 class TensorBoardTracker(Tracker):
-    """What gym has always written: TensorBoard scalars in ``<run>/tensorboard``. A resumed
-    run purges the events after its checkpoint, so a redone step appears once."""
+    """TensorBoard in ``<run>/tensorboard``: the metrics as scalars, the resolved config
+    and the summary (with the final artifacts' paths: they sit in the run folder beside
+    it) in the Text tab. A resumed run purges the events after its checkpoint, so a redone
+    step appears once."""
 
     writer = None
 
     def start(self, cfg, run_dir: Path, start_step: int) -> None:
+        from omegaconf import OmegaConf
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"),
                                     purge_step=start_step + 1 if start_step else None)
+        self.writer.add_text("config", _fenced(OmegaConf.to_yaml(cfg, resolve=True), "yaml"),
+                             start_step)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -156,6 +167,10 @@ class TensorBoardTracker(Tracker):
         step = int(summary.get("steps") or 0)
         for k, v in flat_numbers({"eval": summary.get("eval") or {}}).items():
             self.writer.add_scalar(k.replace(".", "/", 1), v, step)
+        self.writer.add_text("summary", _fenced(json.dumps(summary, indent=1, default=str),
+                                                "json"), step)
+        self.writer.add_text("artifacts", "\n".join(f"- {k}: `{p}`" for k, p in
+                                                      artifacts.items()), step)
         self.writer.flush()
 
     def close(self, ok: bool = True) -> None:

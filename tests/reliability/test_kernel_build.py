@@ -55,6 +55,12 @@ def test_a_build_killed_mid_compile_does_not_hang_the_next_start(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "ok 2.0" in again.stdout
+    # the compile says what the wait is; a start that finds the kernel built says nothing
+    assert "gym: compiling gym's gym_build_test kernel for this environment" in again.stderr
+    cached = subprocess.run([sys.executable, "-c", LOAD, str(source)], env=env_for(cache),
+                            capture_output=True, text=True, timeout=300)
+    assert cached.returncode == 0 and "ok 2.0" in cached.stdout, cached.stderr[-3000:]
+    assert "compiling" not in cached.stderr
     # the folder is this environment's and this gym/torch's: named after them
     assert root.parent == cache and root.name.startswith("gym-")
     assert "-torch-" in root.name and f"-py{sys.version_info.major}." in root.name
