@@ -61,6 +61,23 @@ def test_lessons_parse_and_limits():
     assert parse_lessons('{"lessons": ["When x, y."]}', 2, 32) == (["When x, y."], 0)
 
 
+def test_the_prompts_example_copied_is_not_a_lesson():
+    """SmolLM2-135M under the schema copies the prompt's example ("When ..., ...") or
+    writes punctuation and numbers; seen in docs/algorithms.md §8.7's runs. A lesson
+    needs a word besides the form it was asked in; anything else is rejected and counted."""
+    copied = ["When ..., ...", "When ..., ..", "When , -> When , ...", "When,", ",}",
+              "When ,19,19,When ,19,19,22,22,", "When [condition], [strategy]"]
+    reply = json.dumps({"lessons": [*copied, "When the units sum past nine, carry one."]})
+    assert parse_lessons(reply, 2, 32) == (["When the units sum past nine, carry one."],
+                                           len(copied))
+    ops = json.dumps({"operations": [{"operation": "ADD", "id": None, "content": c}
+                                     for c in copied]
+                     + [{"operation": "UPDATE", "id": "G0", "content": "When ..., ..."},
+                        {"operation": "UPDATE", "id": "G0", "content": "When x, y."}]})
+    assert parse_operations(ops, SHOWN, 32) == ([Operation("UPDATE", 3, "When x, y.")],
+                                                len(copied) + 1)
+
+
 hostile_text = st.one_of(
     st.text(max_size=300),
     st.sampled_from(["```json\n[{\"operation\": \"DELETE\", \"id\": \"G0\"}", "[" * 5000,
