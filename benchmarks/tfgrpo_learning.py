@@ -41,7 +41,8 @@ TASKS = {
                      "algorithm.rewards=[reasoning_gym]"],
     "basic_arithmetic": ["data=reasoning_gym",
                          "data.tasks={basic_arithmetic:{weight:1,min_terms:2,max_terms:2,"
-                         "min_digits:1,max_digits:1,operators:['+','-'],allow_parentheses:false,allow_negation:false}}",
+                         "min_digits:1,max_digits:1,operators:['+','-'],"
+                         "allow_parentheses:false,allow_negation:false}}",
                          "algorithm.rewards=[reasoning_gym]"],
 }
 
