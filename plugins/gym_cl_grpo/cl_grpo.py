@@ -36,7 +36,7 @@ from gym_cl_grpo.experience import Experience, Operation, clean_text, labels, op
 from gym_cl_grpo.llm import make_llm
 from gym_cl_grpo.policy import as_messages
 from gym_cl_grpo.replies import parse_lessons, parse_operations
-from gym_core.api import SYSTEM_ADDITION, Algorithm, GymError
+from gym_core.api import SYSTEM_ADDITION, Algorithm, GymError, write_json
 
 _QUESTION = "cl_grpo_question"  # the row's own prompt, kept beside the injected one
 
@@ -62,6 +62,7 @@ class TrainingFreeGRPO(Algorithm):
     def __init__(self, cfg, policy) -> None:
         super().__init__(cfg, policy)  # values checked against CLGRPOConfig's declarations
         self.store = self.llm = self.api = self.ledger = None
+        self.run_dir: Path | None = None
         self.system_prompt = None
         self.templates = prompts.Templates()
         self._step_usage: dict[str, float] | None = None  # the ledger when the step began
@@ -75,6 +76,7 @@ class TrainingFreeGRPO(Algorithm):
     # -- wiring -------------------------------------------------------------------------
     def setup(self, cfg, run_dir, plugins) -> None:
         self.system_prompt = cfg.data.system_prompt
+        self.run_dir = Path(run_dir)
         self.templates = prompts.Templates.load(self.cfg.prompts_dir)  # a bad template fails here
         acfg = self.cfg
         self.ledger = Ledger(Path(run_dir) / "api_usage.json", acfg.max_api_tokens,
@@ -262,7 +264,9 @@ class TrainingFreeGRPO(Algorithm):
                                             structured) for g, a in contrast]
         m["groups_contrasted"] = len(contrast)
         lessons_per_group, lesson_unparsed, lessons_rejected = [], 0, 0
-        for reply in (self.llm.chat(convs, schema=prompts.lessons_schema(k, chars)) if convs else []):
+        lesson_replies = (self.llm.chat(convs, schema=prompts.lessons_schema(k, chars))
+                          if convs else [])
+        for reply in lesson_replies:
             parsed = parse_lessons(reply, self.cfg.lessons_per_group,
                                    self.cfg.max_experience_words)
             if parsed is None:
@@ -281,7 +285,8 @@ class TrainingFreeGRPO(Algorithm):
                  for lessons in lessons_per_group]
         ops, op_unparsed, op_invalid, over_cap = [], 0, 0, 0
         schema = prompts.operations_schema(shown, cap, chars)
-        for reply in (self.llm.chat(convs, schema=schema) if convs else []):
+        op_replies = self.llm.chat(convs, schema=schema) if convs else []
+        for reply in op_replies:
             parsed = parse_operations(reply, shown, self.cfg.max_experience_words)
             if parsed is None:
                 op_unparsed += 1
@@ -298,6 +303,8 @@ class TrainingFreeGRPO(Algorithm):
         #    every step has its version of the library.
         result = self.store.apply(ops, self.library_step + 1)
         self.library_step = result.step
+        self._record(result.step, groups, attempts, contrast, lesson_replies, op_replies,
+                     ops, shown)
         m.update(ops_added=result.added, ops_updated=result.updated,
                  ops_deleted=result.deleted, ops_skipped=result.skipped,
                  library_size=result.size)
@@ -311,6 +318,28 @@ class TrainingFreeGRPO(Algorithm):
                 m["api_latency_mean"] = used["seconds"] / used["calls"] if used["calls"] else 0.0
                 m["api_cost_total"] = self.ledger.total["cost"]
         return {k: float(v) for k, v in m.items()}
+
+    def _record(self, step, groups, attempts, contrast, lesson_replies, op_replies, ops,
+                shown) -> None:
+        """What the lesson LLM read and wrote at this step, as it wrote it:
+        ``<run_dir>/reflections/step-<N>.json`` (replaced when a resumed run redoes the
+        step), so a library that does not grow can be traced to the stage whose output
+        was unusable."""
+        if self.run_dir is None:
+            return
+        key_label = {e.key: label for label, e in shown.items()}
+        write_json(self.run_dir / "reflections" / f"step-{step:06d}.json", {
+            "step": step,
+            "library_shown": {label: e.text for label, e in shown.items()},
+            "groups": [{"question": g.question, "answer": g.answer, "rewards": g.rewards,
+                        "completions": g.completions, "summaries": [s for _, s in a]}
+                       for g, a in zip(groups, attempts)],
+            "contrasted": [g.question for g, _ in contrast],
+            "lesson_replies": lesson_replies,
+            "operation_replies": op_replies,
+            "operations_applied": [{"operation": o.kind, "id": key_label.get(o.key),
+                                    "content": o.text} for o in ops],
+        })
 
     def _contrasting_groups(self, batches) -> tuple[list[Group], int]:
         """Groups with 0 < mean reward < 1 (§8.1, step 2), and how many groups there were."""

@@ -18,6 +18,10 @@ MAX_REPLY_CHARS = 50_000
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
 _ID = re.compile(r"^\[?\s*G\s*(\d{1,9})\s*\]?\.?$", re.IGNORECASE)
 _LABEL = re.compile(r"^\s*\[?\s*G\d+\s*\]?\s*[.:)\-]\s*", re.IGNORECASE)
+# the prompts' own form of a lesson ("When ..., ...", "When [condition], [strategy]"):
+# what is left of a lesson without it must hold a word
+_FORM = re.compile(r"\bwhen\b|\[\s*(?:condition|strategy)\s*\]", re.IGNORECASE)
+_WORD = re.compile(r"[^\W\d_]")  # a letter
 
 
 def json_payload(reply: Any) -> Any | None:
@@ -37,13 +41,17 @@ def json_payload(reply: Any) -> Any | None:
 
 def clean_experience(text: Any, max_words: int) -> str | None:
     """One line of text without a leading ``[G3].`` label, or None when it is empty,
-    not a string, or longer than ``max_words`` words."""
+    not a string, longer than ``max_words`` words, or nothing but the prompts' form of
+    a lesson with no word of its own ("When ..., ...": a small model copies the
+    example it is shown)."""
     if not isinstance(text, str):
         return None
     text = clean_text(text)
     while _LABEL.match(text):  # "[G3]. [G3]. x" would otherwise nest labels
         text = clean_text(_LABEL.sub("", text, count=1))
     if not text or len(text.split()) > max_words:
+        return None
+    if not _WORD.search(_FORM.sub("", text)):  # the prompt's example copied: says nothing
         return None
     return text
 

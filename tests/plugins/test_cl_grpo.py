@@ -61,6 +61,23 @@ def test_lessons_parse_and_limits():
     assert parse_lessons('{"lessons": ["When x, y."]}', 2, 32) == (["When x, y."], 0)
 
 
+def test_the_prompts_example_copied_is_not_a_lesson():
+    """SmolLM2-135M under the schema copies the prompt's example ("When ..., ...") or
+    writes punctuation and numbers; seen in docs/algorithms.md §8.7's runs. A lesson
+    needs a word besides the form it was asked in; anything else is rejected and counted."""
+    copied = ["When ..., ...", "When ..., ..", "When , -> When , ...", "When,", ",}",
+              "When ,19,19,When ,19,19,22,22,", "When [condition], [strategy]"]
+    reply = json.dumps({"lessons": [*copied, "When the units sum past nine, carry one."]})
+    assert parse_lessons(reply, 2, 32) == (["When the units sum past nine, carry one."],
+                                           len(copied))
+    ops = json.dumps({"operations": [{"operation": "ADD", "id": None, "content": c}
+                                     for c in copied]
+                     + [{"operation": "UPDATE", "id": "G0", "content": "When ..., ..."},
+                        {"operation": "UPDATE", "id": "G0", "content": "When x, y."}]})
+    assert parse_operations(ops, SHOWN, 32) == ([Operation("UPDATE", 3, "When x, y.")],
+                                                len(copied) + 1)
+
+
 hostile_text = st.one_of(
     st.text(max_size=300),
     st.sampled_from(["```json\n[{\"operation\": \"DELETE\", \"id\": \"G0\"}", "[" * 5000,
@@ -214,6 +231,23 @@ def test_tiny_run_with_openai_teacher_fills_the_library(
     assert rows[0]["ops_added"] >= 1 and rows[0]["lesson_replies_unparsed"] == 0
     assert [r["llm_retries"] for r in rows] == [1, 0]
     assert "sk-secret" not in (tmp_path / "run" / "summary.json").read_text()
+    # what the lesson LLM read and wrote, per step, as it wrote it
+    rec = json.loads((tmp_path / "run/reflections/step-000001.json").read_text())
+    assert rec["step"] == 1 and rec["library_shown"] == {}
+    assert len(rec["groups"]) == rows[0]["groups_kept"]
+    g = rec["groups"][0]
+    assert len(g["summaries"]) == len(g["completions"]) == len(g["rewards"])
+    assert g["summaries"][0] == "1. The agent wrote an answer; digits made it score."
+    assert len(rec["lesson_replies"]) == rows[0]["groups_contrasted"]
+    assert "When an answer is a number, write it with digits." in rec["lesson_replies"][0]
+    assert len(rec["operation_replies"]) == len(rec["lesson_replies"])
+    assert {"operation": "ADD", "id": None,
+            "content": "When an answer is a number, write it with digits."} \
+        in rec["operations_applied"]
+    rec2 = json.loads((tmp_path / "run/reflections/step-000002.json").read_text())
+    assert "When an answer is a number, write it with digits." in rec2["library_shown"].values()
+    assert any(op["operation"] == "UPDATE" and op["id"] == "G0"
+               for op in rec2["operations_applied"])
 
 
 def test_resume_rewinds_the_library_to_the_checkpoint(
