@@ -164,6 +164,11 @@ def verify(path: Path) -> None:
                 "another run.name.")
 
 
+def _unreadable(path: Path, exc: Exception) -> GymError:
+    return GymError(f"checkpoint {path} is unreadable ({exc}). Delete that directory to "
+                    "resume from the one before it, or start a new run with another run.name.")
+
+
 def _name_mismatch(file: Path, missing: list[str], unexpected: list[str]) -> str:
     """The part of a message that says which tensor names ``file`` lacks and which it
     holds that the run has not (three of each at most, then how many more)."""
@@ -192,9 +197,7 @@ def check_checkpoint(path: Path, model: torch.nn.Module, heads: torch.nn.Module 
         with safe_open(str(path / WEIGHTS), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as exc:
-        raise GymError(
-            f"checkpoint {path} is unreadable ({exc}). Delete that directory to resume from "
-            "the one before it, or start a new run with another run.name.") from None
+        raise _unreadable(path, exc) from None
     params = trainable_params(model, heads)
     trainable = set(params)
     if set(shapes) != trainable:
@@ -235,10 +238,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler,
         weights = load_file(str(path / WEIGHTS))
         state = torch.load(path / STATE, weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise GymError(
-            f"checkpoint {path} is unreadable ({exc}). Delete that directory to resume from "
-            "the one before it, or start a new run with another run.name."
-        ) from exc
+        raise _unreadable(path, exc) from exc
     params = trainable_params(model, heads)
     if sharded is not None:
         sharded.load_trainable(weights, HEADS_PREFIX)
