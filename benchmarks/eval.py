@@ -5,8 +5,13 @@ other in one process; scores must be equal, and the timings are compared.
 
 The task is written here over a local JSONL file (no hub): ``--examples`` arithmetic
 questions, "Q: ... A:" prompts, ``until: ["\\n"]``, ``max_gen_toks`` 32, greedy.
+``--fewshot N`` puts N fixed worked examples before each question, as the harness's
+few-shot tasks with fixed exemplars do (``fewshot_config: sampler: first_n``: gsm8k-cot,
+bbh, minerva_math): every prompt then begins with the same examples, which gym's server
+engine computes once (its prefix cache) and the ``hf`` model runs in every prompt.
 
     python benchmarks/eval.py                       # SmolLM2-135M-Instruct, 64 questions
+    python benchmarks/eval.py --fewshot 5           # the same with 5 fixed examples
     python benchmarks/eval.py --model tiny --examples 8 --rounds 1   # a quick check
     python benchmarks/eval.py --json out.json
 """
@@ -28,7 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def write_task(folder: Path, examples: int, max_gen: int) -> None:
+def write_task(folder: Path, examples: int, max_gen: int, fewshot: int = 0) -> None:
     import random
 
     rng = random.Random(0)
@@ -37,8 +42,14 @@ def write_task(folder: Path, examples: int, max_gen: int) -> None:
             a, b = rng.randint(0, 50), rng.randint(0, 50)
             fh.write(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)})
                      + "\n")
+    shots = ""
+    if fewshot:  # fixed worked examples (other numbers than the questions' draws)
+        pairs = [(60 + i, 71 + 2 * i) for i in range(fewshot)]
+        shots = (f"num_fewshot: {fewshot}\nfewshot_config:\n  sampler: first_n\n  samples:\n"
+                 + "".join(f'    - question: "What is {a} + {b}?"\n      answer: "{a} + {b} = '
+                           f'{a + b}"\n' for a, b in pairs))
     (folder / "bench_add.yaml").write_text(
-        "task: bench_add\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        shots + "task: bench_add\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {folder / 'add.jsonl'}\ntest_split: test\noutput_type: generate_until\n"
         'doc_to_text: "Q: {{question}}\\nA: "\ndoc_to_target: "{{answer}}"\n'
         f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {max_gen}\n'
@@ -55,6 +66,8 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--max-gen", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--fewshot", type=int, default=0,
+                   help="fixed worked examples before each question (default 0)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -66,7 +79,7 @@ def main() -> int:
     from gym_core.plugin.startup import compose
 
     work = Path(tempfile.mkdtemp(prefix="gym-bench-eval-"))
-    write_task(work, args.examples, args.max_gen)
+    write_task(work, args.examples, args.max_gen, args.fewshot)
     manager = task_manager([str(work)], builtin=False)
     model, tok = load_base(compose([f"model={args.model}"]).model)
     folder = work / "model"
@@ -88,9 +101,13 @@ def main() -> int:
             scores[name] = got["bench_add"]["metrics"]
     best = {k: min(v) for k, v in times.items()}
     result = {"model": args.model, "examples": args.examples, "max_gen_toks": args.max_gen,
+              "fewshot": args.fewshot,
               "batch_size": args.batch_size, "seconds": times, "best": best,
               "speedup": best["hf"] / best["gym"], "scores": scores,
-              "scores_equal": scores["gym"] == scores["hf"]}
+              "scores_equal": scores["gym"] == scores["hf"],
+              "gym_engine": {k: ours.engine_stats[k] for k in (
+                  "steps", "prefills", "decode_seconds", "prefill_seconds", "prefix_hits",
+                  "prefix_tokens_reused")}}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -41,7 +41,8 @@ def write_tasks(folder, data):
             fh.write(json.dumps({"text": f"{q} The answer is {a}. " * 3}) + "\n")
 
     def yaml(name, body):
-        source = {"gym_gen": "qa", "gym_mc": "mc", "gym_ppl": "text"}[name]
+        source = {"gym_gen": "qa", "gym_gen_fewshot": "qa", "gym_mc": "mc",
+                  "gym_ppl": "text"}[name]
         (folder / f"{name}.yaml").write_text(
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
             f"    test: {data / (source + '.jsonl')}\ntest_split: test\n{body}")
@@ -49,6 +50,14 @@ def write_tasks(folder, data):
     yaml("gym_gen", 'output_type: generate_until\ndoc_to_text: "Q: {{question}}\\nA:"\n'
          'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n", "."]\n'
          "  max_gen_toks: 12\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+    # the same with three fixed worked examples before each question (the harness's
+    # first_n sampler, as gsm8k-cot and bbh use): every prompt begins alike
+    yaml("gym_gen_fewshot", 'output_type: generate_until\ndoc_to_text: "Q: {{question}}\\nA:"\n'
+         'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n", "."]\n'
+         "  max_gen_toks: 12\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
+         "num_fewshot: 3\nfewshot_config:\n  sampler: first_n\n  samples:\n" +
+         "".join(f'    - question: "What is {a} + {b}?"\n      answer: "{a + b}"\n'
+                 for a, b in [(40, 2), (13, 8), (25, 25)]))
     yaml("gym_mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
          'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
          "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
@@ -99,6 +108,20 @@ def test_generate_until_matches_hf(setup, hf_lm, gym_lm):
     assert all("\n" not in s and "." not in s for s in ours)
     assert len(set(ours)) == len(ours)  # distinct answers, some cut by a stop string
     assert any(len(gym_lm.tok_encode(s)) < 12 for s in ours)
+
+
+def test_few_shot_prompts_run_their_examples_once_and_match_hf(setup, hf_lm, gym_lm):
+    """Few-shot prompts with fixed examples begin alike: gym's engine computes the
+    examples once (its prefix cache) and each prompt's own question after them; the
+    answers are the hf model's."""
+    reqs = instances(setup, "gym_gen_fewshot")
+    assert all(r.args[0].startswith("Q: What is 40 + 2?\nA: 42") for r in reqs)
+    ours, theirs = gym_lm.generate_until(reqs), hf_lm.generate_until(reqs)
+    assert ours == theirs
+    stats = gym_lm.engine_stats
+    examples = len(gym_lm.tok_encode(reqs[0].args[0].split("Q: ")[-2]))  # one example at least
+    assert stats["prefix_hits"] == len(reqs) and \
+        stats["prefix_tokens_reused"] >= len(reqs) * 3 * examples
 
 
 def test_rows_join_as_others_leave_and_keep_their_own_settings(setup, gym_lm):

@@ -100,3 +100,92 @@ def test_variant_memory_is_its_packed_size(setup):
 
     packed = load_packed(variants["bd"].source)
     assert variants["bd"].nbytes == packed.nbytes  # signs + scales, nothing unpacked
+
+
+SYSTEM = "You answer in one short line. Think about the sum, then give it."
+
+
+def test_prompts_that_begin_alike_run_their_start_once_and_give_exact_tokens(setup):
+    """Automatic prefix caching: prompts joining together that share a start (same
+    variant) have it computed once and kept; later prompts that begin with it copy its
+    keys and values. Each variant keeps its own prefixes, and every answer is still its
+    merged model's greedy one."""
+    base, tok, variants, merged = setup
+
+    def ids(question):
+        return tok(tok.apply_chat_template(
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+            tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+
+    questions = [f"What is {a} + {b}?" for a, b in [(2, 3), (10, 7), (4, 4), (30, 12), (9, 1),
+                                                    (5, 6), (7, 7), (8, 2)]]
+    jobs = [(name, ids(q), 3 + 2 * (i % 3)) for i, q in enumerate(questions)
+            for name in (None, "lora")]
+    engine = Engine(base, tok, max_rows=4)  # 16 requests through 4 rows: later ones join alone
+    try:
+        events = run(engine, [(variants.get(n), x, Params(max_tokens=m, temperature=0))
+                              for n, x, m in jobs])
+        for (name, x, m), ev in zip(jobs, events):
+            assert ev.kind == "done", ev.text
+            assert ev.token_ids == greedy(merged[name], tok, x, m), name
+        load = engine.load()
+        prefixes = list(engine.decoder.prefixes.values())
+    finally:
+        engine.stop()
+    first, second = ids(questions[0]), ids(questions[1])
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert tok.decode(first[:shared]).endswith("What is ")  # the system prompt and that
+    assert {p.of(None) for p in prefixes} == {True, False}  # one for the base, one for lora
+    assert all(p.length >= shared for p in prefixes)
+    assert load["prefix_hits"] >= 12, load  # all but the first join's prompts at least
+    assert load["prefix_tokens_reused"] >= 12 * shared
+    assert 0 < load["prefix_cache_bytes"] == sum(p.nbytes for p in prefixes)
+
+    off = Engine(base, tok, max_rows=4, prefix_cache_bytes=0)
+    try:
+        again = run(off, [(variants.get(n), x, Params(max_tokens=m, temperature=0))
+                          for n, x, m in jobs])
+        assert off.load()["prefix_hits"] == 0 and off.load()["prefix_cache_bytes"] == 0
+    finally:
+        off.stop()
+    assert [e.token_ids for e in again] == [e.token_ids for e in events]
+
+
+def test_the_prefix_cache_keeps_to_its_budget_and_forgets_removed_variants(setup, tmp_path):
+    import gc
+
+    from gym_core.sampling.fused import build_decoder
+
+    base, tok, variants, merged = setup
+    starts = [list(range(40 + i, 80 + i)) for i in range(3)]  # three unrelated starts
+    decoder = build_decoder(base, 256)
+    decoder.open_rows(16, 256, prefix_cache_bytes=1)
+    decoder.join([starts[0] + [5], starts[0] + [6]], [None, None])
+    assert decoder.prefixes == {} and decoder.prefix_bytes == 0  # larger than the budget
+    decoder.release()
+
+    decoder.open_rows(16, 256, prefix_cache_bytes=2**30)
+    decoder.join([starts[0] + [5], starts[0] + [6]], [None, None])
+    one = decoder.prefix_bytes
+    decoder.open_rows(16, 256, prefix_cache_bytes=2 * one)  # room for two
+    for s in starts:
+        decoder.join([s + [5], s + [6]], [None, None])
+    assert [p.tokens[0] for p in decoder.prefixes.values()] == [41, 42]  # the oldest went
+    assert decoder.prefix_bytes == 2 * one
+    # a reused prefix becomes the most recent: the next new one pushes the other out
+    decoder.join([starts[1] + [7]], [None])
+    decoder.join([starts[0] + [5], starts[0] + [6]], [None, None])
+    assert [p.tokens[0] for p in decoder.prefixes.values()] == [41, 40]
+    decoder.release()
+
+    info = Base.of(base, model_cfg(), "tiny")
+    fresh = load_variant("fresh", make_run(tmp_path, "fresh", "bitdelta", 7), info, bootstrap())
+    decoder.open_rows(16, 256, prefix_cache_bytes=2**30)
+    decoder.join([starts[2] + [5], starts[2] + [6]], [fresh, fresh])
+    assert [p.of(fresh) for p in decoder.prefixes.values()] == [True]
+    decoder.release()
+    decoder.deltas.forget()  # as the engine does when idle
+    del fresh
+    gc.collect()
+    decoder.join([starts[2] + [5]], [None])  # the removed variant's prefix is dropped
+    assert decoder.prefixes == {}

@@ -215,6 +215,8 @@ class GymLM(TemplateLM):
                 engine.submit(job)
             finished.wait()
         finally:
+            # what the last call's engine did (steps, prefills, prefix cache reuse)
+            self.engine_stats = engine.load()
             engine.stop()
             self.model.train(was_training)
         if errors:

@@ -34,6 +34,7 @@ the sampler's log-probs so the trainer can measure the mismatch and correct for 
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,6 +252,41 @@ class _Layer:
     k_norm: torch.Tensor | None = None
 
 
+@dataclass
+class _Prefix:
+    """A prompt prefix kept by the server (automatic prefix caching, as vLLM's): per layer
+    the rotated keys and the values [1, kv, L, d] of ``tokens`` as ``variant`` computes
+    them. A prompt that begins with it (under the same variant) joins by copying them
+    and running only its own remaining tokens."""
+
+    tokens: tuple[int, ...]
+    variant: object  # a weak reference to the variant (None: the base), so a variant
+    # removed from the server is not held by its prefixes, and they stop matching
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def of(self, variant) -> bool:
+        return self.variant is None if variant is None else \
+            self.variant is not None and self.variant() is variant
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 def _stacked(names: dict, *modules, share: bool = False) -> _Linear | None:
     """The layers stacked (:func:`merged_linear`), with each one's name and columns.
     ``share``: plain (unadapted) layers then hold views of the stacked matrix, so the
@@ -391,11 +427,12 @@ class FusedDecoder:
 
     @torch.no_grad()
     def _prompts(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 variants: list | None = None):
+                 variants: list | None = None, past: _Prefix | None = None):
         """The left-padded prompts [B, P] through every layer (padding hidden from every
         real token; ``positions`` [B, P] their rotary positions; ``variants``: each
-        prompt's variant or None): per layer the rotated keys and the values
-        [B, kv, P, d], and the logits [B, V] that predict each prompt's next token."""
+        prompt's variant or None; ``past``: a cached prefix every prompt continues, seen
+        by every token): per layer the rotated keys and the values [B, kv, P, d] of the
+        prompts' own tokens, and the logits [B, V] that predict each prompt's next token."""
         ops = self.ops
         b, plen = ids.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
@@ -403,6 +440,8 @@ class FusedDecoder:
         # causal, padding keys hidden; a padding query sees itself (its row stays finite)
         eye = torch.eye(plen, dtype=torch.bool, device=ids.device)
         allowed = (valid[:, None, :] | eye) & torch.ones_like(eye).tril()
+        if past is not None:  # the prefix's positions come first, seen by every query
+            allowed = torch.cat([allowed.new_ones(b, plen, past.length), allowed], dim=2)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         keys, values = [], []
         if variants is not None:  # each prompt's tokens, then its last one at the head
@@ -419,6 +458,9 @@ class FusedDecoder:
             v = qkv[:, :, h + kv:].transpose(1, 2)
             keys.append(k)
             values.append(v)
+            if past is not None:
+                k = torch.cat([past.keys[len(keys) - 1].expand(b, -1, -1, -1), k], dim=2)
+                v = torch.cat([past.values[len(values) - 1].expand(b, -1, -1, -1), v], dim=2)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
                                                  scale=self.scaling, enable_gqa=True)
             out = out.transpose(1, 2).reshape(b * plen, h * d)
@@ -506,13 +548,27 @@ class FusedDecoder:
 
     # -- rows that join and leave (the server) ---------------------------------------
 
-    def open_rows(self, max_rows: int, max_len: int) -> None:
+    #: automatic prefix caching: prompts joining together that begin with the same run of at
+    #: least this many tokens (the same variant) have it computed once and kept
+    prefix_min = 16
+
+    def open_rows(self, max_rows: int, max_len: int, prefix_cache_bytes: int = 0) -> None:
         """Serve up to ``max_rows`` rows of up to ``max_len`` positions, each holding its
         own prompt (no shared prefix): :meth:`join`, :meth:`leave`, :meth:`advance`. The
-        cache grows with the longest row and is freed when the last row leaves."""
+        cache grows with the longest row and is freed when the last row leaves.
+
+        ``prefix_cache_bytes``: the budget of the prefix cache (0: none). A prefix of at
+        least :attr:`prefix_min` tokens that prompts joining together share is computed
+        once and kept, least recently used out first; a later prompt that begins with a
+        kept prefix copies its keys and values and runs only the rest of its tokens. The
+        result is the same computation up to float rounding (the prefix's tokens run as
+        one row instead of inside each prompt's batch)."""
         device = self.embed.device
         kv, d = self.n_kv, self.head_dim
         self.max_rows, self.max_len = max_rows, max_len
+        self.prefix_budget = prefix_cache_bytes
+        self.prefixes: dict[tuple, _Prefix] = {}  # insertion order: least recently used first
+        self.prefix_stats = {"prefix_hits": 0, "prefix_tokens_reused": 0}
         self.prompt_len = 0
         self.prompt_keys = [self.embed.new_zeros(1, kv, d, 0)] * len(self.layers)
         self.prompt_values = [self.embed.new_zeros(1, kv, 0, d)] * len(self.layers)
@@ -544,32 +600,121 @@ class FusedDecoder:
             fresh[:n, :, :width] = old[:n]
         self.keys, self.values = keys, values
 
+    @property
+    def prefix_bytes(self) -> int:
+        return sum(e.nbytes for e in getattr(self, "prefixes", {}).values())
+
     @torch.no_grad()
     def join(self, prompts: list[list[int]], variants: list) -> torch.Tensor:
         """Prefill the prompts (token ids, each at positions 0..len-1; ``variants``: each
-        one's variant or None) in one pass, append them as rows ``rows..rows+len(prompts)
-        -1`` and return the logits [len, V] that predict their first new tokens."""
-        lengths = [len(p) for p in prompts]
-        b, width = len(prompts), max(lengths)
+        one's variant or None), append them as rows ``rows..rows+len(prompts)-1`` and
+        return the logits [len, V] that predict their first new tokens. Prompts that
+        begin with a kept prefix (:meth:`open_rows`) run only their remaining tokens,
+        one pass per prefix."""
+        b = len(prompts)
         if self.rows + b > self.max_rows:
             raise ValueError(f"{self.rows} + {b} rows are more than {self.max_rows}")
+        self._fit(max(len(p) for p in prompts))
+        together: dict[int, tuple[_Prefix | None, list[int]]] = {}
+        for i, past in enumerate(self._prefixes_of(prompts, variants)):
+            together.setdefault(id(past), (past, []))[1].append(i)
+        logits = None
+        for past, members in together.values():
+            lg = self._join([prompts[i] for i in members], [variants[i] for i in members],
+                            past, [self.rows + i for i in members])
+            if logits is None:
+                logits = lg.new_empty(b, lg.shape[-1])
+            logits[members] = lg
+        self.lengths += [len(p) for p in prompts]
+        return logits
+
+    def _join(self, prompts: list[list[int]], variants: list, past: _Prefix | None,
+              slots: list[int]) -> torch.Tensor:
+        """The prompts (all beginning with ``past``, if any) into rows ``slots``."""
+        start = past.length if past is not None else 0
+        lengths = [len(p) - start for p in prompts]
+        b, width = len(prompts), max(lengths)
         ids = torch.zeros(b, width, dtype=torch.long, device=self.embed.device)
         mask = torch.zeros(b, width, dtype=torch.long, device=ids.device)
         for i, p in enumerate(prompts):
-            ids[i, width - lengths[i]:] = torch.tensor(p, dtype=torch.long)
+            ids[i, width - lengths[i]:] = torch.tensor(p[start:], dtype=torch.long)
             mask[i, width - lengths[i]:] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        positions = (mask.cumsum(1) - 1).clamp(min=0) + start
         try:
-            keys, values, logits = self._prompts(ids, mask, positions, variants)
+            keys, values, logits = self._prompts(ids, mask, positions, variants, past)
         finally:
             self.deltas.clear()
-        self._fit(width)
-        for k, v, kbuf, vbuf in zip(keys, values, self.keys, self.values):
+        for layer, (k, v, kbuf, vbuf) in enumerate(zip(keys, values, self.keys, self.values)):
             for i, n in enumerate(lengths):
-                kbuf[self.rows + i, :, :, :n] = k[i, :, width - n:].transpose(1, 2)
-                vbuf[self.rows + i, :, :n] = v[i, :, width - n:]
-        self.lengths += lengths
+                row = slots[i]
+                if past is not None:
+                    kbuf[row, :, :, :start] = past.keys[layer][0].transpose(1, 2)
+                    vbuf[row, :, :start] = past.values[layer][0]
+                kbuf[row, :, :, start:start + n] = k[i, :, width - n:].transpose(1, 2)
+                vbuf[row, :, start:start + n] = v[i, :, width - n:]
+        if past is not None:
+            self.prefix_stats["prefix_hits"] += b
+            self.prefix_stats["prefix_tokens_reused"] += b * start
         return logits
+
+    def _prefixes_of(self, prompts: list[list[int]], variants: list) -> list[_Prefix | None]:
+        """Each prompt's kept prefix (the longest it begins with, shorter than itself,
+        under its variant), after keeping the prefixes that prompts without one share."""
+        if not self.prefix_budget:
+            return [None] * len(prompts)
+        found = [self._lookup(p, v) for p, v in zip(prompts, variants)]
+        share: dict[tuple, list[int]] = {}
+        m = self.prefix_min
+        for i, (p, past) in enumerate(zip(prompts, found)):
+            if past is None and len(p) > m:
+                share.setdefault((id(variants[i]), tuple(p[:m])), []).append(i)
+        for members in share.values():
+            if len(members) < 2:
+                continue
+            first = prompts[members[0]]
+            length = min(min(_common(first, prompts[i]) for i in members[1:]),
+                         min(len(prompts[i]) for i in members) - 1)
+            if length >= m:
+                past = self._keep(first[:length], variants[members[0]])
+                for i in members:
+                    found[i] = past
+        return found
+
+    def _lookup(self, prompt: list[int], variant) -> _Prefix | None:
+        best = None
+        for key in [k for k, e in self.prefixes.items() if e.variant is not None
+                    and e.variant() is None]:  # of a variant no longer served
+            del self.prefixes[key]
+        for entry in self.prefixes.values():
+            if entry.of(variant) and entry.length < len(prompt) \
+                    and (best is None or entry.length > best.length) \
+                    and tuple(prompt[:entry.length]) == entry.tokens:
+                best = entry
+        if best is not None:  # most recently used: last out
+            key = (id(variant), best.tokens)
+            self.prefixes[key] = self.prefixes.pop(key)
+        return best
+
+    def _keep(self, tokens: list[int], variant) -> _Prefix:
+        """Run ``tokens`` as one prompt and keep their keys and values (least recently
+        used entries out while over the budget; one larger than the whole budget is used
+        for this join and not kept)."""
+        n = len(tokens)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.embed.device)
+        positions = torch.arange(n, device=ids.device).unsqueeze(0)
+        try:
+            keys, values, _ = self._prompts(ids, torch.ones_like(ids), positions,
+                                            None if variant is None else [variant])
+        finally:
+            self.deltas.clear()
+        ref = None if variant is None else weakref.ref(variant)
+        entry = _Prefix(tuple(tokens), ref, [k.contiguous() for k in keys],
+                        [v.contiguous() for v in values])
+        if entry.nbytes <= self.prefix_budget:
+            self.prefixes[(id(variant), entry.tokens)] = entry
+            while self.prefix_bytes > self.prefix_budget:
+                self.prefixes.pop(next(iter(self.prefixes)))
+        return entry
 
     def leave(self, row: int) -> None:
         """Drop row ``row``; the last row moves into its place."""
@@ -762,9 +907,12 @@ class OwnForward:
 
     # -- rows that join and leave (the server) ---------------------------------------
 
-    def open_rows(self, max_rows: int, max_len: int) -> None:
-        """Serve up to ``max_rows`` rows (``max_len``: the model's own limit applies)."""
+    def open_rows(self, max_rows: int, max_len: int, prefix_cache_bytes: int = 0) -> None:
+        """Serve up to ``max_rows`` rows (``max_len``: the model's own limit applies; no
+        prefix cache on this path: ``prefix_cache_bytes`` is not used)."""
         self.max_rows = max_rows
+        self.prefix_stats = {"prefix_hits": 0, "prefix_tokens_reused": 0}
+        self.prefix_bytes = 0
         self.release()
 
     @property

@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--max-num-seqs", type=int, default=64,
                    help="requests decoded together at most (the rest wait)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="keep the keys and values of prompt starts that requests share (a "
+                        "system prompt, few-shot examples) and run them once (vLLM's "
+                        "automatic prefix caching; default on, at most 256 MiB)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length in tokens (default: the model's)")
     p.add_argument("--api-key", default=os.environ.get("GYM_SERVE_API_KEY"),
@@ -136,7 +141,8 @@ def build(args: argparse.Namespace):
         registry.add(variant)
         print(f"gym serve: variant {vname}: {variant.kind} from {variant.source} "
               f"({variant.nbytes / 2**20:.1f} MiB)", flush=True)
-    engine = Engine(model, tok, max_rows=args.max_num_seqs, max_len=max_len)
+    engine = Engine(model, tok, max_rows=args.max_num_seqs, max_len=max_len,
+                    prefix_cache_bytes=256 * 2**20 if args.enable_prefix_caching else 0)
     from pathlib import Path
 
     server = Server(engine=engine, registry=registry, base=base, tokenizer=tok, base_name=name,

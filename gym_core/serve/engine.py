@@ -150,7 +150,8 @@ class Engine:
     """Owns the model; :meth:`submit` from any thread."""
 
     def __init__(self, model, tokenizer, *, max_rows: int = 64, max_len: int | None = None,
-                 prefill_tokens: int = 4096, share: bool = True):
+                 prefill_tokens: int = 4096, share: bool = True,
+                 prefix_cache_bytes: int = 256 * 2**20):
         # its own tokenizer: a fast tokenizer used from two threads at once (the HTTP
         # thread encoding prompts, this one decoding) can fail with "Already borrowed"
         self.model, self.tok = model, copy.deepcopy(tokenizer)
@@ -167,7 +168,9 @@ class Engine:
         # views of its stacked matrices, held once; a model that trains on keeps its own),
         # or the model's own forward outside its table
         self.decoder = build_decoder(model, self.max_len, share=share)
-        self.decoder.open_rows(max_rows, self.max_len)
+        # automatic prefix caching (0: off): prompts that begin alike (a system prompt,
+        # an evaluation's few-shot examples) run their common start once
+        self.decoder.open_rows(max_rows, self.max_len, prefix_cache_bytes)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self._cv = threading.Condition()
@@ -194,7 +197,9 @@ class Engine:
     def load(self) -> dict:
         with self._cv:
             return {"running": len(self.rows), "waiting": len(self.waiting),
-                    "kv_cache_bytes": self.decoder.nbytes, **self.stats}
+                    "kv_cache_bytes": self.decoder.nbytes,
+                    "prefix_cache_bytes": self.decoder.prefix_bytes,
+                    **self.decoder.prefix_stats, **self.stats}
 
     # -- the loop --------------------------------------------------------------------
 
