@@ -189,3 +189,21 @@ def test_the_prefix_cache_keeps_to_its_budget_and_forgets_removed_variants(setup
     gc.collect()
     decoder.join([starts[2] + [5]], [None])  # the removed variant's prefix is dropped
     assert decoder.prefixes == {}
+
+
+def test_a_prompt_shares_its_start_with_an_earlier_one(setup):
+    """Requests one at a time (a chat's system prompt): the second finds its start in an
+    earlier prompt and keeps it, the third copies it; answers stay exact."""
+    base, tok, variants, merged = setup
+    engine = Engine(base, tok, max_rows=1)
+    try:
+        for i, q in enumerate(["What is 2 + 3?", "Name a sea.", "Count to 4."]):
+            x = tok(tok.apply_chat_template(
+                [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+            ev, = run(engine, [(None, x, Params(max_tokens=5, temperature=0))])
+            assert ev.token_ids == greedy(merged[None], tok, x, 5)
+            assert engine.load()["prefix_hits"] == i  # none for the first, then one each
+    finally:
+        engine.stop()
+    assert len(engine.decoder.prefixes) == 1

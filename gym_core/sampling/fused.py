@@ -252,6 +252,11 @@ class _Layer:
     k_norm: torch.Tensor | None = None
 
 
+def _refers(ref, variant) -> bool:
+    """Whether ``ref`` (a weak reference, or None for the base) is ``variant``'s."""
+    return ref is None if variant is None else ref is not None and ref() is variant
+
+
 @dataclass
 class _Prefix:
     """A prompt prefix kept by the server (automatic prefix caching, as vLLM's): per layer
@@ -266,8 +271,7 @@ class _Prefix:
     values: list[torch.Tensor]
 
     def of(self, variant) -> bool:
-        return self.variant is None if variant is None else \
-            self.variant is not None and self.variant() is variant
+        return _refers(self.variant, variant)
 
     @property
     def length(self) -> int:
@@ -558,8 +562,8 @@ class FusedDecoder:
         cache grows with the longest row and is freed when the last row leaves.
 
         ``prefix_cache_bytes``: the budget of the prefix cache (0: none). A prefix of at
-        least :attr:`prefix_min` tokens that prompts joining together share is computed
-        once and kept, least recently used out first; a later prompt that begins with a
+        least :attr:`prefix_min` tokens that prompts joining together share (or a prompt
+        with one of the last 32 that joined) is computed once and kept, least recently used out first; a later prompt that begins with a
         kept prefix copies its keys and values and runs only the rest of its tokens. The
         result is the same computation up to float rounding (the prefix's tokens run as
         one row instead of inside each prompt's batch)."""
@@ -568,6 +572,7 @@ class FusedDecoder:
         self.max_rows, self.max_len = max_rows, max_len
         self.prefix_budget = prefix_cache_bytes
         self.prefixes: dict[tuple, _Prefix] = {}  # insertion order: least recently used first
+        self.recent: list[tuple[object, list[int]]] = []  # the last prompts: (variant ref, ids)
         self.prefix_stats = {"prefix_hits": 0, "prefix_tokens_reused": 0}
         self.prompt_len = 0
         self.prompt_keys = [self.embed.new_zeros(1, kv, d, 0)] * len(self.layers)
@@ -659,7 +664,8 @@ class FusedDecoder:
 
     def _prefixes_of(self, prompts: list[list[int]], variants: list) -> list[_Prefix | None]:
         """Each prompt's kept prefix (the longest it begins with, shorter than itself,
-        under its variant), after keeping the prefixes that prompts without one share."""
+        under its variant), after keeping the prefixes that prompts without one share
+        with each other or with one of the last prompts that joined."""
         if not self.prefix_budget:
             return [None] * len(prompts)
         found = [self._lookup(p, v) for p, v in zip(prompts, variants)]
@@ -669,15 +675,19 @@ class FusedDecoder:
             if past is None and len(p) > m:
                 share.setdefault((id(variants[i]), tuple(p[:m])), []).append(i)
         for members in share.values():
-            if len(members) < 2:
-                continue
-            first = prompts[members[0]]
-            length = min(min(_common(first, prompts[i]) for i in members[1:]),
-                         min(len(prompts[i]) for i in members) - 1)
+            first, variant = prompts[members[0]], variants[members[0]]
+            shortest = min(len(prompts[i]) for i in members) - 1
+            if len(members) > 1:  # with each other
+                length = min(shortest, *(_common(first, prompts[i]) for i in members[1:]))
+            else:  # or with an earlier prompt (a chat's system prompt, one request at a time)
+                length = min(shortest, max((_common(first, ids) for ref, ids in self.recent
+                                            if _refers(ref, variant)), default=0))
             if length >= m:
-                past = self._keep(first[:length], variants[members[0]])
+                past = self._keep(first[:length], variant)
                 for i in members:
                     found[i] = past
+        self.recent = (self.recent + [(None if v is None else weakref.ref(v), list(p))
+                                      for p, v in zip(prompts, variants)])[-32:]
         return found
 
     def _lookup(self, prompt: list[int], variant) -> _Prefix | None:
