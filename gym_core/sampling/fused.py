@@ -563,8 +563,9 @@ class FusedDecoder:
 
         ``prefix_cache_bytes``: the budget of the prefix cache (0: none). A prefix of at
         least :attr:`prefix_min` tokens that prompts joining together share (or a prompt
-        with one of the last 32 that joined) is computed once and kept, least recently used out first; a later prompt that begins with a
-        kept prefix copies its keys and values and runs only the rest of its tokens. The
+        with one of the last 32 that joined) is computed once and kept, least recently
+        used out first; a later prompt that begins with a kept prefix copies its keys
+        and values and runs only the rest of its tokens. The
         result is the same computation up to float rounding (the prefix's tokens run as
         one row instead of inside each prompt's batch)."""
         device = self.embed.device
