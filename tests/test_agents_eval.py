@@ -29,13 +29,27 @@ def tok():
     return tiny_tokenizer()
 
 
+class Plays:
+    """ScriptedLM's "cache": the state of each row of one batched cache, repeated and
+    dropped with the rows (as transformers' caches are)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.rows = [copy.deepcopy(st) for st in self.rows for _ in range(repeats)]
+
+    def batch_select_indices(self, index: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in index.tolist()]
+
+
 class ScriptedLM(torch.nn.Module):
     """A policy that plays given turns greedily: ``scripts`` maps a text found in the
     prompt to that episode's turns (each ends with the end-of-turn token). It reads the
     environment's replies (the tokens fed while it is not in a turn) until the next
     assistant header, then plays its next turn; after its last one it ends every turn at
     once. The sampler's fallback (the model's own forward, ``OwnForward``) drives it; its
-    "cache" is the rows' states, repeated and dropped with the rows."""
+    cache (:class:`Plays`) holds the rows' states."""
 
     def __init__(self, tok, scripts: dict[str, list[str]]):
         super().__init__()
@@ -44,41 +58,37 @@ class ScriptedLM(torch.nn.Module):
         self.scripts = {k: [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
                             for t in turns] for k, turns in scripts.items()}
         self.header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
-        self.state: list[dict] = []
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.state = [copy.deepcopy(st) for st in self.state for _ in range(repeats)]
-
-    def batch_select_indices(self, index: torch.Tensor) -> None:
-        self.state = [self.state[i] for i in index.tolist()]
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, cache=None, **_):
         if attention_mask is None:  # no padding
             attention_mask = torch.ones_like(input_ids)
-        if past_key_values is None and cache is None:  # the prefill: each row's script
-            self.state = []
+        cache = cache if cache is not None else past_key_values  # the name differs by version
+        if cache is None:  # the prefill: each row's script
+            rows = []
             for ids, m in zip(input_ids, attention_mask):
                 text = self.tok.decode(ids[m.bool()])
                 key = next(k for k in self.scripts if k in text)
-                self.state.append({"turns": self.scripts[key], "k": 0, "p": 0, "seen": []})
-        else:
-            for st, t in zip(self.state, input_ids[:, 0].tolist()):
-                if st["p"] is not None:  # in a turn: the token fed is the one played
-                    st["p"] += 1
-                    if st["k"] >= len(st["turns"]) or st["p"] == len(st["turns"][st["k"]]):
-                        st["k"], st["p"], st["seen"] = st["k"] + 1, None, []
-                else:  # the environment's reply, up to the next assistant header
-                    st["seen"].append(t)
-                    if st["seen"][-len(self.header):] == self.header:
-                        st["p"] = 0
-        logits = torch.zeros(len(self.state), 1, self.vocab)
-        for i, st in enumerate(self.state):
+                rows.append({"turns": self.scripts[key], "k": 0, "p": 0, "seen": []})
+            cache = Plays(rows)
+        else:  # every token fed: one, or a chunk (the environment's reply)
+            for st, ids in zip(cache.rows, input_ids.tolist()):
+                for t in ids:
+                    if st["p"] is not None:  # in a turn: the token fed is the one played
+                        st["p"] += 1
+                        if st["k"] >= len(st["turns"]) or st["p"] == len(st["turns"][st["k"]]):
+                            st["k"], st["p"], st["seen"] = st["k"] + 1, None, []
+                    else:  # the environment's reply, up to the next assistant header
+                        st["seen"].append(t)
+                        if st["seen"][-len(self.header):] == self.header:
+                            st["p"] = 0
+        logits = torch.zeros(len(cache.rows), 1, self.vocab)
+        for i, st in enumerate(cache.rows):
             k, p = st["k"], st["p"] or 0
             nxt = st["turns"][k][p] if k < len(st["turns"]) else self.tok.eos_token_id
             logits[i, 0, nxt] = 1.0
         from types import SimpleNamespace
 
-        return SimpleNamespace(logits=logits, past_key_values=self, cache=self)
+        return SimpleNamespace(logits=logits, past_key_values=cache, cache=cache)
 
 
 def call(expression: str) -> str:

@@ -207,3 +207,51 @@ def test_a_prompt_shares_its_start_with_an_earlier_one(setup):
     finally:
         engine.stop()
     assert len(engine.decoder.prefixes) == 1
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_chunk_extends_rows_as_a_full_forward_reads_them(setup, fused):
+    """extend (the multi-turn sampler's environment replies): chunks appended to rows of
+    different lengths in one pass, between decode steps, give every row the logits the
+    model's own forward gives over its whole sequence; on the engine and on the model's
+    own forward (the fallback)."""
+    import random
+
+    from gym_core.sampling.fused import build_decoder
+
+    base, tok, variants, merged = setup
+    rng = random.Random(0)
+
+    def ids(n):
+        return [rng.randrange(100, 200) for _ in range(n)]
+
+    prompts = [ids(20), ids(12)]
+    seqs = [list(prompts[0]), list(prompts[0]), list(prompts[1]), list(prompts[1])]
+    decoder = build_decoder(base, 256, fused=fused)
+    decoder.open_rows(4, 256)
+    decoder.join(prompts, [None, None], copies=2)
+
+    def step():
+        tokens = ids(4)
+        for s, t in zip(seqs, tokens):
+            s.append(t)
+        return decoder.advance(torch.tensor(tokens), [None] * 4)
+
+    def extend(rows, sizes):
+        chunks = [ids(n) for n in sizes]
+        for r, c in zip(rows, chunks):
+            seqs[r].extend(c)
+        decoder.extend(rows, chunks)
+
+    for _ in range(3):
+        step()
+    extend([1], [30])
+    step()
+    extend([0, 2], [41, 1])
+    step()
+    extend([3, 1], [7, 20])
+    logits = step()
+    with torch.no_grad():
+        for r, s in enumerate(seqs):
+            want = base(torch.tensor([s])).logits[0, -1]
+            assert torch.allclose(logits[r], want, atol=1e-4), r

@@ -2,14 +2,16 @@
 after each model turn the environment's reply is appended as token ids while generation
 continues from the KV cache; the history is never re-tokenised.
 
-Rows move in lock-step, one position per decode step, on the sampler's decoder
-(:func:`gym_core.sampling.fused.build_decoder`: gym's decode engine, or the model's own
-forward for a model outside its table; one loop drives either): a row in a model turn feeds the
-token it sampled; a row whose environment has replied feeds that reply's tokens one by
-one (forced; their logits are not sampled from). The tokens recorded for training are
-the tokens fed, so what is trained on is exactly what the model sampled and saw, and
-``action_mask`` marks the sampled ones (environment tokens: 0, out of the loss; the
-attention still sees them).
+Each episode is a row of the decoder's rows API (:meth:`~gym_core.sampling.fused.
+FusedDecoder.join` / ``extend`` / ``advance`` / ``leave``, on gym's decode engine or on the
+model's own forward for a model outside its table: one loop drives either), each at its
+own length: the G rows of a prompt are filled from its one prefill; each step every row
+samples a token; a row whose turn ended gets that token and the environment's reply but
+its last token in one pass (``extend``: forced, no logits sampled from), and the reply's
+last token is fed with the next step, whose logits start the model's next turn; a
+finished row leaves. The tokens recorded for training are the tokens fed, so what is
+trained on is exactly what the model sampled and saw, and ``action_mask`` marks the
+sampled ones (environment tokens: 0, out of the loss; the attention still sees them).
 """
 
 from __future__ import annotations
@@ -104,10 +106,9 @@ def _decode(model, tokenizer, episodes: list[Episode], prompt_ids, prompt_mask, 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     total = prompt_ids.shape[1] + max_tokens
     decoder = build_decoder(model, total, fused=fused if max_tokens > 1 else False)
-    decoder.rotary(total, prompt_ids.device)
-    logits = decoder.prefill(prompt_ids, prompt_mask, g, max_tokens)
-    if g > 1:
-        logits = logits.repeat_interleave(g, dim=0)
+    decoder.open_rows(n, total)
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]
+    logits = decoder.join(prompts, [None] * len(prompts), copies=g)  # row i: episode i
     generators = None
     if row_seeds is not None and sampling.do_sample:
         if len(row_seeds) != n:
@@ -118,58 +119,67 @@ def _decode(model, tokenizer, episodes: list[Episode], prompt_ids, prompt_mask, 
     turn = torch.zeros(n, max_tokens, dtype=torch.long)
     logps = torch.zeros(n, max_tokens)
     lengths = [0] * n
-    queues = [deque() for _ in range(n)]
     turn_ids: list[list[int]] = [[] for _ in range(n)]
     turns = [0] * n
-    alive = [not e.over for e in episodes]
-    rows = list(range(n))  # the output row of each batch row (the batch compacts)
-    decoder.pack(n)
-    for step in range(max_tokens):
-        live = [i for i, r in enumerate(rows) if alive[r]]
-        if not live:
-            break
-        index = torch.tensor(live, device=logits.device)
-        every = len(live) == len(rows)
-        lg = logits if every else logits.index_select(0, index)
-        gens = None if generators is None else [generators[rows[i]] for i in live]
-        tok, lp = draw(lg, sampling, gens)
-        fed = torch.full((len(rows),), pad, dtype=torch.long)
-        for k, i in enumerate(live):
-            r = rows[i]
-            if queues[r]:  # the environment's reply, token by token
-                t = queues[r].popleft()
-            else:
-                t = int(tok[k])
-                action[r, step] = 1
-                logps[r, step] = float(lp[k])
-                turn_ids[r].append(t)
-            tokens[r, step] = t
-            turn[r, step] = turns[r]
-            fed[i] = t
+    truncated = [False] * n
+    at = list(range(n))  # the episode in each decoder row
+
+    def drop(slots: list[int]) -> None:
+        """Rows ``slots`` leave (highest first; the decoder's last row, and its logits,
+        move into each place)."""
+        nonlocal logits
+        for slot in sorted(slots, reverse=True):
+            if slot != len(at) - 1:
+                logits[slot] = logits[len(at) - 1]
+            logits = logits[: len(at) - 1]
+            decoder.leave(slot)
+            last = at.pop()
+            if slot < len(at):
+                at[slot] = last
+
+    drop([i for i in range(n) if episodes[i].over])
+    while at:
+        gens = None if generators is None else [generators[r] for r in at]
+        tok, lp = draw(logits, sampling, gens)
+        feed, chunks, done = {}, {}, []  # feed: each episode's next token
+        for slot, r in enumerate(at):
+            t = int(tok[slot])
+            step = lengths[r]
+            tokens[r, step], action[r, step], turn[r, step] = t, 1, turns[r]
+            logps[r, step] = float(lp[slot])
+            turn_ids[r].append(t)
             lengths[r] = step + 1
-            budget = max_tokens - step - 1
-            if action[r, step] and (t == eos or budget == 0):
-                finished = t == eos
-                add = episodes[r].after_turn(turn_ids[r], finished, budget)
-                turn_ids[r] = []
-                turns[r] += 1
-                if add is None:
-                    alive[r] = False
-                else:
-                    queues[r].extend(add)
-        if step + 1 == max_tokens or not any(alive[r] for r in rows):
+            budget = max_tokens - lengths[r]
+            feed[r] = t
+            if t != eos and budget > 0:
+                continue
+            add = episodes[r].after_turn(turn_ids[r], t == eos, budget)
+            turn_ids[r] = []
+            turns[r] += 1
+            if add is None:
+                done.append(slot)
+                continue
+            # the environment's reply, as token ids after the model's turn; what does not
+            # fit the budget is cut and the episode ends there
+            reply = list(add)[:budget]
+            for k, x in enumerate(reply):
+                tokens[r, lengths[r] + k], turn[r, lengths[r] + k] = x, turns[r]
+            lengths[r] += len(reply)
+            if len(add) >= budget:
+                truncated[r] = True
+                done.append(slot)
+            elif reply:  # the turn's last token and the reply but its last in one pass;
+                # that last token is fed with the next step
+                chunks[slot] = [t] + reply[:-1]
+                feed[r] = reply[-1]
+        if chunks:
+            decoder.extend(list(chunks), list(chunks.values()))
+        drop(done)
+        if not at:
             break
-        fed = fed.to(logits.device)
-        still = [i for i, r in enumerate(rows) if alive[r]]
-        if len(still) < len(rows) and len(still) <= len(rows) * decoder.compact_at:
-            keep = torch.tensor(still, device=logits.device)
-            decoder.keep_rows(keep)
-            rows = [rows[i] for i in still]
-            fed = fed.index_select(0, keep)
-        logits = decoder.step(fed, prompt_ids.shape[1] + step)
-    for r in range(n):  # the budget ran out mid-reply or mid-turn
-        if alive[r]:
+        logits = decoder.advance(torch.tensor([feed[r] for r in at], dtype=torch.long,
+                                              device=logits.device), [None] * len(at))
+    for r in range(n):
+        if truncated[r]:
             episodes[r].record.truncated = True
-            if turn_ids[r]:
-                episodes[r].record.turns += 1
     return tokens, lengths, action, turn, logps

@@ -269,6 +269,7 @@ class _Prefix:
     # removed from the server is not held by its prefixes, and they stop matching
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    valid = None  # every position is seen (:class:`_Past` has rows of their own lengths)
 
     def of(self, variant) -> bool:
         return _refers(self.variant, variant)
@@ -280,6 +281,20 @@ class _Prefix:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class _Past:
+    """Rows' own caches a chunk continues (:meth:`FusedDecoder.extend`): per layer keys
+    and values [B, kv, L, d], and which of the L positions each row has, ``valid`` [B, L]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    valid: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -431,12 +446,14 @@ class FusedDecoder:
 
     @torch.no_grad()
     def _prompts(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 variants: list | None = None, past: _Prefix | None = None):
+                 variants: list | None = None, past: _Prefix | _Past | None = None,
+                 head: bool = True):
         """The left-padded prompts [B, P] through every layer (padding hidden from every
         real token; ``positions`` [B, P] their rotary positions; ``variants``: each
-        prompt's variant or None; ``past``: a cached prefix every prompt continues, seen
-        by every token): per layer the rotated keys and the values [B, kv, P, d] of the
-        prompts' own tokens, and the logits [B, V] that predict each prompt's next token."""
+        prompt's variant or None; ``past``: a cached prefix every prompt continues, or
+        each row's own cache, seen by every token): per layer the rotated keys and the
+        values [B, kv, P, d] of the prompts' own tokens, and the logits [B, V] that
+        predict each prompt's next token (None without ``head``)."""
         ops = self.ops
         b, plen = ids.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
@@ -444,8 +461,10 @@ class FusedDecoder:
         # causal, padding keys hidden; a padding query sees itself (its row stays finite)
         eye = torch.eye(plen, dtype=torch.bool, device=ids.device)
         allowed = (valid[:, None, :] | eye) & torch.ones_like(eye).tril()
-        if past is not None:  # the prefix's positions come first, seen by every query
-            allowed = torch.cat([allowed.new_ones(b, plen, past.length), allowed], dim=2)
+        if past is not None:  # the past's positions come first, seen by every query
+            seen = allowed.new_ones(b, plen, past.length) if past.valid is None else \
+                past.valid[:, None, :].expand(b, plen, past.length)
+            allowed = torch.cat([seen, allowed], dim=2)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         keys, values = [], []
         if variants is not None:  # each prompt's tokens, then its last one at the head
@@ -471,6 +490,8 @@ class FusedDecoder:
             y = ops.rms_norm(x, self._linear(layer.o, out, True), layer.ln2, self.eps)
             delta = self._linear(layer.down, ops.silu_mul(self._linear(layer.gate_up, y, True)),
                                  True)
+        if not head:
+            return keys, values, None
         last = torch.arange(1, b + 1, device=ids.device) * plen - 1
         x = x.index_select(0, last) + delta.index_select(0, last)
         y = ops.rms_norm(x, None, self.norm, self.eps)
@@ -611,15 +632,16 @@ class FusedDecoder:
         return sum(e.nbytes for e in getattr(self, "prefixes", {}).values())
 
     @torch.no_grad()
-    def join(self, prompts: list[list[int]], variants: list) -> torch.Tensor:
+    def join(self, prompts: list[list[int]], variants: list, copies: int = 1) -> torch.Tensor:
         """Prefill the prompts (token ids, each at positions 0..len-1; ``variants``: each
-        one's variant or None), append them as rows ``rows..rows+len(prompts)-1`` and
-        return the logits [len, V] that predict their first new tokens. Prompts that
-        begin with a kept prefix (:meth:`open_rows`) run only their remaining tokens,
-        one pass per prefix."""
+        one's variant or None), append them as rows ``rows..`` (``copies`` rows each, one
+        after another: the sampler's G episodes of a prompt) and return the logits
+        [len * copies, V] that predict their first new tokens. Each prompt runs once;
+        prompts that begin with a kept prefix (:meth:`open_rows`) run only their
+        remaining tokens, one pass per prefix."""
         b = len(prompts)
-        if self.rows + b > self.max_rows:
-            raise ValueError(f"{self.rows} + {b} rows are more than {self.max_rows}")
+        if self.rows + b * copies > self.max_rows:
+            raise ValueError(f"{self.rows} + {b * copies} rows are more than {self.max_rows}")
         self._fit(max(len(p) for p in prompts))
         together: dict[int, tuple[_Prefix | None, list[int]]] = {}
         for i, past in enumerate(self._prefixes_of(prompts, variants)):
@@ -627,16 +649,18 @@ class FusedDecoder:
         logits = None
         for past, members in together.values():
             lg = self._join([prompts[i] for i in members], [variants[i] for i in members],
-                            past, [self.rows + i for i in members])
+                            past, [[self.rows + i * copies + c for c in range(copies)]
+                                   for i in members])
             if logits is None:
                 logits = lg.new_empty(b, lg.shape[-1])
             logits[members] = lg
-        self.lengths += [len(p) for p in prompts]
-        return logits
+        self.lengths += [len(p) for p in prompts for _ in range(copies)]
+        return logits.repeat_interleave(copies, dim=0) if copies > 1 else logits
 
     def _join(self, prompts: list[list[int]], variants: list, past: _Prefix | None,
-              slots: list[int]) -> torch.Tensor:
-        """The prompts (all beginning with ``past``, if any) into rows ``slots``."""
+              slots: list[list[int]]) -> torch.Tensor:
+        """The prompts (all beginning with ``past``, if any) into rows ``slots`` (each
+        prompt's rows)."""
         start = past.length if past is not None else 0
         lengths = [len(p) - start for p in prompts]
         b, width = len(prompts), max(lengths)
@@ -652,16 +676,47 @@ class FusedDecoder:
             self.deltas.clear()
         for layer, (k, v, kbuf, vbuf) in enumerate(zip(keys, values, self.keys, self.values)):
             for i, n in enumerate(lengths):
-                row = slots[i]
-                if past is not None:
-                    kbuf[row, :, :, :start] = past.keys[layer][0].transpose(1, 2)
-                    vbuf[row, :, :start] = past.values[layer][0]
-                kbuf[row, :, :, start:start + n] = k[i, :, width - n:].transpose(1, 2)
-                vbuf[row, :, start:start + n] = v[i, :, width - n:]
+                for row in slots[i]:
+                    if past is not None:
+                        kbuf[row, :, :, :start] = past.keys[layer][0].transpose(1, 2)
+                        vbuf[row, :, :start] = past.values[layer][0]
+                    kbuf[row, :, :, start:start + n] = k[i, :, width - n:].transpose(1, 2)
+                    vbuf[row, :, start:start + n] = v[i, :, width - n:]
         if past is not None:
             self.prefix_stats["prefix_hits"] += b
             self.prefix_stats["prefix_tokens_reused"] += b * start
         return logits
+
+    @torch.no_grad()
+    def extend(self, rows: list[int], chunks: list[list[int]]) -> None:
+        """Append ``chunks[i]`` (token ids, at least one) to row ``rows[i]`` in one pass:
+        each token sees the row's cache and the chunk's earlier tokens, at the row's next
+        positions (the sampler's multi-turn episodes: an environment's reply). Gives no
+        logits: the next :meth:`advance` feeds the token after."""
+        lengths = [len(c) for c in chunks]
+        b, width = len(rows), max(lengths)
+        had = [self.lengths[r] for r in rows]
+        longest = max(had)
+        self._fit(max(h + n for h, n in zip(had, lengths)))
+        index = torch.tensor(rows, dtype=torch.long, device=self.embed.device)
+        valid = torch.arange(longest, device=index.device)[None] < \
+            torch.tensor(had, device=index.device)[:, None]
+        past = _Past([k.index_select(0, index)[..., :longest].transpose(2, 3)
+                      for k in self.keys],
+                     [v.index_select(0, index)[:, :, :longest] for v in self.values], valid)
+        ids = torch.zeros(b, width, dtype=torch.long, device=index.device)
+        mask = torch.zeros(b, width, dtype=torch.long, device=index.device)
+        for i, c in enumerate(chunks):
+            ids[i, width - lengths[i]:] = torch.tensor(c, dtype=torch.long)
+            mask[i, width - lengths[i]:] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0) + torch.tensor(had)[:, None]
+        keys, values, _ = self._prompts(ids, mask, positions, None, past, head=False)
+        for k, v, kbuf, vbuf in zip(keys, values, self.keys, self.values):
+            for i, (row, h, n) in enumerate(zip(rows, had, lengths)):
+                kbuf[row, :, :, h:h + n] = k[i, :, width - n:].transpose(1, 2)
+                vbuf[row, :, h:h + n] = v[i, :, width - n:]
+        for row, n in zip(rows, lengths):
+            self.lengths[row] += n
 
     def _prefixes_of(self, prompts: list[list[int]], variants: list) -> list[_Prefix | None]:
         """Each prompt's kept prefix (the longest it begins with, shorter than itself,
@@ -936,12 +991,14 @@ class OwnForward:
                    for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
 
     @torch.no_grad()
-    def join(self, prompts: list[list[int]], variants: list) -> torch.Tensor:
-        """:meth:`FusedDecoder.join`: the prompts' logits [len, V]; the prompts of one
-        length and one variant prefill together, as one group."""
+    def join(self, prompts: list[list[int]], variants: list, copies: int = 1) -> torch.Tensor:
+        """:meth:`FusedDecoder.join`: the prompts' logits [len * copies, V]; the prompts
+        of one length and one variant prefill together, as one group (each prompt's
+        cache repeated for its ``copies`` rows)."""
         first = self.rows
-        if self.max_rows is not None and first + len(prompts) > self.max_rows:
-            raise ValueError(f"{first} + {len(prompts)} rows are more than {self.max_rows}")
+        if self.max_rows is not None and first + len(prompts) * copies > self.max_rows:
+            raise ValueError(f"{first} + {len(prompts) * copies} rows are more than "
+                             f"{self.max_rows}")
         together: dict[tuple[int, int], list[int]] = {}
         for i, (ids, variant) in enumerate(zip(prompts, variants)):
             together.setdefault((len(ids), id(variant)), []).append(i)
@@ -951,11 +1008,34 @@ class OwnForward:
             ids = torch.tensor([prompts[i] for i in members], dtype=torch.long,
                                device=self.device)
             lg, cache = self._run(ids, None, variant)
-            self.groups.append(_Group(cache, [first + i for i in members], variant))
+            if copies > 1:
+                cache.batch_repeat_interleave(copies)
+            self.groups.append(_Group(cache, [first + i * copies + c for i in members
+                                              for c in range(copies)], variant))
             if logits is None:
                 logits = lg.new_empty(len(prompts), lg.shape[-1])
             logits[members] = lg
-        return logits
+        return logits.repeat_interleave(copies, dim=0) if copies > 1 else logits
+
+    @torch.no_grad()
+    def extend(self, rows: list[int], chunks: list[list[int]]) -> None:
+        """:meth:`FusedDecoder.extend`: each row's chunk through the model's forward on
+        the row's own cache (a row sharing a group's cache leaves it for a group of its
+        own, its cache copied out)."""
+        import copy
+
+        for row, chunk in zip(rows, chunks):
+            g = next(g for g in self.groups if row in g.rows)
+            if len(g.rows) > 1:
+                j = g.rows.index(row)
+                own = _Group(copy.deepcopy(g.cache), [row], g.variant)
+                own.cache.batch_select_indices(torch.tensor([j], device=self.device))
+                g.select([i for i in range(len(g.rows)) if i != j], self.device)
+                g.rows = [r for r in g.rows if r != row]
+                self.groups.append(own)
+                g = own
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            _, g.cache = self._run(ids, g.cache, g.variant)
 
     def advance(self, tokens: torch.Tensor, variants: list) -> torch.Tensor:
         """One decode step of every row (a row's variant is the one it joined with)."""
