@@ -16,7 +16,6 @@ sampled ones (environment tokens: 0, out of the loss; the attention still sees t
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
