@@ -163,6 +163,10 @@ def test_a_multiturn_env_played_by_scripted_turns_gets_the_rubric_reward(vf_envs
     assert info["rubric/solved"] == 1.0 and info["rubric/guesses"] == 4  # 10, 15, 12, 13
     assert info["rubric/num_turns"] == 4  # the MultiTurnEnv's own monitor rubric
     env.close()
+    # the same environment named by its function ("package.module:function", env.args)
+    env = Verifiers(vf_cfg(environment="gym_vf_guess:load_environment", args={"n": 3}))
+    assert env.reset(guess_row("13")).messages == guess_row()["prompt"]
+    assert turn(env, "13")[1:3] == (1.0, True)
 
 
 def test_the_turn_limit_scores_the_episode_as_verifiers_does(vf_envs):
@@ -264,12 +268,13 @@ def test_bad_environments_are_one_line_errors(vf_envs):
             ("no-such-env", r"env.environment='no-such-env': Could not import"),
             ("nowhere.mod:fn", r"env.environment='nowhere.mod:fn' cannot be imported"),
             ("gym_vf_calc:not_an_environment", "gave int, not a verifiers MultiTurnEnv"),
-            (None, "env=verifiers needs env.environment")]:
+            (None, "env=verifiers needs env.environment=")]:
         with pytest.raises(GymError, match=match) as e:
             Verifiers(vf_cfg(environment=environment))
         assert "\n" not in str(e.value)
-    with pytest.raises(GymError, match="unexpected keyword argument"):
-        Verifiers(vf_cfg(args={"colour": "red"}))
+    for environment in ("gym-vf-guess", "gym_vf_guess:load_environment"):
+        with pytest.raises(GymError, match="unexpected keyword argument 'colour'"):
+            Verifiers(vf_cfg(environment=environment, args={"colour": "red"}))
 
 
 def test_an_environment_that_raises_is_the_episodes_recorded_error(vf_envs):

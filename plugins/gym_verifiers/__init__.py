@@ -38,8 +38,9 @@ class VerifiersDataConfig(DataConfig):
     rows of the dataset, chosen by ``seed``, are held out instead)."""
 
     name: str = "verifiers"
-    environment: str | None = "${env.environment}"
-    args: dict[str, Any] = "${env.args}"  # type: ignore[assignment]  (an interpolation)
+    # env.environment / env.args by default (an interpolation: None / {} without them)
+    environment: str | None = "${oc.select:env.environment,null}"
+    args: dict[str, Any] = "${oc.select:env.args,{}}"  # type: ignore[assignment]
     test_size: int = bounded(20, ge=1)
 
 

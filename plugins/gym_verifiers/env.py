@@ -44,8 +44,9 @@ TOOL_CALL = re.compile(r"<tool_call>.*?</tool_call>", re.DOTALL)
 def load(environment: str | None, args: dict | None, key: str = "env.environment"):
     """The verifiers environment ``environment`` names (loaded once per process)."""
     if not environment:
-        raise GymError(f"env=verifiers needs {key}: a verifiers environment id (its module's "
-                       "load_environment) or 'package.module:function'")
+        who = "env=verifiers" if key.startswith("env") else "data=verifiers"
+        raise GymError(f"{who} needs env.environment=<a verifiers environment id (its "
+                       "module's load_environment) or 'package.module:function'>")
     args = dict(args or {})
     cache_key = json.dumps([environment, args], sort_keys=True, default=str)
     with _lock:
@@ -55,8 +56,14 @@ def load(environment: str | None, args: dict | None, key: str = "env.environment
 
 
 def _load(environment: str, args: dict, key: str):
+    import logging
+
     import verifiers as vf
 
+    # verifiers logs a failed load before raising it: the raised error is the one line
+    log = logging.getLogger("verifiers.utils.env_utils")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     # a verifiers Environment installs SIGINT / SIGTERM handlers of its own (its
     # teardown, then exit): the run's handlers stay in place
     main = threading.current_thread() is threading.main_thread()
@@ -72,7 +79,11 @@ def _load(environment: str, args: dict, key: str):
             except (ImportError, AttributeError, ValueError) as e:
                 raise GymError(f"{key}={environment!r} cannot be imported ({e}); give a "
                                "verifiers environment id or 'package.module:function'") from e
-            env = fn(**args)
+            try:
+                env = fn(**args)
+            except Exception as e:  # as verifiers' load_environment reports it
+                raise GymError(f"{key}={environment!r}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
         else:
             try:
                 env = vf.load_environment(environment, **args)
@@ -82,6 +93,7 @@ def _load(environment: str, args: dict, key: str):
                                "load_environment imports the module of that name and calls "
                                "its load_environment)") from e
     finally:
+        log.setLevel(level)
         signal.signal = real_signal
         for s, handler in saved.items():
             signal.signal(s, handler)
