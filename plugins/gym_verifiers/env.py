@@ -19,8 +19,8 @@ the ids sampled; nothing is re-tokenised). The rubric's reward is the last turn'
 reward; its metrics go into the turn's info.
 
 One environment object per process and ``env.environment`` / ``env.args`` (loading it
-builds its dataset); each episode has its own verifiers ``State`` and its own event
-loop for the environment's coroutines.
+builds its dataset); each episode has its own verifiers ``State``; the environment's
+coroutines run on an event loop of the thread's own.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from gym_core.api import Action, Environment, GymError, Observation, Task
 
 _loaded: dict[str, Any] = {}
 _lock = threading.Lock()
+_loops = threading.local()
+_worker: concurrent.futures.ThreadPoolExecutor | None = None
 TOOL_CALL = re.compile(r"<tool_call>.*?</tool_call>", re.DOTALL)
 
 
@@ -142,6 +144,24 @@ def verifiers_task(cfg) -> Task:
     return Task(f"verifiers:{cfg.environment}", train, test, metric=None)
 
 
+def run(coro):
+    """The environment's coroutine run to its end on this thread's event loop (one per
+    thread, kept: what a shared environment binds to a loop stays usable); from inside a
+    running loop, on a worker thread's."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        loop = getattr(_loops, "loop", None)
+        if loop is None:
+            loop = _loops.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(coro)
+    global _worker
+    with _lock:
+        if _worker is None:
+            _worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verifiers")
+    return _worker.submit(run, coro).result()
+
+
 class Verifiers(Environment):
     """A verifiers environment's episode (``env.environment``)."""
 
@@ -149,19 +169,10 @@ class Verifiers(Environment):
         super().__init__(cfg)
         self.vf_env = load(cfg.environment, cfg.args)
         self.state = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._tools = {}
 
-    # -- the environment's coroutines, on this episode's event loop ----------------------
     def _run(self, coro):
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # no loop running in this thread: ours runs here
-            return self._loop.run_until_complete(coro)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # inside a running loop
-            return pool.submit(self._loop.run_until_complete, coro).result()
+        return run(coro)
 
     def check_row(self, row):
         prompt = row.get("prompt")
@@ -263,9 +274,6 @@ class Verifiers(Environment):
         if self.state is not None and not self.state.get("is_completed"):
             self._run(self.vf_env._cleanup(self.state))  # the @vf.cleanup handlers
         self.state = None
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
 
 
 def _message(m) -> dict:
