@@ -9,6 +9,7 @@ suite, by the tiny model, and in a GRPO step. Needs ``pip install 'gym-core[veri
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import textwrap
@@ -167,6 +168,13 @@ def test_a_multiturn_env_played_by_scripted_turns_gets_the_rubric_reward(vf_envs
     env = Verifiers(vf_cfg(environment="gym_vf_guess:load_environment", args={"n": 3}))
     assert env.reset(guess_row("13")).messages == guess_row()["prompt"]
     assert turn(env, "13")[1:3] == (1.0, True)
+
+    async def inside_a_running_loop():  # a notebook's, a server's: run on a worker thread
+        env = Verifiers(vf_cfg())
+        env.reset(guess_row("13"))
+        return turn(env, "13")[1:3]
+
+    assert asyncio.run(inside_a_running_loop()) == (1.0, True)
 
 
 def test_the_turn_limit_scores_the_episode_as_verifiers_does(vf_envs):

@@ -171,9 +171,6 @@ class Verifiers(Environment):
         self.state = None
         self._tools = {}
 
-    def _run(self, coro):
-        return run(coro)
-
     def check_row(self, row):
         prompt = row.get("prompt")
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
@@ -199,9 +196,9 @@ class Verifiers(Environment):
         self.check_row(row)
         self.row = row
         env = self.vf_env
-        state = self._run(env.init_state(self._input(row), None, "gym", None))
-        state = self._run(env.setup_state(state))
-        if self._run(env.is_completed(state)):
+        state = run(env.init_state(self._input(row), None, "gym", None))
+        state = run(env.setup_state(state))
+        if run(env.is_completed(state)):
             raise GymError(f"env.environment={self.cfg.environment!r} ended the episode "
                            f"before the first turn ({state.get('stop_condition')}: "
                            f"{state.get('error')!r})")
@@ -219,7 +216,7 @@ class Verifiers(Environment):
         def call(**arguments):
             from verifiers.utils.async_utils import maybe_await
 
-            return self._run(maybe_await(self.vf_env.tool_map[name], **arguments))
+            return run(maybe_await(self.vf_env.tool_map[name], **arguments))
 
         call.__name__ = name
         call.__tool_schema__ = schema
@@ -240,17 +237,17 @@ class Verifiers(Environment):
                                  tokens=None, reward=None, advantage=None,
                                  is_truncated=False, trajectory_id=state["trajectory_id"],
                                  extras={})
-        self._run(env.add_trajectory_step(state, step))
+        run(env.add_trajectory_step(state, step))
         info = {"tool_calls": len(action.tool_calls), "tool_errors": int(bool(action.error))}
-        if self._run(env.is_completed(state)):
+        if run(env.is_completed(state)):
             return None, self._score(info), True, info
         if len(state["trajectory"]) >= int(self.cfg.max_turns):
             # gym's turn limit ends the episode after this turn: scored as verifiers
             # scores a rollout its own max_turns ends
             return "", self._score(info), False, info
         history = self.prompt + [message]
-        messages = self._run(env.get_prompt_messages(state))
-        if self._run(env.is_completed(state)):  # a final_env_response: no model turn follows
+        messages = run(env.get_prompt_messages(state))
+        if run(env.is_completed(state)):  # a final_env_response: no model turn follows
             return None, self._score(info), True, info
         if messages[:len(history)] != history:
             raise GymError(f"env.environment={self.cfg.environment!r}: get_prompt_messages "
@@ -263,8 +260,8 @@ class Verifiers(Environment):
         env, state = self.vf_env, self.state
         if state.get("error") is not None:  # the environment failed (a vf.Error)
             raise state["error"]
-        self._run(env.render_completion(state))
-        self._run(env.rubric.score_rollout(state))
+        run(env.render_completion(state))
+        run(env.rubric.score_rollout(state))
         for k, v in (state.get("metrics") or {}).items():
             if isinstance(v, (int, float)):
                 info[f"rubric/{k}"] = float(v)
@@ -272,7 +269,7 @@ class Verifiers(Environment):
 
     def close(self) -> None:
         if self.state is not None and not self.state.get("is_completed"):
-            self._run(self.vf_env._cleanup(self.state))  # the @vf.cleanup handlers
+            run(self.vf_env._cleanup(self.state))  # the @vf.cleanup handlers
         self.state = None
 
 
