@@ -285,6 +285,24 @@ def test_bad_environments_are_one_line_errors(vf_envs):
             Verifiers(vf_cfg(environment=environment, args={"colour": "red"}))
 
 
+def test_loading_leaves_the_runs_signal_handlers_in_place(vf_envs):
+    """A verifiers Environment installs SIGINT / SIGTERM handlers (its teardown, then
+    exit); the run's own stay."""
+    import signal
+
+    from gym_verifiers.env import load
+
+    def handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        load("gym-vf-guess", {"n": 4})
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_an_environment_that_raises_is_the_episodes_recorded_error(vf_envs):
     """env_response raising ends that episode with the error recorded (the episode runner
     of every environment), the run goes on."""
