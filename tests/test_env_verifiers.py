@@ -55,7 +55,7 @@ def solved(state) -> float:
     return 1.0 if state.get("final_env_response") else 0.0
 
 
-def guesses(state) -> float:
+async def guesses(state) -> float:  # an async reward function, awaited
     return float(state["guesses"])
 
 
