@@ -98,6 +98,35 @@ def load_environment():
 
 def not_an_environment():
     return 42
+
+
+def lookup(key: str, secrets: dict) -> str:
+    """Look a key up in the vault.
+
+    Args:
+        key: the key
+    """
+    return secrets.get(key, "not found")
+
+
+class Vault(vf.StatefulToolEnv):
+    """A StatefulToolEnv: the tool's ``secrets`` come from the episode's state, hidden
+    from the model's schema."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_tool(lookup, args_to_skip=["secrets"])
+
+    def update_tool_args(self, tool_name, tool_args, messages, state, **kwargs):
+        return {**tool_args, "secrets": state["info"]["secrets"]}
+
+
+def load_vault():
+    rows = [{"question": "What opens the door?", "answer": "1234",
+             "info": {"secrets": {"door": "1234"}}},
+            {"question": "What opens the gate?", "answer": "77",
+             "info": {"secrets": {"gate": "77"}}}]
+    return Vault(dataset=Dataset.from_list(rows), rubric=vf.Rubric(funcs=[correct]))
 '''
 
 
@@ -223,6 +252,25 @@ def test_a_tool_env_offers_its_tools_and_returns_their_results(vf_envs):
     env = Verifiers(vf_cfg(environment="gym-vf-calc"))
     env.reset(calc_row())
     assert turn(env, "I think it is 4.")[1:3] == (0.0, True)  # no call: ToolEnv stops
+
+
+def test_a_stateful_tool_env_injects_the_episodes_state_into_its_tool(vf_envs):
+    """A StatefulToolEnv's hidden argument is not in the schema the model sees; its
+    update_tool_args fills it from the row's info when the call runs."""
+    from gym_core.api import tool_schema
+    from gym_verifiers.env import Verifiers, verifiers_task
+
+    env = Verifiers(vf_cfg(environment="gym_vf_calc:load_vault"))
+    data = OmegaConf.structured({"environment": "gym_vf_calc:load_vault", "args": {},
+                                 "test_size": 1, "seed": 0})
+    row = next(r for r in verifiers_task(data).train + verifiers_task(data).test
+               if r["answer"] == "1234")
+    assert row["info"] == {"secrets": {"door": "1234"}}
+    (tool,) = env.reset(row).tools
+    assert list(tool_schema(tool)["function"]["parameters"]["properties"]) == ["key"]
+    assert turn(env, call("lookup", key="door"))[0] == [{"role": "tool", "content": "1234"}]
+    assert turn(env, "The code is 1234")[1:3] == (1.0, True)
+    env.close()
 
 
 class TestVerifiersMultiTurnContract(EnvironmentContract):
