@@ -66,6 +66,18 @@ def load_environment(max_value: int = 20, n: int = 12):
     rubric.add_metric(guesses)
     return GuessEnv(dataset=Dataset.from_list(rows), rubric=rubric, max_turns=8,
                     system_prompt="Answer with one number.")
+
+
+class Forgetful(GuessEnv):
+    """A "non-linear" rollout: each turn's prompt is the last reply alone."""
+
+    async def get_prompt_messages(self, state):
+        return (await super().get_prompt_messages(state))[-1:]
+
+
+def load_forgetful():
+    return Forgetful(dataset=Dataset.from_list([{"question": "Guess.", "answer": "3"}]),
+                     rubric=vf.Rubric(funcs=[solved]))
 '''
 
 CALC = '''
@@ -331,6 +343,17 @@ def test_bad_environments_are_one_line_errors(vf_envs):
     for environment in ("gym-vf-guess", "gym_vf_guess:load_environment"):
         with pytest.raises(GymError, match="unexpected keyword argument 'colour'"):
             Verifiers(vf_cfg(environment=environment, args={"colour": "red"}))
+
+
+def test_a_rollout_that_rewrites_its_conversation_is_refused(vf_envs):
+    """A get_prompt_messages that drops earlier turns cannot be extended token by token:
+    the step raises (the episode's recorded error)."""
+    from gym_verifiers.env import Verifiers
+
+    env = Verifiers(vf_cfg(environment="gym_vf_guess:load_forgetful"))
+    env.reset({"prompt": "Guess.", "answer": "3"})
+    with pytest.raises(GymError, match="get_prompt_messages rewrote the conversation"):
+        turn(env, "1")
 
 
 def test_loading_leaves_the_runs_signal_handlers_in_place(vf_envs):
