@@ -217,7 +217,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
             write_json(before_file, {"accuracy": before, "preference_accuracy": pref_before,
                                      "env": env_stats.get("eval before"), "settings": how})
     if dist.main:
-        print(f"gym: held-out {metric} before training: {_fmt(before)}")
+        print(f"gym: held-out {metric or 'score'} before training: {_fmt(before)}")
 
     result = train(cfg, policy, algo, task, rewards, plugins, run_dir, dist, stop, trackers,
                    checkpoint_checked=True)
@@ -225,7 +225,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, dist: Dist, stop: StopRequest,
     pref_after = pref_score("preference after")
     if not dist.main:
         return {"steps": result.steps, "eval": {"after": after}}
-    print(f"gym: held-out {metric} after training: {_fmt(after)}")
+    print(f"gym: held-out {metric or 'score'} after training: {_fmt(after)}")
     save_final(policy, run_dir / "final", record={
         "base": base_identity(cfg.model), "algorithm": cfg.algorithm.name, "chain": chain or []})
 
@@ -408,9 +408,9 @@ def summary_table(s: dict[str, Any]) -> str:
         ("steps", s["steps"]),
         ("train seconds", s["train_seconds"]),
         ("tokens / second", s["tokens_per_second"]),
-        (f"held-out {ev['metric']} before", _fmt(ev["before"])),
-        (f"held-out {ev['metric']} after", _fmt(ev["after"])),
-        (f"held-out {ev['metric']} after quant", _fmt(ev["after_quant"])),
+        (f"held-out {ev['metric'] or 'score'} before", _fmt(ev["before"])),
+        (f"held-out {ev['metric'] or 'score'} after", _fmt(ev["after"])),
+        (f"held-out {ev['metric'] or 'score'} after quant", _fmt(ev["after_quant"])),
     ]
     for when in ("before", "after", "after_quant"):
         e = (ev.get("env") or {}).get(when)
