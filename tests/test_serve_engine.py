@@ -255,3 +255,40 @@ def test_a_chunk_extends_rows_as_a_full_forward_reads_them(setup, fused):
         for r, s in enumerate(seqs):
             want = base(torch.tensor([s])).logits[0, -1]
             assert torch.allclose(logits[r], want, atol=1e-4), r
+
+
+def test_a_join_is_one_pass_whatever_prefixes_its_prompts_have(setup):
+    """Prompts of four variants, each beginning like an earlier prompt of its own
+    variant: their four new prefixes are computed in one pass and the prompts in one
+    more; the next four, each with its own kept prefix, in one pass. The logits are those
+    of a decoder without the cache."""
+    from gym_core.sampling.fused import build_decoder
+
+    base, tok, variants, merged = setup
+    names = ["bd", "dq", "lora", "bd2"]
+    start = list(range(50, 90))
+
+    def run(budget, rounds):
+        decoder = build_decoder(base, 256)
+        decoder.open_rows(16, 256, prefix_cache_bytes=budget)
+        calls, real = [0], decoder._prompts
+
+        def counted(*a, **k):
+            calls[0] += 1
+            return real(*a, **k)
+
+        decoder._prompts = counted
+        out = []
+        for r in range(rounds):
+            calls[0] = 0
+            logits = decoder.join([start + [5 + r, 6 + i] for i in range(4)],
+                                  [variants[n] for n in names])
+            out.append((calls[0], logits))
+        return out, decoder
+
+    cached, decoder = run(2**30, 3)
+    plain, _ = run(0, 3)
+    assert [c for c, _ in cached] == [1, 2, 1]  # none kept yet; four kept; four reused
+    assert len(decoder.prefixes) == 4 and decoder.prefix_stats["prefix_hits"] == 8
+    for (_, a), (_, b) in zip(cached, plain):
+        assert torch.allclose(a, b, atol=1e-4)

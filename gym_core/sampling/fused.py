@@ -643,48 +643,57 @@ class FusedDecoder:
         if self.rows + b * copies > self.max_rows:
             raise ValueError(f"{self.rows} + {b * copies} rows are more than {self.max_rows}")
         self._fit(max(len(p) for p in prompts))
-        together: dict[int, tuple[_Prefix | None, list[int]]] = {}
-        for i, past in enumerate(self._prefixes_of(prompts, variants)):
-            together.setdefault(id(past), (past, []))[1].append(i)
-        logits = None
-        for past, members in together.values():
-            lg = self._join([prompts[i] for i in members], [variants[i] for i in members],
-                            past, [[self.rows + i * copies + c for c in range(copies)]
-                                   for i in members])
-            if logits is None:
-                logits = lg.new_empty(b, lg.shape[-1])
-            logits[members] = lg
+        logits = self._join(prompts, variants, self._prefixes_of(prompts, variants),
+                            [[self.rows + i * copies + c for c in range(copies)]
+                             for i in range(b)])
         self.lengths += [len(p) for p in prompts for _ in range(copies)]
         return logits.repeat_interleave(copies, dim=0) if copies > 1 else logits
 
-    def _join(self, prompts: list[list[int]], variants: list, past: _Prefix | None,
+    def _join(self, prompts: list[list[int]], variants: list, pasts: list[_Prefix | None],
               slots: list[list[int]]) -> torch.Tensor:
-        """The prompts (all beginning with ``past``, if any) into rows ``slots`` (each
-        prompt's rows)."""
-        start = past.length if past is not None else 0
-        lengths = [len(p) - start for p in prompts]
+        """The prompts into rows ``slots`` (each prompt's rows) in one pass, each after its
+        kept prefix (``pasts``, or None) if it has one."""
+        starts = [p.length if p is not None else 0 for p in pasts]
+        lengths = [len(p) - s for p, s in zip(prompts, starts)]
         b, width = len(prompts), max(lengths)
         ids = torch.zeros(b, width, dtype=torch.long, device=self.embed.device)
         mask = torch.zeros(b, width, dtype=torch.long, device=ids.device)
-        for i, p in enumerate(prompts):
-            ids[i, width - lengths[i]:] = torch.tensor(p[start:], dtype=torch.long)
+        for i, (p, s) in enumerate(zip(prompts, starts)):
+            ids[i, width - lengths[i]:] = torch.tensor(p[s:], dtype=torch.long)
             mask[i, width - lengths[i]:] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0) + start
+        positions = (mask.cumsum(1) - 1).clamp(min=0) + torch.tensor(starts)[:, None]
+        past = None
+        if any(starts):
+            if all(p is pasts[0] for p in pasts):  # one prefix for all: shared, not copied
+                past = pasts[0]
+            else:  # each row's own (or none), padded to the longest
+                longest = max(starts)
+                valid = torch.arange(longest)[None] < torch.tensor(starts)[:, None]
+                keys = [k.new_zeros(b, k.shape[1], longest, k.shape[3])
+                        for k in next(p for p in pasts if p is not None).keys]
+                values = [torch.zeros_like(k) for k in keys]
+                for i, p in enumerate(pasts):
+                    if p is not None:
+                        for k, v, pk, pv in zip(keys, values, p.keys, p.values):
+                            k[i, :, :p.length] = pk[0]
+                            v[i, :, :p.length] = pv[0]
+                past = _Past(keys, values, valid.to(ids.device))
         try:
             keys, values, logits = self._prompts(ids, mask, positions, variants, past)
         finally:
             self.deltas.clear()
         for layer, (k, v, kbuf, vbuf) in enumerate(zip(keys, values, self.keys, self.values)):
             for i, n in enumerate(lengths):
+                s, p = starts[i], pasts[i]
                 for row in slots[i]:
-                    if past is not None:
-                        kbuf[row, :, :, :start] = past.keys[layer][0].transpose(1, 2)
-                        vbuf[row, :, :start] = past.values[layer][0]
-                    kbuf[row, :, :, start:start + n] = k[i, :, width - n:].transpose(1, 2)
-                    vbuf[row, :, start:start + n] = v[i, :, width - n:]
-        if past is not None:
-            self.prefix_stats["prefix_hits"] += b
-            self.prefix_stats["prefix_tokens_reused"] += b * start
+                    if p is not None:
+                        kbuf[row, :, :, :s] = p.keys[layer][0].transpose(1, 2)
+                        vbuf[row, :, :s] = p.values[layer][0]
+                    kbuf[row, :, :, s:s + n] = k[i, :, width - n:].transpose(1, 2)
+                    vbuf[row, :, s:s + n] = v[i, :, width - n:]
+        hits = [s for s in starts if s]
+        self.prefix_stats["prefix_hits"] += len(hits)
+        self.prefix_stats["prefix_tokens_reused"] += sum(hits)
         return logits
 
     @torch.no_grad()
@@ -730,6 +739,7 @@ class FusedDecoder:
         for i, (p, past) in enumerate(zip(prompts, found)):
             if past is None and len(p) > m:
                 share.setdefault((id(variants[i]), tuple(p[:m])), []).append(i)
+        new: list[tuple[list[int], object, list[int]]] = []  # (tokens, variant, members)
         for members in share.values():
             first, variant = prompts[members[0]], variants[members[0]]
             shortest = min(len(prompts[i]) for i in members) - 1
@@ -739,7 +749,9 @@ class FusedDecoder:
                 length = min(shortest, max((_common(first, ids) for ref, ids in self.recent
                                             if _refers(ref, variant)), default=0))
             if length >= m:
-                past = self._keep(first[:length], variant)
+                new.append((first[:length], variant, members))
+        if new:  # every new prefix in one pass
+            for (_, _, members), past in zip(new, self._keep([(t, v) for t, v, _ in new])):
                 for i in members:
                     found[i] = past
         self.recent = (self.recent + [(None if v is None else weakref.ref(v), list(p))
@@ -761,26 +773,35 @@ class FusedDecoder:
             self.prefixes[key] = self.prefixes.pop(key)
         return best
 
-    def _keep(self, tokens: list[int], variant) -> _Prefix:
-        """Run ``tokens`` as one prompt and keep their keys and values (least recently
-        used entries out while over the budget; one larger than the whole budget is used
-        for this join and not kept)."""
-        n = len(tokens)
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.embed.device)
-        positions = torch.arange(n, device=ids.device).unsqueeze(0)
+    def _keep(self, starts: list[tuple[list[int], object]]) -> list[_Prefix]:
+        """Run the prefixes ``starts`` ((tokens, variant) each) in one pass and keep
+        their keys and values (least recently used entries out while over the budget; one
+        larger than the whole budget is used for this join and not kept)."""
+        lengths = [len(t) for t, _ in starts]
+        b, width = len(starts), max(lengths)
+        ids = torch.zeros(b, width, dtype=torch.long, device=self.embed.device)
+        mask = torch.zeros(b, width, dtype=torch.long, device=ids.device)
+        for i, (tokens, _) in enumerate(starts):
+            ids[i, width - lengths[i]:] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, width - lengths[i]:] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
         try:
-            keys, values, _ = self._prompts(ids, torch.ones_like(ids), positions,
-                                            None if variant is None else [variant])
+            keys, values, _ = self._prompts(ids, mask, positions, [v for _, v in starts],
+                                            head=False)
         finally:
             self.deltas.clear()
-        ref = None if variant is None else weakref.ref(variant)
-        entry = _Prefix(tuple(tokens), ref, [k.contiguous() for k in keys],
-                        [v.contiguous() for v in values])
-        if entry.nbytes <= self.prefix_budget:
-            self.prefixes[(id(variant), entry.tokens)] = entry
-            while self.prefix_bytes > self.prefix_budget:
-                self.prefixes.pop(next(iter(self.prefixes)))
-        return entry
+        out = []
+        for i, ((tokens, variant), n) in enumerate(zip(starts, lengths)):
+            ref = None if variant is None else weakref.ref(variant)
+            entry = _Prefix(tuple(tokens), ref,
+                            [k[i:i + 1, :, width - n:].contiguous() for k in keys],
+                            [v[i:i + 1, :, width - n:].contiguous() for v in values])
+            if entry.nbytes <= self.prefix_budget:
+                self.prefixes[(id(variant), entry.tokens)] = entry
+                while self.prefix_bytes > self.prefix_budget:
+                    self.prefixes.pop(next(iter(self.prefixes)))
+            out.append(entry)
+        return out
 
     def leave(self, row: int) -> None:
         """Drop row ``row``; the last row moves into its place."""
