@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from gym_core.env.episode import Episode, EpisodeRecord
-from gym_core.sampling.fused import build_decoder
+from gym_core.sampling.fused import build_decoder, left_padded
 from gym_core.sampling.generation import Sampling, draw, row_generators
 
 
@@ -67,14 +67,8 @@ def sample_episodes(model, tokenizer, env_cls, env_cfg, rows: list[dict], *,
     if max_prompt_length is not None:
         cut = sum(len(x) > max_prompt_length for x in ids)
         ids = [x[-max_prompt_length:] for x in ids]
-    width = max(len(x) for x in ids)
     device = next(model.parameters()).device
-    prompt_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        prompt_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        prompt_mask[i, width - len(x):] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_ids, prompt_mask = left_padded(ids, tokenizer.pad_token_id, device)
     was_training = model.training
     model.eval()
     try:

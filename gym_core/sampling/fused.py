@@ -234,6 +234,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def left_padded(seqs: list[list[int]], pad: int = 0, device=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded batch: ids [B, longest] (``pad`` before each) and
+    its mask (1 on the real tokens), so every row ends where its continuation starts."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _padded(length: int) -> int:
     """Key buffers are stored transposed ([.., d, T]) with T a whole number of 16-float
     vectors, so the kernel's last vector of positions stays inside the buffer."""
@@ -654,13 +667,10 @@ class FusedDecoder:
         """The prompts into rows ``slots`` (each prompt's rows) in one pass, each after its
         kept prefix (``pasts``, or None) if it has one."""
         starts = [p.length if p is not None else 0 for p in pasts]
-        lengths = [len(p) - s for p, s in zip(prompts, starts)]
-        b, width = len(prompts), max(lengths)
-        ids = torch.zeros(b, width, dtype=torch.long, device=self.embed.device)
-        mask = torch.zeros(b, width, dtype=torch.long, device=ids.device)
-        for i, (p, s) in enumerate(zip(prompts, starts)):
-            ids[i, width - lengths[i]:] = torch.tensor(p[s:], dtype=torch.long)
-            mask[i, width - lengths[i]:] = 1
+        ids, mask = left_padded([p[s:] for p, s in zip(prompts, starts)],
+                                device=self.embed.device)
+        lengths = mask.sum(1).tolist()
+        b, width = ids.shape
         positions = (mask.cumsum(1) - 1).clamp(min=0) + torch.tensor(starts)[:, None]
         past = None
         if any(starts):
@@ -703,7 +713,6 @@ class FusedDecoder:
         positions (the sampler's multi-turn episodes: an environment's reply). Gives no
         logits: the next :meth:`advance` feeds the token after."""
         lengths = [len(c) for c in chunks]
-        b, width = len(rows), max(lengths)
         had = [self.lengths[r] for r in rows]
         longest = max(had)
         self._fit(max(h + n for h, n in zip(had, lengths)))
@@ -713,11 +722,8 @@ class FusedDecoder:
         past = _Past([k.index_select(0, index)[..., :longest].transpose(2, 3)
                       for k in self.keys],
                      [v.index_select(0, index)[:, :, :longest] for v in self.values], valid)
-        ids = torch.zeros(b, width, dtype=torch.long, device=index.device)
-        mask = torch.zeros(b, width, dtype=torch.long, device=index.device)
-        for i, c in enumerate(chunks):
-            ids[i, width - lengths[i]:] = torch.tensor(c, dtype=torch.long)
-            mask[i, width - lengths[i]:] = 1
+        ids, mask = left_padded(chunks, device=index.device)
+        width = ids.shape[1]
         positions = (mask.cumsum(1) - 1).clamp(min=0) + torch.tensor(had)[:, None]
         keys, values, _ = self._prompts(ids, mask, positions, None, past, head=False)
         for k, v, kbuf, vbuf in zip(keys, values, self.keys, self.values):
@@ -778,12 +784,8 @@ class FusedDecoder:
         their keys and values (least recently used entries out while over the budget; one
         larger than the whole budget is used for this join and not kept)."""
         lengths = [len(t) for t, _ in starts]
-        b, width = len(starts), max(lengths)
-        ids = torch.zeros(b, width, dtype=torch.long, device=self.embed.device)
-        mask = torch.zeros(b, width, dtype=torch.long, device=ids.device)
-        for i, (tokens, _) in enumerate(starts):
-            ids[i, width - lengths[i]:] = torch.tensor(tokens, dtype=torch.long)
-            mask[i, width - lengths[i]:] = 1
+        ids, mask = left_padded([t for t, _ in starts], device=self.embed.device)
+        width = ids.shape[1]
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         try:
             keys, values, _ = self._prompts(ids, mask, positions, [v for _, v in starts],

@@ -264,14 +264,10 @@ def sample(model, tokenizer, prompts: list[Any], *, system_prompt: str | None,
                      f"max_prompt_length={max_prompt_length} tokens (the longest: {longest}); "
                      "they keep their last tokens (the metric prompts_cut counts them; "
                      "raise the limit to keep them whole)")
-    width = max(len(x) for x in ids)
-    prompt_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):  # left-padded, so every prompt ends where generation starts
-        prompt_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        prompt_mask[i, width - len(x):] = 1
-    device = next(model.parameters()).device
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    from gym_core.sampling.fused import left_padded
+
+    prompt_ids, prompt_mask = left_padded(ids, tokenizer.pad_token_id,
+                                          next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
